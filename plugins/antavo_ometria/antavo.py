@@ -1,0 +1,243 @@
+"""Antavo, the source: a signed, rate-limited, read-only client and the one normalised customer shape.
+
+Endpoints and signing follow Antavo's public API documentation: Escher (AWS SigV4-style) signing with
+algorithm ANTAVO-HMAC-SHA256 and scope `<environment>/api/antavo_request`; full loads through the
+Loyalty Read API (`GET /v1/customers`), increments through the classic Customer API
+(`GET /customers?updated_at.gt=...`, then `GET /customers/{id}`), events through `GET /customers/-/events`.
+"""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Iterator
+from urllib.parse import quote
+
+import requests
+from escherauth import EscherRequestsAuth
+
+from antavo_ometria.http import ApiError, RateLimiter, RetryPolicy, request_with_retries
+
+log = logging.getLogger(__name__)
+
+ESCHER_OPTIONS = {
+    "algo_prefix": "ANTAVO",
+    "vendor_key": "Antavo",
+    "hash_algo": "SHA256",
+    "auth_header_name": "Authorization",
+    "date_header_name": "Date",
+}
+READ_API_PAGE_LIMIT = 1000  # the Loyalty Read API's maximum page size
+CLASSIC_PAGE_LIMIT = 100
+
+
+def credential_scope(environment: str) -> str:
+    return f"{environment}/api/antavo_request"
+
+
+def api_url(environment: str) -> str:
+    return f"https://api.{environment}.antavo.com"
+
+
+def read_api_url(environment: str) -> str:
+    return f"https://read-api.{environment}.antavo.com"
+
+
+@dataclass(frozen=True)
+class AntavoConfig:
+    base_url: str
+    api_key: str
+    api_secret: str
+    environment: str
+    read_api_url: str = ""
+    requests_per_second: float = 20.0
+    concurrency: int = 4
+    timeout: float = 30.0
+    verify_tls: bool = True
+    retry: RetryPolicy = RetryPolicy()
+
+    def __repr__(self) -> str:  # never show the secret
+        return f"AntavoConfig(base_url={self.base_url!r}, environment={self.environment!r})"
+
+
+class AntavoClient:
+    def __init__(self, config: AntavoConfig):
+        self.config = config
+        self.read_api = (config.read_api_url or read_api_url(config.environment)).rstrip("/")
+        self.base = config.base_url.rstrip("/")
+        self.limiter = RateLimiter(config.requests_per_second, burst=config.concurrency)
+        self.session = requests.Session()
+        self.session.verify = config.verify_tls
+        self.session.auth = EscherRequestsAuth(
+            config.api_key, config.api_secret, credential_scope(config.environment), ESCHER_OPTIONS
+        )
+        self.requests_made = 0
+
+    def get(self, url: str, what: str) -> Any:
+        def send() -> requests.Response:
+            self.requests_made += 1
+            return self.session.get(url, timeout=self.config.timeout)
+
+        response = request_with_retries(
+            send, what=what, policy=self.config.retry, limiter=self.limiter, check=_check_body
+        )
+        return response.json()
+
+    # -- customers -----------------------------------------------------------------------------
+    def iter_customer_pages(self, status: str = "active") -> Iterator[list[dict]]:
+        """Every customer, a page at a time, oldest first (Loyalty Read API)."""
+        offset = 0
+        while True:
+            query = (
+                f"limit={READ_API_PAGE_LIMIT}&offset={offset}"
+                f"&{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
+            )
+            if status:
+                query += f"&{quote('filter[status][eq]')}={status}"
+            body = self.get(f"{self.read_api}/v1/customers?{query}", f"GET /v1/customers offset={offset}")
+            payload = body.get("payload") or {}
+            customers = payload.get("customers") if isinstance(payload, dict) else None
+            if not isinstance(customers, list):
+                raise ApiError("GET /v1/customers: response has no payload.customers list", retryable=True)
+            if customers:
+                yield [normalise_customer(c) for c in customers]
+            next_link = ((body.get("metadata") or {}).get("pagination") or {}).get("next")
+            if len(customers) < READ_API_PAGE_LIMIT or not next_link:
+                return
+            offset += len(customers)
+
+    def changed_customer_ids(self, since: datetime, until: datetime | None = None) -> list[str]:
+        """IDs of customers updated after `since` (classic search, `updated_at.gt`)."""
+        ids: list[str] = []
+        offset = 0
+        stamp = quote(_iso(since))
+        while True:
+            url = f"{self.base}/customers?updated_at.gt={stamp}&limit={CLASSIC_PAGE_LIMIT}&offset={offset}"
+            if until is not None:
+                url += f"&updated_at.lt={quote(_iso(until))}"
+            body = self.get(url, f"GET /customers?updated_at.gt offset={offset}")
+            rows = body.get("data") if isinstance(body, dict) else body
+            if not isinstance(rows, list):
+                raise ApiError("GET /customers: response has no data list", retryable=True)
+            ids.extend(str(row["id"]) for row in rows if isinstance(row, dict) and row.get("id"))
+            if len(rows) < CLASSIC_PAGE_LIMIT:
+                return ids
+            offset += len(rows)
+
+    def get_customers(self, ids: list[str]) -> list[dict]:
+        """Full profiles for `ids` (classic `GET /customers/{id}`), a few requests at a time."""
+
+        def one(customer_id: str) -> dict:
+            body = self.get(
+                f"{self.base}/customers/{quote(customer_id, safe='')}", "GET /customers/{id}"
+            )
+            return normalise_customer(body)
+
+        with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
+            return list(pool.map(one, ids))
+
+    # -- events --------------------------------------------------------------------------------
+    def iter_events(self, start: datetime, end: datetime, limit: int = 100) -> Iterator[list[dict]]:
+        """Every event in [start, end), oldest first, a page at a time (`GET /customers/-/events`)."""
+        offset = 0
+        while True:
+            url = (
+                f"{self.base}/customers/-/events?timestamp.gte={quote(_iso(start))}"
+                f"&timestamp.lt={quote(_iso(end))}&order=asc&limit={limit}&offset={offset}"
+            )
+            body = self.get(url, f"GET /customers/-/events offset={offset}")
+            rows = body.get("data")
+            if not isinstance(rows, list):
+                raise ApiError("GET /customers/-/events: response has no data list", retryable=True)
+            if rows:
+                yield [normalise_event(e) for e in rows]
+            if len(rows) < limit:
+                return
+            offset += len(rows)
+
+    def get_claimed_rewards(self, customer_id: str) -> list[dict]:
+        body = self.get(
+            f"{self.base}/customers/{quote(customer_id, safe='')}/rewards?limit=100",
+            "GET /customers/{id}/rewards",
+        )
+        rows = body.get("data") if isinstance(body, dict) else body
+        return rows if isinstance(rows, list) else []
+
+
+def _check_body(response: requests.Response) -> None:
+    """Antavo can answer 200 with an error envelope; treat it as a failure, not as data."""
+    try:
+        body = response.json()
+    except ValueError:
+        raise ApiError("response is not JSON", status=response.status_code, retryable=True) from None
+    if isinstance(body, dict) and "error" in body:
+        error = body["error"] if isinstance(body["error"], dict) else {"message": str(body["error"])}
+        raise ApiError(
+            f"error in a {response.status_code} response: {error.get('type', '')} "
+            f"{error.get('code', '')} {error.get('message', '')}".strip(),
+            status=response.status_code,
+            retryable=error.get("resendable", True) is not False,
+        )
+
+
+def _iso(moment: datetime) -> str:
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -- the one customer shape --------------------------------------------------------------------
+_UNIX_FIELDS = ("created_at", "updated_at", "optin_at", "optout_at", "last_login_at")
+
+
+def normalise_customer(raw: dict) -> dict:
+    """Classic and Read API customers → one shape (Read API names, keyed tiers and accounts).
+
+    `_id`→`id`, `nickname`→`handler`, unix-second timestamps → ISO 8601, lower-case status and
+    gender, and the classic arrays of tiers and accounts keyed by structure and account ID.
+    """
+    customer = dict(raw)
+    if "_id" in customer:
+        customer["id"] = customer.pop("_id")
+    if "id" in customer and customer["id"] is not None:
+        customer["id"] = str(customer["id"])
+    if "nickname" in customer and "handler" not in customer:
+        customer["handler"] = customer.pop("nickname")
+    for name in _UNIX_FIELDS:
+        value = customer.get(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            customer[name] = datetime.fromtimestamp(value, timezone.utc).isoformat()
+    for name in ("status", "gender"):
+        if isinstance(customer.get(name), str):
+            customer[name] = customer[name].lower()
+    tiers = customer.get("tiers")
+    if isinstance(tiers, list):
+        customer["tiers"] = {
+            (t.get("structure") or {}).get("id") or t.get("id"): {
+                **{k: v for k, v in t.items() if k not in ("id", "structure")}, "_id": t.get("id")
+            }
+            for t in tiers
+            if isinstance(t, dict)
+        }
+    accounts = customer.get("accounts")
+    if isinstance(accounts, list):
+        customer["accounts"] = {
+            a.get("id"): {k: v for k, v in a.items() if k != "id"} for a in accounts if isinstance(a, dict)
+        }
+    return customer
+
+
+def normalise_event(raw: dict) -> dict:
+    """Classic event feed item → `{id, action, customer_id, timestamp, points, properties{...}}`."""
+    props = raw.get("properties")
+    if isinstance(props, list):  # classic feed: [{name, label, value}, ...]
+        props = {p.get("name"): p.get("value") for p in props if isinstance(p, dict)}
+    customer = raw.get("Customer") or raw.get("customer") or {}
+    return {
+        "id": str(raw.get("id") or raw.get("_id") or ""),
+        "action": raw.get("action"),
+        "customer_id": str(customer.get("id") if isinstance(customer, dict) else customer),
+        "timestamp": raw.get("timestamp"),
+        "points": raw.get("points"),
+        "properties": props or {},
+    }

@@ -1,0 +1,138 @@
+"""HTTP plumbing shared by both API clients: a token-bucket rate limit and retries with backoff."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+from typing import Callable
+
+import requests
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+
+
+class ApiError(Exception):
+    """An API call failed. `retryable` tells whether trying again could help."""
+
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
+        super().__init__(message)
+        self.status = status
+        self.retryable = retryable
+
+
+class RateLimiter:
+    """Token bucket shared by all threads of one client: at most `rate` requests a second."""
+
+    def __init__(self, rate: float, burst: int = 1):
+        self.rate = rate
+        self.capacity = max(1, burst)
+        self._tokens = float(self.capacity)
+        self._last = time.monotonic()
+        self._lock = threading.Lock()
+
+    def acquire(self) -> None:
+        if not self.rate:
+            return
+        while True:
+            with self._lock:
+                now = time.monotonic()
+                self._tokens = min(self.capacity, self._tokens + (now - self._last) * self.rate)
+                self._last = now
+                if self._tokens >= 1:
+                    self._tokens -= 1
+                    return
+                wait = (1 - self._tokens) / self.rate
+            time.sleep(wait)
+
+    def pause(self, seconds: float) -> None:
+        """Empty the bucket so that every thread waits `seconds` (the server asked us to slow down)."""
+        with self._lock:
+            self._tokens = min(self._tokens, 1 - seconds * self.rate)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5
+    backoff: float = 0.5  # seconds before the 2nd attempt, doubled each time
+    max_backoff: float = 30.0
+
+    def delay(self, attempt: int) -> float:
+        """Full-jitter exponential backoff for the given (1-based) failed attempt."""
+        ceiling = min(self.max_backoff, self.backoff * 2 ** (attempt - 1))
+        return random.uniform(ceiling / 2, ceiling)
+
+
+def retry_after_seconds(response: requests.Response) -> float | None:
+    """Seconds from a Retry-After header (delta-seconds or HTTP date), if any."""
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError):
+        return None
+
+
+def request_with_retries(
+    send: Callable[[], requests.Response],
+    *,
+    what: str,
+    policy: RetryPolicy,
+    limiter: RateLimiter,
+    check: Callable[[requests.Response], None] = lambda r: None,
+) -> requests.Response:
+    """Call `send` under the rate limit; retry 429, 5xx and network errors with backoff.
+
+    `check` may raise ApiError for a response whose status looks fine (e.g. an error body in a 200).
+    Permanent errors (other 4xx) raise at once; retryable ones raise after the last attempt.
+    """
+    last: ApiError | None = None
+    for attempt in range(1, policy.attempts + 1):
+        limiter.acquire()
+        try:
+            response = send()
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            last = ApiError(f"{what}: network error: {type(exc).__name__}", retryable=True)
+            wait = policy.delay(attempt)
+        else:
+            if response.status_code in RETRYABLE_STATUS:
+                last = ApiError(
+                    f"{what}: HTTP {response.status_code}", status=response.status_code, retryable=True
+                )
+                hinted = retry_after_seconds(response)
+                wait = hinted if hinted is not None else policy.delay(attempt)
+                if response.status_code == 429:
+                    limiter.pause(wait)
+            elif response.status_code >= 400:
+                raise ApiError(
+                    f"{what}: HTTP {response.status_code}: {_short_body(response)}",
+                    status=response.status_code,
+                )
+            else:
+                try:
+                    check(response)
+                    return response
+                except ApiError as exc:
+                    if not exc.retryable:
+                        raise
+                    last, wait = exc, policy.delay(attempt)
+        if attempt < policy.attempts:
+            log.warning("%s (attempt %d/%d), retrying in %.1fs", last, attempt, policy.attempts, wait)
+            time.sleep(wait)
+    assert last is not None
+    raise ApiError(f"{last} (gave up after {policy.attempts} attempts)", status=last.status, retryable=True)
+
+
+def _short_body(response: requests.Response, limit: int = 300) -> str:
+    text = response.text or ""
+    return text if len(text) <= limit else text[:limit] + "…"

@@ -1,0 +1,273 @@
+"""The contact mapping table: Antavo loyalty fields → Ometria remote fields.
+
+`include/mappings/contacts.csv` has one mapping per row:
+
+    loyalty_field,remote_field,format,overwrite_empty
+    email,email,,
+    tiers.basic_structure.name,loyalty_tier,,
+
+`loyalty_field` is a dot path into the Antavo customer (see the catalog, `data/loyalty_fields.csv`),
+`remote_field` an Ometria built-in contact field (`data/ometria_contact_fields.csv`) or the ID of a
+custom field created in Ometria. `format` (optional) sets how a custom field's value is written;
+`overwrite_empty` (optional, `yes`/`no`, default `no`) lets an empty Antavo value clear Ometria's.
+"""
+
+from __future__ import annotations
+
+import csv
+import difflib
+import hashlib
+import io
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from antavo_ometria.problems import ConfigError, Problem
+from antavo_ometria.settings import SyncSettings, load_settings
+
+CONTACTS_FILE = "contacts.csv"
+SETTINGS_FILE = "settings.toml"
+COLUMNS = ("loyalty_field", "remote_field", "format", "overwrite_empty")
+REQUIRED_COLUMNS = ("loyalty_field", "remote_field")
+FORMATS = (
+    "string", "email", "integer", "number", "boolean", "date", "datetime",
+    "gender", "country", "phone", "list", "optin",
+)
+CUSTOM_FORMATS = ("string", "integer", "number", "boolean", "date", "datetime", "list")
+# which value formats a loyalty field of a given format can be written as
+COMPATIBLE = {
+    "string": {"string", "email", "gender", "country", "phone", "date", "datetime", "optin", "integer", "number", "boolean"},
+    "email": {"email", "string"},
+    "gender": {"gender", "string"},
+    "country": {"country", "string"},
+    "phone": {"phone", "string"},
+    "number": {"number", "integer", "string"},
+    "integer": {"integer", "number", "string"},
+    "date": {"date", "datetime", "string"},
+    "datetime": {"datetime", "date", "string"},
+    "boolean": {"boolean", "optin", "string"},
+    "list": {"list"},
+}
+CUSTOM_FIELD_ID = re.compile(r"^[A-Za-z0-9_]+$")
+BOM = b"\xef\xbb\xbf"
+
+
+@dataclass(frozen=True)
+class CatalogField:
+    path: str
+    format: str
+    modes: tuple[str, ...]
+    module: str
+    description: str
+
+    def matches(self, path: str) -> bool:
+        want, have = self.path.split("."), path.split(".")
+        return len(want) == len(have) and all(w in ("*", h) for w, h in zip(want, have))
+
+
+@dataclass(frozen=True)
+class FieldMapping:
+    loyalty_field: str
+    remote_field: str
+    format: str
+    overwrite_empty: bool
+    builtin: bool
+    line: int
+
+
+@dataclass(frozen=True)
+class ContactMapping:
+    fields: tuple[FieldMapping, ...]
+    settings: SyncSettings
+    version: str  # changes whenever the mapping table or the settings change
+
+    @property
+    def loyalty_fields(self) -> list[str]:
+        return sorted({f.loyalty_field for f in self.fields})
+
+
+def _data_csv(name: str) -> list[dict]:
+    text = resources.files("antavo_ometria").joinpath("data", name).read_text("utf-8")
+    return list(csv.DictReader(io.StringIO(text)))
+
+
+@cache
+def catalog() -> tuple[CatalogField, ...]:
+    """Selectable Antavo loyalty fields; `*` stands for a tier-structure, account or property ID."""
+    return tuple(
+        CatalogField(r["path"], r["format"], tuple(r["modes"].split()), r["module"], r["description"])
+        for r in _data_csv("loyalty_fields.csv")
+    )
+
+
+@cache
+def builtin_fields() -> dict[str, str]:
+    """Ometria's built-in contact fields and the format each one takes."""
+    return {r["field"]: r["format"] for r in _data_csv("ometria_contact_fields.csv")}
+
+
+def find_in_catalog(path: str) -> CatalogField | None:
+    return next((f for f in catalog() if f.matches(path)), None)
+
+
+def mapping_version(mappings_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for name in (CONTACTS_FILE, SETTINGS_FILE):
+        path = mappings_dir / name
+        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"") + b"\0")
+    return digest.hexdigest()[:12]
+
+
+def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) -> ContactMapping:
+    """Read and check the mapping table and settings; raise ConfigError listing every problem."""
+    problems: list[Problem] = []
+    try:
+        settings = load_settings(mappings_dir / SETTINGS_FILE)
+    except ConfigError as exc:
+        problems += exc.problems
+        settings = SyncSettings()
+    path = contacts_file or mappings_dir / CONTACTS_FILE
+    fields, table_problems = parse_contacts(path, settings)
+    problems += table_problems
+    if problems:
+        raise ConfigError(problems)
+    return ContactMapping(tuple(fields), settings, mapping_version(mappings_dir))
+
+
+def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMapping], list[Problem]]:
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return [], [Problem(file, 0, "", "mapping file not found")]
+    problems: list[Problem] = []
+    if raw.startswith(BOM):
+        problems.append(Problem(file, 1, "", "the file starts with a byte-order mark (BOM); "
+                                "save it as plain UTF-8 CSV (in Excel: 'CSV UTF-8' then remove the BOM, "
+                                "or use a text editor)"))
+        raw = raw[len(BOM):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return [], problems + [Problem(file, line, "", f"byte {raw[exc.start]:#x} is not UTF-8; "
+                                       "save the file as UTF-8 CSV")]
+
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = next(reader, None)
+    if header is None:
+        return [], problems + [Problem(file, 1, "", "the file is empty; it needs the header row "
+                                       + ",".join(COLUMNS))]
+    header = [h.strip() for h in header]
+    unknown = [h for h in header if h not in COLUMNS]
+    missing = [c for c in REQUIRED_COLUMNS if c not in header]
+    duplicated = sorted({h for h in header if header.count(h) > 1})
+    for name in unknown:
+        hint = _did_you_mean(name, COLUMNS)
+        problems.append(Problem(file, 1, name, f"unknown column {name!r}{hint}; the columns are "
+                                + ", ".join(COLUMNS)))
+    for name in missing:
+        problems.append(Problem(file, 1, name, f"the header has no {name!r} column"))
+    for name in duplicated:
+        problems.append(Problem(file, 1, name, f"column {name!r} appears more than once"))
+    if missing or unknown or duplicated:
+        return [], problems
+
+    fields: list[FieldMapping] = []
+    seen_remote: dict[str, int] = {}
+    for row in reader:
+        line = reader.line_num
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) != len(header):
+            problems.append(Problem(file, line, "", f"the row has {len(row)} cells, the header {len(header)}"))
+            continue
+        cells = {name: cell.strip() for name, cell in zip(header, row)}
+        field, row_problems = _check_row(file, line, cells, settings)
+        problems += row_problems
+        if field is None:
+            continue
+        if field.remote_field in seen_remote:
+            problems.append(Problem(file, line, "remote_field",
+                                    f"{field.remote_field!r} is already mapped on line "
+                                    f"{seen_remote[field.remote_field]}; map each remote field once"))
+            continue
+        seen_remote[field.remote_field] = line
+        fields.append(field)
+    if not problems and "email" not in seen_remote:
+        problems.append(Problem(file, 0, "remote_field", "no row maps to 'email'; Ometria identifies "
+                                "contacts by email: add the row 'email,email'"))
+    return fields, problems
+
+
+def _check_row(
+    file: str, line: int, cells: dict[str, str], settings: SyncSettings
+) -> tuple[FieldMapping | None, list[Problem]]:
+    problems: list[Problem] = []
+
+    def problem(column: str, message: str) -> None:
+        problems.append(Problem(file, line, column, message))
+
+    loyalty, remote = cells.get("loyalty_field", ""), cells.get("remote_field", "")
+    fmt, overwrite = cells.get("format", "").lower(), cells.get("overwrite_empty", "").lower()
+    for column, value in (("loyalty_field", loyalty), ("remote_field", remote)):
+        if not value:
+            problem(column, f"{column} is empty; fill it in or delete the row")
+
+    entry = None
+    if loyalty:
+        entry = find_in_catalog(loyalty)
+        if entry is None:
+            names = [f.path for f in catalog()]
+            problem("loyalty_field", f"unknown loyalty field {loyalty!r}{_did_you_mean(loyalty, names)}; "
+                    "see the field catalog (antavo-ometria fields)")
+        elif settings.payload_mode not in entry.modes:
+            problem("loyalty_field", f"{loyalty!r} comes from the {entry.module} module and is only "
+                    "available in v2 mode: set payload_mode = \"v2\" in settings.toml or remove the row")
+
+    builtins = builtin_fields()
+    is_builtin = remote in builtins
+    if remote == "id" or remote.startswith("@"):
+        problem("remote_field", f"{remote!r} is set by the sync itself (id is always the Antavo "
+                "customer ID); remove this row")
+        remote = ""
+    elif remote and not is_builtin:
+        close = difflib.get_close_matches(remote, list(builtins), n=1, cutoff=0.8)
+        if close:
+            problem("remote_field", f"{remote!r} is not an Ometria built-in field: did you mean {close[0]!r}? "
+                    "(a custom field ID that close to a built-in is almost certainly a typo)")
+        elif not CUSTOM_FIELD_ID.match(remote):
+            problem("remote_field", f"{remote!r} is not a valid custom field ID: use the field ID from "
+                    "Ometria's custom field settings (letters, digits and _ only, no spaces)")
+    if remote == "marketing_optin" and not settings.consent_authoritative:
+        problem("remote_field", "marketing_optin is only sent when Antavo is the consent authority: "
+                "set [consent] authoritative = true in settings.toml, or remove the row")
+
+    if fmt and fmt not in FORMATS:
+        problem("format", f"unknown format {fmt!r}{_did_you_mean(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
+        fmt = ""
+    if is_builtin:
+        if fmt and fmt != builtins[remote]:
+            problem("format", f"{remote} is always written as {builtins[remote]}; leave format empty")
+        fmt = builtins[remote]
+    elif fmt and fmt not in CUSTOM_FORMATS:
+        problem("format", f"custom fields take one of {', '.join(CUSTOM_FORMATS)}, not {fmt!r}")
+    elif not fmt and entry is not None:
+        fmt = entry.format if entry.format in CUSTOM_FORMATS else "string"
+    if entry is not None and fmt and fmt not in COMPATIBLE.get(entry.format, set(FORMATS)):
+        problem("format", f"{loyalty!r} holds a {entry.format} and cannot be written as {fmt} "
+                f"({remote}); map a different field or change the format")
+
+    if overwrite not in ("", "yes", "no", "true", "false"):
+        problem("overwrite_empty", f"overwrite_empty must be yes or no, not {overwrite!r}")
+
+    if problems or entry is None:
+        return None, problems
+    return FieldMapping(loyalty, remote, fmt or "string", overwrite in ("yes", "true"), is_builtin, line), []
+
+
+def _did_you_mean(word: str, candidates) -> str:
+    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -1,0 +1,35 @@
+"""Serve the sandbox until interrupted: `python -m antavo_ometria.sandbox --customers 500`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import threading
+
+from antavo_ometria.sandbox import Sandbox
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--customers", type=int, default=200, help="size of the synthetic population")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--antavo-port", type=int, default=8701)
+    parser.add_argument("--ometria-port", type=int, default=8702)
+    parser.add_argument("--ometria-rate", type=float, default=0.0, help="push requests/s before 429 (0: none)")
+    args = parser.parse_args()
+    with Sandbox(args.customers, args.seed, args.ometria_rate, args.antavo_port, args.ometria_port) as sandbox:
+        print(f"Antavo sandbox:  {sandbox.antavo_url}  ({args.customers} customers)")
+        print(f"Ometria sandbox: {sandbox.ometria_url}  (inspect {sandbox.ometria_url}/_sandbox/contacts)")
+        print("Connections for Airflow:")
+        for name, value in sandbox.connections().items():
+            print(f"  export {name}='{value}'")
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            stop.wait()
+        except KeyboardInterrupt:
+            pass
+
+
+if __name__ == "__main__":
+    main()

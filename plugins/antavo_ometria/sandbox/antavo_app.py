@@ -1,0 +1,193 @@
+"""The Antavo side of the sandbox: signed requests only, the documented envelopes, a synthetic population.
+
+Control endpoints under `/_sandbox/` (unsigned) let tests change a customer or add events.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from urllib.parse import unquote
+
+from escherauth import Escher, EscherException
+
+from antavo_ometria.antavo import ESCHER_OPTIONS, credential_scope
+from antavo_ometria.sandbox.population import make_population, to_classic
+from antavo_ometria.sandbox.server import App, Request, Response
+
+REWARDS = {
+    "rw-10off": {"id": "rw-10off", "title": "£10 off your next order",
+                 "description": "A voucher worth £10 on any order over £50.", "type": "coupon", "points": 1000},
+    "rw-coffee": {"id": "rw-coffee", "title": "Free coffee",
+                  "description": "One hot drink of your choice in any of our cafés.", "type": "coupon", "points": 300},
+}
+REWARD_CLAIM_ACTION = "reward"
+
+
+def _when(value: str) -> datetime:
+    moment = datetime.fromisoformat(unquote(value).replace("Z", "+00:00").replace(" ", "+"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class AntavoApp(App):
+    def __init__(self, api_key: str, api_secret: str, environment: str = "sandbox",
+                 customers: int = 200, seed: int = 7):
+        super().__init__()
+        self.keys = {api_key: api_secret}
+        self.escher = Escher("", "", credential_scope(environment), ESCHER_OPTIONS)
+        self.customers = make_population(customers, seed)
+        self.by_id = {c["_id"]: c for c in self.customers}
+        self.events: list[dict] = []
+        self.requests = 0
+
+    # -- control -----------------------------------------------------------------------------
+    def touch(self, customer_id: str, changes: dict, at: datetime | None = None) -> None:
+        """Change a customer as Antavo would: the fields given, and `updated_at`."""
+        with self.lock:
+            customer = self.by_id[customer_id]
+            customer.update(changes)
+            customer["updated_at"] = (at or datetime.now(timezone.utc)).isoformat()
+
+    def add_event(self, customer_id: str, action: str, properties: dict, at: datetime | None = None,
+                  event_id: str | None = None) -> dict:
+        with self.lock:
+            event = {
+                "id": event_id or f"ev{len(self.events) + 1:08d}",
+                "action": action,
+                "label": action.replace("_", " ").capitalize(),
+                "Customer": {"id": customer_id},
+                "points": -int(properties.get("points", 0) or 0),
+                "timestamp": (at or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                "properties": [{"name": k, "label": k.replace("_", " ").capitalize(), "value": v}
+                               for k, v in properties.items()],
+            }
+            self.events.append(event)
+            return event
+
+    def claim_reward(self, customer_id: str, reward_id: str, at: datetime | None = None) -> dict:
+        reward = REWARDS[reward_id]
+        event = self.add_event(customer_id, REWARD_CLAIM_ACTION,
+                               {"reward": reward_id, "points": reward["points"]}, at)
+        with self.lock:
+            claimed = self.by_id[customer_id].setdefault("rewards", {})
+            claimed[reward_id] = claimed.get(reward_id, 0) + 1
+        return event
+
+    # -- the API -----------------------------------------------------------------------------
+    def handle(self, request: Request) -> Response:
+        if request.path.startswith("/_sandbox/"):
+            return self._control(request)
+        self.requests += 1
+        try:
+            self.escher.authenticate(
+                {"method": request.method, "url": request.target, "headers": request.headers,
+                 "body": request.body.decode() if request.body else ""},
+                self.keys, ["date"],
+            )
+        except EscherException as exc:
+            return Response(401, {"error": {"message": f"Unauthorized: {exc}", "code": 2132, "resendable": False}})
+        if request.method != "GET":
+            return Response(405, {"error": {"type": "MethodNotAllowed", "code": 0, "message": "read-only sandbox"}})
+        parts = request.path.strip("/").split("/")
+        with self.lock:
+            if parts == ["v1", "customers"]:
+                return self._read_api_customers(request)
+            if len(parts) == 3 and parts[:2] == ["v1", "customers"]:
+                customer = self.by_id.get(parts[2])
+                if customer is None:
+                    return Response(404, {"error": {"message": "Customer not found", "code": 160212, "resendable": False}})
+                return Response(200, {"status": "success", "metadata": {}, "payload": customer})
+            if parts == ["customers"]:
+                return self._classic_search(request)
+            if parts == ["customers", "-", "events"]:
+                return self._events(request)
+            if len(parts) == 2 and parts[0] == "customers":
+                customer = self.by_id.get(parts[1])
+                if customer is None:
+                    return Response(404, {"error": {"type": "NotFoundException", "code": 160212,
+                                                    "message": "Customer not found"}})
+                return Response(200, to_classic(customer))
+            if len(parts) == 3 and parts[0] == "customers" and parts[2] == "rewards":
+                customer = self.by_id.get(parts[1]) or {}
+                rows = [{**REWARDS[r], "times_claimed": n} for r, n in (customer.get("rewards") or {}).items()
+                        if r in REWARDS]
+                return Response(200, {"data": rows})
+        return Response(404, {"error": {"type": "NotFoundException", "code": 0, "message": "no such endpoint"}})
+
+    def _page(self, request: Request, default_limit: int, max_limit: int) -> tuple[int, int] | Response:
+        try:
+            limit = int(request.query.get("limit", default_limit))
+            offset = int(request.query.get("offset", 0))
+        except ValueError:
+            return Response(422, {"error": {"message": "limit and offset must be integers", "code": 422,
+                                            "resendable": False}})
+        if not 1 <= limit <= max_limit or offset < 0:
+            return Response(422, {"error": {"message": f"limit must be 1..{max_limit}", "code": 422,
+                                            "resendable": False}})
+        return limit, offset
+
+    def _read_api_customers(self, request: Request) -> Response:
+        page = self._page(request, 20, 1000)
+        if isinstance(page, Response):
+            return page
+        limit, offset = page
+        status = request.query.get("filter[status][eq]")
+        rows = [c for c in self.customers if status is None or c.get("status") == status]
+        rows.sort(key=lambda c: c["created_at"])
+        chunk = rows[offset: offset + limit]
+        more = offset + limit < len(rows)
+        return Response(200, {
+            "status": "success",
+            "metadata": {"pagination": {
+                "next": f"/v1/customers?offset={offset + limit}&limit={limit}" if more else None,
+                "previous": f"/v1/customers?offset={max(0, offset - limit)}&limit={limit}" if offset else None,
+            }},
+            "payload": {"customers": chunk},
+        })
+
+    def _classic_search(self, request: Request) -> Response:
+        page = self._page(request, 100, 1000)
+        if isinstance(page, Response):
+            return page
+        limit, offset = page
+        if "updated_at.gt" not in request.query:
+            return Response(400, {"error": {"type": "BadRequestException", "code": 160211,
+                                            "message": "Empty search criteria"}})
+        after = _when(request.query["updated_at.gt"])
+        before = _when(request.query["updated_at.lt"]) if "updated_at.lt" in request.query else None
+        rows = [c for c in self.customers
+                if datetime.fromisoformat(c["updated_at"]) > after
+                and (before is None or datetime.fromisoformat(c["updated_at"]) < before)]
+        rows.sort(key=lambda c: c["_id"])
+        return Response(200, {"data": [{"id": c["_id"]} for c in rows[offset: offset + limit]]})
+
+    def _events(self, request: Request) -> Response:
+        page = self._page(request, 100, 1000)
+        if isinstance(page, Response):
+            return page
+        limit, offset = page
+        q = request.query
+        bounds = {op: _when(q[f"timestamp.{op}"]) for op in ("gt", "gte", "lt", "lte") if f"timestamp.{op}" in q}
+
+        def inside(event: dict) -> bool:
+            moment = _when(event["timestamp"])
+            return all((op != "gt" or moment > v) and (op != "gte" or moment >= v)
+                       and (op != "lt" or moment < v) and (op != "lte" or moment <= v)
+                       for op, v in bounds.items())
+
+        rows = [e for e in self.events if inside(e)]
+        return Response(200, {"total": len(rows), "data": rows[offset: offset + limit]})
+
+    def _control(self, request: Request) -> Response:
+        parts = request.path.strip("/").split("/")
+        body = request.json() if request.body else {}
+        if parts[1:2] == ["customers"] and len(parts) == 3 and request.method == "POST":
+            if parts[2] not in self.by_id:
+                return Response(404, {"error": "no such customer"})
+            self.touch(parts[2], body)
+            return Response(200, self.by_id[parts[2]])
+        if parts[1:] == ["rewards", "claim"] and request.method == "POST":
+            return Response(200, self.claim_reward(body["customer"], body["reward"]))
+        if parts[1:] == ["stats"]:
+            return Response(200, {"customers": len(self.customers), "events": len(self.events),
+                                  "requests": self.requests})
+        return Response(404, {"error": "unknown sandbox control"})

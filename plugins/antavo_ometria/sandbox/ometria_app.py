@@ -1,0 +1,231 @@
+"""The Ometria side of the sandbox: `POST /v2/push` validated as Ometria documents it.
+
+Whole-request problems (not an array, over 100 records, mixed types) answer 400. Each record is then
+checked on its own: one that breaks the contract counts as `rejected` and its reason is listed at
+`GET /v2/push/_errors` as `{error_message, error_path}`; the others are stored (upsert by collection
+and id, merged when `@merge` is true). Over the configured rate the answer is 429. What was accepted
+can be read back at `/_sandbox/contacts` and `/_sandbox/events`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import time
+import uuid
+from collections import Counter, deque
+from datetime import datetime
+
+from antavo_ometria.mapping import builtin_fields
+from antavo_ometria.ometria import MAX_BATCH_RECORDS, MAX_RECORD_BYTES, RECORD_TYPES
+from antavo_ometria.sandbox.server import App, Request, Response
+from antavo_ometria.transform import EMAIL, PHONE_E164, iso_countries
+
+OPTIN = {"EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT", "NOT_SPECIFIED"}
+DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+ENVELOPE_KEYS = {"@type", "@collection", "@merge", "@force_optin", "@add_to_lists", "@remove_from_lists",
+                 "id", "properties", "channels"}
+LISTS = [{"id": "8400", "title": "Loyalty members", "type": "STATIC", "status": "ACTIVE", "size": 0},
+         {"id": "8401", "title": "Lapsed loyalty members", "type": "DYNAMIC", "status": "ACTIVE", "size": 0}]
+# custom contact fields created in the sandbox account: field ID → value type
+DEFAULT_CUSTOM_FIELDS = {
+    "loyalty_tier": "string", "loyalty_tier_id": "string", "loyalty_points": "number",
+    "loyalty_points_spent": "number", "next_tier": "string", "points_to_next_tier": "number",
+    "expiring_points": "number", "prestige_earned": "number", "city": "string",
+    "favourite_store": "string", "newsletter": "boolean", "member_since": "datetime",
+    "last_purchase": "date", "purchase_count": "number", "purchase_total": "number", "language": "string",
+    "crm_id": "string", "tier_since": "datetime", "labels": "list",
+}
+
+
+def _is_iso(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        datetime.fromisoformat(value.replace("Z", "+00:00"))
+        return True
+    except ValueError:
+        return False
+
+
+CHECKS = {
+    "string": lambda v: isinstance(v, str),
+    "email": lambda v: isinstance(v, str) and re.match(EMAIL, v) is not None,
+    "gender": lambda v: v in ("m", "f"),
+    "date": lambda v: isinstance(v, str) and DATE.match(v) is not None and _is_iso(v),
+    "datetime": _is_iso,
+    "country": lambda v: isinstance(v, str) and v in iso_countries(),
+    "phone": lambda v: isinstance(v, str) and re.match(PHONE_E164, v) is not None,
+    "list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+    "optin": lambda v: v in OPTIN,
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+}
+
+
+class OmetriaApp(App):
+    def __init__(self, api_key: str, requests_per_second: float = 0.0,
+                 custom_fields: dict[str, str] | None = None, queue_limit: int = 50_000):
+        super().__init__()
+        self.api_key = api_key
+        self.rate = requests_per_second
+        self.custom_fields = dict(DEFAULT_CUSTOM_FIELDS if custom_fields is None else custom_fields)
+        self.queue_limit = queue_limit
+        self.contacts: dict[tuple[str, str], dict] = {}
+        self.events: dict[str, dict] = {}
+        self.received = Counter()  # (type, id) → times accepted
+        self.errors: deque = deque(maxlen=100)
+        self.pushes = 0
+        self.throttled = 0
+        self._window: deque = deque()
+        self._rate_lock = threading.Lock()
+
+    def handle(self, request: Request) -> Response:
+        if request.path.startswith("/_sandbox/"):
+            return self._control(request)
+        if request.header("X-Ometria-Auth") != self.api_key:
+            return Response(403, {"status": "error", "message": "Forbidden: invalid API key"})
+        if request.path == "/v2/push" and request.method == "POST":
+            if self._over_rate():
+                self.throttled += 1
+                return Response(429, {"status": "error", "message": "Too many requests"})
+            return self._push(request)
+        if request.path == "/v2/push/_errors" and request.method == "GET":
+            with self.lock:
+                return Response(200, list(self.errors))
+        if request.path == "/v2/lists" and request.method == "GET":
+            return Response(200, LISTS)
+        return Response(404, {"status": "error", "message": "not found"})
+
+    def _over_rate(self) -> bool:
+        """A sliding one-second window: more than `rate` pushes in it is over the limit."""
+        if not self.rate:
+            return False
+        with self._rate_lock:
+            now = time.monotonic()
+            while self._window and now - self._window[0] >= 1.0:
+                self._window.popleft()
+            if len(self._window) >= self.rate:
+                return True
+            self._window.append(now)
+            return False
+
+    def _push(self, request: Request) -> Response:
+        try:
+            records = json.loads(request.body)
+        except ValueError:
+            return Response(400, {"status": "error", "message": "Payload invalid: body is not JSON"})
+        if not isinstance(records, list) or not records:
+            return Response(400, {"status": "error", "message": "Payload invalid: expected a non-empty array"})
+        if len(records) > MAX_BATCH_RECORDS:
+            return Response(400, {"status": "error",
+                                  "message": f"Payload invalid: at most {MAX_BATCH_RECORDS} records per request"})
+        types = {r.get("@type") if isinstance(r, dict) else None for r in records}
+        if len(types) != 1 or next(iter(types)) not in RECORD_TYPES:
+            return Response(400, {"status": "error", "message": "Payload invalid: one record type per request"})
+        accepted = rejected = 0
+        with self.lock:
+            self.pushes += 1
+            for record in records:
+                problems = self._check(record)
+                if problems:
+                    rejected += 1
+                    self.errors.extend({"error_message": m, "error_path": p} for p, m in problems)
+                    continue
+                accepted += 1
+                self._store(record)
+        headers = {"X-QueueSize-Limit": str(self.queue_limit), "X-QueueSize-Remaining": str(self.queue_limit)}
+        return Response(200, {"status": "OK", "request_id": str(uuid.uuid4()),
+                              "accepted": accepted, "rejected": rejected}, headers)
+
+    def _check(self, record: dict) -> list[tuple[str, str]]:
+        if len(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_RECORD_BYTES:
+            return [("root", "Payload invalid: Record is too large.")]
+        if not isinstance(record.get("id"), str) or not record["id"]:
+            return [("root > id", "not a valid value")]
+        if record["@type"] == "custom_event":
+            return self._check_event(record)
+        if record["@type"] != "contact":
+            return []
+        problems = []
+        builtins = builtin_fields()
+        for key, value in record.items():
+            path = f"root > {key}"
+            if key in ENVELOPE_KEYS:
+                continue
+            kind = builtins.get(key) or self.custom_fields.get(key)  # legacy: custom fields at the top
+            if kind is None:
+                problems.append((path, "unknown field"))
+            elif value is not None and not CHECKS[kind](value):
+                problems.append((path, "not a valid value"))
+        if not isinstance(record.get("@collection", ""), str):
+            problems.append(("root > @collection", "not a valid value"))
+        lists = record.get("@add_to_lists", [])
+        if not isinstance(lists, list) or not all(isinstance(x, int) and str(x) in {l["id"] for l in LISTS}
+                                                  for x in lists):
+            problems.append(("root > @add_to_lists", "not a valid value"))
+        properties = record.get("properties", {})
+        if not isinstance(properties, dict):
+            return problems + [("root > properties", "not a valid value")]
+        for key, value in properties.items():
+            kind = self.custom_fields.get(key)
+            if kind is None:
+                problems.append((f"root > properties > {key}", "unknown custom field"))
+            elif value is not None and not CHECKS[kind](value):
+                problems.append((f"root > properties > {key}", "not a valid value"))
+        return problems
+
+    def _check_event(self, record: dict) -> list[tuple[str, str]]:
+        problems = []
+        event_type = record.get("event_type")
+        if not isinstance(event_type, str) or not 0 < len(event_type) < 32:
+            problems.append(("root > event_type", "not a valid value"))
+        if not _is_iso(record.get("timestamp")):
+            problems.append(("root > timestamp", "not a valid value"))
+        if not (record.get("identity_email") or record.get("identity_account_id") or record.get("profile_id")):
+            problems.append(("root", "custom event has no identity"))
+        if not isinstance(record.get("properties", {}), dict):
+            problems.append(("root > properties", "not a valid value"))
+        return problems
+
+    def _store(self, record: dict) -> None:
+        kind = record["@type"]
+        self.received[(kind, record["id"])] += 1
+        if kind == "custom_event":
+            self.events[record["id"]] = record
+            return
+        if kind != "contact":
+            return
+        key = (record.get("@collection", ""), record["id"])
+        stored = self.contacts.get(key) if record.get("@merge") else None
+        fields = {k: v for k, v in record.items() if not k.startswith("@")}
+        if stored is None:
+            stored = {}
+        merged = {**stored, **{k: v for k, v in fields.items() if k != "properties"}}
+        properties = {**stored.get("properties", {}), **fields.get("properties", {})}
+        if properties:
+            merged["properties"] = properties
+        for list_id in record.get("@add_to_lists", []):
+            merged.setdefault("lists", [])
+            if list_id not in merged["lists"]:
+                merged["lists"].append(list_id)
+        self.contacts[key] = merged
+
+    def _control(self, request: Request) -> Response:
+        with self.lock:
+            if request.path == "/_sandbox/contacts":
+                return Response(200, [{"@collection": c, **v} for (c, _), v in sorted(self.contacts.items())])
+            if request.path == "/_sandbox/events":
+                return Response(200, sorted(self.events.values(), key=lambda e: e["id"]))
+            if request.path == "/_sandbox/stats":
+                duplicates = sum(1 for n in self.received.values() if n > 1)
+                return Response(200, {"pushes": self.pushes, "contacts": len(self.contacts),
+                                      "events": len(self.events), "throttled": self.throttled,
+                                      "records_received_more_than_once": duplicates})
+            if request.path == "/_sandbox/reset" and request.method == "POST":
+                self.contacts.clear(), self.events.clear(), self.received.clear(), self.errors.clear()
+                self.pushes = self.throttled = 0
+                return Response(200, {"reset": True})
+        return Response(404, {"error": "unknown sandbox control"})

@@ -1,0 +1,187 @@
+"""A small threaded HTTP/1.1 server on loopback for the sandbox apps, with fault injection."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qsl, urlsplit
+
+
+@dataclass
+class Request:
+    method: str
+    target: str  # path and query as sent
+    path: str
+    query: dict[str, str]
+    headers: list[tuple[str, str]]
+    body: bytes
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def json(self) -> Any:
+        return json.loads(self.body or b"null")
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: Any = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class Drop(Exception):
+    """Close the connection without answering (a dropped connection)."""
+
+
+@dataclass
+class Fault:
+    """Applied to the next `count` matching requests: an HTTP status, a delay, or a dropped connection."""
+
+    status: int = 0
+    delay: float = 0.0
+    drop: bool = False
+    retry_after: str | None = None
+    body: Any = None
+    path: str = ""  # only requests whose path starts with this
+    count: int = 1
+    every: int = 1  # apply to every n-th matching request only
+    seen: int = 0
+
+
+class Faults:
+    def __init__(self) -> None:
+        self._faults: list[Fault] = []
+        self._lock = threading.Lock()
+        self.injected = 0
+
+    def add(self, spec: dict) -> None:
+        with self._lock:
+            self._faults.append(Fault(**{k: v for k, v in spec.items() if k in Fault.__dataclass_fields__}))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._faults.clear()
+
+    def take(self, path: str) -> Fault | None:
+        with self._lock:
+            for fault in self._faults:
+                if not path.startswith(fault.path or "/") or path.startswith("/_sandbox"):
+                    continue
+                fault.seen += 1
+                if fault.seen % fault.every:
+                    continue
+                fault.count -= 1
+                if fault.count <= 0:
+                    self._faults.remove(fault)
+                self.injected += 1
+                return fault
+        return None
+
+    def apply(self, request: Request) -> Response | None:
+        fault = self.take(request.path)
+        if fault is None:
+            return None
+        if fault.delay:
+            time.sleep(fault.delay)
+        if fault.drop:
+            raise Drop()
+        if fault.status:
+            headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
+            return Response(fault.status, fault.body if fault.body is not None else {"error": "injected fault"}, headers)
+        return None
+
+
+class App:
+    """Subclasses answer requests; `/_sandbox/faults` is shared control for fault injection."""
+
+    def __init__(self) -> None:
+        self.faults = Faults()
+        self.lock = threading.RLock()
+
+    def dispatch(self, request: Request) -> Response:
+        if request.path == "/_sandbox/faults":
+            if request.method == "POST":
+                body = request.json()
+                for spec in body if isinstance(body, list) else [body]:
+                    self.faults.add(spec)
+            elif request.method == "DELETE":
+                self.faults.clear()
+            return Response(200, {"injected": self.faults.injected})
+        injected = self.faults.apply(request)
+        return injected if injected is not None else self.handle(request)
+
+    def handle(self, request: Request) -> Response:  # pragma: no cover - overridden
+        return Response(404, {"error": "not found"})
+
+
+def _handler_for(app: App) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:  # keep test output quiet
+            pass
+
+        def _serve(self) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            body = self.rfile.read(length) if length else b""
+            parts = urlsplit(self.path)
+            request = Request(
+                method=self.command,
+                target=self.path,
+                path=parts.path,
+                query=dict(parse_qsl(parts.query, keep_blank_values=True)),
+                headers=list(self.headers.items()),
+                body=body,
+            )
+            try:
+                response = app.dispatch(request)
+            except Drop:
+                self.close_connection = True
+                self.connection.close()
+                return
+            payload = b"" if response.body is None else json.dumps(response.body).encode()
+            self.send_response(response.status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(payload)))
+            for name, value in response.headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(payload)
+
+        do_GET = do_POST = do_PUT = do_DELETE = _serve
+
+    return Handler
+
+
+class RunningServer:
+    """An app served on 127.0.0.1 from a background thread; use as a context manager."""
+
+    def __init__(self, app: App, port: int = 0):
+        self.app = app
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(app))
+        self.httpd.daemon_threads = True
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self.httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def start(self) -> "RunningServer":
+        self.thread.start()
+        return self
+
+    def stop(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> "RunningServer":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,109 @@
+"""Sync settings: the part of the configuration that is not a field mapping (`settings.toml`)."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from antavo_ometria.problems import ConfigError, Problem
+
+PAYLOAD_MODES = ("legacy", "v2")
+LATE_EVENT_POLICIES = ("send", "skip")
+
+
+@dataclass(frozen=True)
+class SyncSettings:
+    collection: str = "antavo"
+    list_id: str = ""  # Ometria list (segment) the contacts join through `@add_to_lists`
+    payload_mode: str = "legacy"
+    consent_authoritative: bool = False  # only then may `marketing_optin` be sent
+    language: str = "en"  # for translated names such as {"en": "Gold"}
+    customer_status: str = "active"  # which Antavo customers a full load reads
+    max_invalid_share: float = 0.05  # quarantine more than this share and the run stops
+    min_rows_vs_last_run: float = 0.5  # fewer rows than this share of the last run stops it
+    overlap_minutes: int = 10  # incremental runs look back this far before the interval
+    late_event_policy: str = "send"
+
+    @property
+    def v2(self) -> bool:
+        return self.payload_mode == "v2"
+
+
+_FIELDS = {
+    # key in the file: (section, attribute, type)
+    ("ometria", "collection"): ("collection", str),
+    ("ometria", "list_id"): ("list_id", (str, int)),
+    ("ometria", "payload_mode"): ("payload_mode", str),
+    ("consent", "authoritative"): ("consent_authoritative", bool),
+    ("translations", "language"): ("language", str),
+    ("antavo", "customer_status"): ("customer_status", str),
+    ("quality", "max_invalid_share"): ("max_invalid_share", (int, float)),
+    ("quality", "min_rows_vs_last_run"): ("min_rows_vs_last_run", (int, float)),
+    ("sync", "overlap_minutes"): ("overlap_minutes", int),
+    ("events", "late_event_policy"): ("late_event_policy", str),
+}
+
+
+def load_settings(path: Path) -> SyncSettings:
+    """Read `settings.toml`; every problem is reported at once as a ConfigError."""
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return SyncSettings()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError([Problem(file, 1, "", "the file is not UTF-8; save it as UTF-8")]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([Problem(file, getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}")]) from None
+
+    lines = raw.decode("utf-8").splitlines()
+    problems: list[Problem] = []
+    values: dict = {}
+    known_sections = {section for section, _ in _FIELDS}
+    for section, table in data.items():
+        if section not in known_sections or not isinstance(table, dict):
+            problems.append(
+                Problem(file, _line_of(lines, f"[{section}]"), section,
+                        f"unknown section [{section}]; known: {', '.join(sorted(known_sections))}")
+            )
+            continue
+        for key, value in table.items():
+            spec = _FIELDS.get((section, key))
+            line = _line_of(lines, key)
+            if spec is None:
+                known = sorted(k for s, k in _FIELDS if s == section)
+                problems.append(Problem(file, line, key, f"unknown setting {section}.{key}; known: {', '.join(known)}"))
+                continue
+            attribute, kind = spec
+            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+                problems.append(Problem(file, line, key, f"{section}.{key} has the wrong type ({value!r})"))
+                continue
+            values[attribute] = str(value) if attribute == "list_id" else value
+    settings = SyncSettings(**values)
+    checks = [
+        (settings.payload_mode in PAYLOAD_MODES, "payload_mode", f"payload_mode must be one of {PAYLOAD_MODES}"),
+        (settings.late_event_policy in LATE_EVENT_POLICIES, "late_event_policy",
+         f"late_event_policy must be one of {LATE_EVENT_POLICIES}"),
+        (bool(settings.collection.strip()), "collection", "collection must not be empty"),
+        (settings.list_id == "" or settings.list_id.isdigit(), "list_id",
+         "list_id must be the numeric ID of an Ometria list (see GET /v2/lists), or empty"),
+        (0 <= settings.max_invalid_share <= 1, "max_invalid_share", "max_invalid_share must be between 0 and 1"),
+        (0 <= settings.min_rows_vs_last_run <= 1, "min_rows_vs_last_run",
+         "min_rows_vs_last_run must be between 0 and 1"),
+        (settings.overlap_minutes >= 0, "overlap_minutes", "overlap_minutes must not be negative"),
+    ]
+    problems += [Problem(file, _line_of(lines, key), key, msg) for ok, key, msg in checks if not ok]
+    if problems:
+        raise ConfigError(problems)
+    return settings
+
+
+def _line_of(lines: list[str], needle: str) -> int:
+    for number, line in enumerate(lines, start=1):
+        stripped = line.strip()
+        if stripped.startswith(needle) and (needle.startswith("[") or stripped[len(needle):].lstrip().startswith("=")):
+            return number
+    return 0

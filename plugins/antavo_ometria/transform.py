@@ -1,0 +1,259 @@
+"""Antavo customers → a payload frame, one column per remote field, by pandas column operations.
+
+Values are normalised to Ometria's formats (gender m/f, dates YYYY-MM-DD, timestamps ISO 8601 with
+offset, translated names in the configured language, E.164 phones, ISO 3166-1 countries, typed
+numbers and booleans). A value that cannot be converted does not stop the run: its record gets a
+reason in the `problems` column and is held back from Ometria.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from functools import cache
+from importlib import resources
+from pathlib import Path
+from typing import Callable, Iterable
+
+import numpy as np
+import pandas as pd
+
+from antavo_ometria.mapping import ContactMapping
+
+EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+PHONE_E164 = r"^\+[1-9]\d{6,14}$"
+GENDERS = {"male": "m", "female": "f", "m": "m", "f": "f"}
+UNKNOWN_GENDERS = {"other", "unknown", "not_specified", "prefer_not_to_say", "x", "u", "n/a", "none"}
+OPTIN = {"EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT", "NOT_SPECIFIED"}
+REQUIRED = {"email"}  # Ometria identifies contacts by email; a contact without one is held back
+TRUE_WORDS = {"true", "yes", "1"}
+FALSE_WORDS = {"false", "no", "0"}
+
+
+@cache
+def iso_countries() -> frozenset[str]:
+    text = resources.files("antavo_ometria").joinpath("data", "iso3166_alpha2.txt").read_text()
+    return frozenset(line for line in text.split() if len(line) == 2)
+
+
+# -- reading customers into columns ------------------------------------------------------------
+def customer_columns(customers: Iterable[dict], paths: list[str]) -> pd.DataFrame:
+    """One column per dot path (plus `id`), walked once per customer."""
+    wanted = ["id"] + [p for p in paths if p != "id"]
+    split = [p.split(".") for p in wanted]
+    rows = []
+    for customer in customers:
+        row = []
+        for parts in split:
+            value = customer
+            for part in parts:
+                value = value.get(part) if isinstance(value, dict) else None
+            row.append(value)
+        rows.append(row)
+    return pd.DataFrame(rows, columns=wanted, dtype=object)
+
+
+def read_customers(path: Path, paths: list[str]) -> pd.DataFrame:
+    """The staged customers (NDJSON, one customer a line) as columns."""
+    with path.open("rb") as handle:
+        return customer_columns((json.loads(line) for line in handle if line.strip()), paths)
+
+
+# -- converters: Series in, (values with None for empty, mask of unconvertible values) out -----
+Converted = tuple[pd.Series, pd.Series]
+
+
+def _empty(s: pd.Series) -> pd.Series:
+    text = s.map(lambda v: isinstance(v, str) and not v.strip()) if s.dtype == object else False
+    return s.isna() | text
+
+
+def _text(s: pd.Series, language: str) -> pd.Series:
+    """Strings, with translation objects such as {"en": "Gold"} resolved to one language."""
+    s = s.astype(object)
+    is_dict = s.map(lambda v: isinstance(v, dict))
+    if is_dict.any():
+        s = s.copy()
+        s[is_dict] = s[is_dict].map(lambda d: d.get(language) or next(iter(d.values()), None))
+    return s.where(~_empty(s), None).map(lambda v: v if v is None or isinstance(v, str) else str(v))
+
+
+def _result(values: pd.Series, bad: pd.Series) -> Converted:
+    values = values.astype(object).where(values.notna() & ~bad, None)
+    return values, bad
+
+
+def to_string(s: pd.Series, language: str) -> Converted:
+    text = _text(s, language)
+    bad = text.map(lambda v: isinstance(v, str) and any(ord(c) < 32 and c not in "\t\n\r" for c in v))
+    return _result(text.str.strip() if text.notna().any() else text, bad)
+
+
+def to_email(s: pd.Series, language: str) -> Converted:
+    text = _text(s, language).str.strip()
+    return _result(text, text.notna() & ~text.fillna("").str.match(EMAIL))
+
+
+def to_gender(s: pd.Series, language: str) -> Converted:
+    text = _text(s, language).str.strip().str.lower()
+    unknown = text.isin(UNKNOWN_GENDERS)
+    mapped = text.map(GENDERS)
+    return _result(mapped.where(~unknown, None), text.notna() & ~unknown & mapped.isna())
+
+
+def to_country(s: pd.Series, language: str) -> Converted:
+    text = _text(s, language).str.strip().str.upper()
+    return _result(text, text.notna() & ~text.isin(iso_countries()))
+
+
+def to_phone(s: pd.Series, language: str) -> Converted:
+    text = _text(s, language).str.replace(r"[\s\-().]", "", regex=True).str.replace(r"^00", "+", regex=True)
+    return _result(text, text.notna() & ~text.fillna("").str.match(PHONE_E164))
+
+
+def _timestamps(s: pd.Series, language: str) -> tuple[pd.Series, pd.Series]:
+    """(UTC timestamps, present-but-unparseable mask) from ISO strings or unix seconds."""
+    present = ~_empty(s)
+    is_number = s.map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
+    stamps = pd.Series(pd.NaT, index=s.index, dtype="datetime64[us, UTC]")
+    if is_number.any():
+        seconds = pd.to_numeric(s[is_number], errors="coerce")
+        stamps[is_number] = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")
+    text = _text(s[present & ~is_number], language)
+    if len(text):
+        parsed = pd.to_datetime(text.str.strip(), format="ISO8601", utc=True, errors="coerce")
+        stamps[text.index] = parsed
+    return stamps, present & stamps.isna()
+
+
+def to_date(s: pd.Series, language: str) -> Converted:
+    stamps, bad = _timestamps(s, language)
+    return _result(stamps.dt.strftime("%Y-%m-%d"), bad)
+
+
+def to_datetime(s: pd.Series, language: str) -> Converted:
+    stamps, bad = _timestamps(s, language)
+    return _result(stamps.dt.strftime("%Y-%m-%dT%H:%M:%S+00:00"), bad)
+
+
+def _numbers(s: pd.Series) -> tuple[pd.Series, pd.Series]:
+    present = ~_empty(s)
+    is_bool = s.map(lambda v: isinstance(v, (bool, np.bool_)))
+    numbers = pd.to_numeric(s.where(~is_bool), errors="coerce")
+    return numbers, present & (numbers.isna() | is_bool)
+
+
+def _whole_as_int(numbers: pd.Series) -> pd.Series:
+    values = numbers.astype(object)
+    whole = numbers.notna() & (numbers % 1 == 0)
+    values[whole] = numbers[whole].astype("int64").astype(object)
+    return values
+
+
+def to_number(s: pd.Series, language: str) -> Converted:
+    numbers, bad = _numbers(s)
+    return _result(_whole_as_int(numbers), bad)
+
+
+def to_integer(s: pd.Series, language: str) -> Converted:
+    numbers, bad = _numbers(s)
+    bad = bad | (numbers.notna() & (numbers % 1 != 0))
+    return _result(_whole_as_int(numbers), bad)
+
+
+def _booleans(s: pd.Series) -> tuple[pd.Series, pd.Series]:
+    def read(v):
+        if isinstance(v, (bool, np.bool_)):
+            return bool(v)
+        word = str(v).strip().lower()
+        return True if word in TRUE_WORDS else False if word in FALSE_WORDS else None
+
+    present = ~_empty(s)
+    values = s.where(present).map(read, na_action="ignore")
+    return values, present & values.isna()
+
+
+def to_boolean(s: pd.Series, language: str) -> Converted:
+    return _result(*_booleans(s))
+
+
+def to_optin(s: pd.Series, language: str) -> Converted:
+    as_enum = s.map(lambda v: v.strip().upper() if isinstance(v, str) else None)
+    is_enum = as_enum.isin(OPTIN)
+    flags, bad = _booleans(s.where(~is_enum))
+    values = flags.map({True: "EXPLICITLY_OPTEDIN", False: "EXPLICITLY_OPTEDOUT"}).where(~is_enum, as_enum)
+    return _result(values, bad & ~is_enum)
+
+
+def to_list(s: pd.Series, language: str) -> Converted:
+    def read(v):
+        if isinstance(v, (list, tuple, np.ndarray)):
+            return [str(x) for x in v if x is not None] or None
+        return [v.strip()] if isinstance(v, str) and v.strip() else None
+
+    present = ~_empty(s)
+    values = s.where(present).map(read, na_action="ignore")
+    bad = present & s.map(lambda v: isinstance(v, dict))
+    return _result(values, bad)
+
+
+CONVERTERS: dict[str, Callable[[pd.Series, str], Converted]] = {
+    "string": to_string, "email": to_email, "gender": to_gender, "country": to_country,
+    "phone": to_phone, "date": to_date, "datetime": to_datetime, "number": to_number,
+    "integer": to_integer, "boolean": to_boolean, "optin": to_optin, "list": to_list,
+}
+DESCRIBE = {
+    "string": "text without control characters", "email": "an email address", "gender": "male or female",
+    "country": "an ISO 3166-1 alpha-2 country code", "phone": "an E.164 phone number",
+    "date": "a date", "datetime": "a date-time", "number": "a number", "integer": "a whole number",
+    "boolean": "true or false", "optin": "a consent flag", "list": "a list",
+}
+
+
+def transform(columns: pd.DataFrame, mapping: ContactMapping) -> pd.DataFrame:
+    """Customer columns → payload frame: `id`, one column per remote field, and `problems`.
+
+    `problems` is empty for a record ready to send, otherwise every reason it cannot be sent.
+    """
+    language = mapping.settings.language
+    ids = _text(columns["id"], language)
+    payload = {"id": ids}
+    reasons = [pd.Series(np.where(ids.isna(), "the customer has no id", ""), index=columns.index)]
+    for field in mapping.fields:
+        source = columns[field.loyalty_field]
+        values, bad = CONVERTERS[field.format](source, language)
+        payload[field.remote_field] = values
+        if field.remote_field in REQUIRED and (missing := values.isna() & ~bad).any():
+            reasons.append(pd.Series(np.where(missing, f"{field.remote_field}: {field.loyalty_field} is empty", ""),
+                                     index=columns.index))
+        if bad.any():
+            shown = source[bad].map(lambda v: _shorten(repr(v)))
+            reason = pd.Series("", index=columns.index, dtype=object)
+            reason[bad] = (
+                f"{field.remote_field}: {field.loyalty_field} = " + shown
+                + f" is not {DESCRIBE[field.format]}"
+            )
+            reasons.append(reason)
+    frame = pd.DataFrame(payload, index=columns.index)
+    frame["problems"] = _join_reasons(reasons)
+    duplicated = frame["id"].notna() & frame["id"].duplicated(keep=False)
+    if duplicated.any():
+        frame.loc[duplicated, "problems"] = _append(frame.loc[duplicated, "problems"], "duplicate customer id")
+    return frame
+
+
+def _join_reasons(reasons: list[pd.Series]) -> pd.Series:
+    joined = reasons[0].astype(object)
+    for reason in reasons[1:]:
+        joined = _append(joined, reason)
+    return joined
+
+
+def _append(left: pd.Series, right) -> pd.Series:
+    right = pd.Series(right, index=left.index) if not isinstance(right, pd.Series) else right
+    both = (left != "") & (right != "")
+    return (left + np.where(both, "; ", "") + right).astype(object)
+
+
+def _shorten(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
