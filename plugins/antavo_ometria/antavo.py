@@ -18,7 +18,7 @@ from urllib.parse import quote
 import requests
 from escherauth import EscherRequestsAuth
 
-from antavo_ometria.http import ApiError, RateLimiter, RetryPolicy, request_with_retries
+from antavo_ometria.transport import ApiError, RateLimiter, RetryPolicy, request_with_retries
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Iterable, Iterator
 
 import requests
 
-from antavo_ometria.http import ApiError, RateLimiter, RetryPolicy, request_with_retries
+from antavo_ometria.transport import ApiError, RateLimiter, RetryPolicy, request_with_retries
 
 log = logging.getLogger(__name__)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,3 +108,20 @@ def _line_of(lines: list[str], needle: str) -> int:
         if stripped.startswith(needle) and (needle.startswith("[") or stripped[len(needle):].lstrip().startswith("=")):
             return number
     return 0
+
+
+def mappings_dir() -> Path:
+    """Where the analyst-edited files live: $ANTAVO_OMETRIA_MAPPINGS_DIR, else the project's include/mappings."""
+    default = Path(__file__).resolve().parents[2] / "include" / "mappings"
+    return Path(os.environ.get("ANTAVO_OMETRIA_MAPPINGS_DIR") or default)
+
+
+def staging_root() -> Path:
+    """Where runs stage their files: $ANTAVO_OMETRIA_STAGING_DIR, else $AIRFLOW_HOME/staging."""
+    airflow_home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+    return Path(os.environ.get("ANTAVO_OMETRIA_STAGING_DIR") or Path(airflow_home) / "staging")
+
+
+def staging_dir(dag_id: str, run_id: str) -> Path:
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
+    return staging_root() / dag_id / safe

@@ -1,0 +1,41 @@
+# Two commands on a fresh machine: `make run` (install, then sync once) and `make test`.
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+UV_VERSION := 0.13.9
+export PYTHONPATH := $(CURDIR)/plugins
+export GX_ANALYTICS_ENABLED := false
+
+.PHONY: install run test validate fields sandbox lock lint clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode --quiet -r requirements.txt
+	touch $@
+
+run: install             ## sync once: the contact sync DAG via `airflow dags test` (sandbox unless connections are set)
+	$(BIN)/python -m antavo_ometria.cli run
+
+test: install            ## every test
+	$(BIN)/python -m pytest
+
+validate: install        ## check include/mappings
+	$(BIN)/python -m antavo_ometria.cli validate
+
+fields: install          ## list mappable loyalty fields
+	$(BIN)/python -m antavo_ometria.cli fields
+
+sandbox: install         ## serve both sandbox APIs on 127.0.0.1:8701 (Antavo) and :8702 (Ometria)
+	$(BIN)/python -m antavo_ometria.sandbox
+
+lock: install            ## re-resolve requirements.in into the pinned requirements.txt
+	$(BIN)/uv pip compile --python-version 3.11 requirements.in -o requirements.txt
+
+lint: install
+	$(BIN)/ruff check plugins dags tests
+
+clean:
+	rm -rf $(VENV) .airflow .pytest_cache

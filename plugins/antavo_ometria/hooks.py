@@ -1,0 +1,85 @@
+"""Airflow hooks: read the `antavo_default` and `ometria_default` Connections and build the clients.
+
+Connection `antavo_default`: host = API base URL (`https://api.<env>.antavo.com`), login = API key,
+password = API secret, extra `environment` = stack name for the signing scope, extra `read_api_url`
+(derived from the environment when absent); optional extras `requests_per_second`, `concurrency`,
+`timeout`, `verify_tls`.
+Connection `ometria_default`: host = base URL (default `https://api.ometria.com`), password = API key;
+optional extras `requests_per_second`, `timeout`, `verify_tls`.
+"""
+
+from __future__ import annotations
+
+from airflow.sdk import BaseHook
+
+from antavo_ometria.antavo import AntavoClient, AntavoConfig, api_url, read_api_url
+from antavo_ometria.ometria import DEFAULT_BASE_URL, OmetriaClient, OmetriaConfig
+
+
+def _base_url(host: str | None, port: int | None, default: str) -> str:
+    if not host:
+        return default
+    url = host if "://" in host else f"https://{host}"
+    return f"{url}:{port}" if port and url.count(":") < 2 else url
+
+
+class AntavoHook(BaseHook):
+    conn_name_attr = "antavo_conn_id"
+    default_conn_name = "antavo_default"
+    conn_type = "http"
+    hook_name = "Antavo"
+
+    def __init__(self, antavo_conn_id: str = default_conn_name):
+        super().__init__()
+        self.antavo_conn_id = antavo_conn_id
+
+    def get_config(self) -> AntavoConfig:
+        conn = self.get_connection(self.antavo_conn_id)
+        extra = conn.extra_dejson
+        environment = extra.get("environment")
+        if not environment:
+            raise ValueError(f"connection {self.antavo_conn_id!r} needs extra.environment (the Antavo stack, "
+                             "e.g. st2); it is part of the request-signing scope")
+        if not conn.login or not conn.password:
+            raise ValueError(f"connection {self.antavo_conn_id!r} needs login (API key) and password (API secret)")
+        return AntavoConfig(
+            base_url=_base_url(conn.host, conn.port, api_url(environment)),
+            api_key=conn.login,
+            api_secret=conn.password,
+            environment=environment,
+            read_api_url=extra.get("read_api_url") or read_api_url(environment),
+            requests_per_second=float(extra.get("requests_per_second", 20)),
+            concurrency=int(extra.get("concurrency", 4)),
+            timeout=float(extra.get("timeout", 30)),
+            verify_tls=bool(extra.get("verify_tls", True)),
+        )
+
+    def get_conn(self) -> AntavoClient:
+        return AntavoClient(self.get_config())
+
+
+class OmetriaHook(BaseHook):
+    conn_name_attr = "ometria_conn_id"
+    default_conn_name = "ometria_default"
+    conn_type = "http"
+    hook_name = "Ometria"
+
+    def __init__(self, ometria_conn_id: str = default_conn_name):
+        super().__init__()
+        self.ometria_conn_id = ometria_conn_id
+
+    def get_config(self) -> OmetriaConfig:
+        conn = self.get_connection(self.ometria_conn_id)
+        extra = conn.extra_dejson
+        if not conn.password:
+            raise ValueError(f"connection {self.ometria_conn_id!r} needs password (the Ometria API key)")
+        return OmetriaConfig(
+            api_key=conn.password,
+            base_url=_base_url(conn.host, conn.port, DEFAULT_BASE_URL),
+            requests_per_second=float(extra.get("requests_per_second", 4)),
+            timeout=float(extra.get("timeout", 30)),
+            verify_tls=bool(extra.get("verify_tls", True)),
+        )
+
+    def get_conn(self) -> OmetriaClient:
+        return OmetriaClient(self.get_config())
