@@ -165,7 +165,7 @@ class RunningServer:
         self.app = app
         self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _handler_for(app))
         self.httpd.daemon_threads = True
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
 
     @property
     def url(self) -> str:

@@ -1,0 +1,79 @@
+"""Shared fixtures. Airflow is pointed at a throw-away home before anything imports it."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+PROJECT = Path(__file__).resolve().parents[1]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    home = Path(tempfile.mkdtemp(prefix="antavo-ometria-tests-"))
+    os.environ.update({
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "GX_ANALYTICS_ENABLED": "false",
+        "ANTAVO_OMETRIA_STAGING_DIR": str(home / "staging"),
+    })
+
+
+@pytest.fixture(scope="session")
+def airflow_db():
+    """A fresh Airflow metadata database (SQLite) for the DAG tests of this session."""
+    from airflow.utils.db import resetdb
+
+    resetdb()
+
+
+@pytest.fixture
+def sandbox():
+    from antavo_ometria.sandbox import Sandbox
+
+    with Sandbox(customers=300) as running:
+        yield running
+
+
+@pytest.fixture
+def connections(sandbox, monkeypatch):
+    """Point `antavo_default` and `ometria_default` at the sandbox through AIRFLOW_CONN_* variables."""
+    for name, value in sandbox.connections().items():
+        monkeypatch.setenv(name, value)
+    return sandbox
+
+
+@pytest.fixture
+def antavo_client(sandbox):
+    from antavo_ometria.antavo import AntavoClient, AntavoConfig
+    from antavo_ometria.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, ANTAVO_SECRET
+    from antavo_ometria.transport import RetryPolicy
+
+    return AntavoClient(AntavoConfig(sandbox.antavo_url, ANTAVO_KEY, ANTAVO_SECRET, ANTAVO_ENVIRONMENT,
+                                     read_api_url=sandbox.antavo_url, requests_per_second=0,
+                                     retry=RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05)))
+
+
+@pytest.fixture
+def ometria_client(sandbox):
+    from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
+    from antavo_ometria.sandbox import OMETRIA_KEY
+    from antavo_ometria.transport import RetryPolicy
+
+    return OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=0, timeout=2,
+                                       retry=RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05)))
+
+
+@pytest.fixture
+def mappings(tmp_path):
+    """A copy of the shipped mapping folder that a test may edit."""
+    target = tmp_path / "mappings"
+    target.mkdir()
+    for source in (PROJECT / "include" / "mappings").iterdir():
+        (target / source.name).write_bytes(source.read_bytes())
+    return target

@@ -1,0 +1,199 @@
+"""Both API clients against the sandbox over real sockets: paging, shapes, retries, batching, limits."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import datetime, timezone
+
+import pytest
+import requests
+
+from antavo_ometria.antavo import normalise_customer
+from antavo_ometria.ometria import MAX_RECORD_BYTES, batches, encode_record, split_oversized
+from antavo_ometria.transport import ApiError, RateLimiter
+
+
+def contact(i: int, **extra) -> dict:
+    return {"@type": "contact", "@collection": "antavo", "id": f"c{i}", "email": f"p{i}@example.com", **extra}
+
+
+# -- transport ---------------------------------------------------------------------------------
+def test_rate_limiter_spaces_requests():
+    limiter = RateLimiter(rate=50)
+    start = time.monotonic()
+    for _ in range(11):
+        limiter.acquire()
+    assert time.monotonic() - start >= 10 / 50 * 0.9  # the first token is free, ten more cost 0.2 s
+
+
+def test_rate_limiter_pause_holds_every_caller():
+    limiter = RateLimiter(rate=100)
+    limiter.acquire()
+    limiter.pause(0.3)
+    start = time.monotonic()
+    limiter.acquire()
+    assert time.monotonic() - start >= 0.25
+
+
+# -- Antavo ------------------------------------------------------------------------------------
+def test_full_load_pages_through_the_read_api(antavo_client, sandbox):
+    pages = list(antavo_client.iter_customer_pages())
+    ids = [c["id"] for page in pages for c in page]
+    assert ids == [c["_id"] for c in sandbox.antavo.customers]
+    assert antavo_client.requests_made == 1  # 300 customers fit one page of 1000
+
+
+def test_full_load_uses_pages_of_1000(sandbox, antavo_client):
+    from antavo_ometria.sandbox.population import make_population
+
+    sandbox.antavo.customers = make_population(2100)
+    pages = list(antavo_client.iter_customer_pages())
+    assert [len(p) for p in pages] == [1000, 1000, 100]
+
+
+def test_classic_and_read_api_shapes_normalise_to_one(antavo_client, sandbox):
+    since = datetime(2026, 1, 15, tzinfo=timezone.utc)
+    ids = antavo_client.changed_customer_ids(since)
+    expected = [c["_id"] for c in sandbox.antavo.customers if datetime.fromisoformat(c["updated_at"]) > since]
+    assert sorted(ids) == sorted(expected) and len(ids) > 100  # more than one classic page
+    classic = antavo_client.get_customers(ids[:20])
+    for customer in classic:
+        read_api = normalise_customer(sandbox.antavo.by_id[customer["id"]])
+        assert customer["tiers"] == read_api["tiers"]
+        assert customer["accounts"] == read_api["accounts"]
+        assert customer["updated_at"] == read_api["updated_at"]
+        assert customer["handler"] == read_api["handler"]
+        assert customer["status"] == "active"
+
+
+def test_error_inside_a_200_is_a_failure_and_is_retried(antavo_client, sandbox):
+    sandbox.antavo.faults.add({"status": 200, "body": {"error": {"type": "InternalError", "code": 1,
+                                                                  "message": "temporarily unavailable"}},
+                               "path": "/v1/customers", "count": 2})
+    pages = list(antavo_client.iter_customer_pages())
+    assert sum(map(len, pages)) == 300
+    assert sandbox.antavo.faults.injected == 2
+
+
+def test_error_inside_a_200_that_is_not_resendable_stops(antavo_client, sandbox):
+    sandbox.antavo.faults.add({"status": 200, "body": {"error": {"message": "bad filter", "code": 7,
+                                                                  "resendable": False}}, "count": 1})
+    with pytest.raises(ApiError, match="bad filter"):
+        list(antavo_client.iter_customer_pages())
+
+
+@pytest.mark.parametrize("fault", [{"status": 429}, {"status": 503}, {"drop": True}, {"status": 429, "retry_after": "0"}])
+def test_antavo_retries_transient_failures(antavo_client, sandbox, fault):
+    sandbox.antavo.faults.add({**fault, "count": 2})
+    assert sum(map(len, antavo_client.iter_customer_pages())) == 300
+
+
+def test_antavo_gives_up_after_the_last_attempt(antavo_client, sandbox):
+    sandbox.antavo.faults.add({"status": 503, "count": 10})
+    with pytest.raises(ApiError, match="gave up after 4 attempts") as raised:
+        list(antavo_client.iter_customer_pages())
+    assert raised.value.retryable
+
+
+def test_events_feed_by_time_window(antavo_client, sandbox):
+    inside = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+    sandbox.antavo.claim_reward("c00000001", "rw-10off", at=inside)
+    sandbox.antavo.claim_reward("c00000002", "rw-coffee", at=datetime(2026, 3, 2, tzinfo=timezone.utc))
+    events = [e for page in antavo_client.iter_events(datetime(2026, 3, 1, tzinfo=timezone.utc),
+                                                      datetime(2026, 3, 2, tzinfo=timezone.utc)) for e in page]
+    assert [(e["customer_id"], e["action"], e["properties"]["reward"]) for e in events] == [
+        ("c00000001", "reward", "rw-10off")]
+    rewards = antavo_client.get_claimed_rewards("c00000001")
+    assert rewards[0]["title"] == "£10 off your next order"
+
+
+# -- Ometria -----------------------------------------------------------------------------------
+def test_batches_hold_at_most_100_records():
+    sizes = [len(ids) for ids, _ in batches((str(i), b"{}") for i in range(250))]
+    assert sizes == [100, 100, 50]
+
+
+def test_records_over_60_kb_are_refused_locally_with_a_reason():
+    small, big = encode_record(contact(1)), encode_record(contact(2, note="x" * MAX_RECORD_BYTES))
+    fits, refused = split_oversized([("c1", small), ("c2", big)])
+    assert [i for i, _ in fits] == ["c1"]
+    assert refused[0].id == "c2" and "at most 61440" in refused[0].reason
+
+
+def test_push_keeps_ometria_answer(ometria_client, sandbox):
+    result = ometria_client.push([contact(i) for i in range(100)])
+    assert (result.status, result.accepted, result.rejected) == ("OK", 100, 0)
+    assert len(result.request_id) == 36
+    assert len(sandbox.ometria.contacts) == 100
+
+
+def test_push_refuses_mixed_record_types_before_sending(ometria_client, sandbox):
+    event = {"@type": "custom_event", "id": "e1", "event_type": "x", "timestamp": "2026-01-01T00:00:00+00:00",
+             "identity_email": "a@example.com"}
+    with pytest.raises(ValueError, match="mix"):
+        ometria_client.push([contact(1), event])
+    assert sandbox.ometria.pushes == 0
+
+
+def test_sandbox_enforces_the_request_contract(sandbox):
+    from antavo_ometria.sandbox import OMETRIA_KEY
+
+    def post(body, key=OMETRIA_KEY):
+        return requests.post(f"{sandbox.ometria_url}/v2/push", data=json.dumps(body),
+                             headers={"X-Ometria-Auth": key, "Content-Type": "application/json"}, timeout=5)
+
+    assert post([contact(i) for i in range(101)]).status_code == 400
+    assert post(contact(1)).status_code == 400  # not an array
+    assert post([contact(1), {"@type": "order", "id": "o1"}]).status_code == 400
+    assert post([contact(1)], key="wrong").status_code == 403
+    answer = post([contact(1), contact(2, gender="male"), contact(3, properties={"nope": 1})]).json()
+    assert (answer["accepted"], answer["rejected"]) == (1, 2)
+    errors = requests.get(f"{sandbox.ometria_url}/v2/push/_errors", headers={"X-Ometria-Auth": OMETRIA_KEY},
+                          timeout=5).json()
+    assert {"error_message": "not a valid value", "error_path": "root > gender"} in errors
+    assert {"error_message": "unknown custom field", "error_path": "root > properties > nope"} in errors
+
+
+def test_push_errors_and_lists(ometria_client, sandbox):
+    ometria_client.push([contact(1, country_id="UK")])
+    assert ometria_client.push_errors() == [{"error_message": "not a valid value", "error_path": "root > country_id"}]
+    assert {row["id"] for row in ometria_client.lists()} == {"8400", "8401"}
+
+
+@pytest.mark.parametrize("fault", [
+    {"status": 429}, {"status": 429, "retry_after": "1"}, {"status": 502}, {"drop": True}, {"delay": 2.5},
+])
+def test_ometria_retries_transient_failures_without_losing_records(ometria_client, sandbox, fault):
+    sandbox.ometria.faults.add({**fault, "path": "/v2/push", "count": 1})
+    result = ometria_client.push([contact(i) for i in range(10)])
+    assert result.accepted == 10
+    assert len(sandbox.ometria.contacts) == 10
+
+
+def test_ometria_permanent_error_is_not_retried(ometria_client, sandbox):
+    sandbox.ometria.faults.add({"status": 400, "path": "/v2/push", "count": 5})
+    with pytest.raises(ApiError) as raised:
+        ometria_client.push([contact(1)])
+    assert not raised.value.retryable
+    assert sandbox.ometria.faults.injected == 1
+
+
+def test_client_rate_limit_keeps_under_the_server_limit(sandbox):
+    from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
+    from antavo_ometria.sandbox import OMETRIA_KEY
+
+    sandbox.ometria.rate = 10
+    client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=8))
+    for i in range(20):
+        client.push([contact(i)])
+    assert sandbox.ometria.throttled == 0
+    assert len(sandbox.ometria.contacts) == 20
+
+
+def test_secrets_are_not_in_reprs():
+    from antavo_ometria.antavo import AntavoConfig
+    from antavo_ometria.ometria import OmetriaConfig
+
+    assert "s3cret" not in repr(AntavoConfig("https://api.x.antavo.com", "key", "s3cret", "x"))
+    assert "s3cret" not in repr(OmetriaConfig("s3cret"))
