@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install run test validate fields sandbox lock lint clean
+.PHONY: install run test validate fields preview diff sandbox lock lint clean
 
 install: $(VENV)/.installed
 
@@ -27,6 +27,12 @@ validate: install        ## check include/mappings
 
 fields: install          ## list mappable loyalty fields
 	$(BIN)/python -m antavo_ometria.cli fields
+
+preview: install         ## sample customers next to their Ometria records (N=3)
+	$(BIN)/python -m antavo_ometria.cli preview -n $(or $(N),3)
+
+diff: install            ## what the edited mapping changes against the committed one
+	$(BIN)/python -m antavo_ometria.cli diff
 
 sandbox: install         ## serve both sandbox APIs on 127.0.0.1:8701 (Antavo) and :8702 (Ometria)
 	$(BIN)/python -m antavo_ometria.sandbox

@@ -74,6 +74,6 @@ def mappings(tmp_path):
     """A copy of the shipped mapping folder that a test may edit."""
     target = tmp_path / "mappings"
     target.mkdir()
-    for source in (PROJECT / "include" / "mappings").iterdir():
+    for source in (PROJECT / "include" / "mappings").glob("*.*"):
         (target / source.name).write_bytes(source.read_bytes())
     return target

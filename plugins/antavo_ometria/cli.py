@@ -112,6 +112,57 @@ def cmd_fields(args: argparse.Namespace) -> int:
     return 0
 
 
+def _mapping_from(path: Path):
+    """A mapping folder, or a contacts CSV read with the settings beside it (else the project's)."""
+    if path.is_dir():
+        return load_contact_mapping(path)
+    settings_dir = path.parent if (path.parent / "settings.toml").exists() else mappings_dir()
+    return load_contact_mapping(settings_dir, path)
+
+
+def _committed_mappings(directory: Path) -> Path | None:
+    """The mapping folder as committed in git (HEAD), copied to a temporary folder."""
+    import tempfile
+
+    target = Path(tempfile.mkdtemp(prefix="mappings-head-"))
+    for name in ("contacts.csv", "settings.toml"):
+        shown = subprocess.run(["git", "show", f"HEAD:./{name}"], cwd=directory, capture_output=True)
+        if shown.returncode:
+            return None
+        (target / name).write_bytes(shown.stdout)
+    return target
+
+
+def cmd_preview(args: argparse.Namespace) -> int:
+    from antavo_ometria.preview import load_customers, render_preview
+
+    try:
+        mapping = _mapping_from(Path(args.mapping))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    customers = load_customers(Path(args.customers) if args.customers else None, args.count)
+    print(render_preview(customers, mapping))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    from antavo_ometria.preview import load_customers, render_diff
+
+    before_path = Path(args.before) if args.before else _committed_mappings(Path(args.after))
+    if before_path is None:
+        print("no committed mapping to compare with; pass --before", file=sys.stderr)
+        return 1
+    try:
+        before, after = _mapping_from(before_path), _mapping_from(Path(args.after))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    customers = load_customers(Path(args.customers) if args.customers else None, args.count)
+    print(render_diff(customers, before, after))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="antavo-ometria", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -124,6 +175,17 @@ def main(argv: list[str] | None = None) -> int:
     validate.add_argument("--file", help="a contacts mapping CSV other than <mappings>/contacts.csv")
     validate.set_defaults(func=cmd_validate)
     commands.add_parser("fields", help="list mappable loyalty fields").set_defaults(func=cmd_fields)
+    preview = commands.add_parser("preview", help="sample customers next to their Ometria records")
+    preview.add_argument("-n", "--count", type=int, default=3)
+    preview.add_argument("--mapping", default=str(mappings_dir()), help="a mapping folder or contacts CSV")
+    preview.add_argument("--customers", help="a JSON or NDJSON file of Antavo customers (default: sandbox)")
+    preview.set_defaults(func=cmd_preview)
+    diff = commands.add_parser("diff", help="what changes between two mappings")
+    diff.add_argument("--before", help="mapping folder or CSV (default: the committed mapping)")
+    diff.add_argument("--after", default=str(mappings_dir()), help="mapping folder or CSV (default: the working copy)")
+    diff.add_argument("-n", "--count", type=int, default=200, help="sample customers")
+    diff.add_argument("--customers", help="a JSON or NDJSON file of Antavo customers (default: sandbox)")
+    diff.set_defaults(func=cmd_diff)
     args = parser.parse_args(argv)
     return args.func(args)
 

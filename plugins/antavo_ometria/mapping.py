@@ -112,11 +112,11 @@ def find_in_catalog(path: str) -> CatalogField | None:
     return next((f for f in catalog() if f.matches(path)), None)
 
 
-def mapping_version(mappings_dir: Path) -> str:
+def mapping_version(contacts_file: Path, settings_file: Path) -> str:
+    """A short hash of the mapping table and the settings: it changes when either one does."""
     digest = hashlib.sha256()
-    for name in (CONTACTS_FILE, SETTINGS_FILE):
-        path = mappings_dir / name
-        digest.update(name.encode() + b"\0" + (path.read_bytes() if path.exists() else b"") + b"\0")
+    for path in (contacts_file, settings_file):
+        digest.update((path.read_bytes() if path.exists() else b"") + b"\0")
     return digest.hexdigest()[:12]
 
 
@@ -133,7 +133,7 @@ def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) 
     problems += table_problems
     if problems:
         raise ConfigError(problems)
-    return ContactMapping(tuple(fields), settings, mapping_version(mappings_dir))
+    return ContactMapping(tuple(fields), settings, mapping_version(path, mappings_dir / SETTINGS_FILE))
 
 
 def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMapping], list[Problem]]:
@@ -185,18 +185,17 @@ def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMappin
             problems.append(Problem(file, line, "", f"the row has {len(row)} cells, the header {len(header)}"))
             continue
         cells = {name: cell.strip() for name, cell in zip(header, row)}
+        remote = cells.get("remote_field", "")
+        if remote in seen_remote:
+            problems.append(Problem(file, line, "remote_field", f"{remote!r} is already mapped on line "
+                                    f"{seen_remote[remote]}; map each remote field once"))
+        elif remote:
+            seen_remote[remote] = line
         field, row_problems = _check_row(file, line, cells, settings)
         problems += row_problems
-        if field is None:
-            continue
-        if field.remote_field in seen_remote:
-            problems.append(Problem(file, line, "remote_field",
-                                    f"{field.remote_field!r} is already mapped on line "
-                                    f"{seen_remote[field.remote_field]}; map each remote field once"))
-            continue
-        seen_remote[field.remote_field] = line
-        fields.append(field)
-    if not problems and "email" not in seen_remote:
+        if field is not None:
+            fields.append(field)
+    if "email" not in seen_remote:
         problems.append(Problem(file, 0, "remote_field", "no row maps to 'email'; Ometria identifies "
                                 "contacts by email: add the row 'email,email'"))
     return fields, problems
@@ -222,7 +221,7 @@ def _check_row(
         if entry is None:
             names = [f.path for f in catalog()]
             problem("loyalty_field", f"unknown loyalty field {loyalty!r}{_did_you_mean(loyalty, names)}; "
-                    "see the field catalog (antavo-ometria fields)")
+                    "`make fields` lists the loyalty fields")
         elif settings.payload_mode not in entry.modes:
             problem("loyalty_field", f"{loyalty!r} comes from the {entry.module} module and is only "
                     "available in v2 mode: set payload_mode = \"v2\" in settings.toml or remove the row")

@@ -1,0 +1,144 @@
+"""The mapping table and settings: one test per class of mistake, each with file, line and column."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from antavo_ometria.mapping import find_in_catalog, load_contact_mapping
+from antavo_ometria.problems import ConfigError
+
+HEADER = "loyalty_field,remote_field,format,overwrite_empty\n"
+
+
+def problems_for(mappings: Path, table: str | bytes, settings: str | None = None) -> list[str]:
+    path = mappings / "contacts.csv"
+    path.write_bytes(table if isinstance(table, bytes) else table.encode())
+    if settings is not None:
+        (mappings / "settings.toml").write_text(settings)
+    with pytest.raises(ConfigError) as raised:
+        load_contact_mapping(mappings)
+    return [str(p) for p in raised.value.problems]
+
+
+def test_shipped_mappings_are_valid():
+    root = Path(__file__).resolve().parents[1] / "include" / "mappings"
+    legacy = load_contact_mapping(root)
+    v2 = load_contact_mapping(root / "examples" / "v2")
+    assert legacy.settings.payload_mode == "legacy" and len(legacy.fields) >= 10
+    assert v2.settings.payload_mode == "v2" and len(v2.fields) >= 20
+    assert legacy.version != v2.version
+
+
+def test_catalog_wildcards():
+    assert find_in_catalog("tiers.basic_structure.next.name").module == "Tiers"
+    assert find_in_catalog("accounts.prestige_balance.earned").module == "Multi-accounts"
+    assert find_in_catalog("extensions.expiring_points.total").module == "Expiring points"
+    assert find_in_catalog("properties.shoe_size").module == "custom properties"
+    assert find_in_catalog("tiers.basic_structure") is None
+
+
+def test_unknown_loyalty_field_suggests_the_closest(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\nfirst_nmae,firstname,,\n")
+    assert found == [f"{mappings}/contacts.csv:3: [loyalty_field] unknown loyalty field 'first_nmae' "
+                     "(did you mean 'first_name'?); `make fields` lists the loyalty fields"]
+
+
+def test_typo_of_a_builtin_remote_field(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\nlast_name,lastnme,,\n")
+    assert "contacts.csv:3: [remote_field] 'lastnme' is not an Ometria built-in field: did you mean 'lastname'?" in found[0]
+
+
+def test_malformed_custom_field_id(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\nproperties.city,home city,,\n")
+    assert ":3: [remote_field] 'home city' is not a valid custom field ID" in found[0]
+
+
+def test_same_remote_field_twice(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\nfirst_name,firstname,,\nhandler,firstname,,\n")
+    assert found == [f"{mappings}/contacts.csv:4: [remote_field] 'firstname' is already mapped on line 3; "
+                     "map each remote field once"]
+
+
+def test_no_email_mapping(mappings):
+    found = problems_for(mappings, HEADER + "first_name,firstname,,\n")
+    assert "no row maps to 'email'" in found[0]
+
+
+def test_v2_only_field_in_legacy_mode(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\ntiers.basic_structure.name,loyalty_tier,,\n")
+    assert ":3: [loyalty_field] 'tiers.basic_structure.name' comes from the Tiers module and is only " \
+           "available in v2 mode" in found[0]
+
+
+def test_v2_only_field_is_fine_in_v2_mode(mappings):
+    (mappings / "settings.toml").write_text('[ometria]\npayload_mode = "v2"\n')
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\ntiers.basic_structure.name,loyalty_tier,,\n")
+    assert load_contact_mapping(mappings).fields[1].remote_field == "loyalty_tier"
+
+
+def test_empty_cells(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\n,firstname,,\nlast_name,,,\n")
+    assert any(":3: [loyalty_field] loyalty_field is empty" in p for p in found)
+    assert any(":4: [remote_field] remote_field is empty" in p for p in found)
+
+
+def test_wrong_header(mappings):
+    found = problems_for(mappings, "loyalty_feild,remote_field\nemail,email\n")
+    assert any(":1: [loyalty_feild] unknown column 'loyalty_feild' (did you mean 'loyalty_field'?)" in p for p in found)
+    assert any("the header has no 'loyalty_field' column" in p for p in found)
+
+
+def test_byte_order_mark(mappings):
+    found = problems_for(mappings, b"\xef\xbb\xbf" + (HEADER + "email,email,,\n").encode())
+    assert found == [f"{mappings}/contacts.csv:1: the file starts with a byte-order mark (BOM); save it as plain "
+                     "UTF-8 CSV (in Excel: 'CSV UTF-8' then remove the BOM, or use a text editor)"]
+
+
+def test_odd_encoding(mappings):
+    found = problems_for(mappings, (HEADER + "email,email,,\nproperties.café,cafe,,\n").encode("latin-1"))
+    assert ":3: byte 0xe9 is not UTF-8" in found[0]
+
+
+def test_format_that_does_not_fit(mappings):
+    found = problems_for(mappings, HEADER + "email,email,date,\nlabels,tags,number,\nscore,points,gender,\n")
+    assert any(":2: [format] email is always written as email; leave format empty" in p for p in found)
+    assert any(":3: [format] 'labels' holds a list and cannot be written as number" in p for p in found)
+    assert any(":4: [format] custom fields take one of" in p for p in found)
+
+
+def test_id_and_consent_rows(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\nid,id,,\nproperties.newsletter,marketing_optin,,\n")
+    assert any(":3: [remote_field] 'id' is set by the sync itself" in p for p in found)
+    assert any(":4: [remote_field] marketing_optin is only sent when Antavo is the consent authority" in p for p in found)
+
+
+def test_consent_row_allowed_when_authoritative(mappings):
+    (mappings / "settings.toml").write_text("[consent]\nauthoritative = true\n")
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\nproperties.newsletter,marketing_optin,,\n")
+    assert load_contact_mapping(mappings).fields[1].format == "optin"
+
+
+def test_every_problem_is_reported_at_once(mappings):
+    found = problems_for(mappings, HEADER + "first_nmae,firstname,,\nlast_name,lastnme,,\nfoo,bar,,maybe\n",
+                         settings='[ometria]\npayload_mode = "v3"\ncolour = "red"\n')
+    assert len(found) == 7  # 2 in settings, 4 in three rows, and no email mapping
+    assert any("settings.toml:2: [payload_mode]" in p for p in found)
+    assert any("settings.toml:3: [colour] unknown setting ometria.colour" in p for p in found)
+
+
+def test_settings_types_and_values(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\n",
+                         settings='[ometria]\nlist_id = "my list"\n[quality]\nmax_invalid_share = 2\n')
+    assert any("[list_id] list_id must be the numeric ID" in p for p in found)
+    assert any("[max_invalid_share] max_invalid_share must be between 0 and 1" in p for p in found)
+
+
+def test_version_changes_with_either_file(mappings):
+    first = load_contact_mapping(mappings).version
+    (mappings / "settings.toml").write_text((mappings / "settings.toml").read_text().replace('"en"', '"de"'))
+    second = load_contact_mapping(mappings).version
+    with (mappings / "contacts.csv").open("a") as handle:
+        handle.write("handler,nickname,,\n")
+    assert len({first, second, load_contact_mapping(mappings).version}) == 3
