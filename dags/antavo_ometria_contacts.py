@@ -43,10 +43,15 @@ def antavo_ometria_contacts():
     @task
     def check_mapping() -> dict:
         """Validate the mapping table and settings; a broken file stops the run before any request."""
+        from airflow.sdk.exceptions import AirflowFailException
         from antavo_ometria.mapping import load_contact_mapping
+        from antavo_ometria.problems import ConfigError
         from antavo_ometria.settings import mappings_dir
 
-        mapping = load_contact_mapping(mappings_dir())
+        try:
+            mapping = load_contact_mapping(mappings_dir())
+        except ConfigError as exc:
+            raise AirflowFailException(str(exc)) from None  # retrying cannot fix a file; fail at once
         return {"version": mapping.version, "fields": len(mapping.fields),
                 "payload_mode": mapping.settings.payload_mode}
 

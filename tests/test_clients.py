@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import requests
-
 from antavo_ometria.antavo import normalise_customer
 from antavo_ometria.ometria import MAX_RECORD_BYTES, batches, encode_record, split_oversized
 from antavo_ometria.transport import ApiError, RateLimiter
@@ -53,7 +52,7 @@ def test_full_load_uses_pages_of_1000(sandbox, antavo_client):
 
 
 def test_classic_and_read_api_shapes_normalise_to_one(antavo_client, sandbox):
-    since = datetime(2026, 1, 15, tzinfo=timezone.utc)
+    since = datetime(2026, 1, 15, tzinfo=UTC)
     ids = antavo_client.changed_customer_ids(since)
     expected = [c["_id"] for c in sandbox.antavo.customers if datetime.fromisoformat(c["updated_at"]) > since]
     assert sorted(ids) == sorted(expected) and len(ids) > 100  # more than one classic page
@@ -97,11 +96,11 @@ def test_antavo_gives_up_after_the_last_attempt(antavo_client, sandbox):
 
 
 def test_events_feed_by_time_window(antavo_client, sandbox):
-    inside = datetime(2026, 3, 1, 12, tzinfo=timezone.utc)
+    inside = datetime(2026, 3, 1, 12, tzinfo=UTC)
     sandbox.antavo.claim_reward("c00000001", "rw-10off", at=inside)
-    sandbox.antavo.claim_reward("c00000002", "rw-coffee", at=datetime(2026, 3, 2, tzinfo=timezone.utc))
-    events = [e for page in antavo_client.iter_events(datetime(2026, 3, 1, tzinfo=timezone.utc),
-                                                      datetime(2026, 3, 2, tzinfo=timezone.utc)) for e in page]
+    sandbox.antavo.claim_reward("c00000002", "rw-coffee", at=datetime(2026, 3, 2, tzinfo=UTC))
+    events = [e for page in antavo_client.iter_events(datetime(2026, 3, 1, tzinfo=UTC),
+                                                      datetime(2026, 3, 2, tzinfo=UTC)) for e in page]
     assert [(e["customer_id"], e["action"], e["properties"]["reward"]) for e in events] == [
         ("c00000001", "reward", "rw-10off")]
     rewards = antavo_client.get_claimed_rewards("c00000001")

@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from antavo_ometria.sandbox.population import defects_of
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -56,7 +55,6 @@ def expected_contact(customer: dict) -> dict:
 
 def run_contacts_dag(dagbag):
     from airflow.utils.state import DagRunState
-
     from antavo_ometria.settings import staging_dir
 
     run = dagbag.get_dag("antavo_ometria_contacts").test()
@@ -81,3 +79,54 @@ def test_contact_sync_end_to_end(airflow_db, dagbag, connections):
     assert report["rejected"] == report["failed"] == report["unaccounted"] == 0
     assert {row["id"] for row in report["not_delivered"]} == held
     assert all(row["reasons"] for row in report["not_delivered"])
+
+
+def expected_v2_contact(customer: dict) -> dict:
+    """The shipped v2 example mapping, written out by hand for one valid sandbox customer."""
+    tier = customer["tiers"]["basic_structure"]
+    expected = {
+        "id": customer["_id"], "email": customer["email"], "customer_id": customer["external_ids"]["crm_id"],
+        "firstname": customer["first_name"], "lastname": customer["last_name"],
+        "date_of_birth": customer["birth_date"], "country_id": customer["country"],
+        "phone_number": customer["mobile_phone"].replace(" ", ""), "timestamp_acquired": customer["created_at"],
+        "lists": [8400],
+        "properties": {
+            "language": customer["language"], "loyalty_points": customer["score"],
+            "loyalty_points_spent": customer["spent"], "loyalty_tier_id": tier["_id"],
+            "loyalty_tier": tier["name"]["en"], "tier_since": tier["since"],
+            "expiring_points": customer["extensions"]["expiring_points"]["total"],
+            "prestige_earned": customer["accounts"]["prestige_balance"]["earned"],
+            "city": customer["properties"]["city"], "newsletter": customer["properties"]["newsletter"],
+        },
+    }
+    if tier["next"]:
+        expected["properties"] |= {"next_tier": tier["next"]["name"], "points_to_next_tier": tier["next"]["points"]}
+    if customer["labels"]:
+        expected["properties"]["labels"] = customer["labels"]
+    if customer.get("gender"):
+        expected["gender"] = customer["gender"][0]
+    return expected
+
+
+def test_contact_sync_in_v2_mode(airflow_db, dagbag, connections, monkeypatch):
+    monkeypatch.setenv("ANTAVO_OMETRIA_MAPPINGS_DIR", str(PROJECT / "include" / "mappings" / "examples" / "v2"))
+    sandbox = connections
+    report = run_contacts_dag(dagbag)
+    valid = [c for i, c in enumerate(sandbox.antavo.customers) if not defects_of(i)]
+    stored = {cid: record for (_, cid), record in sandbox.ometria.contacts.items()}
+    assert report["payload_mode"] == "v2"
+    assert report["accepted"] == len(stored) == len(valid)
+    for customer in valid:
+        assert stored[customer["_id"]] == expected_v2_contact(customer), customer["_id"]
+
+
+def test_broken_mapping_stops_the_run_before_any_request(airflow_db, dagbag, connections, mappings, monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    (mappings / "contacts.csv").write_text("loyalty_field,remote_field\nfirst_nmae,firstname\nemail,lastnme\n")
+    monkeypatch.setenv("ANTAVO_OMETRIA_MAPPINGS_DIR", str(mappings))
+    run = dagbag.get_dag("antavo_ometria_contacts").test()
+    assert run.state == DagRunState.FAILED
+    failed = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert failed["check_mapping"] == "failed" and failed["extract"] == "upstream_failed"
+    assert connections.antavo.requests == 0 and connections.ometria.pushes == 0

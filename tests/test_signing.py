@@ -4,16 +4,15 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import requests
+from antavo_ometria.antavo import ESCHER_OPTIONS, credential_scope
 from escherauth import EscherRequestsAuth
 
-from antavo_ometria.antavo import ESCHER_OPTIONS, credential_scope
-
 KEY, SECRET, ENV = "TESTKEY", "TESTSECRET", "st2"
-WHEN = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
+WHEN = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
 
 
 def hand_signature(method: str, path: str, query: str, host: str, date: str, body: bytes = b"") -> str:
@@ -64,7 +63,7 @@ def test_sandbox_accepts_signed_requests(antavo_client):
 
 @pytest.mark.parametrize("secret, when, why", [
     ("wrong-secret", None, "signature"),
-    ("sandbox-secret", datetime(2020, 1, 1, tzinfo=timezone.utc), "date"),
+    ("sandbox-secret", datetime(2020, 1, 1, tzinfo=UTC), "date"),
 ])
 def test_sandbox_rejects_bad_or_stale_signatures(sandbox, secret, when, why):
     from antavo_ometria.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY

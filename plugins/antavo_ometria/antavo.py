@@ -9,10 +9,11 @@ Loyalty Read API (`GET /v1/customers`), increments through the classic Customer 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime
+from typing import Any
 from urllib.parse import quote
 
 import requests
@@ -183,7 +184,7 @@ def _check_body(response: requests.Response) -> None:
 
 
 def _iso(moment: datetime) -> str:
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- the one customer shape --------------------------------------------------------------------
@@ -206,7 +207,7 @@ def normalise_customer(raw: dict) -> dict:
     for name in _UNIX_FIELDS:
         value = customer.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            customer[name] = datetime.fromtimestamp(value, timezone.utc).isoformat()
+            customer[name] = datetime.fromtimestamp(value, UTC).isoformat()
     for name in ("status", "gender"):
         if isinstance(customer.get(name), str):
             customer[name] = customer[name].lower()

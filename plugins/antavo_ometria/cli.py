@@ -21,7 +21,7 @@ from pathlib import Path
 
 from antavo_ometria.mapping import catalog, load_contact_mapping
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.settings import mappings_dir, staging_root
+from antavo_ometria.settings import mappings_dir
 
 PROJECT = Path(__file__).resolve().parents[2]
 DAG_ID = "antavo_ometria_contacts"

@@ -8,7 +8,7 @@ so it cannot blank what Ometria holds, unless the mapping row says `overwrite_em
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 import pandas as pd
 

@@ -20,11 +20,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from antavo_ometria.antavo import AntavoClient
-from antavo_ometria.transport import ApiError
 from antavo_ometria.mapping import ContactMapping
 from antavo_ometria.ometria import OmetriaClient, batches, encode_record, split_oversized
 from antavo_ometria.payload import contact_records
 from antavo_ometria.transform import read_customers, transform
+from antavo_ometria.transport import ApiError
 
 log = logging.getLogger(__name__)
 

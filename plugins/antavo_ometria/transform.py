@@ -9,11 +9,10 @@ reason in the `problems` column and is held back from Ometria.
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable, Iterable
 from functools import cache
 from importlib import resources
 from pathlib import Path
-from typing import Callable, Iterable
 
 import numpy as np
 import pandas as pd
@@ -75,12 +74,16 @@ def _text(s: pd.Series, language: str) -> pd.Series:
     if is_dict.any():
         s = s.copy()
         s[is_dict] = s[is_dict].map(lambda d: d.get(language) or next(iter(d.values()), None))
-    return s.where(~_empty(s), None).map(lambda v: v if v is None or isinstance(v, str) else str(v))
+    return _objects(s.where(~_empty(s), None).map(lambda v: v if v is None or isinstance(v, str) else str(v)))
+
+
+def _objects(values: pd.Series) -> pd.Series:
+    """Plain Python values with None for missing (pandas 3 string columns use NaN)."""
+    return values.astype(object).where(values.notna(), None)
 
 
 def _result(values: pd.Series, bad: pd.Series) -> Converted:
-    values = values.astype(object).where(values.notna() & ~bad, None)
-    return values, bad
+    return _objects(values.where(~bad)), bad
 
 
 def to_string(s: pd.Series, language: str) -> Converted:

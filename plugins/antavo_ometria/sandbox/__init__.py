@@ -48,7 +48,7 @@ class Sandbox:
             }),
         }
 
-    def start(self) -> "Sandbox":
+    def start(self) -> Sandbox:
         for server in self._servers:
             server.start()
         return self
@@ -57,7 +57,7 @@ class Sandbox:
         for server in self._servers:
             server.stop()
 
-    def __enter__(self) -> "Sandbox":
+    def __enter__(self) -> Sandbox:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

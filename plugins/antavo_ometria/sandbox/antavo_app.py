@@ -5,7 +5,7 @@ Control endpoints under `/_sandbox/` (unsigned) let tests change a customer or a
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from urllib.parse import unquote
 
 from escherauth import Escher, EscherException
@@ -25,7 +25,7 @@ REWARD_CLAIM_ACTION = "reward"
 
 def _when(value: str) -> datetime:
     moment = datetime.fromisoformat(unquote(value).replace("Z", "+00:00").replace(" ", "+"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 class AntavoApp(App):
@@ -45,7 +45,7 @@ class AntavoApp(App):
         with self.lock:
             customer = self.by_id[customer_id]
             customer.update(changes)
-            customer["updated_at"] = (at or datetime.now(timezone.utc)).isoformat()
+            customer["updated_at"] = (at or datetime.now(UTC)).isoformat()
 
     def add_event(self, customer_id: str, action: str, properties: dict, at: datetime | None = None,
                   event_id: str | None = None) -> dict:
@@ -56,7 +56,7 @@ class AntavoApp(App):
                 "label": action.replace("_", " ").capitalize(),
                 "Customer": {"id": customer_id},
                 "points": -int(properties.get("points", 0) or 0),
-                "timestamp": (at or datetime.now(timezone.utc)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
+                "timestamp": (at or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%S.000Z"),
                 "properties": [{"name": k, "label": k.replace("_", " ").capitalize(), "value": v}
                                for k, v in properties.items()],
             }

@@ -163,8 +163,8 @@ class OmetriaApp(App):
         if not isinstance(record.get("@collection", ""), str):
             problems.append(("root > @collection", "not a valid value"))
         lists = record.get("@add_to_lists", [])
-        if not isinstance(lists, list) or not all(isinstance(x, int) and str(x) in {l["id"] for l in LISTS}
-                                                  for x in lists):
+        known_lists = {str(row["id"]) for row in LISTS}
+        if not isinstance(lists, list) or not all(isinstance(x, int) and str(x) in known_lists for x in lists):
             problems.append(("root > @add_to_lists", "not a valid value"))
         properties = record.get("properties", {})
         if not isinstance(properties, dict):

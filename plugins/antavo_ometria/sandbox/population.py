@@ -8,7 +8,7 @@ or malformed values (see DEFECTS) so that quality handling can be checked.
 from __future__ import annotations
 
 import random
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 FIRST = ["Jane", "John", "Zoë", "Łukasz", "Amélie", "Søren", "Björn", "Aiko", "Mário", "Chloé",
          "Oğuz", "Ana", "Nguyễn", "Siobhán", "Zhang", "Olga", "Émile", "Ingrid", "José", "Fatima"]
@@ -18,7 +18,7 @@ COUNTRIES = ["GB", "DE", "FR", "ES", "PL", "IT", "DK", "SE", "US", "NL", "IE", "
 TIERS = [("bronze", {"en": "Bronze", "de": "Bronze"}), ("silver", {"en": "Silver", "de": "Silber"}),
          ("gold", {"en": "Gold", "de": "Gold"}), ("platinum", {"en": "Platinum", "de": "Platin"})]
 STORES = ["london-01", "berlin-02", "paris-03", "madrid-04"]
-EPOCH = datetime(2026, 1, 1, tzinfo=timezone.utc)
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 # one in `every` customers carries this defect (offsets keep them apart for small populations)
 DEFECTS = {

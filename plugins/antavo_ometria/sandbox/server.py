@@ -172,7 +172,7 @@ class RunningServer:
         host, port = self.httpd.server_address[:2]
         return f"http://{host}:{port}"
 
-    def start(self) -> "RunningServer":
+    def start(self) -> RunningServer:
         self.thread.start()
         return self
 
@@ -180,7 +180,7 @@ class RunningServer:
         self.httpd.shutdown()
         self.httpd.server_close()
 
-    def __enter__(self) -> "RunningServer":
+    def __enter__(self) -> RunningServer:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
