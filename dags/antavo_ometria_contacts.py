@@ -68,12 +68,21 @@ def antavo_ometria_contacts():
 
     @task
     def transform(extracted: dict) -> dict:
-        """Map staged customers to Ometria contacts; quarantine those that cannot be sent."""
+        """Map staged customers to Ometria contacts and run the quality gate (Great Expectations).
+
+        Customers that fail a check are quarantined with every reason; the run stops before sending
+        when too many fail or a full load is far smaller than the last one.
+        """
+        from airflow.sdk.exceptions import AirflowFailException
         from antavo_ometria.mapping import load_contact_mapping
         from antavo_ometria.pipeline import transform_staged
+        from antavo_ometria.quality import QualityGateFailed
         from antavo_ometria.settings import mappings_dir
 
-        return transform_staged(_staging(), load_contact_mapping(mappings_dir()))
+        try:
+            return transform_staged(_staging(), load_contact_mapping(mappings_dir()))
+        except QualityGateFailed as exc:
+            raise AirflowFailException(f"quality gate: {exc}") from None  # the same data fails the same way
 
     @task
     def load(transformed: dict) -> dict:

@@ -1,7 +1,9 @@
 """The contact sync's steps as plain functions over a staging folder; the DAG and the CLI call them.
 
     extract   → customers.ndjson       (normalised Antavo customers, one a line)
-    transform → contacts.parquet       (id, encoded Ometria record) + quarantine.ndjson (id, reasons)
+    transform → contacts.parquet       (id, encoded Ometria record) for the contacts that pass the
+                                       quality gate; quarantine.ndjson (id, reasons, offending values)
+                                       and gx_validation.json for the rest
     load      → load.ndjson            (one line per pushed batch: ids, request_id, accepted, rejected)
     report    → report.json
 
@@ -13,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -23,6 +24,7 @@ from antavo_ometria.antavo import AntavoClient
 from antavo_ometria.mapping import ContactMapping
 from antavo_ometria.ometria import OmetriaClient, batches, encode_record, split_oversized
 from antavo_ometria.payload import contact_records
+from antavo_ometria.quality import QualityGateFailed, run_gate
 from antavo_ometria.transform import read_customers, transform
 from antavo_ometria.transport import ApiError
 
@@ -33,6 +35,7 @@ CONTACTS = "contacts.parquet"
 QUARANTINE = "quarantine.ndjson"
 LOAD_JOURNAL = "load.ndjson"
 REPORT = "report.json"
+GX_RESULT = "gx_validation.json"
 
 
 class LoadFailed(Exception):
@@ -96,28 +99,36 @@ def extract_all(client: AntavoClient, staging: Path, status: str = "active") -> 
 
 
 # -- transform ---------------------------------------------------------------------------------
-def transform_staged(staging: Path, mapping: ContactMapping) -> dict:
-    """Staged customers → encoded Ometria contacts (Parquet) and the quarantine with reasons."""
+def transform_staged(staging: Path, mapping: ContactMapping, previous_count: int | None = None) -> dict:
+    """Staged customers → checked, encoded Ometria contacts (Parquet); the rest quarantined with reasons.
+
+    Raises QualityGateFailed, after writing the quarantine and GX's result, when the batch as a whole
+    fails (too many invalid customers, or far fewer than the last full load).
+    """
     columns = read_customers(staging / CUSTOMERS, mapping.loyalty_fields)
     frame = transform(columns, mapping)
-    bad = frame["problems"] != ""
-    quarantined = [
-        {"id": i, "reasons": r.split("; ")}
-        for i, r in zip(frame.loc[bad, "id"], frame.loc[bad, "problems"])
-    ]
-    _write_ndjson(staging / QUARANTINE, quarantined)
-    good = frame.loc[~bad]
-    encoded = [(record_id, encode_record(record)) for record_id, record in contact_records(good, mapping)]
-    ids = [record_id for record_id, _ in encoded]
-    bodies = [body for _, body in encoded]
-    pq.write_table(pa.table({"id": pa.array(ids, pa.string()), "body": pa.array(bodies, pa.binary())}),
-                   staging / CONTACTS)
-    reasons = Counter(r.split(":")[0] for q in quarantined for r in q["reasons"])
-    log.info("transformed %d customers: %d contacts ready, %d quarantined %s",
-             len(frame), len(ids), len(quarantined), dict(reasons))
-    return {"customers": len(frame), "contacts": len(ids), "quarantined": len(quarantined),
-            "quarantine_reasons": dict(reasons), "mapping_version": mapping.version,
-            "payload_mode": mapping.settings.payload_mode}
+    encoded = [(record_id, encode_record(record)) for record_id, record in contact_records(frame, mapping)]
+    gate = run_gate(frame, mapping, [len(body) for _, body in encoded], previous_count)
+    ids = frame["id"].tolist()
+    _write_ndjson(staging / QUARANTINE, (
+        {"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails}
+        for row, fails in sorted(gate.failures.items())
+    ))
+    (staging / GX_RESULT).write_text(json.dumps(gate.validation, default=str), encoding="utf-8")
+    valid = [pair for pair, ok in zip(encoded, gate.valid.tolist()) if ok]
+    pq.write_table(pa.table({"id": pa.array([i for i, _ in valid], pa.string()),
+                             "body": pa.array([b for _, b in valid], pa.binary())}), staging / CONTACTS)
+    summary = gate.summary()
+    log.info("quality gate: %d checked, %d passed, %d quarantined %s", summary["checked"], summary["passed"],
+             summary["quarantined"], summary["quarantined_by_check"])
+    for warning in gate.warnings:
+        log.warning("quality warning: %s", warning)
+    if gate.blocking:
+        raise QualityGateFailed("; ".join(gate.blocking) + f". Nothing was sent. Quarantined customers and "
+                                f"reasons: {staging / QUARANTINE}; GX result: {staging / GX_RESULT}")
+    return {"customers": len(frame), "contacts": len(valid), "quarantined": gate.quarantined,
+            "quarantine_reasons": summary["quarantined_by_check"], "quality": summary,
+            "mapping_version": mapping.version, "payload_mode": mapping.settings.payload_mode}
 
 
 def read_contacts(staging: Path) -> list[tuple[str, bytes]]:
@@ -193,6 +204,7 @@ def build_report(staging: Path, extracted: dict, transformed: dict, loaded: dict
         "payload_mode": transformed["payload_mode"],
         "quarantined": transformed["quarantined"],
         "quarantine_reasons": transformed["quarantine_reasons"],
+        "quality_warnings": transformed.get("quality", {}).get("warnings", []),
         "sent": loaded["sent"],
         "accepted": loaded["accepted"],
         "rejected": loaded["rejected"],
@@ -222,6 +234,9 @@ def format_report(report: dict, limit: int = 20) -> str:
         f"  oversized    {report['refused_oversized']:>8}   (over 60 KB, not sent)",
         f"  unaccounted  {report['unaccounted']:>8}",
     ]
+    if report["quarantine_reasons"]:
+        lines.append("  quarantined by check: " + ", ".join(f"{k} {v}" for k, v in sorted(report["quarantine_reasons"].items())))
+    lines += [f"  warning: {w}" for w in report.get("quality_warnings", [])]
     if report["not_delivered"]:
         lines.append("  not delivered, with reasons:")
         for row in report["not_delivered"][:limit]:

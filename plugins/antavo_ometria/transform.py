@@ -2,8 +2,8 @@
 
 Values are normalised to Ometria's formats (gender m/f, dates YYYY-MM-DD, timestamps ISO 8601 with
 offset, translated names in the configured language, E.164 phones, ISO 3166-1 countries, typed
-numbers and booleans). A value that cannot be converted does not stop the run: its record gets a
-reason in the `problems` column and is held back from Ometria.
+numbers and booleans). A value that cannot be converted is left as it was; the quality gate
+(`quality.py`) then holds its record back with the reason.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ PHONE_E164 = r"^\+[1-9]\d{6,14}$"
 GENDERS = {"male": "m", "female": "f", "m": "m", "f": "f"}
 UNKNOWN_GENDERS = {"other", "unknown", "not_specified", "prefer_not_to_say", "x", "u", "n/a", "none"}
 OPTIN = {"EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT", "NOT_SPECIFIED"}
-REQUIRED = {"email"}  # Ometria identifies contacts by email; a contact without one is held back
 TRUE_WORDS = {"true", "yes", "1"}
 FALSE_WORDS = {"false", "no", "0"}
 
@@ -205,58 +204,18 @@ CONVERTERS: dict[str, Callable[[pd.Series, str], Converted]] = {
     "phone": to_phone, "date": to_date, "datetime": to_datetime, "number": to_number,
     "integer": to_integer, "boolean": to_boolean, "optin": to_optin, "list": to_list,
 }
-DESCRIBE = {
-    "string": "text without control characters", "email": "an email address", "gender": "male or female",
-    "country": "an ISO 3166-1 alpha-2 country code", "phone": "an E.164 phone number",
-    "date": "a date", "datetime": "a date-time", "number": "a number", "integer": "a whole number",
-    "boolean": "true or false", "optin": "a consent flag", "list": "a list",
-}
 
 
 def transform(columns: pd.DataFrame, mapping: ContactMapping) -> pd.DataFrame:
-    """Customer columns → payload frame: `id`, one column per remote field, and `problems`.
+    """Customer columns → payload frame: `id` and one column per remote field, in Ometria's formats.
 
-    `problems` is empty for a record ready to send, otherwise every reason it cannot be sent.
+    A value that cannot be converted is kept as it was, so that the quality gate reports it with
+    the offending value; nothing here decides whether a record may be sent.
     """
     language = mapping.settings.language
-    ids = _text(columns["id"], language)
-    payload = {"id": ids}
-    reasons = [pd.Series(np.where(ids.isna(), "the customer has no id", ""), index=columns.index)]
+    payload = {"id": _text(columns["id"], language)}
     for field in mapping.fields:
         source = columns[field.loyalty_field]
         values, bad = CONVERTERS[field.format](source, language)
-        payload[field.remote_field] = values
-        if field.remote_field in REQUIRED and (missing := values.isna() & ~bad).any():
-            reasons.append(pd.Series(np.where(missing, f"{field.remote_field}: {field.loyalty_field} is empty", ""),
-                                     index=columns.index))
-        if bad.any():
-            shown = source[bad].map(lambda v: _shorten(repr(v)))
-            reason = pd.Series("", index=columns.index, dtype=object)
-            reason[bad] = (
-                f"{field.remote_field}: {field.loyalty_field} = " + shown
-                + f" is not {DESCRIBE[field.format]}"
-            )
-            reasons.append(reason)
-    frame = pd.DataFrame(payload, index=columns.index)
-    frame["problems"] = _join_reasons(reasons)
-    duplicated = frame["id"].notna() & frame["id"].duplicated(keep=False)
-    if duplicated.any():
-        frame.loc[duplicated, "problems"] = _append(frame.loc[duplicated, "problems"], "duplicate customer id")
-    return frame
-
-
-def _join_reasons(reasons: list[pd.Series]) -> pd.Series:
-    joined = reasons[0].astype(object)
-    for reason in reasons[1:]:
-        joined = _append(joined, reason)
-    return joined
-
-
-def _append(left: pd.Series, right) -> pd.Series:
-    right = pd.Series(right, index=left.index) if not isinstance(right, pd.Series) else right
-    both = (left != "") & (right != "")
-    return (left + np.where(both, "; ", "") + right).astype(object)
-
-
-def _shorten(text: str, limit: int = 60) -> str:
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+        payload[field.remote_field] = values.where(~bad, _objects(source)) if bad.any() else values
+    return pd.DataFrame(payload, index=columns.index)

@@ -22,11 +22,11 @@ EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
 # one in `every` customers carries this defect (offsets keep them apart for small populations)
 DEFECTS = {
-    "bad_email": (53, 7),
-    "missing_email": (71, 11),
-    "bad_birth_date": (59, 13),
-    "bad_phone": (61, 17),
-    "bad_country": (67, 19),
+    "bad_email": (157, 7),
+    "missing_email": (211, 11),
+    "bad_birth_date": (173, 13),
+    "bad_phone": (191, 17),
+    "bad_country": (199, 19),
 }
 
 

@@ -1,0 +1,112 @@
+"""The quality gate: one customer per failure class, the invalid-share threshold, the row-count drop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from antavo_ometria.antavo import normalise_customer
+from antavo_ometria.mapping import load_contact_mapping
+from antavo_ometria.ometria import encode_record
+from antavo_ometria.payload import contact_records
+from antavo_ometria.quality import run_gate
+from antavo_ometria.transform import customer_columns, transform
+
+TABLE = """loyalty_field,remote_field,format,overwrite_empty
+email,email,,
+first_name,firstname,,
+gender,gender,,
+birth_date,date_of_birth,,
+country,country_id,,
+mobile_phone,phone_number,,
+optin_at,timestamp_subscribed,,
+properties.newsletter,marketing_optin,,
+score,loyalty_points,,
+properties.notes,notes,,
+"""
+
+
+def good(i: int, **changes) -> dict:
+    customer = {"_id": f"c{i}", "email": f"person{i}@example.com", "first_name": "Zoë", "gender": "female",
+                "birth_date": "1990-05-17", "country": "GB", "mobile_phone": "+447700900123",
+                "optin_at": "2026-01-01T10:00:00+00:00", "score": 10, "properties": {"newsletter": True}}
+    for key, value in changes.items():
+        if key.startswith("properties."):
+            customer["properties"][key.split(".", 1)[1]] = value
+        elif value is None:
+            customer.pop(key, None)
+        else:
+            customer[key] = value
+    return customer
+
+
+# one customer per failure class: (customer, the check that must catch it)
+BAD = [
+    (good(100, _id=None, email="noid@example.com"), "id_missing"),
+    (good(101, email="not-an-email"), "email_format"),
+    (good(102, email=None), "email_missing"),
+    (good(103, birth_date="1990-02-30"), "date_format"),
+    (good(104, optin_at="last tuesday"), "datetime_format"),
+    (good(105, gender="martian"), "gender"),
+    (good(106, country="UK"), "country"),
+    (good(107, mobile_phone="07700 900123"), "phone"),
+    (good(108, **{"properties.newsletter": "sometimes"}), "consent"),
+    (good(109, score="lots"), "type"),
+    (good(110, first_name="Zo\x07ë"), "control_characters"),
+    (good(111, **{"properties.notes": "x" * 70_000}), "record_too_large"),
+]
+DUPLICATES = [good(200, email="first@example.com"), good(200, email="second@example.com")]
+
+
+@pytest.fixture
+def mapping(mappings):
+    (mappings / "contacts.csv").write_text(TABLE)
+    (mappings / "settings.toml").write_text("[consent]\nauthoritative = true\n[quality]\nmax_invalid_share = 0.5\n")
+    return load_contact_mapping(mappings)
+
+
+def gate(mapping, customers, previous_count=None):
+    frame = transform(customer_columns([normalise_customer(c) for c in customers], mapping.loyalty_fields), mapping)
+    sizes = [len(encode_record(record)) for _, record in contact_records(frame, mapping)]
+    return frame, run_gate(frame, mapping, sizes, previous_count)
+
+
+def test_each_failure_class_is_quarantined_with_its_reason_and_value(mapping):
+    customers = [good(i) for i in range(40)] + [c for c, _ in BAD] + DUPLICATES
+    frame, result = gate(mapping, customers)
+    caught = {row: {f["check"] for f in fails} for row, fails in result.failures.items()}
+    for position, (_, check) in enumerate(BAD, start=40):
+        assert caught.get(position) == {check}, (position, check, caught.get(position))
+    assert caught[52] == caught[53] == {"id_duplicate"}
+    assert result.valid.tolist() == [True] * 40 + [False] * (len(BAD) + 2)
+    assert result.summary()["passed"] == 40 and not result.blocking
+    failure = result.failures[43][0]  # the impossible date, with its value
+    assert failure == {"check": "date_format", "field": "date_of_birth", "value": "1990-02-30",
+                       "message": "date_of_birth: birth_date = '1990-02-30' is not a YYYY-MM-DD date"}
+    assert result.failures[51][0]["value"] > 61440
+    json.dumps(result.failures)  # reasons are plain JSON for the quarantine file and the state store
+    assert result.validation["success"] is False and len(result.validation["results"]) > 10
+
+
+def test_too_many_invalid_customers_block_the_run(mapping, mappings):
+    (mappings / "settings.toml").write_text("[consent]\nauthoritative = true\n[quality]\nmax_invalid_share = 0.05\n")
+    strict = load_contact_mapping(mappings)
+    _, result = gate(strict, [good(i) for i in range(18)] + [good(50, email="broken"), good(51, country="XX")])
+    assert result.blocking == ["2 of 20 customers (10.0%) failed the checks, more than the allowed 5.0% "
+                               "(quality.max_invalid_share)"]
+    _, fine = gate(strict, [good(i) for i in range(19)] + [good(50, email="broken")])
+    assert fine.blocking == []  # exactly 5 % is allowed
+
+
+def test_a_sudden_drop_in_rows_blocks_the_run(mapping):
+    _, result = gate(mapping, [good(i) for i in range(30)], previous_count=1000)
+    assert result.blocking == ["30 customers, fewer than 500 (50% of the last full load, 1000)"]
+    _, fine = gate(mapping, [good(i) for i in range(30)], previous_count=50)
+    assert fine.blocking == []
+
+
+def test_a_field_empty_for_everyone_is_a_warning(mapping):
+    _, result = gate(mapping, [good(i) for i in range(25)])
+    assert result.warnings == ["notes (properties.notes) is empty for every customer: is the path right?"]
+    assert result.empty_share["notes"] == 1.0 and result.empty_share["email"] == 0.0
+    assert not result.blocking
