@@ -2,15 +2,21 @@
 ### Antavo → Ometria contact sync
 
 Reads Antavo loyalty customers, maps them to Ometria contacts with the analyst-edited tables in
-`include/mappings/` (`contacts.csv`, `settings.toml`), holds back customers whose values cannot be
-sent (with the reason), and pushes the rest to Ometria's push API in batches of 100.
+`include/mappings/` (`contacts.csv`, `settings.toml`), holds back customers that fail the quality
+gate (with every reason), and pushes the contacts that changed since they were last sent to
+Ometria's push API in batches of 100.
 
-**Flow:** check mapping → extract → transform → load → report. Data between tasks is staged as
-files under the staging folder; XCom carries only paths and counts.
+**Flow:** plan → extract → transform (+ quality gate) → load → report. Data between tasks is staged
+as files; XCom carries only paths and counts.
 
-**Connections:** `antavo_default` (API key/secret, `extra.environment`), `ometria_default` (API key).
-The `report` task's return value and log hold the run report: extracted, sent, accepted, rejected,
-quarantined and failed, with every customer that was not delivered and why.
+**Runs.** Each scheduled run reads the customers Antavo updated in its hourly data interval (plus a
+small overlap). The first run, a run after the mapping or settings changed, and a run triggered with
+`full_resync` read and send every customer. A backfill re-sends the customers updated in its
+intervals. `dry_run` computes and reports what would be sent, and sends nothing.
+
+**Connections:** `antavo_default`, `ometria_default`, and optionally `antavo_ometria_state` (the state
+store; a SQLite file in `$AIRFLOW_HOME` without it). The `report` task's log and return value hold the
+run report, and the run history is kept in the state store.
 """
 
 from __future__ import annotations
@@ -18,7 +24,8 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
+from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 DAG_ID = "antavo_ometria_contacts"
 
@@ -27,6 +34,27 @@ def _staging():
     from antavo_ometria.settings import staging_dir
 
     return staging_dir(DAG_ID, get_current_context()["run_id"])
+
+
+def _mapping():
+    from antavo_ometria.mapping import load_contact_mapping
+    from antavo_ometria.problems import ConfigError
+    from antavo_ometria.settings import mappings_dir
+
+    try:
+        return load_contact_mapping(mappings_dir())
+    except ConfigError as exc:
+        raise AirflowFailException(str(exc)) from None  # retrying cannot fix a file; fail at once
+
+
+def _store():
+    from antavo_ometria.hooks import StateStoreHook
+    from antavo_ometria.state import StateStoreUnavailable
+
+    try:
+        return StateStoreHook().get_conn()
+    except StateStoreUnavailable as exc:
+        raise AirflowFailException(str(exc)) from None
 
 
 @dag(
@@ -38,76 +66,81 @@ def _staging():
     doc_md=__doc__,
     tags=["antavo", "ometria", "contacts"],
     default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30)},
+    params={
+        "full_resync": Param(False, type="boolean", description="Read and send every customer, changed or not."),
+        "dry_run": Param(False, type="boolean", description="Compute and report what would be sent; send nothing."),
+    },
 )
 def antavo_ometria_contacts():
     @task
-    def check_mapping() -> dict:
-        """Validate the mapping table and settings; a broken file stops the run before any request."""
-        from airflow.sdk.exceptions import AirflowFailException
-        from antavo_ometria.mapping import load_contact_mapping
-        from antavo_ometria.problems import ConfigError
-        from antavo_ometria.settings import mappings_dir
+    def plan() -> dict:
+        """Check the mapping, then decide: full or incremental, and which window of Antavo updates."""
+        from antavo_ometria.pipeline import plan_run
 
-        try:
-            mapping = load_contact_mapping(mappings_dir())
-        except ConfigError as exc:
-            raise AirflowFailException(str(exc)) from None  # retrying cannot fix a file; fail at once
-        return {"version": mapping.version, "fields": len(mapping.fields),
-                "payload_mode": mapping.settings.payload_mode}
+        context = get_current_context()
+        return plan_run(
+            _store(), _mapping(), DAG_ID, context["run_id"],
+            interval=(context.get("data_interval_start"), context.get("data_interval_end")),
+            run_type=str(getattr(context["dag_run"], "run_type", "manual")),
+            full_resync=bool(context["params"]["full_resync"]),
+            dry_run=bool(context["params"]["dry_run"]),
+        )
 
     @task
-    def extract(mapping: dict) -> dict:
-        """Read every Antavo customer (Loyalty Read API) into the staging folder."""
+    def extract(plan: dict) -> dict:
+        """Read the planned Antavo customers into the staging folder."""
         from antavo_ometria.hooks import AntavoHook
-        from antavo_ometria.mapping import load_contact_mapping
-        from antavo_ometria.pipeline import extract_all
-        from antavo_ometria.settings import mappings_dir
+        from antavo_ometria.pipeline import extract
 
-        settings = load_contact_mapping(mappings_dir()).settings
-        return extract_all(AntavoHook().get_conn(), _staging(), settings.customer_status)
+        return extract(AntavoHook().get_conn(), _staging(), plan, _mapping().settings.customer_status)
 
     @task
-    def transform(extracted: dict) -> dict:
-        """Map staged customers to Ometria contacts and run the quality gate (Great Expectations).
+    def transform(plan: dict, extracted: dict) -> dict:
+        """Map customers to Ometria contacts, run the quality gate (Great Expectations), keep what changed.
 
         Customers that fail a check are quarantined with every reason; the run stops before sending
         when too many fail or a full load is far smaller than the last one.
         """
-        from airflow.sdk.exceptions import AirflowFailException
-        from antavo_ometria.mapping import load_contact_mapping
         from antavo_ometria.pipeline import transform_staged
         from antavo_ometria.quality import QualityGateFailed
-        from antavo_ometria.settings import mappings_dir
 
         try:
-            return transform_staged(_staging(), load_contact_mapping(mappings_dir()))
+            return transform_staged(_staging(), _mapping(), plan, _store())
         except QualityGateFailed as exc:
             raise AirflowFailException(f"quality gate: {exc}") from None  # the same data fails the same way
 
     @task
-    def load(transformed: dict) -> dict:
+    def load(plan: dict, transformed: dict) -> dict:
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
         from antavo_ometria.hooks import OmetriaHook
         from antavo_ometria.pipeline import load_staged
 
-        return load_staged(_staging(), OmetriaHook().get_conn())
+        return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store())
 
-    @task
-    def report(extracted: dict, transformed: dict, loaded: dict) -> dict:
-        """Write and log the run report; every extracted customer is delivered or listed with a reason."""
+    @task(trigger_rule="all_done")
+    def report() -> dict:
+        """Write and log the run report, and record the run in the state store, whatever happened."""
         import logging
 
         from antavo_ometria.pipeline import build_report, format_report
 
-        result = build_report(_staging(), extracted, transformed, loaded)
+        ti = get_current_context()["ti"]
+        steps = {name: ti.xcom_pull(task_ids=name) for name in ("plan", "extract", "transform", "load")}
+        missing = [name for name, value in steps.items() if value is None]
+        if missing:
+            if steps["plan"]:
+                _store().finish_run(DAG_ID, steps["plan"]["run_id"], "failed",
+                                    report={"failed_step": missing[0]})
+            raise AirflowFailException(f"the run failed at {missing[0]}; nothing more to report")
+        result = build_report(_staging(), steps["plan"], steps["extract"], steps["transform"], steps["load"], _store())
         logging.getLogger(__name__).info("\n%s", format_report(result))
-        return {k: v for k, v in result.items() if k not in ("not_delivered", "async_errors")} | {
+        return {k: v for k, v in result.items() if k not in ("not_delivered", "async_errors", "history")} | {
             "not_delivered": len(result["not_delivered"]), "async_errors": len(result["async_errors"])}
 
-    extracted = extract(check_mapping())
-    transformed = transform(extracted)
-    loaded = load(transformed)
-    report(extracted, transformed, loaded)
+    planned = plan()
+    extracted = extract(planned)
+    transformed = transform(planned, extracted)
+    load(planned, transformed) >> report()
 
 
 antavo_ometria_contacts()

@@ -41,10 +41,11 @@ def sandbox():
 
 
 @pytest.fixture
-def connections(sandbox, monkeypatch):
+def connections(sandbox, monkeypatch, tmp_path):
     """Point `antavo_default` and `ometria_default` at the sandbox through AIRFLOW_CONN_* variables."""
     for name, value in sandbox.connections().items():
         monkeypatch.setenv(name, value)
+    monkeypatch.setenv("ANTAVO_OMETRIA_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
     return sandbox
 
 

@@ -128,5 +128,5 @@ def test_broken_mapping_stops_the_run_before_any_request(airflow_db, dagbag, con
     run = dagbag.get_dag("antavo_ometria_contacts").test()
     assert run.state == DagRunState.FAILED
     failed = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert failed["check_mapping"] == "failed" and failed["extract"] == "upstream_failed"
+    assert failed["plan"] == "failed" and failed["extract"] == "upstream_failed"
     assert connections.antavo.requests == 0 and connections.ometria.pushes == 0

@@ -65,6 +65,9 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         sandbox = Sandbox(customers=args.customers).start()
         env.update(sandbox.connections())
+        # a new sandbox holds a new population: start from an empty state store too
+        env["ANTAVO_OMETRIA_STATE_URL"] = f"sqlite:///{home / 'sandbox_state.db'}"
+        (home / "sandbox_state.db").unlink(missing_ok=True)
         print(f"No real credentials set: using the local sandbox ({args.customers} customers)\n"
               f"  Antavo  {sandbox.antavo_url}\n  Ometria {sandbox.ometria_url}")
     try:

@@ -14,6 +14,7 @@ from airflow.sdk import BaseHook
 
 from antavo_ometria.antavo import AntavoClient, AntavoConfig, api_url, read_api_url
 from antavo_ometria.ometria import DEFAULT_BASE_URL, OmetriaClient, OmetriaConfig
+from antavo_ometria.state import StateStore, default_url
 
 
 def _base_url(host: str | None, port: int | None, default: str) -> str:
@@ -83,3 +84,39 @@ class OmetriaHook(BaseHook):
 
     def get_conn(self) -> OmetriaClient:
         return OmetriaClient(self.get_config())
+
+
+class StateStoreHook(BaseHook):
+    """Connection `antavo_ometria_state` (optional): `extra.url` = any SQLAlchemy URL, or a `postgres`
+    connection (host, port, login, password, schema = database). Without it: a SQLite file in
+    $AIRFLOW_HOME (or $ANTAVO_OMETRIA_STATE_URL)."""
+
+    conn_name_attr = "state_conn_id"
+    default_conn_name = "antavo_ometria_state"
+    conn_type = "generic"
+    hook_name = "Antavo → Ometria state store"
+
+    def __init__(self, state_conn_id: str = default_conn_name):
+        super().__init__()
+        self.state_conn_id = state_conn_id
+
+    def get_url(self) -> str:
+        from urllib.parse import quote
+
+        from airflow.sdk.exceptions import AirflowNotFoundException
+
+        try:
+            conn = self.get_connection(self.state_conn_id)
+        except AirflowNotFoundException:
+            return default_url()
+        if conn.extra_dejson.get("url"):
+            return conn.extra_dejson["url"]
+        if conn.conn_type in ("postgres", "postgresql"):
+            auth = f"{quote(conn.login or '', safe='')}:{quote(conn.password or '', safe='')}@" if conn.login else ""
+            return f"postgresql+psycopg://{auth}{conn.host}:{conn.port or 5432}/{conn.schema or 'postgres'}"
+        raise ValueError(f"connection {self.state_conn_id!r} needs extra.url (a SQLAlchemy URL) or type postgres")
+
+    def get_conn(self) -> StateStore:
+        store = StateStore(self.get_url())
+        store.migrate()
+        return store

@@ -1,11 +1,12 @@
 """The contact sync's steps as plain functions over a staging folder; the DAG and the CLI call them.
 
-    extract   → customers.ndjson       (normalised Antavo customers, one a line)
-    transform → contacts.parquet       (id, encoded Ometria record) for the contacts that pass the
-                                       quality gate; quarantine.ndjson (id, reasons, offending values)
-                                       and gx_validation.json for the rest
-    load      → load.ndjson            (one line per pushed batch: ids, request_id, accepted, rejected)
-    report    → report.json
+    plan      decide full or incremental (first run, mapping changed, full_resync asked) and the window
+    extract   → customers.ndjson       normalised Antavo customers, one a line
+    transform → contacts.parquet       (id, encoded record, hash) of the contacts that pass the quality
+                                       gate and differ from what was last sent; quarantine.ndjson and
+                                       gx_validation.json for the rest
+    load      → load.ndjson            one line per pushed batch; the state store learns what was sent
+    report    → report.json            and the run's row in the state store
 
 Each step returns a small dict of counts and paths, suitable for XCom.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,6 +27,7 @@ from antavo_ometria.mapping import ContactMapping
 from antavo_ometria.ometria import OmetriaClient, batches, encode_record, split_oversized
 from antavo_ometria.payload import contact_records
 from antavo_ometria.quality import QualityGateFailed, run_gate
+from antavo_ometria.state import StateStore, payload_hash
 from antavo_ometria.transform import read_customers, transform
 from antavo_ometria.transport import ApiError
 
@@ -36,6 +39,9 @@ QUARANTINE = "quarantine.ndjson"
 LOAD_JOURNAL = "load.ndjson"
 REPORT = "report.json"
 GX_RESULT = "gx_validation.json"
+OVERSIZED = "oversized.ndjson"
+ASYNC_ERRORS = "async_errors.json"
+PROFILE_CHUNK = 1000  # increments fetch full profiles this many at a time
 
 
 class LoadFailed(Exception):
@@ -68,7 +74,7 @@ def _write_ndjson(path: Path, rows, mode: str = "w") -> int:
     count = 0
     with path.open(mode, encoding="utf-8") as handle:
         for row in rows:
-            handle.write(json.dumps(row, ensure_ascii=False, separators=(",", ":")) + "\n")
+            handle.write(json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str) + "\n")
             count += 1
     return count
 
@@ -80,44 +86,100 @@ def read_ndjson(path: Path) -> list[dict]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+# -- plan --------------------------------------------------------------------------------------
+def plan_run(
+    store: StateStore,
+    mapping: ContactMapping,
+    dag_id: str,
+    run_id: str,
+    interval: tuple[datetime | None, datetime | None] = (None, None),
+    run_type: str = "scheduled",
+    full_resync: bool = False,
+    dry_run: bool = False,
+) -> dict:
+    """Full or incremental, and over which window. A changed mapping re-syncs every contact."""
+    last = store.last_successful_run(dag_id)
+    reason = None
+    if full_resync:
+        reason = "full re-sync requested"
+    elif last is None:
+        reason = "first run: nothing has been synced yet"
+    elif last["mapping_version"] != mapping.version:
+        reason = (f"the mapping changed ({last['mapping_version']} → {mapping.version}): "
+                  "every contact is re-sent with the new mapping")
+    start, end = interval
+    end = end or datetime.now(UTC)
+    if start is None and last is not None:  # a manual run without a data interval continues from the last one
+        start = _aware(last["interval_end"] or last["started_at"])
+    mode = "full" if reason or start is None else "incremental"
+    if reason:
+        log.warning("%s FULL RE-SYNC: %s %s", "=" * 20, reason, "=" * 20)
+    since = start - timedelta(minutes=mapping.settings.overlap_minutes) if mode == "incremental" else None
+    last_full = store.last_successful_run(dag_id, full_only=True)
+    plan = {
+        "dag_id": dag_id, "run_id": run_id, "mode": mode, "full_resync_reason": reason,
+        # unchanged contacts are skipped, except when everything must be re-sent or a backfill re-syncs
+        "send_unchanged": reason is not None or run_type == "backfill",
+        "dry_run": dry_run, "mapping_version": mapping.version,
+        "since": since.isoformat() if since else None, "until": end.isoformat(),
+        "previous_full_count": last_full["extracted"] if last_full else None,
+    }
+    store.start_run(dag_id, run_id, mode=mode, full_resync_reason=reason, dry_run=dry_run,
+                    mapping_version=mapping.version, interval_start=start, interval_end=end)
+    log.info("plan: %s", {k: v for k, v in plan.items() if v is not None})
+    return plan
+
+
+def _aware(moment: datetime) -> datetime:
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
 # -- extract -----------------------------------------------------------------------------------
-def extract_all(client: AntavoClient, staging: Path, status: str = "active") -> dict:
-    """Every customer (Loyalty Read API), staged as NDJSON."""
+def extract(client: AntavoClient, staging: Path, plan: dict, status: str = "active") -> dict:
+    """Every customer (full), or those updated in the plan's window (incremental), staged as NDJSON."""
     staging.mkdir(parents=True, exist_ok=True)
     path = staging / CUSTOMERS
     progress = Progress("extract", "customers")
-    pages = customers = 0
+    count = 0
     with path.open("w", encoding="utf-8") as handle:
-        for page in client.iter_customer_pages(status):
-            pages += 1
-            customers += len(page)
+        for page in _customer_pages(client, plan, status):
+            count += len(page)
             handle.writelines(json.dumps(c, ensure_ascii=False, separators=(",", ":")) + "\n" for c in page)
             progress.advance(len(page))
     progress.advance(0, force=True)
-    log.info("extracted %d customers in %d pages (%d requests)", customers, pages, client.requests_made)
-    return {"path": str(path), "customers": customers, "pages": pages, "mode": "full"}
+    log.info("extracted %d customers (%s, %d requests)", count, plan["mode"], client.requests_made)
+    return {"path": str(path), "customers": count, "mode": plan["mode"]}
+
+
+def _customer_pages(client: AntavoClient, plan: dict, status: str):
+    if plan["mode"] == "full":
+        yield from client.iter_customer_pages(status)
+        return
+    ids = client.changed_customer_ids(datetime.fromisoformat(plan["since"]), datetime.fromisoformat(plan["until"]))
+    log.info("%d customers changed since %s", len(ids), plan["since"])
+    for start in range(0, len(ids), PROFILE_CHUNK):
+        yield client.get_customers(ids[start: start + PROFILE_CHUNK])
 
 
 # -- transform ---------------------------------------------------------------------------------
-def transform_staged(staging: Path, mapping: ContactMapping, previous_count: int | None = None) -> dict:
-    """Staged customers → checked, encoded Ometria contacts (Parquet); the rest quarantined with reasons.
+def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: StateStore | None = None) -> dict:
+    """Staged customers → checked, encoded Ometria contacts that differ from what was last sent.
 
-    Raises QualityGateFailed, after writing the quarantine and GX's result, when the batch as a whole
-    fails (too many invalid customers, or far fewer than the last full load).
+    Quarantined customers go to quarantine.ndjson (and the state store) with every reason. Raises
+    QualityGateFailed, after writing the quarantine and GX's result, when the batch as a whole fails.
     """
     columns = read_customers(staging / CUSTOMERS, mapping.loyalty_fields)
     frame = transform(columns, mapping)
-    encoded = [(record_id, encode_record(record)) for record_id, record in contact_records(frame, mapping)]
-    gate = run_gate(frame, mapping, [len(body) for _, body in encoded], previous_count)
-    ids = frame["id"].tolist()
-    _write_ndjson(staging / QUARANTINE, (
-        {"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails}
-        for row, fails in sorted(gate.failures.items())
-    ))
+    records = list(contact_records(frame, mapping))
+    encoded = [encode_record(record) for _, record in records]
+    previous = plan.get("previous_full_count") if plan["mode"] == "full" else None
+    gate = run_gate(frame, mapping, [len(body) for body in encoded], previous)
+    quarantined = [{"id": records[row][0], "reasons": [f["message"] for f in fails], "failures": fails,
+                    "payload": records[row][1]} for row, fails in sorted(gate.failures.items())]
+    _write_ndjson(staging / QUARANTINE, quarantined)
+    if store is not None:
+        store.record_held(plan["run_id"], "quarantined", quarantined)
     (staging / GX_RESULT).write_text(json.dumps(gate.validation, default=str), encoding="utf-8")
-    valid = [pair for pair, ok in zip(encoded, gate.valid.tolist()) if ok]
-    pq.write_table(pa.table({"id": pa.array([i for i, _ in valid], pa.string()),
-                             "body": pa.array([b for _, b in valid], pa.binary())}), staging / CONTACTS)
     summary = gate.summary()
     log.info("quality gate: %d checked, %d passed, %d quarantined %s", summary["checked"], summary["passed"],
              summary["quarantined"], summary["quarantined_by_check"])
@@ -126,54 +188,97 @@ def transform_staged(staging: Path, mapping: ContactMapping, previous_count: int
     if gate.blocking:
         raise QualityGateFailed("; ".join(gate.blocking) + f". Nothing was sent. Quarantined customers and "
                                 f"reasons: {staging / QUARANTINE}; GX result: {staging / GX_RESULT}")
-    return {"customers": len(frame), "contacts": len(valid), "quarantined": gate.quarantined,
+
+    valid = [(records[row][0], encoded[row]) for row, ok in enumerate(gate.valid.tolist()) if ok]
+    hashes = [payload_hash(body) for _, body in valid]
+    known = {} if plan["send_unchanged"] or store is None else store.sent_hashes([i for i, _ in valid])
+    changed = [(i, body, h) for (i, body), h in zip(valid, hashes) if known.get(i) != h]
+    pq.write_table(pa.table({
+        "id": pa.array([i for i, _, _ in changed], pa.string()),
+        "body": pa.array([b for _, b, _ in changed], pa.binary()),
+        "hash": pa.array([h for _, _, h in changed], pa.string()),
+    }), staging / CONTACTS)
+    log.info("%d contacts to send, %d unchanged since they were last sent", len(changed), len(valid) - len(changed))
+    return {"customers": len(frame), "valid": len(valid), "changed": len(changed),
+            "unchanged": len(valid) - len(changed), "quarantined": gate.quarantined,
             "quarantine_reasons": summary["quarantined_by_check"], "quality": summary,
             "mapping_version": mapping.version, "payload_mode": mapping.settings.payload_mode}
 
 
-def read_contacts(staging: Path) -> list[tuple[str, bytes]]:
+def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
     table = pq.read_table(staging / CONTACTS)
-    return list(zip(table.column("id").to_pylist(), table.column("body").to_pylist()))
+    return list(zip(table.column("id").to_pylist(), table.column("body").to_pylist(),
+                    table.column("hash").to_pylist()))
 
 
 # -- load --------------------------------------------------------------------------------------
-def load_staged(staging: Path, client: OmetriaClient) -> dict:
-    """Push the staged contacts in batches of 100; a retry skips batches already accepted."""
+def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateStore | None = None) -> dict:
+    """Push the staged contacts in batches of 100; a retry skips batches already accepted.
+
+    A batch with records Ometria rejected is split until each rejected record stands alone; those
+    are kept (state store) with their payload and not sent again until their payload changes.
+    """
+    contacts = read_contacts(staging)
+    if plan["dry_run"]:
+        log.info("dry run: %d contacts would be sent; nothing was sent", len(contacts))
+        return {"batches": 0, "sent": 0, "accepted": 0, "rejected": 0, "failed": 0, "refused_oversized": 0,
+                "dry_run": True, "would_send": len(contacts)}
     journal = staging / LOAD_JOURNAL
     done = {tuple(entry["ids"]) for entry in read_ndjson(journal) if entry["status"] == "OK"}
-    fits, oversized = split_oversized(read_contacts(staging))
+    hashes = {i: h for i, _, h in contacts}
+    bodies_by_id = {i: b for i, b, _ in contacts}
+    fits, oversized = split_oversized((i, b) for i, b, _ in contacts)
     planned = list(batches(fits))
     progress = Progress("load", "contacts", total=len(fits))
     failures = 0
     for ids, bodies in planned:
-        if tuple(ids) in done:
-            progress.advance(len(ids))
-            continue
-        try:
-            result = client.push_encoded("contact", bodies)
-            entry = {"ids": ids, "status": result.status, "request_id": result.request_id,
-                     "accepted": result.accepted, "rejected": result.rejected}
-        except ApiError as exc:
-            failures += 1
-            entry = {"ids": ids, "status": "FAILED", "error": str(exc), "retryable": exc.retryable,
-                     "accepted": 0, "rejected": 0}
-            log.error("batch of %d contacts not delivered: %s", len(ids), exc)
-        _write_ndjson(journal, [entry], mode="a")
+        if tuple(ids) not in done:
+            entries = _push_isolating(client, ids, bodies)
+            _write_ndjson(journal, entries, mode="a")
+            failures += sum(e["status"] != "OK" for e in entries)
+            if store is not None:
+                _remember(store, entries, hashes, bodies_by_id, plan)
         progress.advance(len(ids))
     progress.advance(0, force=True)
-    summary = summarise_load(staging, oversized)
+    _write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in oversized))
     try:
-        summary["async_errors"] = client.push_errors()
+        errors = client.push_errors()
     except ApiError as exc:
-        summary["async_errors_unavailable"] = str(exc)
+        errors = [{"error_path": "", "error_message": f"could not read /v2/push/_errors: {exc}"}]
+    (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
+    summary = summarise_load(staging)
     if failures:
-        raise LoadFailed(f"{failures} batch(es) of {len(planned)} were not delivered "
-                         f"({summary['failed']} contacts); see {journal}. A retry re-sends only those.")
-    return summary
+        raise LoadFailed(f"{failures} batch(es) were not delivered ({summary['failed']} contacts); see "
+                         f"{journal}. A retry re-sends only those.")
+    return {k: v for k, v in summary.items() if not k.endswith("_ids")} | {"async_errors": len(errors)}
 
 
-def summarise_load(staging: Path, oversized=()) -> dict:
-    """Counts from the load journal: the latest entry of each batch wins."""
+def _push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes]) -> list[dict]:
+    try:
+        result = client.push_encoded("contact", bodies)
+    except ApiError as exc:
+        log.error("batch of %d contacts not delivered: %s", len(ids), exc)
+        return [{"ids": ids, "status": "FAILED", "error": str(exc), "retryable": exc.retryable,
+                 "accepted": 0, "rejected": 0}]
+    if 0 < result.rejected < len(ids):  # find the rejected records: halve until each stands alone
+        middle = len(ids) // 2
+        return (_push_isolating(client, ids[:middle], bodies[:middle])
+                + _push_isolating(client, ids[middle:], bodies[middle:]))
+    return [{"ids": ids, "status": result.status, "request_id": result.request_id,
+             "accepted": result.accepted, "rejected": result.rejected}]
+
+
+def _remember(store: StateStore, entries: list[dict], hashes: dict, bodies: dict, plan: dict) -> None:
+    for entry in entries:
+        if entry["status"] != "OK":
+            continue
+        status = "rejected" if entry["rejected"] else "sent"
+        store.record_contacts(((i, hashes[i]) for i in entry["ids"]), status, plan["mapping_version"],
+                              plan["run_id"], entry["request_id"])
+
+
+def summarise_load(staging: Path) -> dict:
+    """Counts and ids from the load journal: the latest entry of each batch wins."""
     latest: dict[tuple, dict] = {}
     for entry in read_ndjson(staging / LOAD_JOURNAL):
         latest[tuple(entry["ids"])] = entry
@@ -185,51 +290,89 @@ def summarise_load(staging: Path, oversized=()) -> dict:
         "accepted": sum(e["accepted"] for e in ok),
         "rejected": sum(e["rejected"] for e in ok),
         "failed": sum(len(e["ids"]) for e in failed),
-        "failed_ids": [i for e in failed for i in e["ids"]][:1000],
-        "refused_oversized": [{"id": o.id, "reason": o.reason} for o in oversized],
-        "request_ids": [e["request_id"] for e in ok][:1000],
+        "refused_oversized": len(read_ndjson(staging / OVERSIZED)),
+        "rejected_ids": [i for e in ok if e["rejected"] for i in e["ids"]],
+        "failed_ids": [i for e in failed for i in e["ids"]],
     }
 
 
 # -- report ------------------------------------------------------------------------------------
-def build_report(staging: Path, extracted: dict, transformed: dict, loaded: dict) -> dict:
-    """Every extracted customer is accounted for: delivered, or held back with its reason."""
-    not_delivered = read_ndjson(staging / QUARANTINE) + [
-        {"id": o["id"], "reasons": [o["reason"]]} for o in loaded.get("refused_oversized", [])
-    ] + [{"id": i, "reasons": ["push failed"]} for i in loaded.get("failed_ids", [])]
+def build_report(staging: Path, plan: dict, extracted: dict, transformed: dict, loaded: dict,
+                 store: StateStore | None = None) -> dict:
+    """Every extracted customer is accounted for: sent, unchanged, or held back with its reason."""
+    journal = summarise_load(staging)
+    payloads = {i: json.loads(b) for i, b, _ in read_contacts(staging)} if journal["rejected_ids"] + journal[
+        "failed_ids"] else {}
+    rejected = [{"id": i, "reasons": ["rejected by Ometria; see the async errors"], "payload": payloads.get(i)}
+                for i in journal["rejected_ids"]]
+    failed = [{"id": i, "reasons": ["push failed after retries"], "payload": payloads.get(i)}
+              for i in journal["failed_ids"]]
+    quarantined = [{"id": q["id"], "reasons": q["reasons"]} for q in read_ndjson(staging / QUARANTINE)]
+    not_delivered = quarantined + read_ndjson(staging / OVERSIZED) + [
+        {"id": r["id"], "reasons": r["reasons"]} for r in rejected + failed]
+    async_errors = json.loads((staging / ASYNC_ERRORS).read_text()) if (staging / ASYNC_ERRORS).exists() else []
     report = {
-        "extracted": extracted["customers"],
-        "mode": extracted.get("mode", "full"),
+        "run_id": plan["run_id"],
+        "status": "dry_run" if plan["dry_run"] else "success",
+        "mode": plan["mode"],
+        "full_resync_reason": plan["full_resync_reason"],
+        "window": [plan["since"], plan["until"]] if plan["mode"] == "incremental" else None,
         "mapping_version": transformed["mapping_version"],
         "payload_mode": transformed["payload_mode"],
+        "extracted": extracted["customers"],
+        "changed": transformed["changed"],
+        "unchanged": transformed["unchanged"],
         "quarantined": transformed["quarantined"],
         "quarantine_reasons": transformed["quarantine_reasons"],
         "quality_warnings": transformed.get("quality", {}).get("warnings", []),
+        "would_send": loaded.get("would_send", 0),
         "sent": loaded["sent"],
         "accepted": loaded["accepted"],
         "rejected": loaded["rejected"],
         "failed": loaded["failed"],
-        "refused_oversized": len(loaded.get("refused_oversized", [])),
+        "refused_oversized": loaded["refused_oversized"],
         "batches": loaded["batches"],
-        "async_errors": loaded.get("async_errors", []),
+        "async_errors": async_errors,
         "not_delivered": not_delivered,
         "staging": str(staging),
     }
-    accounted = report["sent"] + report["quarantined"] + report["failed"] + report["refused_oversized"]
-    report["unaccounted"] = report["extracted"] - accounted
-    (staging / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False), encoding="utf-8")
+    unsent = transformed["changed"] if plan["dry_run"] else report["sent"] + report["failed"] + report["refused_oversized"]
+    report["unaccounted"] = report["extracted"] - unsent - report["unchanged"] - report["quarantined"]
+    if store is not None:
+        store.record_held(plan["run_id"], "rejected", rejected)
+        store.record_held(plan["run_id"], "failed", failed)
+        store.record_push_errors(plan["run_id"], report["async_errors"])
+        store.finish_run(plan["dag_id"], plan["run_id"], report["status"], report={**report, "not_delivered": len(not_delivered)},
+                         **{k: report[k] for k in ("extracted", "changed", "unchanged", "sent", "accepted", "rejected",
+                                                   "quarantined", "failed")},
+                         async_errors=len(report["async_errors"]))
+        report["history"] = [_history_row(r) for r in store.runs(plan["dag_id"], limit=10)]
+    (staging / REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
     return report
 
 
+def _history_row(run: dict) -> dict:
+    keys = ("run_id", "status", "mode", "mapping_version", "extracted", "changed", "sent", "accepted",
+            "rejected", "quarantined", "failed", "started_at")
+    return {k: (run[k].isoformat() if isinstance(run[k], datetime) else run[k]) for k in keys}
+
+
 def format_report(report: dict, limit: int = 20) -> str:
+    window = f", window {report['window'][0]} → {report['window'][1]}" if report.get("window") else ""
     lines = [
-        "Antavo → Ometria contact sync",
-        f"  extracted    {report['extracted']:>8}   ({report['mode']} load, {report['payload_mode']} payloads, "
+        "Antavo → Ometria contact sync" + ("  (DRY RUN: nothing was sent)" if report["status"] == "dry_run" else ""),
+        f"  extracted    {report['extracted']:>8}   ({report['mode']} load{window}; {report['payload_mode']} payloads, "
         f"mapping {report['mapping_version']})",
+    ]
+    if report.get("full_resync_reason"):
+        lines.append(f"  FULL RE-SYNC: {report['full_resync_reason']}")
+    lines += [
+        f"  unchanged    {report['unchanged']:>8}   (same payload as last sent: not sent again)",
+        f"  changed      {report['changed']:>8}" + ("   would be sent" if report["status"] == "dry_run" else ""),
         f"  sent         {report['sent']:>8}   in {report['batches']} batches",
         f"  accepted     {report['accepted']:>8}",
         f"  rejected     {report['rejected']:>8}   (by Ometria)",
-        f"  quarantined  {report['quarantined']:>8}   (held back before sending)",
+        f"  quarantined  {report['quarantined']:>8}   (held back by the quality gate)",
         f"  failed       {report['failed']:>8}   (push failed after retries)",
         f"  oversized    {report['refused_oversized']:>8}   (over 60 KB, not sent)",
         f"  unaccounted  {report['unaccounted']:>8}",
@@ -246,5 +389,10 @@ def format_report(report: dict, limit: int = 20) -> str:
     if report["async_errors"]:
         lines.append(f"  Ometria reported {len(report['async_errors'])} validation error(s) at /v2/push/_errors:")
         lines += [f"    {e.get('error_path')}: {e.get('error_message')}" for e in report["async_errors"][:limit]]
+    if report.get("history"):
+        lines.append("  recent runs (state store):")
+        for run in report["history"]:
+            lines.append(f"    {str(run['started_at'])[:19]}  {run['status']:8} {run['mode']:11} "
+                         f"extracted {run['extracted']:>7}  sent {run['sent']:>7}  quarantined {run['quarantined']:>5}  "
+                         f"mapping {run['mapping_version']}")
     return "\n".join(lines)
-

@@ -73,6 +73,7 @@ class OmetriaApp(App):
         self.rate = requests_per_second
         self.custom_fields = dict(DEFAULT_CUSTOM_FIELDS if custom_fields is None else custom_fields)
         self.queue_limit = queue_limit
+        self.reject_ids: set[str] = set()  # records Ometria refuses, e.g. an email owned by another contact
         self.contacts: dict[tuple[str, str], dict] = {}
         self.events: dict[str, dict] = {}
         self.received = Counter()  # (type, id) → times accepted
@@ -145,6 +146,8 @@ class OmetriaApp(App):
             return [("root", "Payload invalid: Record is too large.")]
         if not isinstance(record.get("id"), str) or not record["id"]:
             return [("root > id", "not a valid value")]
+        if record["id"] in self.reject_ids:
+            return [("root > email", "identifier is already owned by another contact")]
         if record["@type"] == "custom_event":
             return self._check_event(record)
         if record["@type"] != "contact":

@@ -1,0 +1,216 @@
+"""The sync's state store, through SQLAlchemy: a SQLite file by default, any SQLAlchemy URL otherwise.
+
+It remembers every run (the counts a run report shows), the hash of the last payload sent for each
+contact (so unchanged contacts are not sent again), records held back (quarantined, rejected,
+failed) with reasons and payloads, custom events already pushed, and Ometria's asynchronous errors.
+The schema is managed by Alembic migrations in `migrations/`, applied by `migrate()`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterable, Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import sqlalchemy as sa
+
+log = logging.getLogger(__name__)
+
+VERSION_TABLE = "sync_alembic_version"  # not Alembic's default, so it can share a database with Airflow
+MIGRATIONS = Path(__file__).with_name("migrations")
+metadata = sa.MetaData()
+_IN_CHUNK = 900  # below SQLite's bound-parameter limit
+
+
+class StateStoreUnavailable(Exception):
+    """The state store cannot be reached; nothing has been sent."""
+
+
+def payload_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _chunks(items: list, size: int = _IN_CHUNK) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start: start + size]
+
+
+class StateStore:
+    def __init__(self, url: str):
+        self.url = url
+        self.engine = sa.create_engine(url, future=True, pool_pre_ping=True)
+        if self.engine.dialect.name == "sqlite":
+            sa.event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA busy_timeout = 30000"))
+        self._tables: dict[str, sa.Table] = {}
+
+    def __repr__(self) -> str:  # never show a password in the URL
+        return f"StateStore({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    # -- schema ------------------------------------------------------------------------------
+    def migrate(self) -> None:
+        """Bring the schema up to date; safe to call from parallel runs."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        try:
+            with self.engine.begin() as connection:
+                if connection.dialect.name == "postgresql":  # parallel runs must not race to create tables
+                    connection.execute(sa.text("SELECT pg_advisory_xact_lock(727274)"))
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+        except sa.exc.OperationalError as exc:
+            raise StateStoreUnavailable(f"state store {self!r} is unavailable: {exc.orig}") from None
+
+    def table(self, name: str) -> sa.Table:
+        if name not in self._tables:
+            self._tables[name] = sa.Table(name, metadata, autoload_with=self.engine, extend_existing=True)
+        return self._tables[name]
+
+    def _upsert(self, table: sa.Table, rows: list[dict], keys: list[str]) -> None:
+        if not rows:
+            return
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # other databases: delete then insert
+            with self.engine.begin() as conn:
+                for chunk in _chunks(rows):
+                    conn.execute(table.delete().where(table.c[keys[0]].in_([r[keys[0]] for r in chunk])))
+                    conn.execute(table.insert(), chunk)
+            return
+        with self.engine.begin() as conn:
+            for chunk in _chunks(rows, 500):
+                statement = insert(table).values(chunk)
+                statement = statement.on_conflict_do_update(
+                    index_elements=keys,
+                    set_={c: statement.excluded[c] for c in chunk[0] if c not in keys},
+                )
+                conn.execute(statement)
+
+    # -- runs --------------------------------------------------------------------------------
+    def start_run(self, dag_id: str, run_id: str, **fields) -> None:
+        runs = self.table("sync_runs")
+        row = {"dag_id": dag_id, "run_id": run_id, "status": "running", "started_at": now(),
+               "finished_at": None, **fields}
+        with self.engine.begin() as conn:
+            conn.execute(runs.delete().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id)))
+            conn.execute(runs.insert().values(**row))
+
+    def finish_run(self, dag_id: str, run_id: str, status: str, report: dict | None = None, **counts) -> None:
+        runs = self.table("sync_runs")
+        values = {"status": status, "finished_at": now(), **counts}
+        if report is not None:
+            values["report"] = json.dumps(report, default=str, ensure_ascii=False)
+        with self.engine.begin() as conn:
+            conn.execute(runs.update().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id)).values(**values))
+
+    def runs(self, dag_id: str, limit: int = 20) -> list[dict]:
+        runs = self.table("sync_runs")
+        query = (sa.select(*[c for c in runs.c if c.name != "report"]).where(runs.c.dag_id == dag_id)
+                 .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(limit))
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def last_successful_run(self, dag_id: str, full_only: bool = False) -> dict | None:
+        runs = self.table("sync_runs")
+        query = sa.select(runs).where((runs.c.dag_id == dag_id) & (runs.c.status == "success")
+                                      & (runs.c.dry_run == sa.false()))
+        if full_only:
+            query = query.where(runs.c.mode == "full")
+        with self.engine.connect() as conn:
+            row = conn.execute(query.order_by(runs.c.finished_at.desc(), runs.c.id.desc()).limit(1)).first()
+        return dict(row._mapping) if row else None
+
+    # -- contacts ----------------------------------------------------------------------------
+    def sent_hashes(self, ids: list[str]) -> dict[str, str]:
+        """id → hash of the payload last sent (or last rejected: the same payload is not retried)."""
+        contacts = self.table("sync_contacts")
+        found: dict[str, str] = {}
+        with self.engine.connect() as conn:
+            if len(ids) > 20 * _IN_CHUNK:  # large runs: one scan beats thousands of IN lists
+                rows = conn.execute(sa.select(contacts.c.antavo_id, contacts.c.payload_hash))
+                wanted = set(ids)
+                return {i: h for i, h in rows if i in wanted}
+            for chunk in _chunks(ids):
+                rows = conn.execute(sa.select(contacts.c.antavo_id, contacts.c.payload_hash)
+                                    .where(contacts.c.antavo_id.in_(chunk)))
+                found.update(dict(rows.all()))
+        return found
+
+    def record_contacts(self, rows: Iterable[tuple[str, str]], status: str, mapping_version: str,
+                        run_id: str, request_id: str | None = None) -> None:
+        moment = now()
+        self._upsert(self.table("sync_contacts"), [
+            {"antavo_id": i, "payload_hash": h, "status": status, "mapping_version": mapping_version,
+             "request_id": request_id, "run_id": run_id, "synced_at": moment} for i, h in rows
+        ], ["antavo_id"])
+
+    def contact_count(self) -> int:
+        contacts = self.table("sync_contacts")
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).select_from(contacts)).scalar_one()
+
+    # -- held-back records -------------------------------------------------------------------
+    def record_held(self, run_id: str, kind: str, rows: Iterable[dict]) -> None:
+        """rows: {"id", "reasons": [...], "payload": dict | None}"""
+        held = self.table("sync_held_records")
+        moment = now()
+        values = [{"run_id": run_id, "antavo_id": r.get("id"), "kind": kind,
+                   "reasons": json.dumps(r["reasons"], ensure_ascii=False, default=str),
+                   "payload": json.dumps(r["payload"], ensure_ascii=False, default=str) if r.get("payload") else None,
+                   "created_at": moment} for r in rows]
+        with self.engine.begin() as conn:
+            conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)))
+            for chunk in _chunks(values, 500):
+                conn.execute(held.insert(), chunk)
+
+    def held_records(self, run_id: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:
+        held = self.table("sync_held_records")
+        query = sa.select(held).order_by(held.c.id.desc()).limit(limit)
+        if run_id:
+            query = query.where(held.c.run_id == run_id)
+        if kind:
+            query = query.where(held.c.kind == kind)
+        with self.engine.connect() as conn:
+            return [{**row._mapping, "reasons": json.loads(row.reasons)} for row in conn.execute(query)]
+
+    # -- Ometria's asynchronous errors -------------------------------------------------------
+    def record_push_errors(self, run_id: str, errors: list[dict]) -> None:
+        table = self.table("sync_push_errors")
+        moment = now()
+        with self.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.run_id == run_id))
+            if errors:
+                conn.execute(table.insert(), [{"run_id": run_id, "error_path": str(e.get("error_path"))[:500],
+                                               "error_message": str(e.get("error_message"))[:1000],
+                                               "fetched_at": moment} for e in errors])
+
+    # -- custom events -----------------------------------------------------------------------
+    def pushed_event_ids(self, ids: list[str]) -> set[str]:
+        events = self.table("sync_events")
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                found.update(conn.execute(sa.select(events.c.event_id).where(events.c.event_id.in_(chunk))).scalars())
+        return found
+
+    def record_events(self, rows: list[dict]) -> None:
+        self._upsert(self.table("sync_events"), [{**r, "pushed_at": now()} for r in rows], ["event_id"])
+
+
+def default_url() -> str:
+    import os
+
+    home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
+    return os.environ.get("ANTAVO_OMETRIA_STATE_URL") or f"sqlite:///{Path(home) / 'antavo_ometria_state.db'}"
