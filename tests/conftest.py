@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 from pathlib import Path
 
@@ -40,12 +41,48 @@ def sandbox():
         yield running
 
 
+POSTGRES = ("127.0.0.1", 5432)
+
+
+def reachable(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
 @pytest.fixture
-def connections(sandbox, monkeypatch, tmp_path):
+def state_url(tmp_path):
+    """The state store for one test: a fresh SQLite file."""
+    return f"sqlite:///{tmp_path / 'state.db'}"
+
+
+@pytest.fixture
+def postgres_state_url():
+    """A fresh database on the local PostgreSQL server, dropped afterwards."""
+    if not reachable(*POSTGRES):
+        pytest.skip("PostgreSQL is not reachable on 127.0.0.1:5432; start it to run the PostgreSQL variant")
+    import uuid
+
+    import sqlalchemy as sa
+
+    name = f"sync_test_{uuid.uuid4().hex[:10]}"
+    admin = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    yield f"postgresql+psycopg://postgres@127.0.0.1:5432/{name}"
+    with admin.connect() as conn:
+        conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def connections(sandbox, monkeypatch, state_url):
     """Point `antavo_default` and `ometria_default` at the sandbox through AIRFLOW_CONN_* variables."""
     for name, value in sandbox.connections().items():
         monkeypatch.setenv(name, value)
-    monkeypatch.setenv("ANTAVO_OMETRIA_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
+    monkeypatch.setenv("ANTAVO_OMETRIA_STATE_URL", state_url)
     return sandbox
 
 

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 
 import pytest
 import requests
+
 from antavo_ometria.antavo import normalise_customer
 from antavo_ometria.ometria import MAX_RECORD_BYTES, batches, encode_record, split_oversized
 from antavo_ometria.transport import ApiError, RateLimiter

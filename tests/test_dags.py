@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+
 from antavo_ometria.sandbox.population import defects_of
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -55,6 +56,7 @@ def expected_contact(customer: dict) -> dict:
 
 def run_contacts_dag(dagbag):
     from airflow.utils.state import DagRunState
+
     from antavo_ometria.settings import staging_dir
 
     run = dagbag.get_dag("antavo_ometria_contacts").test()

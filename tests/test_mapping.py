@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from antavo_ometria.mapping import find_in_catalog, load_contact_mapping
 from antavo_ometria.problems import ConfigError
 

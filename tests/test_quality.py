@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+
 from antavo_ometria.antavo import normalise_customer
 from antavo_ometria.mapping import load_contact_mapping
 from antavo_ometria.ometria import encode_record

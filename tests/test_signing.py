@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 import requests
-from antavo_ometria.antavo import ESCHER_OPTIONS, credential_scope
 from escherauth import EscherRequestsAuth
+
+from antavo_ometria.antavo import ESCHER_OPTIONS, credential_scope
 
 KEY, SECRET, ENV = "TESTKEY", "TESTSECRET", "st2"
 WHEN = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)

@@ -7,10 +7,19 @@ from datetime import timedelta
 
 import pendulum
 import pytest
+
 from antavo_ometria.state import StateStore
 
 pytestmark = pytest.mark.airflow
 FIRST = pendulum.datetime(2026, 3, 1, 12, 30, tz="UTC")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def state_url(request, tmp_path):
+    """Every test here runs with the state store on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'state.db'}"
+    return request.getfixturevalue("postgres_state_url")
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+
 from antavo_ometria.antavo import normalise_customer
 from antavo_ometria.mapping import load_contact_mapping
 from antavo_ometria.preview import payloads

@@ -109,8 +109,8 @@ def plan_run(
                   "every contact is re-sent with the new mapping")
     start, end = interval
     end = end or datetime.now(UTC)
-    if start is None and last is not None:  # a manual run without a data interval continues from the last one
-        start = _aware(last["interval_end"] or last["started_at"])
+    if start is None and last is not None:  # a manual run without a data interval resumes where syncing got to
+        start = store.synced_until(dag_id)
     mode = "full" if reason or start is None else "incremental"
     if reason:
         log.warning("%s FULL RE-SYNC: %s %s", "=" * 20, reason, "=" * 20)

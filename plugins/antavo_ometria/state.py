@@ -132,6 +132,15 @@ class StateStore:
             row = conn.execute(query.order_by(runs.c.finished_at.desc(), runs.c.id.desc()).limit(1)).first()
         return dict(row._mapping) if row else None
 
+    def synced_until(self, dag_id: str) -> datetime | None:
+        """The latest interval end any successful run covered: where a run without an interval resumes."""
+        runs = self.table("sync_runs")
+        query = sa.select(sa.func.max(runs.c.interval_end)).where(
+            (runs.c.dag_id == dag_id) & (runs.c.status == "success") & (runs.c.dry_run == sa.false()))
+        with self.engine.connect() as conn:
+            value = conn.execute(query).scalar()
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
     # -- contacts ----------------------------------------------------------------------------
     def sent_hashes(self, ids: list[str]) -> dict[str, str]:
         """id → hash of the payload last sent (or last rejected: the same payload is not retried)."""

@@ -1,6 +1,7 @@
 """Alembic environment for the sync's state store; run through `StateStore.migrate()`."""
 
 from alembic import context
+
 from antavo_ometria.state import VERSION_TABLE
 
 connection = context.config.attributes["connection"]

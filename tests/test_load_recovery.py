@@ -1,0 +1,95 @@
+"""A load killed halfway (a real SIGKILL) and started again delivers every contact once, losing none."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from antavo_ometria.mapping import load_contact_mapping
+from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
+from antavo_ometria.pipeline import LOAD_JOURNAL, extract, load_staged, plan_run, read_ndjson, transform_staged
+from antavo_ometria.sandbox import OMETRIA_KEY
+from antavo_ometria.state import StateStore, StateStoreUnavailable
+
+PROJECT = Path(__file__).resolve().parents[1]
+CHILD = """
+import sys, json
+from pathlib import Path
+from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
+from antavo_ometria.pipeline import load_staged
+from antavo_ometria.sandbox import OMETRIA_KEY
+from antavo_ometria.state import StateStore
+staging, url, state, plan = sys.argv[1:5]
+load_staged(Path(staging), OmetriaClient(OmetriaConfig(OMETRIA_KEY, url, requests_per_second=0)), json.loads(plan),
+            StateStore(state))
+"""
+
+
+@pytest.fixture
+def staged(tmp_path, antavo_client, state_url):
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    store = StateStore(state_url)
+    store.migrate()
+    plan = plan_run(store, mapping, "antavo_ometria_contacts", "run-1")
+    staging = tmp_path / "staging"
+    extract(antavo_client, staging, plan)
+    transformed = transform_staged(staging, mapping, plan, store)
+    assert transformed["changed"] == 290
+    return staging, plan, store
+
+
+def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url):
+    staging, plan, store = staged
+    # the third push hangs and is never processed: the process is killed while it waits
+    sandbox.ometria.faults.add({"path": "/v2/push", "every": 3, "count": 1, "delay": 30, "drop": True})
+    child = subprocess.Popen([sys.executable, "-c", CHILD, str(staging), sandbox.ometria_url, state_url,
+                              json.dumps(plan)], env={**os.environ, "PYTHONPATH": str(PROJECT / "plugins")})
+    deadline = time.monotonic() + 30
+    while sandbox.ometria.faults.injected == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert sandbox.ometria.faults.injected == 1, "the load never reached its third batch"
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=10)
+    assert child.returncode == -signal.SIGKILL
+    assert [len(e["ids"]) for e in read_ndjson(staging / LOAD_JOURNAL)] == [100, 100]
+    assert len(sandbox.ometria.contacts) == 200
+
+    client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=0))
+    loaded = load_staged(staging, client, plan, store)
+    assert loaded["sent"] == loaded["accepted"] == 290
+    assert len(sandbox.ometria.contacts) == 290
+    assert set(sandbox.ometria.received.values()) == {1}  # no contact was sent twice
+    assert store.contact_count() == 290
+
+
+def test_unreachable_state_store_fails_clearly_before_anything_is_sent(sandbox):
+    store = StateStore("postgresql+psycopg://nobody@127.0.0.1:1/none")
+    with pytest.raises(StateStoreUnavailable, match="state store .* is unavailable"):
+        store.migrate()
+    assert sandbox.ometria.pushes == 0
+
+
+def test_plan_backfill_and_manual_runs(state_url):
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    store = StateStore(state_url)
+    store.migrate()
+    first = plan_run(store, mapping, "d", "r1", (datetime(2026, 3, 1, 11, tzinfo=UTC),
+                                                  datetime(2026, 3, 1, 12, tzinfo=UTC)))
+    assert first["mode"] == "full" and first["send_unchanged"]
+    store.finish_run("d", "r1", "success")
+    backfill = plan_run(store, mapping, "d", "r2", (datetime(2026, 2, 1, 11, tzinfo=UTC),
+                                                     datetime(2026, 2, 1, 12, tzinfo=UTC)), run_type="backfill")
+    assert backfill["mode"] == "incremental" and backfill["send_unchanged"]  # a backfill re-sends its interval
+    assert backfill["since"] == "2026-02-01T10:50:00+00:00" and backfill["until"] == "2026-02-01T12:00:00+00:00"
+    store.finish_run("d", "r2", "success")
+    manual = plan_run(store, mapping, "d", "r3")  # no data interval: resume where syncing got to
+    assert manual["mode"] == "incremental" and not manual["send_unchanged"]
+    assert manual["since"] == "2026-03-01T11:50:00+00:00"
