@@ -22,6 +22,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "AIRFLOW__CORE__PARALLELISM": "4",
         "GX_ANALYTICS_ENABLED": "false",
         "ANTAVO_OMETRIA_STAGING_DIR": str(home / "staging"),
+        "ANTAVO_OMETRIA_EVENT_POKE_SECONDS": "0.5",
+        "ANTAVO_OMETRIA_EVENT_WAIT_SECONDS": "3",
     })
 
 

@@ -24,6 +24,28 @@ def _base_url(host: str | None, port: int | None, default: str) -> str:
     return f"{url}:{port}" if port and url.count(":") < 2 else url
 
 
+def antavo_config(conn) -> AntavoConfig:
+    """An Airflow Connection → the Antavo client's settings (also used by the deferrable trigger)."""
+    extra = conn.extra_dejson
+    environment = extra.get("environment")
+    if not environment:
+        raise ValueError(f"connection {conn.conn_id!r} needs extra.environment (the Antavo stack, e.g. st2); "
+                         "it is part of the request-signing scope")
+    if not conn.login or not conn.password:
+        raise ValueError(f"connection {conn.conn_id!r} needs login (API key) and password (API secret)")
+    return AntavoConfig(
+        base_url=_base_url(conn.host, conn.port, api_url(environment)),
+        api_key=conn.login,
+        api_secret=conn.password,
+        environment=environment,
+        read_api_url=extra.get("read_api_url") or read_api_url(environment),
+        requests_per_second=float(extra.get("requests_per_second", 20)),
+        concurrency=int(extra.get("concurrency", 4)),
+        timeout=float(extra.get("timeout", 30)),
+        verify_tls=bool(extra.get("verify_tls", True)),
+    )
+
+
 class AntavoHook(BaseHook):
     conn_name_attr = "antavo_conn_id"
     default_conn_name = "antavo_default"
@@ -35,25 +57,7 @@ class AntavoHook(BaseHook):
         self.antavo_conn_id = antavo_conn_id
 
     def get_config(self) -> AntavoConfig:
-        conn = self.get_connection(self.antavo_conn_id)
-        extra = conn.extra_dejson
-        environment = extra.get("environment")
-        if not environment:
-            raise ValueError(f"connection {self.antavo_conn_id!r} needs extra.environment (the Antavo stack, "
-                             "e.g. st2); it is part of the request-signing scope")
-        if not conn.login or not conn.password:
-            raise ValueError(f"connection {self.antavo_conn_id!r} needs login (API key) and password (API secret)")
-        return AntavoConfig(
-            base_url=_base_url(conn.host, conn.port, api_url(environment)),
-            api_key=conn.login,
-            api_secret=conn.password,
-            environment=environment,
-            read_api_url=extra.get("read_api_url") or read_api_url(environment),
-            requests_per_second=float(extra.get("requests_per_second", 20)),
-            concurrency=int(extra.get("concurrency", 4)),
-            timeout=float(extra.get("timeout", 30)),
-            verify_tls=bool(extra.get("verify_tls", True)),
-        )
+        return antavo_config(self.get_connection(self.antavo_conn_id))
 
     def get_conn(self) -> AntavoClient:
         return AntavoClient(self.get_config())

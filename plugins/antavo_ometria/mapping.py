@@ -165,7 +165,7 @@ def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMappin
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     duplicated = sorted({h for h in header if header.count(h) > 1})
     for name in unknown:
-        hint = _did_you_mean(name, COLUMNS)
+        hint = did_you_mean(name, COLUMNS)
         problems.append(Problem(file, 1, name, f"unknown column {name!r}{hint}; the columns are "
                                 + ", ".join(COLUMNS)))
     for name in missing:
@@ -220,7 +220,7 @@ def _check_row(
         entry = find_in_catalog(loyalty)
         if entry is None:
             names = [f.path for f in catalog()]
-            problem("loyalty_field", f"unknown loyalty field {loyalty!r}{_did_you_mean(loyalty, names)}; "
+            problem("loyalty_field", f"unknown loyalty field {loyalty!r}{did_you_mean(loyalty, names)}; "
                     "`make fields` lists the loyalty fields")
         elif settings.payload_mode not in entry.modes:
             problem("loyalty_field", f"{loyalty!r} comes from the {entry.module} module and is only "
@@ -245,7 +245,7 @@ def _check_row(
                 "set [consent] authoritative = true in settings.toml, or remove the row")
 
     if fmt and fmt not in FORMATS:
-        problem("format", f"unknown format {fmt!r}{_did_you_mean(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
+        problem("format", f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
         fmt = ""
     if is_builtin:
         if fmt and fmt != builtins[remote]:
@@ -267,6 +267,6 @@ def _check_row(
     return FieldMapping(loyalty, remote, fmt or "string", overwrite in ("yes", "true"), is_builtin, line), []
 
 
-def _did_you_mean(word: str, candidates) -> str:
+def did_you_mean(word: str, candidates) -> str:
     close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
     return f" (did you mean {close[0]!r}?)" if close else ""

@@ -19,6 +19,7 @@ import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -162,6 +163,14 @@ def _customer_pages(client: AntavoClient, plan: dict, status: str):
 
 
 # -- transform ---------------------------------------------------------------------------------
+def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, previous_count: int | None = None):
+    """Customer columns → (payload frame, [(id, record)], [encoded record], quality gate result)."""
+    frame = transform(columns, mapping)
+    records = list(contact_records(frame, mapping))
+    encoded = [encode_record(record) for _, record in records]
+    return frame, records, encoded, run_gate(frame, mapping, [len(body) for body in encoded], previous_count)
+
+
 def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: StateStore | None = None) -> dict:
     """Staged customers → checked, encoded Ometria contacts that differ from what was last sent.
 
@@ -169,11 +178,8 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: 
     QualityGateFailed, after writing the quarantine and GX's result, when the batch as a whole fails.
     """
     columns = read_customers(staging / CUSTOMERS, mapping.loyalty_fields)
-    frame = transform(columns, mapping)
-    records = list(contact_records(frame, mapping))
-    encoded = [encode_record(record) for _, record in records]
     previous = plan.get("previous_full_count") if plan["mode"] == "full" else None
-    gate = run_gate(frame, mapping, [len(body) for body in encoded], previous)
+    frame, records, encoded, gate = prepare_contacts(columns, mapping, previous)
     quarantined = [{"id": records[row][0], "reasons": [f["message"] for f in fails], "failures": fails,
                     "payload": records[row][1]} for row, fails in sorted(gate.failures.items())]
     _write_ndjson(staging / QUARANTINE, quarantined)
@@ -226,18 +232,17 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
     journal = staging / LOAD_JOURNAL
     done = {tuple(entry["ids"]) for entry in read_ndjson(journal) if entry["status"] == "OK"}
     hashes = {i: h for i, _, h in contacts}
-    bodies_by_id = {i: b for i, b, _ in contacts}
     fits, oversized = split_oversized((i, b) for i, b, _ in contacts)
     planned = list(batches(fits))
     progress = Progress("load", "contacts", total=len(fits))
     failures = 0
     for ids, bodies in planned:
         if tuple(ids) not in done:
-            entries = _push_isolating(client, ids, bodies)
+            entries = push_isolating(client, ids, bodies)
             _write_ndjson(journal, entries, mode="a")
             failures += sum(e["status"] != "OK" for e in entries)
             if store is not None:
-                _remember(store, entries, hashes, bodies_by_id, plan)
+                remember_sent(store, entries, hashes, plan)
         progress.advance(len(ids))
     progress.advance(0, force=True)
     _write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in oversized))
@@ -253,7 +258,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
     return {k: v for k, v in summary.items() if not k.endswith("_ids")} | {"async_errors": len(errors)}
 
 
-def _push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes]) -> list[dict]:
+def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes]) -> list[dict]:
     try:
         result = client.push_encoded("contact", bodies)
     except ApiError as exc:
@@ -262,13 +267,13 @@ def _push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes]) 
                  "accepted": 0, "rejected": 0}]
     if 0 < result.rejected < len(ids):  # find the rejected records: halve until each stands alone
         middle = len(ids) // 2
-        return (_push_isolating(client, ids[:middle], bodies[:middle])
-                + _push_isolating(client, ids[middle:], bodies[middle:]))
+        return (push_isolating(client, ids[:middle], bodies[:middle])
+                + push_isolating(client, ids[middle:], bodies[middle:]))
     return [{"ids": ids, "status": result.status, "request_id": result.request_id,
              "accepted": result.accepted, "rejected": result.rejected}]
 
 
-def _remember(store: StateStore, entries: list[dict], hashes: dict, bodies: dict, plan: dict) -> None:
+def remember_sent(store: StateStore, entries: list[dict], hashes: dict, plan: dict) -> None:
     for entry in entries:
         if entry["status"] != "OK":
             continue

@@ -8,10 +8,8 @@ from pathlib import Path
 
 from antavo_ometria.antavo import normalise_customer
 from antavo_ometria.mapping import ContactMapping
-from antavo_ometria.ometria import encode_record
-from antavo_ometria.payload import contact_records
-from antavo_ometria.quality import run_gate
-from antavo_ometria.transform import customer_columns, transform
+from antavo_ometria.pipeline import prepare_contacts
+from antavo_ometria.transform import customer_columns
 
 
 def load_customers(path: Path | None, count: int) -> list[dict]:
@@ -28,9 +26,7 @@ def load_customers(path: Path | None, count: int) -> list[dict]:
 
 def payloads(customers: list[dict], mapping: ContactMapping) -> tuple[dict[str, dict], dict[str, str]]:
     """(id → record for the sendable customers, id → reasons for the held-back ones)."""
-    frame = transform(customer_columns(customers, mapping.loyalty_fields), mapping)
-    records = list(contact_records(frame, mapping))
-    gate = run_gate(frame, mapping, [len(encode_record(record)) for _, record in records])
+    _, records, _, gate = prepare_contacts(customer_columns(customers, mapping.loyalty_fields), mapping)
     held = {str(records[row][0]): "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}
     return {str(i): record for i, record in records if str(i) not in held}, held
 

@@ -217,6 +217,25 @@ class StateStore:
     def record_events(self, rows: list[dict]) -> None:
         self._upsert(self.table("sync_events"), [{**r, "pushed_at": now()} for r in rows], ["event_id"])
 
+    def event_counts(self, rule: str | None = None) -> dict[str, int]:
+        """How many events were pushed, skipped or rejected (per status), for one rule or all."""
+        events = self.table("sync_events")
+        query = sa.select(events.c.status, sa.func.count()).group_by(events.c.status)
+        if rule:
+            query = query.where(events.c.rule == rule)
+        with self.engine.connect() as conn:
+            return dict(conn.execute(query).all())
+
+    def event_cursor(self, rule: str) -> datetime | None:
+        cursors = self.table("sync_event_cursors")
+        with self.engine.connect() as conn:
+            value = conn.execute(sa.select(cursors.c.processed_until).where(cursors.c.rule == rule)).scalar()
+        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+
+    def set_event_cursor(self, rule: str, processed_until: datetime) -> None:
+        self._upsert(self.table("sync_event_cursors"),
+                     [{"rule": rule, "processed_until": processed_until, "updated_at": now()}], ["rule"])
+
 
 def default_url() -> str:
     import os

@@ -1,0 +1,87 @@
+"""
+### Antavo → Ometria event triggers
+
+Turns Antavo events into Ometria custom events that start email campaigns — for example, a customer
+claiming a reward becomes a `loyalty_reward_claimed` event whose properties (reward name,
+description, …) fill the tags of the Ometria email. The rules are rows in
+`include/mappings/triggers.csv`: the Antavo action, the Ometria event type, and where each property
+comes from (`event.*`, `reward.*`, `customer.*`).
+
+**Per rule:** a deferrable sensor waits in the triggerer for new matching events (skipped when none
+arrive before the next run), then `deliver_<rule>` pushes each new event exactly once: the contact
+first if Ometria does not have it yet, then the custom event (`id` = the Antavo event ID).
+
+**Timing:** runs every 15 minutes, well inside Ometria's 4-hour window; older events cannot start an
+automation and follow `events.late_event_policy` (send and warn, or skip). More than 1,000 events on
+one timestamp are staggered in 5-minute steps.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import pendulum
+from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
+
+from antavo_ometria.event_rules import rule_actions
+from antavo_ometria.sensors import AntavoEventSensor
+from antavo_ometria.settings import mappings_dir
+
+DAG_ID = "antavo_ometria_events"
+POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS", 60))
+WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60))  # less than the schedule
+
+
+@dag(
+    dag_id=DAG_ID,
+    schedule=CronDataIntervalTimetable("*/15 * * * *", timezone="UTC"),
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["antavo", "ometria", "events"],
+    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30)},
+)
+def antavo_ometria_events():
+    @task
+    def check_rules() -> list[str]:
+        """Validate the trigger rules; a broken file stops the run before any request."""
+        from airflow.sdk.exceptions import AirflowFailException
+
+        from antavo_ometria.event_rules import load_rules
+        from antavo_ometria.problems import ConfigError
+
+        try:
+            return [rule.name for rule in load_rules(mappings_dir())]
+        except ConfigError as exc:
+            raise AirflowFailException(str(exc)) from None
+
+    checked = check_rules()
+    for name, action in rule_actions(mappings_dir()).items():
+
+        @task(task_id=f"deliver_{name}")
+        def deliver(rule_name: str = name) -> dict:
+            """Push the rule's new events to Ometria as custom events, each exactly once."""
+            import logging
+
+            from antavo_ometria.event_rules import load_rules
+            from antavo_ometria.events import deliver, format_summary
+            from antavo_ometria.hooks import AntavoHook, OmetriaHook, StateStoreHook
+            from antavo_ometria.mapping import load_contact_mapping
+
+            mapping = load_contact_mapping(mappings_dir())
+            rule = next(r for r in load_rules(mappings_dir()) if r.name == rule_name)
+            summary = deliver(rule, AntavoHook().get_conn(), OmetriaHook().get_conn(), StateStoreHook().get_conn(),
+                              mapping, get_current_context()["run_id"],
+                              late_policy=mapping.settings.late_event_policy)
+            logging.getLogger(__name__).info(format_summary(summary))
+            return summary
+
+        wait = AntavoEventSensor(task_id=f"wait_for_{name}", rule=name, action=action,
+                                 poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS,
+                                 doc_md=f"Waits (in the triggerer) for new Antavo events of rule `{name}`.")
+        checked >> wait >> deliver()
+
+
+antavo_ometria_events()

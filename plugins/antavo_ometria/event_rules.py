@@ -1,0 +1,196 @@
+"""Event trigger rules (`include/mappings/triggers.csv`) and the Ometria custom events they produce.
+
+One row per payload property of a rule:
+
+    rule,antavo_action,ometria_event_type,property,source
+    reward_claimed,reward,loyalty_reward_claimed,reward_name,reward.title
+
+`source` is `event.<property>` (the Antavo event's own properties, plus `event.points`),
+`reward.<field>` (the claimed reward: title, description, type, points) or `customer.<path>` (any
+loyalty field of the customer, as in the contact mapping). Ometria needs the custom event type set
+up by its team first, and keeps the type under 32 characters.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import re
+from collections import defaultdict
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from antavo_ometria.mapping import BOM, catalog, did_you_mean, find_in_catalog
+from antavo_ometria.problems import ConfigError, Problem
+
+TRIGGERS_FILE = "triggers.csv"
+COLUMNS = ("rule", "antavo_action", "ometria_event_type", "property", "source")
+REWARD_FIELDS = ("id", "title", "description", "type", "points")
+NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+MAX_EVENT_TYPE = 31  # Ometria: event types must be shorter than 32 characters
+LATE_AFTER = timedelta(hours=4)  # older events cannot start an Ometria automation
+STAGGER_AT = 1000  # Ometria: more events than this with one timestamp are spread out
+STAGGER_STEP = timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    action: str
+    event_type: str
+    properties: tuple[tuple[str, str], ...]  # (property, source)
+
+    @property
+    def customer_paths(self) -> list[str]:
+        return [source.split(".", 1)[1] for _, source in self.properties if source.startswith("customer.")]
+
+    @property
+    def needs_rewards(self) -> bool:
+        return any(source.startswith("reward.") for _, source in self.properties)
+
+
+def rule_actions(mappings_dir: Path) -> dict[str, str]:
+    """Rule name → Antavo action, read leniently: cheap enough for DAG parsing; `load_rules` checks the file."""
+    try:
+        text = (mappings_dir / TRIGGERS_FILE).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return {}
+    rows = csv.DictReader(io.StringIO(text))
+    return {row["rule"].strip(): (row.get("antavo_action") or "").strip()
+            for row in rows if NAME.match((row.get("rule") or "").strip())}
+
+
+def load_rules(mappings_dir: Path) -> list[Rule]:
+    """Read and check the trigger table; raise ConfigError listing every problem."""
+    path = mappings_dir / TRIGGERS_FILE
+    file = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    problems: list[Problem] = []
+    if raw.startswith(BOM):
+        problems.append(Problem(file, 1, "", "the file starts with a byte-order mark (BOM); save it as plain UTF-8"))
+        raw = raw[len(BOM):]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(problems + [Problem(file, raw[: exc.start].count(b"\n") + 1, "",
+                                              "the file is not UTF-8; save it as UTF-8 CSV")]) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    header = [h.strip() for h in next(reader, [])]
+    if header != list(COLUMNS):
+        raise ConfigError(problems + [Problem(file, 1, "", f"the header must be {','.join(COLUMNS)}")])
+
+    rows: dict[str, list[tuple[int, dict]]] = defaultdict(list)
+    for row in reader:
+        if not any(cell.strip() for cell in row):
+            continue
+        line = reader.line_num
+        if len(row) != len(COLUMNS):
+            problems.append(Problem(file, line, "", f"the row has {len(row)} cells, the header {len(COLUMNS)}"))
+            continue
+        cells = {name: cell.strip() for name, cell in zip(COLUMNS, row)}
+        for column in COLUMNS:
+            if not cells[column]:
+                problems.append(Problem(file, line, column, f"{column} is empty; fill it in or delete the row"))
+        if cells["rule"] and not NAME.match(cells["rule"]):
+            problems.append(Problem(file, line, "rule", "rule names use lower-case letters, digits and _"))
+        if len(cells["ometria_event_type"]) > MAX_EVENT_TYPE:
+            problems.append(Problem(file, line, "ometria_event_type", f"Ometria event types must be under 32 "
+                                    f"characters; {cells['ometria_event_type']!r} has {len(cells['ometria_event_type'])}"))
+        if cells["property"] and not re.match(r"^[A-Za-z0-9_]+$", cells["property"]):
+            problems.append(Problem(file, line, "property", "property names use letters, digits and _ (they become "
+                                    "merge tags such as {{ event.reward_name }})"))
+        problems += _check_source(file, line, cells["source"])
+        rows[cells["rule"]].append((line, cells))
+
+    rules = []
+    for name, entries in rows.items():
+        first_line, first = entries[0]
+        for line, cells in entries[1:]:
+            for column in ("antavo_action", "ometria_event_type"):
+                if cells[column] != first[column]:
+                    problems.append(Problem(file, line, column, f"rule {name!r} has {column} {first[column]!r} on "
+                                            f"line {first_line}; every row of a rule must agree"))
+        seen: dict[str, int] = {}
+        for line, cells in entries:
+            if cells["property"] in seen:
+                problems.append(Problem(file, line, "property", f"{cells['property']!r} is already set on line "
+                                        f"{seen[cells['property']]}"))
+            seen[cells["property"]] = line
+        rules.append(Rule(name, first["antavo_action"], first["ometria_event_type"],
+                          tuple((c["property"], c["source"]) for _, c in entries)))
+    if problems:
+        raise ConfigError(problems)
+    return rules
+
+
+def _check_source(file: str, line: int, source: str) -> list[Problem]:
+    kind, _, rest = source.partition(".")
+    if not source:
+        return []
+    if kind == "event" and rest:
+        return []
+    if kind == "reward" and rest in REWARD_FIELDS:
+        return []
+    if kind == "customer" and rest:
+        if find_in_catalog(rest):
+            return []
+
+        hint = did_you_mean(rest, [f.path for f in catalog()])
+        return [Problem(file, line, "source", f"unknown customer field {rest!r}{hint}")]
+    if kind == "reward":
+        return [Problem(file, line, "source", f"reward fields are {', '.join(REWARD_FIELDS)}, not {rest!r}")]
+    return [Problem(file, line, "source", f"{source!r} must start with event., reward. or customer.")]
+
+
+# -- building the custom events ----------------------------------------------------------------
+def walk(value: object, path: str) -> object:
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def resolve(source: str, event: dict, reward: dict | None, customer: dict | None, language: str) -> object:
+    kind, _, rest = source.partition(".")
+    if kind == "event":
+        value = event.get(rest) if rest in ("points", "action", "id") else walk(event.get("properties", {}), rest)
+    elif kind == "reward":
+        value = (reward or {}).get(rest)
+    else:
+        value = walk(customer or {}, rest)
+    if isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
+        value = value.get(language) or next(iter(value.values()))  # a translated name
+    if isinstance(value, str) and len(value) > 512:
+        value = value[:512]  # Ometria keeps string properties to 512 characters
+    return value
+
+
+def event_timestamp(event: dict) -> datetime:
+    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+
+
+def custom_event(rule: Rule, event: dict, customer: dict, reward: dict | None, identity: dict,
+                 language: str, timestamp: datetime) -> dict:
+    """One Ometria custom event: `id` is the Antavo event ID, so pushing it again cannot duplicate it."""
+    record = {"@type": "custom_event", "id": event["id"], "event_type": rule.event_type,
+              "timestamp": timestamp.isoformat(timespec="seconds"), **identity}
+    properties = {}
+    for name, source in rule.properties:
+        value = resolve(source, event, reward, customer, language)
+        if value is not None:
+            properties[name] = value
+    record["properties"] = properties
+    return record
+
+
+def stagger(timestamps: list[datetime]) -> list[datetime]:
+    """Spread events sharing one timestamp in steps of 5 minutes, 1,000 a step (Ometria's advice)."""
+    seen: dict[datetime, int] = defaultdict(int)
+    out = []
+    for moment in timestamps:
+        out.append(moment + STAGGER_STEP * (seen[moment] // STAGGER_AT))
+        seen[moment] += 1
+    return out

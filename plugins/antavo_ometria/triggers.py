@@ -1,0 +1,52 @@
+"""The asynchronous half of the deferrable event sensor: it waits in Airflow's triggerer, not a worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime
+from typing import Any
+
+from airflow.sdk import BaseHook
+from airflow.triggers.base import BaseTrigger, TriggerEvent
+
+
+class AntavoEventTrigger(BaseTrigger):
+    """Polls Antavo's event feed until an event of `action` newer than `since` appears, or `timeout` passes."""
+
+    def __init__(self, action: str, since: str, antavo_conn_id: str = "antavo_default",
+                 poll_interval: float = 60.0, timeout: float = 3600.0):
+        super().__init__()
+        self.action, self.since, self.antavo_conn_id = action, since, antavo_conn_id
+        self.poll_interval, self.timeout = poll_interval, timeout
+
+    def serialize(self) -> tuple[str, dict[str, Any]]:
+        return ("antavo_ometria.triggers.AntavoEventTrigger", {
+            "action": self.action, "since": self.since, "antavo_conn_id": self.antavo_conn_id,
+            "poll_interval": self.poll_interval, "timeout": self.timeout})
+
+    async def run(self) -> AsyncIterator[TriggerEvent]:
+        from antavo_ometria.antavo import AntavoClient
+        from antavo_ometria.events import new_matching_events
+        from antavo_ometria.hooks import antavo_config
+
+        client = AntavoClient(antavo_config(await BaseHook.aget_connection(self.antavo_conn_id)))
+        since = datetime.fromisoformat(self.since)
+        deadline = time.monotonic() + self.timeout
+        polls = 0
+        while True:
+            polls += 1
+            try:
+                found = await asyncio.to_thread(new_matching_events, client, self.action, since,
+                                                datetime.now(UTC))
+            except Exception as exc:  # reported to the task, which fails with the reason
+                yield TriggerEvent({"status": "error", "message": str(exc), "polls": polls})
+                return
+            if found:
+                yield TriggerEvent({"status": "found", "found": len(found), "since": self.since, "polls": polls})
+                return
+            if time.monotonic() >= deadline:
+                yield TriggerEvent({"status": "timeout", "since": self.since, "polls": polls})
+                return
+            await asyncio.sleep(self.poll_interval)

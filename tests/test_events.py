@@ -1,0 +1,125 @@
+"""Event triggers: the rules table, Ometria's timing rules, and reward claims delivered exactly once."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from antavo_ometria.event_rules import load_rules, stagger
+from antavo_ometria.events import deliver
+from antavo_ometria.mapping import load_contact_mapping
+from antavo_ometria.problems import ConfigError
+from antavo_ometria.state import StateStore
+
+PROJECT = Path(__file__).resolve().parents[1]
+HEADER = "rule,antavo_action,ometria_event_type,property,source\n"
+
+
+def test_shipped_reward_claim_rule():
+    (rule,) = load_rules(PROJECT / "include" / "mappings")
+    assert (rule.name, rule.action, rule.event_type) == ("reward_claimed", "reward", "loyalty_reward_claimed")
+    assert ("reward_name", "reward.title") in rule.properties and rule.needs_rewards
+
+
+def test_rule_mistakes_are_listed_with_file_and_line(tmp_path):
+    (tmp_path / "triggers.csv").write_text(HEADER + (
+        "claimed,reward,loyalty_reward_claimed_by_a_loyal_customer,reward_name,reward.title\n"
+        "claimed,point_add,loyalty_reward_claimed_by_a_loyal_customer,points,event.points\n"
+        "claimed,reward,loyalty_reward_claimed_by_a_loyal_customer,first,customer.first_nam\n"
+        "claimed,reward,loyalty_reward_claimed_by_a_loyal_customer,what,reward.colour\n"
+        "claimed,reward,loyalty_reward_claimed_by_a_loyal_customer,reward_name,reward.description\n"))
+    with pytest.raises(ConfigError) as raised:
+        load_rules(tmp_path)
+    found = [str(p).replace(str(tmp_path) + "/", "") for p in raised.value.problems]
+    assert "triggers.csv:2: [ometria_event_type] Ometria event types must be under 32 characters; " \
+           "'loyalty_reward_claimed_by_a_loyal_customer' has 42" in found
+    assert "triggers.csv:3: [antavo_action] rule 'claimed' has antavo_action 'reward' on line 2; every row " \
+           "of a rule must agree" in found
+    assert "triggers.csv:4: [source] unknown customer field 'first_nam' (did you mean 'first_name'?)" in found
+    assert "triggers.csv:5: [source] reward fields are id, title, description, type, points, not 'colour'" in found
+    assert "triggers.csv:6: [property] 'reward_name' is already set on line 2" in found
+
+
+def test_more_than_1000_events_on_one_timestamp_are_staggered():
+    moment = datetime(2026, 3, 1, 12, tzinfo=UTC)
+    spread = stagger([moment] * 2500 + [moment + timedelta(seconds=1)])
+    assert spread[:1000] == [moment] * 1000
+    assert spread[1000:2000] == [moment + timedelta(minutes=5)] * 1000
+    assert spread[2000:2500] == [moment + timedelta(minutes=10)] * 500
+    assert spread[2500] == moment + timedelta(seconds=1)
+
+
+@pytest.fixture
+def parts(sandbox, antavo_client, ometria_client, state_url):
+    store = StateStore(state_url)
+    store.migrate()
+    (rule,) = load_rules(PROJECT / "include" / "mappings")
+    return rule, store, load_contact_mapping(PROJECT / "include" / "mappings")
+
+
+def test_reward_claim_becomes_one_custom_event_and_the_contact_comes_first(parts, sandbox, antavo_client, ometria_client):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    claim = sandbox.antavo.claim_reward("c00000001", "rw-10off", at=now - timedelta(minutes=3))
+    sandbox.antavo.add_event("c00000002", "point_add", {"points": 50}, at=now - timedelta(minutes=2))
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (summary["matched"], summary["sent"], summary["accepted"], summary["contacts_pushed_first"]) == (1, 1, 1, 1)
+    customer = sandbox.antavo.by_id["c00000001"]
+    assert sandbox.ometria.events == {claim["id"]: {
+        "@type": "custom_event", "id": claim["id"], "event_type": "loyalty_reward_claimed",
+        "timestamp": (now - timedelta(minutes=3)).replace(microsecond=0).isoformat(),
+        "identity_email": customer["email"], "identity_account_id": customer["external_ids"]["crm_id"],
+        "properties": {"reward_id": "rw-10off", "reward_name": "£10 off your next order",
+                       "reward_description": "A voucher worth £10 on any order over £50.", "points_spent": 1000,
+                       "first_name": customer["first_name"], "loyalty_points": customer["score"]},
+    }}
+    assert ("antavo", "c00000001") in sandbox.ometria.contacts  # pushed before its event
+    pushes = sandbox.ometria.pushes
+    again = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2")
+    assert (again["matched"], again["already_pushed"], again["sent"]) == (1, 1, 0)  # re-read in the overlap
+    assert sandbox.ometria.pushes == pushes and sandbox.ometria.received[("custom_event", claim["id"])] == 1
+
+
+@pytest.mark.parametrize("policy, sent, skipped", [("send", 1, 0), ("skip", 0, 1)])
+def test_late_events_follow_the_policy(parts, sandbox, antavo_client, ometria_client, policy, sent, skipped):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    store.set_event_cursor(rule.name, now - timedelta(hours=6))  # the sync was down for a while
+    sandbox.antavo.claim_reward("c00000003", "rw-coffee", at=now - timedelta(hours=5))
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1", late_policy=policy)
+    assert (summary["late"], summary["sent"], summary["skipped_late"]) == (sent, sent, skipped)
+    assert len(sandbox.ometria.events) == sent
+    again = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", late_policy=policy)
+    assert again["sent"] == again["skipped_late"] == 0  # a skipped event is not reconsidered either
+
+
+def test_event_of_an_invalid_customer_is_held_with_the_reason(parts, sandbox, antavo_client, ometria_client):
+    rule, store, mapping = parts
+    sandbox.antavo.claim_reward("c00000007", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))  # bad email
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (summary["held"], summary["sent"]) == (1, 0)
+    (held,) = store.held_records(kind="event_held")
+    assert "email" in held["reasons"][0] and "is not an email address" in held["reasons"][0]
+
+
+@pytest.mark.airflow
+def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
+    from airflow.models import DagBag
+    from airflow.utils.state import DagRunState
+
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).get_dag("antavo_ometria_events")
+    claim = connections.antavo.claim_reward("c00000010", "rw-10off", at=datetime.now(UTC) - timedelta(minutes=1))
+    run = dag.test()
+    assert run.state == DagRunState.SUCCESS
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states == {"check_rules": "success", "wait_for_reward_claimed": "success",
+                      "deliver_reward_claimed": "success"}
+    assert list(connections.ometria.events) == [claim["id"]]
+    assert connections.ometria.events[claim["id"]]["properties"]["reward_name"] == "£10 off your next order"
+
+    quiet = dag.test()  # nothing new: the sensor gives up after its wait and the delivery is skipped
+    states = {ti.task_id: ti.state for ti in quiet.get_task_instances()}
+    assert states["wait_for_reward_claimed"] == "skipped" and states["deliver_reward_claimed"] == "skipped"
+    assert connections.ometria.received[("custom_event", claim["id"])] == 1
