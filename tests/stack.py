@@ -1,0 +1,183 @@
+"""A real Airflow deployment for tests: api-server, scheduler, dag-processor, triggerer and an executor.
+
+`AirflowStack.local(tmp)` is Airflow's embedded default (SQLite, LocalExecutor); `AirflowStack.celery(...)`
+is the distributed one (PostgreSQL metadata database, Redis broker, CeleryExecutor worker). Each
+component runs in its own process group and is stopped with it.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import requests
+
+PROJECT = Path(__file__).resolve().parents[1]
+AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AirflowStack:
+    def __init__(self, home: Path, env: dict[str, str], components: list[str]):
+        self.home = home
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        (home / "passwords.json").write_text('{"admin": "admin"}')
+        self.env = {
+            **os.environ,
+            "AIRFLOW_HOME": str(home),
+            "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT / "plugins"),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__PARALLELISM": "4",
+            "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"{self.url}/execution/",
+            "AIRFLOW__API__PORT": str(self.port),
+            "AIRFLOW__API__BASE_URL": self.url,
+            "AIRFLOW__API_AUTH__JWT_SECRET": secrets.token_hex(16),
+            "AIRFLOW__API__SECRET_KEY": secrets.token_hex(16),
+            "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
+            "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+            "AIRFLOW__SCHEDULER__JOB_HEARTBEAT_SEC": "1",
+            "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+            "PYTHONPATH": str(PROJECT / "plugins"),
+            **env,
+        }
+        self.components = components
+        self.processes: list[subprocess.Popen] = []
+        self.token = ""
+
+    @classmethod
+    def local(cls, home: Path, env: dict[str, str]) -> AirflowStack:
+        return cls(home, {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", **env},
+                   ["api-server", "scheduler", "dag-processor", "triggerer"])
+
+    @classmethod
+    def celery(cls, home: Path, env: dict[str, str], database_url: str, broker_url: str) -> AirflowStack:
+        return cls(home, {
+            "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": database_url,
+            "AIRFLOW__CELERY__BROKER_URL": broker_url,
+            "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
+            **env,
+        }, ["api-server", "scheduler", "dag-processor", "triggerer", "celery worker --concurrency 2"])
+
+    # -- life cycle --------------------------------------------------------------------------
+    def run(self, *args: str, timeout: float = 120) -> str:
+        done = subprocess.run([AIRFLOW, *args], env=self.env, capture_output=True, text=True, timeout=timeout)
+        if done.returncode:
+            raise RuntimeError(f"airflow {' '.join(args)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        return done.stdout
+
+    def start(self, timeout: float = 150) -> AirflowStack:
+        self.run("db", "migrate", timeout=300)
+        self.run("pools", "set", "ometria_push", "1", "Ometria push API: account-wide rate limit")
+        for component in self.components:
+            log = (self.home / f"{component.split()[0]}.log").open("w")
+            command = [AIRFLOW, *component.split()] + (["--port", str(self.port)] if component == "api-server" else [])
+            self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
+                                                   stdin=subprocess.DEVNULL, start_new_session=True))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._check_alive()
+            try:
+                health = requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).json()
+                if all(health.get(c, {}).get("status") == "healthy"
+                       for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):
+                    break
+            except (requests.ConnectionError, requests.Timeout, ValueError):
+                pass
+            time.sleep(1)
+        else:
+            raise TimeoutError(f"Airflow did not become healthy in {timeout}s; logs in {self.home}")
+        self.token = requests.post(f"{self.url}/auth/token", json={"username": "admin", "password": "admin"},
+                                   timeout=10).json()["access_token"]
+        return self
+
+    def _check_alive(self) -> None:
+        for component, process in zip(self.components, self.processes):
+            if process.poll() is not None:
+                raise RuntimeError(f"airflow {component} exited ({process.returncode}); log: "
+                                   + (self.home / f"{component.split()[0]}.log").read_text()[-3000:])
+
+    def stop(self) -> None:
+        for process in self.processes:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 30
+        for process in self.processes:
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+    # -- REST API ------------------------------------------------------------------------------
+    def api(self, method: str, path: str, **kwargs) -> dict:
+        response = requests.request(method, f"{self.url}/api/v2{path}", timeout=30,
+                                    headers={"Authorization": f"Bearer {self.token}"}, **kwargs)
+        response.raise_for_status()
+        return response.json() if response.content else {}
+
+    def wait_for_dag(self, dag_id: str, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.api("GET", f"/dags/{dag_id}")
+                return
+            except requests.HTTPError:
+                self._check_alive()
+                time.sleep(1)
+        raise TimeoutError(f"{dag_id} was not parsed within {timeout}s")
+
+    def unpause(self, dag_id: str) -> None:
+        self.wait_for_dag(dag_id)
+        self.api("PATCH", f"/dags/{dag_id}", json={"is_paused": False})
+
+    def trigger(self, dag_id: str, logical_date: str, conf: dict | None = None) -> str:
+        self.unpause(dag_id)
+        body = {"logical_date": logical_date, "conf": conf or {}}
+        return self.api("POST", f"/dags/{dag_id}/dagRuns", json=body)["dag_run_id"]
+
+    def wait_for_run(self, dag_id: str, until, timeout: float = 120) -> str:
+        """The id of the first run of `dag_id` whose task states satisfy `until`."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for run in self.api("GET", f"/dags/{dag_id}/dagRuns")["dag_runs"]:
+                if until(self.task_states(dag_id, run["dag_run_id"])):
+                    return run["dag_run_id"]
+            self._check_alive()
+            time.sleep(1)
+        raise TimeoutError(f"no run of {dag_id} reached the expected state within {timeout}s")
+
+    def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
+        rows = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
+        return {row["task_id"]: row["state"] for row in rows}
+
+    def wait_for_state(self, dag_id: str, run_id: str, timeout: float = 180, until=None) -> str:
+        """Wait until the run ends (or `until(task_states)` is true); return the run's state."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            state = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}")["state"]
+            if until is not None and until(self.task_states(dag_id, run_id)):
+                return state
+            if until is None and state in ("success", "failed"):
+                return state
+            self._check_alive()
+            time.sleep(1)
+        raise TimeoutError(f"{dag_id} {run_id}: {self.task_states(dag_id, run_id)} after {timeout}s")

@@ -1,0 +1,81 @@
+"""The sync on real Airflow deployments: the embedded default (SQLite, LocalExecutor) and the
+distributed one (CeleryExecutor, PostgreSQL, Redis), each with a scheduler, a triggerer, a
+dag-processor and an api-server in their own processes."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from antavo_ometria.sandbox import Sandbox
+from antavo_ometria.sandbox.population import defects_of
+from conftest import reachable
+from stack import AirflowStack
+
+pytestmark = [pytest.mark.airflow, pytest.mark.services]
+REDIS = ("127.0.0.1", 6379)
+
+
+def stack_env(sandbox, tmp) -> dict[str, str]:
+    return {**sandbox.connections(), "ANTAVO_OMETRIA_STAGING_DIR": str(tmp / "staging"),
+            "ANTAVO_OMETRIA_EVENT_POKE_SECONDS": "1", "ANTAVO_OMETRIA_EVENT_WAIT_SECONDS": "300"}
+
+
+@pytest.fixture(scope="module", params=["local", "celery"])
+def stack(request, tmp_path_factory):
+    """(running Airflow, its own sandbox)"""
+    if request.param == "celery":
+        for name, address in (("PostgreSQL", ("127.0.0.1", 5432)), ("Redis", REDIS)):
+            if not reachable(*address):
+                pytest.skip(f"{name} is not reachable on {address[0]}:{address[1]}; the CeleryExecutor topology "
+                            "needs it")
+    tmp = tmp_path_factory.mktemp(f"airflow-{request.param}")
+    with Sandbox(customers=300) as sandbox:
+        env = stack_env(sandbox, tmp)
+        if request.param == "local":
+            running = AirflowStack.local(tmp, {**env, "ANTAVO_OMETRIA_STATE_URL": f"sqlite:///{tmp / 'state.db'}"})
+            yield from _serve(running, sandbox)
+            return
+        import sqlalchemy as sa
+
+        database = f"airflow_it_{uuid.uuid4().hex[:8]}"
+        admin = sa.create_engine("postgresql+psycopg://postgres@127.0.0.1:5432/postgres", isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
+        url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
+        running = AirflowStack.celery(tmp, {**env, "ANTAVO_OMETRIA_STATE_URL": url.replace("psycopg2", "psycopg")},
+                                      url, f"redis://127.0.0.1:6379/{int(uuid.uuid4()) % 8 + 8}")
+        yield from _serve(running, sandbox)
+        with admin.connect() as conn:
+            conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+
+
+def _serve(running: AirflowStack, sandbox: Sandbox):
+    try:
+        yield running.start(), sandbox
+    finally:
+        running.stop()
+
+
+def test_contact_sync_runs_on_the_deployment(stack):
+    airflow, sandbox = stack
+    run_id = airflow.trigger("antavo_ometria_contacts", "2026-03-01T12:30:00Z")
+    assert airflow.wait_for_state("antavo_ometria_contacts", run_id) == "success", airflow.task_states(
+        "antavo_ometria_contacts", run_id)
+    valid = {c["_id"] for i, c in enumerate(sandbox.antavo.customers) if not defects_of(i)}
+    assert {cid for _, cid in sandbox.ometria.contacts} == valid
+
+
+def test_event_sensor_defers_to_the_triggerer_and_resumes(stack):
+    airflow, sandbox = stack
+    airflow.unpause("antavo_ometria_events")  # the scheduler starts the latest interval's run
+    run_id = airflow.wait_for_run("antavo_ometria_events",
+                                  lambda states: states.get("wait_for_reward_claimed") == "deferred")
+    claim = sandbox.antavo.claim_reward("c00000020", "rw-coffee", at=datetime.now(UTC) - timedelta(seconds=5))
+    assert airflow.wait_for_state("antavo_ometria_events", run_id) == "success"
+    states = airflow.task_states("antavo_ometria_events", run_id)
+    assert states["wait_for_reward_claimed"] == "success" and states["deliver_reward_claimed"] == "success"
+    assert sandbox.ometria.events[claim["id"]]["properties"]["reward_name"] == "Free coffee"
+    assert sandbox.ometria.received[("custom_event", claim["id"])] == 1
