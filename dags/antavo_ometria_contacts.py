@@ -24,10 +24,14 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pendulum
-from airflow.sdk import CronDataIntervalTimetable, Param, dag, get_current_context, task
+from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
+from antavo_ometria.alerts import notify_failure
+
 DAG_ID = "antavo_ometria_contacts"
+PUSH_POOL = "ometria_push"  # caps concurrent pushes across DAGs: Ometria's rate limit is per account
+OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # updated when contacts land in Ometria
 
 
 def _staging():
@@ -65,7 +69,8 @@ def _store():
     max_active_runs=1,
     doc_md=__doc__,
     tags=["antavo", "ometria", "contacts"],
-    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30),
+                  "on_failure_callback": notify_failure},
     params={
         "full_resync": Param(False, type="boolean", description="Read and send every customer, changed or not."),
         "dry_run": Param(False, type="boolean", description="Compute and report what would be sent; send nothing."),
@@ -109,7 +114,7 @@ def antavo_ometria_contacts():
         except QualityGateFailed as exc:
             raise AirflowFailException(f"quality gate: {exc}") from None  # the same data fails the same way
 
-    @task
+    @task(pool=PUSH_POOL, outlets=[OMETRIA_CONTACTS])
     def load(plan: dict, transformed: dict) -> dict:
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
         from antavo_ometria.hooks import OmetriaHook

@@ -24,6 +24,7 @@ from datetime import timedelta
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
 
+from antavo_ometria.alerts import notify_failure
 from antavo_ometria.event_rules import rule_actions
 from antavo_ometria.sensors import AntavoEventSensor
 from antavo_ometria.settings import mappings_dir
@@ -41,7 +42,8 @@ WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60
     max_active_runs=1,
     doc_md=__doc__,
     tags=["antavo", "ometria", "events"],
-    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30)},
+    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30),
+                  "on_failure_callback": notify_failure},
 )
 def antavo_ometria_events():
     @task
@@ -60,7 +62,7 @@ def antavo_ometria_events():
     checked = check_rules()
     for name, action in rule_actions(mappings_dir()).items():
 
-        @task(task_id=f"deliver_{name}")
+        @task(task_id=f"deliver_{name}", pool="ometria_push")
         def deliver(rule_name: str = name) -> dict:
             """Push the rule's new events to Ometria as custom events, each exactly once."""
             import logging

@@ -132,3 +132,48 @@ def test_broken_mapping_stops_the_run_before_any_request(airflow_db, dagbag, con
     failed = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert failed["plan"] == "failed" and failed["extract"] == "upstream_failed"
     assert connections.antavo.requests == 0 and connections.ometria.pushes == 0
+
+
+class Inbox:
+    """A webhook receiver on loopback that keeps what it is sent."""
+
+    def __init__(self):
+        from antavo_ometria.sandbox.server import App, Response, RunningServer
+
+        received = self.received = []
+
+        class Receiver(App):
+            def handle(self, request):
+                received.append(request.json())
+                return Response(200, {"ok": True})
+
+        self.server = RunningServer(Receiver()).start()
+
+    def close(self):
+        self.server.stop()
+
+
+def test_failure_notification_reaches_the_webhook(airflow_db, dagbag, connections, mappings, monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    inbox = Inbox()
+    try:
+        monkeypatch.setenv("AIRFLOW_VAR_ANTAVO_OMETRIA_ALERT_WEBHOOK", inbox.server.url + "/hook")
+        (mappings / "contacts.csv").write_text("loyalty_field,remote_field\nemail,email\nfirst_nmae,firstname\n")
+        monkeypatch.setenv("ANTAVO_OMETRIA_MAPPINGS_DIR", str(mappings))
+        run = dagbag.get_dag("antavo_ometria_contacts").test()
+    finally:
+        inbox.close()
+    assert run.state == DagRunState.FAILED
+    tasks = [m["task_id"] for m in inbox.received]
+    assert "plan" in tasks
+    alert = next(m for m in inbox.received if m["task_id"] == "plan")
+    assert alert["dag_id"] == "antavo_ometria_contacts" and "first_nmae" in alert["error"]
+    assert "sandbox-secret" not in str(inbox.received)
+
+
+def test_redaction_of_secret_looking_text():
+    from antavo_ometria.alerts import redact
+
+    assert redact("login failed: password=hunter2 api_key: abc123 ok") == \
+        "login failed: password=[redacted] api_key: [redacted] ok"

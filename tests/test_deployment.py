@@ -4,15 +4,18 @@ dag-processor and an api-server in their own processes."""
 
 from __future__ import annotations
 
+import os
+import time
 import uuid
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
+from conftest import reachable
+from stack import AirflowStack
 
 from antavo_ometria.sandbox import Sandbox
 from antavo_ometria.sandbox.population import defects_of
-from conftest import reachable
-from stack import AirflowStack
 
 pytestmark = [pytest.mark.airflow, pytest.mark.services]
 REDIS = ("127.0.0.1", 6379)
@@ -79,3 +82,36 @@ def test_event_sensor_defers_to_the_triggerer_and_resumes(stack):
     assert states["wait_for_reward_claimed"] == "success" and states["deliver_reward_claimed"] == "success"
     assert sandbox.ometria.events[claim["id"]]["properties"]["reward_name"] == "Free coffee"
     assert sandbox.ometria.received[("custom_event", claim["id"])] == 1
+
+
+def test_dashboard_in_the_airflow_ui_shows_real_runs(stack, tmp_path):
+    import requests
+    from browser import Browser, chromium
+
+    airflow, sandbox = stack
+    page = requests.get(f"{airflow.url}/sync-dashboard/", headers={"Authorization": f"Bearer {airflow.token}"},
+                        timeout=30)
+    assert page.status_code == 200 and "Contacts per run" in page.text
+    assert "loyalty_reward_claimed" in page.text and "success" in page.text
+    assert requests.get(f"{airflow.url}/sync-dashboard/", timeout=30).status_code in (401, 403)  # Airflow login
+    views = airflow.api("GET", "/plugins")["plugins"]
+    assert any(v.get("url_route") == "antavo-ometria-sync" for p in views for v in p.get("external_views", []))
+
+    if chromium() is None:
+        pytest.skip("Chromium is not installed (Debian package 'chromium'); the screenshot needs it")
+    browser = Browser()
+    try:
+        browser.set_cookie(airflow.url, "_token", airflow.token)
+        browser.open(f"{airflow.url}/plugin/antavo-ometria-sync")
+        text = browser.wait_for_text(
+            "(document.querySelector('iframe')?.contentDocument?.body?.innerText) || ''", "Contacts per run")
+        assert "Latest quarantined and rejected records" in text and "loyalty_reward_claimed" in text
+        time.sleep(1)  # let the chart settle before the picture
+        shot = browser.screenshot(tmp_path / "dashboard.png")
+    finally:
+        browser.close()
+    assert shot.stat().st_size > 20_000
+    target = os.environ.get("ANTAVO_OMETRIA_SCREENSHOT_DIR")
+    if target:
+        Path(target).mkdir(parents=True, exist_ok=True)
+        (Path(target) / f"dashboard-{airflow.components[-1].split()[0]}.png").write_bytes(shot.read_bytes())

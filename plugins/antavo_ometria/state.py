@@ -217,14 +217,19 @@ class StateStore:
     def record_events(self, rows: list[dict]) -> None:
         self._upsert(self.table("sync_events"), [{**r, "pushed_at": now()} for r in rows], ["event_id"])
 
-    def event_counts(self, rule: str | None = None) -> dict[str, int]:
-        """How many events were pushed, skipped or rejected (per status), for one rule or all."""
+    def event_summary(self) -> dict[tuple[str, str], tuple[dict[str, int], int]]:
+        """(rule, event type) → (events per status, events delivered late)."""
         events = self.table("sync_events")
-        query = sa.select(events.c.status, sa.func.count()).group_by(events.c.status)
-        if rule:
-            query = query.where(events.c.rule == rule)
+        query = (sa.select(events.c.rule, events.c.event_type, events.c.status, events.c.late, sa.func.count())
+                 .group_by(events.c.rule, events.c.event_type, events.c.status, events.c.late))
+        summary: dict[tuple[str, str], tuple[dict[str, int], int]] = {}
         with self.engine.connect() as conn:
-            return dict(conn.execute(query).all())
+            for rule, event_type, status, late, count in conn.execute(query):
+                counts, late_sent = summary.setdefault((rule, event_type), ({}, 0))
+                counts[status] = counts.get(status, 0) + count
+                if late and status == "sent":
+                    summary[(rule, event_type)] = (counts, late_sent + count)
+        return summary
 
     def event_cursor(self, rule: str) -> datetime | None:
         cursors = self.table("sync_event_cursors")

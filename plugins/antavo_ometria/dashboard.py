@@ -1,0 +1,113 @@
+"""The sync dashboard: an HTML page drawn from the state store (served inside the Airflow UI).
+
+Contacts sent, changed, quarantined and rejected per run as a chart; the latest quarantined and
+rejected records with their reasons; the mapping versions over time; event triggers delivered and
+late. Plain HTML and inline SVG: no scripts, nothing fetched from elsewhere.
+"""
+
+from __future__ import annotations
+
+import html
+from collections import defaultdict
+
+from antavo_ometria.state import StateStore
+
+CONTACTS_DAG = "antavo_ometria_contacts"
+SERIES = (("sent", "#2a7ab9"), ("changed", "#8cc0e6"), ("quarantined", "#e0a030"), ("rejected", "#c0392b"))
+STYLE = """
+body{font:14px/1.4 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px;color:#1d2733;background:#fff}
+h1{font-size:20px;margin:0 0 4px} h2{font-size:16px;margin:28px 0 8px}
+.muted{color:#6b7785} table{border-collapse:collapse;width:100%;margin-top:4px}
+th,td{text-align:left;padding:4px 8px;border-bottom:1px solid #e3e7eb;vertical-align:top}
+th{background:#f4f6f8;font-weight:600} td.n{text-align:right;font-variant-numeric:tabular-nums}
+.cards{display:flex;gap:12px;flex-wrap:wrap} .card{border:1px solid #e3e7eb;border-radius:6px;padding:8px 14px}
+.card b{display:block;font-size:22px} .legend span{display:inline-block;margin-right:14px}
+.legend i{display:inline-block;width:10px;height:10px;margin-right:4px;border-radius:2px}
+.ok{color:#1e7d32} .bad{color:#c0392b}
+"""
+
+
+def _e(value: object) -> str:
+    return html.escape("" if value is None else str(value))
+
+
+def bar_chart(labels: list[str], series: dict[str, list[int]], width: int = 900, height: int = 220) -> str:
+    """A grouped bar chart as inline SVG: one group per run, one bar per series."""
+    if not labels:
+        return '<p class="muted">No runs yet.</p>'
+    top = max([1] + [v for values in series.values() for v in values])
+    left, bottom, plot_h = 48, 36, height - 50
+    group = min((width - left - 10) / len(labels), 90.0)
+    bar = max(1.0, group * 0.8 / len(series))
+    parts = [f'<svg viewBox="0 0 {width} {height}" width="100%" role="img" aria-label="contacts per run">']
+    for i in range(5):
+        y = 10 + plot_h * i / 4
+        parts.append(f'<line x1="{left}" x2="{width - 10}" y1="{y:.1f}" y2="{y:.1f}" stroke="#eef1f4"/>'
+                     f'<text x="{left - 6}" y="{y + 4:.1f}" font-size="10" text-anchor="end" fill="#6b7785">'
+                     f'{round(top * (4 - i) / 4)}</text>')
+    colours = dict(SERIES)
+    for g, label in enumerate(labels):
+        x0 = left + g * group + group * 0.1
+        for s, (name, values) in enumerate(series.items()):
+            h = plot_h * values[g] / top
+            parts.append(f'<rect x="{x0 + s * bar:.1f}" y="{10 + plot_h - h:.1f}" width="{bar:.1f}" '
+                         f'height="{h:.1f}" fill="{colours[name]}"><title>{_e(label)}: {values[g]} {name}'
+                         f'</title></rect>')
+        if len(labels) <= 16 or g % max(1, len(labels) // 12) == 0:
+            parts.append(f'<text x="{x0 + group * 0.4:.1f}" y="{height - bottom + 16}" font-size="10" '
+                         f'text-anchor="middle" fill="#6b7785">{_e(label)}</text>')
+    parts.append("</svg>")
+    legend = "".join(f'<span><i style="background:{c}"></i>{n}</span>' for n, c in SERIES)
+    return f'<div class="legend">{legend}</div>' + "".join(parts)
+
+
+def render(store: StateStore, runs_shown: int = 30) -> str:
+    runs = list(reversed(store.runs(CONTACTS_DAG, limit=runs_shown)))
+    finished = [r for r in runs if r["status"] in ("success", "dry_run")]
+    labels = [r["started_at"].strftime("%m-%d %H:%M") for r in finished]
+    chart = bar_chart(labels, {name: [int(r[name] or 0) for r in finished] for name, _ in SERIES})
+    last = runs[-1] if runs else None
+    cards = "".join(
+        f'<div class="card"><span class="muted">{_e(title)}</span><b>{_e(value)}</b></div>' for title, value in (
+            ("last run", f"{last['status']} · {last['mode']}" if last else "—"),
+            ("contacts known to Ometria", store.contact_count()),
+            ("mapping version", last["mapping_version"] if last else "—"),
+            ("runs recorded", len(runs)),
+        ))
+    held = store.held_records(limit=25)
+    held_rows = "".join(
+        f"<tr><td>{_e(h['created_at'].strftime('%Y-%m-%d %H:%M'))}</td><td>{_e(h['kind'])}</td>"
+        f"<td>{_e(h['antavo_id'])}</td><td>{'<br>'.join(_e(r) for r in h['reasons'])}</td></tr>" for h in held)
+    versions: dict[str, list] = defaultdict(list)
+    for run in store.runs(CONTACTS_DAG, limit=500):
+        versions[run["mapping_version"]].append(run)
+    version_rows = "".join(
+        f"<tr><td><code>{_e(v)}</code></td><td>{_e(min(r['started_at'] for r in rs).strftime('%Y-%m-%d %H:%M'))}</td>"
+        f"<td>{_e(max(r['started_at'] for r in rs).strftime('%Y-%m-%d %H:%M'))}</td><td class=n>{len(rs)}</td>"
+        f"<td>{_e(next((r['full_resync_reason'] for r in sorted(rs, key=lambda r: r['started_at']) if r['full_resync_reason']), ''))}</td></tr>"
+        for v, rs in sorted(versions.items(), key=lambda item: max(r["started_at"] for r in item[1]), reverse=True))
+    event_rows = "".join(
+        f"<tr><td>{_e(rule)}</td><td>{_e(event_type)}</td><td class=n>{c.get('sent', 0)}</td>"
+        f"<td class=n>{late}</td><td class=n>{c.get('skipped_late', 0)}</td><td class=n>{c.get('rejected', 0)}</td></tr>"
+        for (rule, event_type), (c, late) in store.event_summary().items())
+    run_rows = "".join(
+        f"<tr><td>{_e(r['started_at'].strftime('%Y-%m-%d %H:%M'))}</td><td class={'ok' if r['status'] == 'success' else 'bad'}>"
+        f"{_e(r['status'])}</td><td>{_e(r['mode'])}</td>"
+        + "".join(f"<td class=n>{int(r[k] or 0)}</td>" for k in ("extracted", "changed", "sent", "accepted", "rejected",
+                                                                "quarantined", "failed"))
+        + "</tr>" for r in reversed(runs[-12:]))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Antavo → Ometria sync</title>
+<style>{STYLE}</style></head><body>
+<h1>Antavo → Ometria sync</h1><p class="muted">From the sync's state store. Contacts per run of
+<code>{CONTACTS_DAG}</code>, records held back with their reasons, mapping versions, event triggers.</p>
+<div class="cards">{cards}</div>
+<h2>Contacts per run</h2>{chart}
+<h2>Recent runs</h2><table><tr><th>started</th><th>status</th><th>mode</th><th>extracted</th><th>changed</th>
+<th>sent</th><th>accepted</th><th>rejected</th><th>quarantined</th><th>failed</th></tr>{run_rows}</table>
+<h2>Latest quarantined and rejected records</h2><table><tr><th>when</th><th>kind</th><th>Antavo ID</th><th>reasons</th></tr>
+{held_rows or '<tr><td colspan=4 class=muted>None.</td></tr>'}</table>
+<h2>Mapping versions</h2><table><tr><th>version</th><th>first run</th><th>last run</th><th>runs</th><th>note</th></tr>
+{version_rows or '<tr><td colspan=5 class=muted>None.</td></tr>'}</table>
+<h2>Event triggers</h2><table><tr><th>rule</th><th>Ometria event type</th><th>delivered</th><th>delivered late</th>
+<th>skipped as late</th><th>rejected</th></tr>{event_rows or '<tr><td colspan=6 class=muted>None yet.</td></tr>'}</table>
+</body></html>"""

@@ -1,0 +1,61 @@
+"""Airflow UI plugin: the Antavo → Ometria sync dashboard (Browse → "Antavo → Ometria sync").
+
+Serves `antavo_ometria.dashboard` at /sync-dashboard/ inside the api-server, behind Airflow's own
+login, and adds it to the UI's navigation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import Depends, FastAPI
+from fastapi.responses import HTMLResponse
+
+
+def _state_url() -> str:
+    """The `antavo_ometria_state` connection when there is one, as the DAGs use it; else the default."""
+    from airflow.models.connection import Connection
+
+    from antavo_ometria.state import default_url
+
+    try:
+        conn = Connection.get_connection_from_secrets("antavo_ometria_state")
+    except Exception:  # no such connection: the DAGs use the default store too
+        return default_url()
+    if conn.extra_dejson.get("url"):
+        return conn.extra_dejson["url"]
+    return f"postgresql+psycopg://{conn.login}:{conn.password}@{conn.host}:{conn.port or 5432}/{conn.schema}"
+
+
+def _page() -> str:
+    from antavo_ometria.dashboard import render
+    from antavo_ometria.state import StateStore
+
+    store = StateStore(_state_url())
+    store.migrate()
+    return render(store)
+
+
+def _create_app() -> FastAPI:
+    from airflow.api_fastapi.core_api.security import requires_authenticated
+
+    app = FastAPI(title="Antavo → Ometria sync dashboard")
+
+    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(requires_authenticated())])
+    async def dashboard() -> str:
+        return await asyncio.to_thread(_page)
+
+    return app
+
+
+class SyncDashboardPlugin(AirflowPlugin):
+    name = "antavo_ometria_sync_dashboard"
+    fastapi_apps = [{"app": _create_app(), "url_prefix": "/sync-dashboard", "name": "Antavo → Ometria sync"}]
+    external_views = [{
+        "name": "Antavo → Ometria sync",
+        "href": "sync-dashboard/",
+        "destination": "nav",
+        "category": "browse",
+        "url_route": "antavo-ometria-sync",
+    }]

@@ -1,0 +1,59 @@
+"""docker-compose.yaml describes the tested distributed topology (it cannot run here: no Docker engine)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+AIRFLOW_SERVICES = ("airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker",
+                    "airflow-triggerer", "airflow-init")
+
+
+def compose() -> dict:
+    return yaml.safe_load((PROJECT / "docker-compose.yaml").read_text())
+
+
+def test_services_of_the_celery_topology():
+    services = compose()["services"]
+    assert set(services) == {"postgres", "redis", *AIRFLOW_SERVICES}
+    assert services["airflow-worker"]["command"] == "celery worker"
+    assert services["airflow-triggerer"]["command"] == "triggerer"  # deferrable sensors wait here
+    for name, service in services.items():
+        if name != "airflow-init":
+            assert "healthcheck" in service and service["healthcheck"]["test"], f"{name} has no healthcheck"
+
+
+def test_airflow_services_share_one_configuration():
+    services = compose()["services"]
+    env = services["airflow-scheduler"]["environment"]
+    for name in AIRFLOW_SERVICES:
+        assert services[name]["environment"]["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
+        assert services[name]["environment"]["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"] == env[
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"]
+    assert env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("postgresql")
+    assert env["AIRFLOW__CELERY__BROKER_URL"].startswith("redis://")
+    for conn in ("AIRFLOW_CONN_ANTAVO_DEFAULT", "AIRFLOW_CONN_OMETRIA_DEFAULT", "AIRFLOW_CONN_ANTAVO_OMETRIA_STATE"):
+        assert conn in env
+
+
+def test_project_files_and_shared_staging_are_mounted():
+    services = compose()["services"]
+    for name in AIRFLOW_SERVICES:
+        volumes = services[name]["volumes"]
+        for folder in ("dags", "plugins", "include"):
+            assert f"./{folder}:/opt/airflow/{folder}" in volumes
+        assert "staging:/opt/airflow/staging" in volumes
+    assert services["airflow-worker"]["environment"]["ANTAVO_OMETRIA_STAGING_DIR"] == "/opt/airflow/staging"
+    assert "staging" in compose()["volumes"]
+
+
+def test_init_creates_the_push_pool_and_the_image_uses_the_pinned_requirements():
+    init = " ".join(compose()["services"]["airflow-init"]["command"])
+    assert "airflow db migrate" in init and "airflow pools set ometria_push" in init
+    dockerfile = (PROJECT / "Dockerfile").read_text()
+    pinned = re.search(r"^apache-airflow==(\S+)", (PROJECT / "requirements.txt").read_text(), re.M).group(1)
+    assert f"apache/airflow:{pinned}-python3.11" in dockerfile
+    assert "pip install --no-cache-dir -r /requirements.txt" in dockerfile
