@@ -8,10 +8,9 @@ import pytest
 
 from antavo_ometria.antavo import normalise_customer
 from antavo_ometria.mapping import load_contact_mapping
-from antavo_ometria.ometria import encode_record
-from antavo_ometria.payload import contact_records
-from antavo_ometria.quality import run_gate
-from antavo_ometria.transform import customer_columns, transform
+from antavo_ometria.pipeline import prepare_contacts
+from antavo_ometria.quality import batch_verdict
+from antavo_ometria.transform import customer_columns
 
 TABLE = """loyalty_field,remote_field,format,overwrite_empty
 email,email,,
@@ -66,10 +65,14 @@ def mapping(mappings):
     return load_contact_mapping(mappings)
 
 
-def gate(mapping, customers, previous_count=None):
-    frame = transform(customer_columns([normalise_customer(c) for c in customers], mapping.loyalty_fields), mapping)
-    sizes = [len(encode_record(record)) for _, record in contact_records(frame, mapping)]
-    return frame, run_gate(frame, mapping, sizes, previous_count)
+def gate(mapping, customers, duplicates=()):
+    frame, _, result = prepare_contacts(
+        customer_columns([normalise_customer(c) for c in customers], mapping.loyalty_fields), mapping, duplicates)
+    return frame, result
+
+
+def verdict(mapping, result, previous_count=None):
+    return batch_verdict(result.checked, result.quarantined, result.non_null, previous_count, mapping)
 
 
 def test_each_failure_class_is_quarantined_with_its_reason_and_value(mapping):
@@ -80,7 +83,7 @@ def test_each_failure_class_is_quarantined_with_its_reason_and_value(mapping):
         assert caught.get(position) == {check}, (position, check, caught.get(position))
     assert caught[52] == caught[53] == {"id_duplicate"}
     assert result.valid.tolist() == [True] * 40 + [False] * (len(BAD) + 2)
-    assert result.summary()["passed"] == 40 and not result.blocking
+    assert result.checked - result.quarantined == 40 and verdict(mapping, result) == ([], [])
     failure = result.failures[43][0]  # the impossible date, with its value
     assert failure == {"check": "date_format", "field": "date_of_birth", "value": "1990-02-30",
                        "message": "date_of_birth: birth_date = '1990-02-30' is not a YYYY-MM-DD date"}
@@ -89,25 +92,29 @@ def test_each_failure_class_is_quarantined_with_its_reason_and_value(mapping):
     assert result.validation["success"] is False and len(result.validation["results"]) > 10
 
 
+def test_duplicates_across_chunks_are_held_back(mapping):
+    _, result = gate(mapping, [good(1), good(2)], duplicates={"c2"})  # c2 also occurs in another chunk
+    assert {row: [f["check"] for f in fails] for row, fails in result.failures.items()} == {1: ["id_duplicate"]}
+
+
 def test_too_many_invalid_customers_block_the_run(mapping, mappings):
     (mappings / "settings.toml").write_text("[consent]\nauthoritative = true\n[quality]\nmax_invalid_share = 0.05\n")
     strict = load_contact_mapping(mappings)
     _, result = gate(strict, [good(i) for i in range(18)] + [good(50, email="broken"), good(51, country="XX")])
-    assert result.blocking == ["2 of 20 customers (10.0%) failed the checks, more than the allowed 5.0% "
-                               "(quality.max_invalid_share)"]
+    assert verdict(strict, result)[0] == ["2 of 20 customers (10.0%) failed the checks, more than the allowed 5.0% "
+                                          "(quality.max_invalid_share)"]
     _, fine = gate(strict, [good(i) for i in range(19)] + [good(50, email="broken")])
-    assert fine.blocking == []  # exactly 5 % is allowed
+    assert verdict(strict, fine)[0] == []  # exactly 5 % is allowed
 
 
 def test_a_sudden_drop_in_rows_blocks_the_run(mapping):
-    _, result = gate(mapping, [good(i) for i in range(30)], previous_count=1000)
-    assert result.blocking == ["30 customers, fewer than 500 (50% of the last full load, 1000)"]
-    _, fine = gate(mapping, [good(i) for i in range(30)], previous_count=50)
-    assert fine.blocking == []
+    _, result = gate(mapping, [good(i) for i in range(30)])
+    assert verdict(mapping, result, previous_count=1000)[0] == [
+        "30 customers, fewer than 500 (50% of the last full load, 1000)"]
+    assert verdict(mapping, result, previous_count=50)[0] == []
 
 
 def test_a_field_empty_for_everyone_is_a_warning(mapping):
     _, result = gate(mapping, [good(i) for i in range(25)])
-    assert result.warnings == ["notes (properties.notes) is empty for every customer: is the path right?"]
-    assert result.empty_share["notes"] == 1.0 and result.empty_share["email"] == 0.0
-    assert not result.blocking
+    assert verdict(mapping, result)[1] == ["notes (properties.notes) is empty for every customer: is the path right?"]
+    assert result.non_null["notes"] == 0 and result.non_null["email"] == 25

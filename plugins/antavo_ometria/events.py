@@ -65,12 +65,12 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
     customer_ids = sorted({e["customer_id"] for e in events})
     customers = {c["id"]: c for c in antavo.get_customers(customer_ids)}
     paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths))
-    frame, records, encoded, gate = prepare_contacts(customer_columns(list(customers.values()), paths), mapping)
-    valid = dict(zip(frame["id"], gate.valid))
-    reasons = {records[row][0]: "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}
+    frame, encoded, gate = prepare_contacts(customer_columns(list(customers.values()), paths), mapping)
+    ids = frame["id"].tolist()
+    valid = dict(zip(ids, gate.valid))
+    reasons = {ids[row]: "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}
     contacts_pushed = _push_unknown_contacts(
-        store, ometria, mapping, run_id,
-        [(records[i][0], encoded[i]) for i in range(len(records)) if gate.valid.iloc[i]])
+        store, ometria, mapping, run_id, [(ids[i], encoded[i]) for i in range(len(ids)) if gate.valid.iloc[i]])
     identities = {row["id"]: {k: v for k, v in (("identity_email", row.get("email")),
                                                  ("identity_account_id", row.get("customer_id"))) if v}
                   for row in frame.to_dict("records")}
@@ -113,6 +113,7 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
             store.record_events([_event_row(rule, by_id[i], status, late_cut, entry["request_id"], run_id)
                                  for i in entry["ids"]])
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in skipped])
+    store.clear_held(f"{run_id}:{rule.name}", "event_held")
     if held:
         store.record_held(f"{run_id}:{rule.name}", "event_held", [
             {"id": e["id"], "reasons": [f"customer {e['customer_id']}: {why}"], "payload": e} for e, why in held])

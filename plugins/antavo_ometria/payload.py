@@ -1,41 +1,57 @@
-"""Ometria contact records from a payload frame, in the legacy or the v2 shape.
+"""Ometria contact records from a payload frame, in the legacy or the v2 shape, encoded as JSON.
 
 Both shapes carry `@type`, `@collection`, `@merge`, `id` (the Antavo customer ID) and, when a list
 is configured, `@add_to_lists`. v2 puts Ometria's built-in fields top-level and every custom field
 under `properties`; legacy writes all mapped fields flat at the top level. An empty value is left out,
 so it cannot blank what Ometria holds, unless the mapping row says `overwrite_empty = yes`.
+
+Encoding is columnar: rows are grouped by which fields they carry, and each group is serialised by
+pandas' JSON writer in one call, so no Python dict is built per record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
 
+import numpy as np
 import pandas as pd
 
 from antavo_ometria.mapping import ContactMapping
 
 
-def contact_records(frame: pd.DataFrame, mapping: ContactMapping) -> Iterator[tuple[str, dict]]:
-    """(id, record) for every row of the payload frame, in order."""
+def envelope(mapping: ContactMapping) -> dict:
     settings = mapping.settings
-    envelope: dict = {"@type": "contact", "@collection": settings.collection, "@merge": True}
+    head: dict = {"@type": "contact", "@collection": settings.collection, "@merge": True}
     if settings.list_id:
-        envelope["@add_to_lists"] = [int(settings.list_id)]
+        head["@add_to_lists"] = [int(settings.list_id)]
+    return head
+
+
+def encode_contacts(frame: pd.DataFrame, mapping: ContactMapping) -> list[bytes]:
+    """One encoded Ometria contact per row of the payload frame, in order."""
+    if frame.empty:
+        return []
+    v2 = mapping.settings.v2
     fields = list(mapping.fields)
-    top = [(i, f.remote_field, f.overwrite_empty) for i, f in enumerate(fields) if f.builtin or not settings.v2]
-    nested = [(i, f.remote_field, f.overwrite_empty) for i, f in enumerate(fields) if not f.builtin and settings.v2]
-    columns = [frame["id"]] + [frame[f.remote_field] for f in fields]
-    for record_id, *values in zip(*columns):
-        record = dict(envelope)
-        record["id"] = record_id
-        for i, name, overwrite in top:
-            value = values[i]
-            if value is not None or overwrite:
-                record[name] = value
-        if nested:
-            properties = {
-                name: values[i] for i, name, overwrite in nested if values[i] is not None or overwrite
-            }
-            if properties:
-                record["properties"] = properties
-        yield record_id, record
+    prefix = json.dumps(envelope(mapping), ensure_ascii=False, separators=(",", ":"))[:-1] + ","
+    # which fields each row carries: present, or empty but allowed to overwrite
+    carried = np.column_stack([frame[f.remote_field].notna().to_numpy() | f.overwrite_empty for f in fields]) \
+        if fields else np.zeros((len(frame), 0), dtype=bool)
+    keys = carried.astype(np.int64) @ (1 << np.arange(len(fields), dtype=np.int64)) if fields else \
+        np.zeros(len(frame), dtype=np.int64)
+    out: list[str] = [""] * len(frame)
+    for key, rows in pd.Series(keys).groupby(keys).indices.items():
+        chosen = [f for i, f in enumerate(fields) if key >> i & 1]
+        top = ["id"] + [f.remote_field for f in chosen if f.builtin or not v2]
+        nested = [f.remote_field for f in chosen if not f.builtin and v2]
+        tops = _json_lines(frame.iloc[rows][top])
+        props = _json_lines(frame.iloc[rows][nested]) if nested else None
+        for j, row in enumerate(rows):
+            body = tops[j][1:-1]
+            out[row] = prefix + body + (',"properties":' + props[j] if props else "") + "}"
+    return [line.encode() for line in out]
+
+
+def _json_lines(part: pd.DataFrame) -> list[str]:
+    text = part.to_json(orient="records", lines=True, force_ascii=False, double_precision=15)
+    return text.rstrip("\n").split("\n")

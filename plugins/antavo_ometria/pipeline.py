@@ -16,20 +16,23 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections import Counter
+from collections.abc import Collection, Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from antavo_ometria.antavo import AntavoClient
 from antavo_ometria.mapping import ContactMapping
-from antavo_ometria.ometria import OmetriaClient, batches, encode_record, split_oversized
-from antavo_ometria.payload import contact_records
-from antavo_ometria.quality import QualityGateFailed, run_gate
+from antavo_ometria.ometria import OmetriaClient, batches, split_oversized
+from antavo_ometria.payload import encode_contacts
+from antavo_ometria.quality import QualityGateFailed, batch_verdict, run_gate
 from antavo_ometria.state import StateStore, payload_hash
-from antavo_ometria.transform import read_customers, transform
+from antavo_ometria.transform import read_customer_chunks, transform
 from antavo_ometria.transport import ApiError
 
 log = logging.getLogger(__name__)
@@ -40,6 +43,8 @@ QUARANTINE = "quarantine.ndjson"
 LOAD_JOURNAL = "load.ndjson"
 REPORT = "report.json"
 GX_RESULT = "gx_validation.json"
+DUPLICATES = "duplicate_ids.json"
+CONTACTS_SCHEMA = pa.schema([("id", pa.string()), ("body", pa.binary()), ("hash", pa.string())])
 OVERSIZED = "oversized.ndjson"
 ASYNC_ERRORS = "async_errors.json"
 PROFILE_CHUNK = 1000  # increments fetch full profiles this many at a time
@@ -139,17 +144,32 @@ def _aware(moment: datetime) -> datetime:
 def extract(client: AntavoClient, staging: Path, plan: dict, status: str = "active") -> dict:
     """Every customer (full), or those updated in the plan's window (incremental), staged as NDJSON."""
     staging.mkdir(parents=True, exist_ok=True)
-    path = staging / CUSTOMERS
     progress = Progress("extract", "customers")
-    count = 0
-    with path.open("w", encoding="utf-8") as handle:
-        for page in _customer_pages(client, plan, status):
-            count += len(page)
-            handle.writelines(json.dumps(c, ensure_ascii=False, separators=(",", ":")) + "\n" for c in page)
-            progress.advance(len(page))
-    progress.advance(0, force=True)
+    count, duplicates = write_customers(staging, _customer_pages(client, plan, status), progress)
     log.info("extracted %d customers (%s, %d requests)", count, plan["mode"], client.requests_made)
-    return {"path": str(path), "customers": count, "mode": plan["mode"]}
+    return {"path": str(staging / CUSTOMERS), "customers": count, "mode": plan["mode"], "duplicate_ids": duplicates}
+
+
+def write_customers(staging: Path, pages: Iterable[list[dict]], progress: Progress | None = None) -> tuple[int, int]:
+    """Stage customers as NDJSON, noting IDs that occur more than once (the quality gate holds them back)."""
+    seen: set = set()
+    duplicates: set = set()
+    count = 0
+    with (staging / CUSTOMERS).open("w", encoding="utf-8") as handle:
+        for page in pages:
+            for customer in page:
+                customer_id = customer.get("id")
+                if customer_id in seen:
+                    duplicates.add(customer_id)
+                seen.add(customer_id)
+                handle.write(json.dumps(customer, ensure_ascii=False, separators=(",", ":")) + "\n")
+            count += len(page)
+            if progress:
+                progress.advance(len(page))
+    if progress:
+        progress.advance(0, force=True)
+    (staging / DUPLICATES).write_text(json.dumps(sorted(d for d in duplicates if d is not None)), encoding="utf-8")
+    return count, len(duplicates)
 
 
 def _customer_pages(client: AntavoClient, plan: dict, status: str):
@@ -163,51 +183,74 @@ def _customer_pages(client: AntavoClient, plan: dict, status: str):
 
 
 # -- transform ---------------------------------------------------------------------------------
-def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, previous_count: int | None = None):
-    """Customer columns → (payload frame, [(id, record)], [encoded record], quality gate result)."""
+def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, duplicate_ids: Collection[str] = ()):
+    """Customer columns → (payload frame, encoded records, quality gate result), row for row."""
     frame = transform(columns, mapping)
-    records = list(contact_records(frame, mapping))
-    encoded = [encode_record(record) for _, record in records]
-    return frame, records, encoded, run_gate(frame, mapping, [len(body) for body in encoded], previous_count)
+    encoded = encode_contacts(frame, mapping)
+    return frame, encoded, run_gate(frame, mapping, [len(body) for body in encoded], duplicate_ids)
 
 
 def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: StateStore | None = None) -> dict:
     """Staged customers → checked, encoded Ometria contacts that differ from what was last sent.
 
-    Quarantined customers go to quarantine.ndjson (and the state store) with every reason. Raises
-    QualityGateFailed, after writing the quarantine and GX's result, when the batch as a whole fails.
+    Streams the staged customers in chunks, so memory does not grow with the programme. Quarantined
+    customers go to quarantine.ndjson (and the state store) with every reason. Raises
+    QualityGateFailed, after writing the quarantine and GX's results, when the run as a whole fails.
     """
-    columns = read_customers(staging / CUSTOMERS, mapping.loyalty_fields)
-    previous = plan.get("previous_full_count") if plan["mode"] == "full" else None
-    frame, records, encoded, gate = prepare_contacts(columns, mapping, previous)
-    quarantined = [{"id": records[row][0], "reasons": [f["message"] for f in fails], "failures": fails,
-                    "payload": records[row][1]} for row, fails in sorted(gate.failures.items())]
-    _write_ndjson(staging / QUARANTINE, quarantined)
+    path = staging / DUPLICATES
+    duplicates = set(json.loads(path.read_text())) if path.exists() else set()
     if store is not None:
-        store.record_held(plan["run_id"], "quarantined", quarantined)
-    (staging / GX_RESULT).write_text(json.dumps(gate.validation, default=str), encoding="utf-8")
-    summary = gate.summary()
-    log.info("quality gate: %d checked, %d passed, %d quarantined %s", summary["checked"], summary["passed"],
-             summary["quarantined"], summary["quarantined_by_check"])
-    for warning in gate.warnings:
+        store.clear_held(plan["run_id"], "quarantined")
+    checked = quarantined = valid = changed = 0
+    reasons: Counter = Counter()
+    non_null: Counter = Counter()
+    validations = []
+    progress = Progress("transform and check", "customers")
+    with (staging / QUARANTINE).open("w", encoding="utf-8") as held, \
+            pq.ParquetWriter(staging / CONTACTS, CONTACTS_SCHEMA) as writer:
+        for columns in read_customer_chunks(staging / CUSTOMERS, mapping.loyalty_fields):
+            frame, encoded, gate = prepare_contacts(columns, mapping, duplicates)
+            ids = frame["id"].tolist()
+            rows = [{"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails,
+                     "payload": json.loads(encoded[row])} for row, fails in sorted(gate.failures.items())]
+            held.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+            if store is not None:
+                store.record_held(plan["run_id"], "quarantined", rows)
+            ok = [(ids[row], encoded[row]) for row in np.flatnonzero(gate.valid.to_numpy())]
+            hashes = [payload_hash(body) for _, body in ok]
+            known = {} if plan["send_unchanged"] or store is None else store.sent_hashes([i for i, _ in ok])
+            keep = [k for k, ((i, _), h) in enumerate(zip(ok, hashes)) if known.get(i) != h]
+            writer.write_table(pa.table({
+                "id": pa.array([ok[k][0] for k in keep], pa.string()),
+                "body": pa.array([ok[k][1] for k in keep], pa.binary()),
+                "hash": pa.array([hashes[k] for k in keep], pa.string()),
+            }, schema=CONTACTS_SCHEMA))
+            checked += gate.checked
+            quarantined += gate.quarantined
+            valid += len(ok)
+            changed += len(keep)
+            reasons.update(gate.reasons_count())
+            non_null.update(gate.non_null)
+            validations.append(gate.validation)
+            progress.advance(gate.checked)
+    progress.advance(0, force=True)
+    (staging / GX_RESULT).write_text(json.dumps(validations, default=str), encoding="utf-8")
+    blocking, warnings = batch_verdict(checked, quarantined, dict(non_null),
+                                       plan.get("previous_full_count") if plan["mode"] == "full" else None, mapping)
+    summary = {"checked": checked, "passed": checked - quarantined, "quarantined": quarantined,
+               "quarantined_by_check": dict(reasons), "warnings": warnings, "blocking": blocking,
+               "empty_share": {f.remote_field: round(1 - non_null.get(f.remote_field, 0) / checked, 4)
+                               for f in mapping.fields} if checked else {}}
+    log.info("quality gate: %d checked, %d passed, %d quarantined %s", checked, checked - quarantined,
+             quarantined, dict(reasons))
+    for warning in warnings:
         log.warning("quality warning: %s", warning)
-    if gate.blocking:
-        raise QualityGateFailed("; ".join(gate.blocking) + f". Nothing was sent. Quarantined customers and "
-                                f"reasons: {staging / QUARANTINE}; GX result: {staging / GX_RESULT}")
-
-    valid = [(records[row][0], encoded[row]) for row, ok in enumerate(gate.valid.tolist()) if ok]
-    hashes = [payload_hash(body) for _, body in valid]
-    known = {} if plan["send_unchanged"] or store is None else store.sent_hashes([i for i, _ in valid])
-    changed = [(i, body, h) for (i, body), h in zip(valid, hashes) if known.get(i) != h]
-    pq.write_table(pa.table({
-        "id": pa.array([i for i, _, _ in changed], pa.string()),
-        "body": pa.array([b for _, b, _ in changed], pa.binary()),
-        "hash": pa.array([h for _, _, h in changed], pa.string()),
-    }), staging / CONTACTS)
-    log.info("%d contacts to send, %d unchanged since they were last sent", len(changed), len(valid) - len(changed))
-    return {"customers": len(frame), "valid": len(valid), "changed": len(changed),
-            "unchanged": len(valid) - len(changed), "quarantined": gate.quarantined,
-            "quarantine_reasons": summary["quarantined_by_check"], "quality": summary,
+    if blocking:
+        raise QualityGateFailed("; ".join(blocking) + f". Nothing was sent. Quarantined customers and "
+                                f"reasons: {staging / QUARANTINE}; GX results: {staging / GX_RESULT}")
+    log.info("%d contacts to send, %d unchanged since they were last sent", changed, valid - changed)
+    return {"customers": checked, "valid": valid, "changed": changed, "unchanged": valid - changed,
+            "quarantined": quarantined, "quarantine_reasons": dict(reasons), "quality": summary,
             "mapping_version": mapping.version, "payload_mode": mapping.settings.payload_mode}
 
 
@@ -344,8 +387,9 @@ def build_report(staging: Path, plan: dict, extracted: dict, transformed: dict, 
     unsent = transformed["changed"] if plan["dry_run"] else report["sent"] + report["failed"] + report["refused_oversized"]
     report["unaccounted"] = report["extracted"] - unsent - report["unchanged"] - report["quarantined"]
     if store is not None:
-        store.record_held(plan["run_id"], "rejected", rejected)
-        store.record_held(plan["run_id"], "failed", failed)
+        for kind, rows in (("rejected", rejected), ("failed", failed)):
+            store.clear_held(plan["run_id"], kind)
+            store.record_held(plan["run_id"], kind, rows)
         store.record_push_errors(plan["run_id"], report["async_errors"])
         store.finish_run(plan["dag_id"], plan["run_id"], report["status"], report={**report, "not_delivered": len(not_delivered)},
                          **{k: report[k] for k in ("extracted", "changed", "unchanged", "sent", "accepted", "rejected",

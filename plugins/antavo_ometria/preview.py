@@ -26,9 +26,10 @@ def load_customers(path: Path | None, count: int) -> list[dict]:
 
 def payloads(customers: list[dict], mapping: ContactMapping) -> tuple[dict[str, dict], dict[str, str]]:
     """(id → record for the sendable customers, id → reasons for the held-back ones)."""
-    _, records, _, gate = prepare_contacts(customer_columns(customers, mapping.loyalty_fields), mapping)
-    held = {str(records[row][0]): "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}
-    return {str(i): record for i, record in records if str(i) not in held}, held
+    frame, encoded, gate = prepare_contacts(customer_columns(customers, mapping.loyalty_fields), mapping)
+    ids = [str(i) for i in frame["id"]]
+    held = {ids[row]: "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}
+    return {i: json.loads(body) for i, body in zip(ids, encoded) if i not in held}, held
 
 
 def _flat(record: dict, prefix: str = "") -> dict[str, object]:

@@ -13,9 +13,10 @@ from __future__ import annotations
 import logging
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import pandas as pd
 
 from antavo_ometria.mapping import ContactMapping, FieldMapping
@@ -25,6 +26,10 @@ from antavo_ometria.transform import EMAIL, OPTIN, PHONE_E164, iso_countries
 log = logging.getLogger(__name__)
 
 ISO_DATETIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[+-]\d{2}:\d{2}|Z)$"
+# YYYY-MM-DD that exists in the calendar (month lengths and leap years), checked as one regular expression
+CALENDAR_DATE = (r"^(?:\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
+                 r"|02-(?:0[1-9]|1\d|2[0-8]))|\d{2}(?:0[48]|[2468][048]|[13579][26])-02-29"
+                 r"|(?:[02468][048]|[13579][26])00-02-29)$")
 CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 TYPE_NAMES = {"number": ["int", "float"], "integer": ["int"], "boolean": ["bool"], "list": ["list"]}
 DESCRIBE = {
@@ -41,25 +46,40 @@ class QualityGateFailed(Exception):
 
 @dataclass
 class GateResult:
+    """The row-level verdict on one chunk of contacts."""
+
     valid: pd.Series  # bool per row
     failures: dict[int, list[dict]]  # row → every failed check, with field, value and message
     checked: int
-    warnings: list[str] = field(default_factory=list)
-    blocking: list[str] = field(default_factory=list)
-    empty_share: dict[str, float] = field(default_factory=dict)
+    non_null: dict[str, int] = field(default_factory=dict)  # remote field → rows that carry a value
     validation: dict = field(default_factory=dict)  # GX's own result, as JSON
 
     @property
     def quarantined(self) -> int:
         return len(self.failures)
 
-    def reasons_count(self) -> dict[str, int]:
-        return dict(Counter(f["check"] for fails in self.failures.values() for f in fails))
+    def reasons_count(self) -> Counter:
+        return Counter(f["check"] for fails in self.failures.values() for f in fails)
 
-    def summary(self) -> dict:
-        return {"checked": self.checked, "passed": self.checked - self.quarantined,
-                "quarantined": self.quarantined, "quarantined_by_check": self.reasons_count(),
-                "warnings": self.warnings, "blocking": self.blocking, "empty_share": self.empty_share}
+
+def batch_verdict(checked: int, quarantined: int, non_null: dict[str, int], previous_count: int | None,
+                  mapping: ContactMapping) -> tuple[list[str], list[str]]:
+    """(problems that stop the run, warnings) for a whole run, whose rows were checked chunk by chunk."""
+    settings = mapping.settings
+    blocking, warnings = [], []
+    if previous_count:
+        minimum = math.ceil(previous_count * settings.min_rows_vs_last_run)
+        if checked < minimum:
+            blocking.append(f"{checked} customers, fewer than {minimum} "
+                            f"({settings.min_rows_vs_last_run:.0%} of the last full load, {previous_count})")
+    share = quarantined / checked if checked else 0.0
+    if share > settings.max_invalid_share:
+        blocking.append(f"{quarantined} of {checked} customers ({share:.1%}) failed the checks, "
+                        f"more than the allowed {settings.max_invalid_share:.1%} (quality.max_invalid_share)")
+    if checked >= 20:
+        warnings += [f"{f.remote_field} ({f.loyalty_field}) is empty for every customer: is the path right?"
+                     for f in mapping.fields if not non_null.get(f.remote_field)]
+    return blocking, warnings
 
 
 def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]:
@@ -85,8 +105,7 @@ def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]
         elif fmt == "phone":
             checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=PHONE_E164), "phone", bad))
         elif fmt == "date":
-            checks.append((gxe.ExpectColumnValuesToMatchStrftimeFormat(column=col, strftime_format="%Y-%m-%d"),
-                           "date_format", bad))
+            checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=CALENDAR_DATE), "date_format", bad))
         elif fmt == "datetime":
             checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=ISO_DATETIME),
                            "datetime_format", bad))
@@ -106,92 +125,97 @@ def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]
 
 
 def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequence[int]) -> pd.DataFrame:
-    """What the suite looks at: the payload values, a type name per typed field, each record's size."""
-    checked = pd.DataFrame({"row": range(len(frame))}, index=frame.index)
-    checked["id"] = frame["id"]
+    """What the suite looks at: the payload values as text, a type name per typed field, each record's size."""
+    checked = pd.DataFrame({"row": np.arange(len(frame)), "id": _as_text(frame["id"]).to_numpy()})
     for f in mapping.fields:
         values = frame[f.remote_field]
-        if f.format in TYPE_NAMES:
-            checked[f"{f.remote_field}:type"] = values.map(lambda v: None if v is None else type(v).__name__)
-        else:
-            checked[f.remote_field] = values.where(values.map(lambda v: v is None or isinstance(v, str)),
-                                                   values.map(repr))
-    checked["record_bytes"] = list(record_bytes)
-    return checked.reset_index(drop=True)
+        column = _type_names(values) if f.format in TYPE_NAMES else _as_text(values)
+        checked[_checked_column(f)] = column.to_numpy()
+    checked["record_bytes"] = np.asarray(record_bytes, dtype=np.int64)
+    return checked.astype({c: "str" for c in checked.columns if c not in ("row", "record_bytes")})
+
+
+def _checked_column(f: FieldMapping) -> str:
+    return f"{f.remote_field}:type" if f.format in TYPE_NAMES else f.remote_field
+
+
+def _as_text(values: pd.Series) -> pd.Series:
+    """Text for the regex and set checks; a value of another type shows as its repr (and fails them)."""
+    if values.dtype != object or pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
+        return values
+    return values.map(lambda v: v if v is None or isinstance(v, str) else repr(v))
+
+
+def _type_names(values: pd.Series) -> pd.Series:
+    types = values.map(type)
+    return types.map({t: None if t is type(None) else t.__name__ for t in types.unique()})
 
 
 def run_gate(
     frame: pd.DataFrame,
     mapping: ContactMapping,
     record_bytes: Sequence[int],
-    previous_count: int | None = None,
+    duplicate_ids: Collection[str] = (),
 ) -> GateResult:
-    """Validate the payload frame with Great Expectations; see the module docstring."""
+    """Validate one chunk of the payload frame with Great Expectations; see the module docstring.
+
+    `duplicate_ids` are IDs seen more than once in the whole run (possibly in other chunks).
+    """
     import great_expectations as gx
     import great_expectations.expectations as gxe
-    from great_expectations.data_context.types.base import ProgressBarsConfig
 
     checked = check_frame(frame, mapping, record_bytes)
-    row_checks = _row_checks(mapping.fields)
-    batch_checks = []
-    settings = mapping.settings
-    if previous_count:
-        minimum = math.ceil(previous_count * settings.min_rows_vs_last_run)
-        batch_checks.append((gxe.ExpectTableRowCountToBeBetween(min_value=minimum), "row_count",
-                             f"{len(frame)} customers, fewer than {minimum} "
-                             f"({settings.min_rows_vs_last_run:.0%} of the last full load, {previous_count})"))
-    warn_checks = [
-        (gxe.ExpectColumnValuesToNotBeNull(column=f.remote_field if f.format not in TYPE_NAMES
-                                           else f"{f.remote_field}:type", mostly=1e-9),
-         "field_empty", f"{f.remote_field} ({f.loyalty_field}) is empty for every customer: is the path right?")
-        for f in mapping.fields
-    ] if len(frame) >= 20 else []
-
-    context = gx.get_context(mode="ephemeral")
-    context.variables.progress_bars = ProgressBarsConfig(globally=False)
-    batch = (context.data_sources.add_pandas("staged").add_dataframe_asset("contacts")
-             .add_batch_definition_whole_dataframe("run").get_batch(batch_parameters={"dataframe": checked}))
-    expectations = []
-    for check, name, message in row_checks + batch_checks + warn_checks:
+    checks = _row_checks(mapping.fields)
+    if duplicate_ids:
+        checks.append((gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=sorted(duplicate_ids)),
+                       "id_duplicate", "duplicate customer id {value}"))
+    checks += [(gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(column=_checked_column(f), min_value=0),
+                "non_null", "") for f in mapping.fields]
+    for check, name, message in checks:
         check.meta = {"check": name, "message": message}
-        expectations.append(check)
-    suite = context.suites.add(gx.ExpectationSuite(name=f"ometria_contacts_{mapping.version}",
-                                                   expectations=expectations))
-    validation = batch.validate(suite, result_format={
-        "result_format": "COMPLETE", "unexpected_index_column_names": ["row"], "return_unexpected_index_query": False,
-    })
-
+    validation = _batch(checked).validate(gx.ExpectationSuite(name=f"ometria_contacts_{mapping.version}",
+                                                              expectations=[c for c, _, _ in checks]),
+                                          result_format={"result_format": "COMPLETE",
+                                                         "unexpected_index_column_names": ["row"],
+                                                         "return_unexpected_index_query": False})
     failures: dict[int, list[dict]] = {}
     result = GateResult(valid=pd.Series(True, index=frame.index), failures=failures, checked=len(frame))
     for outcome in validation.results:
         name, message = outcome.expectation_config.meta["check"], outcome.expectation_config.meta["message"]
         if outcome.exception_info.get("raised_exception"):
             raise QualityGateFailed(f"check {name} could not run: {outcome.exception_info.get('exception_message')}")
-        if outcome.success:
+        field_name = outcome.expectation_config.kwargs["column"].split(":")[0]
+        if name == "non_null":
+            result.non_null[field_name] = round(float(outcome.result.get("observed_value") or 0) * len(frame))
             continue
-        if name == "row_count":
-            result.blocking.append(message)
-        elif name == "field_empty":
-            result.warnings.append(message)
-        else:
-            field_name = outcome.expectation_config.kwargs["column"].split(":")[0]
-            for hit in outcome.result.get("unexpected_index_list") or []:
-                row = int(hit["row"])
-                value = checked.at[row, field_name] if field_name == "record_bytes" else frame.iloc[row][field_name]
-                failures.setdefault(row, []).append({
-                    "check": name, "field": field_name, "value": _jsonable(value),
-                    "message": message.format(value=_show(value)),
-                })
+        for hit in [] if outcome.success else outcome.result.get("unexpected_index_list") or []:
+            row = int(hit["row"])
+            value = checked.at[row, field_name] if field_name == "record_bytes" else frame.iloc[row][field_name]
+            failures.setdefault(row, []).append({
+                "check": name, "field": field_name, "value": _jsonable(value),
+                "message": message.format(value=_show(value)),
+            })
     if failures:
         result.valid.iloc[list(failures)] = False
-    result.empty_share = {f.remote_field: round(float(frame[f.remote_field].isna().mean()), 4)
-                          for f in mapping.fields} if len(frame) else {}
     result.validation = validation.to_json_dict()
-    share = result.quarantined / len(frame) if len(frame) else 0.0
-    if share > settings.max_invalid_share:
-        result.blocking.append(f"{result.quarantined} of {len(frame)} customers ({share:.1%}) failed the checks, "
-                               f"more than the allowed {settings.max_invalid_share:.1%} (quality.max_invalid_share)")
     return result
+
+
+def _batch(checked: pd.DataFrame):
+    """A GX batch over the frame, in an ephemeral context made once per process."""
+    global _ASSET
+    if _ASSET is None:
+        import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
+
+        context = gx.get_context(mode="ephemeral")
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
+        _ASSET = context.data_sources.add_pandas("staged").add_dataframe_asset("contacts")
+    definition = next(iter(_ASSET.batch_definitions), None) or _ASSET.add_batch_definition_whole_dataframe("run")
+    return definition.get_batch(batch_parameters={"dataframe": checked})
+
+
+_ASSET = None
 
 
 def _show(value: object, limit: int = 60) -> str:

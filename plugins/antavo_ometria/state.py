@@ -147,10 +147,6 @@ class StateStore:
         contacts = self.table("sync_contacts")
         found: dict[str, str] = {}
         with self.engine.connect() as conn:
-            if len(ids) > 20 * _IN_CHUNK:  # large runs: one scan beats thousands of IN lists
-                rows = conn.execute(sa.select(contacts.c.antavo_id, contacts.c.payload_hash))
-                wanted = set(ids)
-                return {i: h for i, h in rows if i in wanted}
             for chunk in _chunks(ids):
                 rows = conn.execute(sa.select(contacts.c.antavo_id, contacts.c.payload_hash)
                                     .where(contacts.c.antavo_id.in_(chunk)))
@@ -172,7 +168,7 @@ class StateStore:
 
     # -- held-back records -------------------------------------------------------------------
     def record_held(self, run_id: str, kind: str, rows: Iterable[dict]) -> None:
-        """rows: {"id", "reasons": [...], "payload": dict | None}"""
+        """Add held-back records: {"id", "reasons": [...], "payload": dict | None}."""
         held = self.table("sync_held_records")
         moment = now()
         values = [{"run_id": run_id, "antavo_id": r.get("id"), "kind": kind,
@@ -180,9 +176,14 @@ class StateStore:
                    "payload": json.dumps(r["payload"], ensure_ascii=False, default=str) if r.get("payload") else None,
                    "created_at": moment} for r in rows]
         with self.engine.begin() as conn:
-            conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)))
             for chunk in _chunks(values, 500):
                 conn.execute(held.insert(), chunk)
+
+    def clear_held(self, run_id: str, kind: str) -> None:
+        """Forget what a run held back of one kind (before a retry of that step records it again)."""
+        held = self.table("sync_held_records")
+        with self.engine.begin() as conn:
+            conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)))
 
     def held_records(self, run_id: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:
         held = self.table("sync_held_records")

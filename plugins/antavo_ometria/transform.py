@@ -8,17 +8,23 @@ numbers and booleans). A value that cannot be converted is left as it was; the q
 
 from __future__ import annotations
 
+import io
+import itertools
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from functools import cache
 from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.json as pajson
 
 from antavo_ometria.mapping import ContactMapping
 
+CHUNK_ROWS = 50_000  # customers transformed and checked at a time: memory stays flat as the programme grows
 EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 PHONE_E164 = r"^\+[1-9]\d{6,14}$"
 GENDERS = {"male": "m", "female": "f", "m": "m", "f": "f"}
@@ -51,29 +57,74 @@ def customer_columns(customers: Iterable[dict], paths: list[str]) -> pd.DataFram
     return pd.DataFrame(rows, columns=wanted, dtype=object)
 
 
-def read_customers(path: Path, paths: list[str]) -> pd.DataFrame:
-    """The staged customers (NDJSON, one customer a line) as columns."""
+def read_customer_chunks(path: Path, paths: list[str], rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The staged customers (NDJSON) as column frames of at most `rows` customers: one pass, bounded memory.
+
+    Each chunk is parsed by pyarrow's JSON reader and only the wanted paths are taken out of it; a
+    chunk whose values change type between customers (which pyarrow refuses) is parsed line by line.
+    """
+    wanted = ["id"] + [p for p in paths if p != "id"]
     with path.open("rb") as handle:
-        return customer_columns((json.loads(line) for line in handle if line.strip()), paths)
+        lines = (line for line in handle if line.strip())
+        while chunk := list(itertools.islice(lines, rows)):
+            data = b"".join(chunk)
+            try:
+                table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(block_size=len(data) + 1))
+            except pa.ArrowInvalid:
+                yield customer_columns((json.loads(line) for line in chunk), wanted)
+                continue
+            yield pd.DataFrame({p: _arrow_path(table, p) for p in wanted})
+
+
+def _arrow_path(table: pa.Table, path: str) -> pd.Series:
+    parts = path.split(".")
+    if parts[0] not in table.column_names:
+        return pd.Series([None] * table.num_rows, dtype=object)
+    array = table.column(parts[0]).combine_chunks()
+    for part in parts[1:]:
+        if not pa.types.is_struct(array.type) or array.type.get_field_index(part) < 0:
+            return pd.Series([None] * table.num_rows, dtype=object)
+        array = pc.struct_field(array, part)
+    return array.to_pandas()
 
 
 # -- converters: Series in, (values with None for empty, mask of unconvertible values) out -----
 Converted = tuple[pd.Series, pd.Series]
 
 
+def _is_text(s: pd.Series) -> bool:
+    """A typed string column (pandas `str`), as the columnar reader gives: fast vectorised paths."""
+    return s.dtype != object and pd.api.types.is_string_dtype(s)
+
+
 def _empty(s: pd.Series) -> pd.Series:
-    text = s.map(lambda v: isinstance(v, str) and not v.strip()) if s.dtype == object else False
-    return s.isna() | text
+    if _is_text(s):
+        return s.isna() | (s.str.strip() == "")
+    if s.dtype == object:
+        return s.isna() | s.map(lambda v: isinstance(v, str) and not v.strip())
+    return s.isna()
 
 
 def _text(s: pd.Series, language: str) -> pd.Series:
-    """Strings, with translation objects such as {"en": "Gold"} resolved to one language."""
-    s = s.astype(object)
-    is_dict = s.map(lambda v: isinstance(v, dict))
-    if is_dict.any():
-        s = s.copy()
-        s[is_dict] = s[is_dict].map(lambda d: d.get(language) or next(iter(d.values()), None))
-    return _objects(s.where(~_empty(s), None).map(lambda v: v if v is None or isinstance(v, str) else str(v)))
+    """Text (`str` dtype, NaN when empty), with translations such as {"en": "Gold"} resolved."""
+    if _is_text(s):
+        text = s
+    elif pd.api.types.is_datetime64_any_dtype(s):
+        text = _utc(s).dt.strftime("%Y-%m-%dT%H:%M:%S+00:00").astype("str")
+    elif pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        text = _whole_as_int(s.astype(float)).map(str, na_action="ignore").astype("str")
+    else:
+        values = s.astype(object)
+        is_dict = values.map(lambda v: isinstance(v, dict))
+        if is_dict.any():
+            values = values.copy()
+            values[is_dict] = values[is_dict].map(lambda d: d.get(language) or next(iter(d.values()), None))
+        text = values.map(lambda v: v if v is None or isinstance(v, str) else str(v)).astype("str")
+    return text.where(text.str.strip() != "")
+
+
+def _utc(s: pd.Series) -> pd.Series:
+    return s.dt.tz_localize("UTC") if s.dt.tz is None else s.dt.tz_convert("UTC")
 
 
 def _objects(values: pd.Series) -> pd.Series:
@@ -87,8 +138,8 @@ def _result(values: pd.Series, bad: pd.Series) -> Converted:
 
 def to_string(s: pd.Series, language: str) -> Converted:
     text = _text(s, language)
-    bad = text.map(lambda v: isinstance(v, str) and any(ord(c) < 32 and c not in "\t\n\r" for c in v))
-    return _result(text.str.strip() if text.notna().any() else text, bad)
+    bad = text.str.contains(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", regex=True).fillna(False).astype(bool)
+    return _result(text.str.strip(), bad)
 
 
 def to_email(s: pd.Series, language: str) -> Converted:
@@ -114,17 +165,22 @@ def to_phone(s: pd.Series, language: str) -> Converted:
 
 
 def _timestamps(s: pd.Series, language: str) -> tuple[pd.Series, pd.Series]:
-    """(UTC timestamps, present-but-unparseable mask) from ISO strings or unix seconds."""
+    """(UTC timestamps, present-but-unparseable mask) from ISO strings, unix seconds or typed timestamps."""
+    if pd.api.types.is_datetime64_any_dtype(s):
+        return _utc(s), pd.Series(False, index=s.index)
+    if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
+        stamps = pd.to_datetime(s, unit="s", utc=True, errors="coerce")
+        return stamps, s.notna() & stamps.isna()
     present = ~_empty(s)
-    is_number = s.map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool))
     stamps = pd.Series(pd.NaT, index=s.index, dtype="datetime64[us, UTC]")
+    is_number = s.map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool)) \
+        if s.dtype == object else pd.Series(False, index=s.index)
     if is_number.any():
         seconds = pd.to_numeric(s[is_number], errors="coerce")
         stamps[is_number] = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")
     text = _text(s[present & ~is_number], language)
     if len(text):
-        parsed = pd.to_datetime(text.str.strip(), format="ISO8601", utc=True, errors="coerce")
-        stamps[text.index] = parsed
+        stamps[text.index] = pd.to_datetime(text.str.strip(), format="ISO8601", utc=True, errors="coerce")
     return stamps, present & stamps.isna()
 
 
@@ -139,8 +195,12 @@ def to_datetime(s: pd.Series, language: str) -> Converted:
 
 
 def _numbers(s: pd.Series) -> tuple[pd.Series, pd.Series]:
+    if pd.api.types.is_bool_dtype(s):
+        return pd.Series(np.nan, index=s.index), s.notna()
+    if pd.api.types.is_numeric_dtype(s):
+        return s.astype(float), pd.Series(False, index=s.index)
     present = ~_empty(s)
-    is_bool = s.map(lambda v: isinstance(v, (bool, np.bool_)))
+    is_bool = s.map(lambda v: isinstance(v, (bool, np.bool_))) if s.dtype == object else False
     numbers = pd.to_numeric(s.where(~is_bool), errors="coerce")
     return numbers, present & (numbers.isna() | is_bool)
 
@@ -213,7 +273,7 @@ def transform(columns: pd.DataFrame, mapping: ContactMapping) -> pd.DataFrame:
     the offending value; nothing here decides whether a record may be sent.
     """
     language = mapping.settings.language
-    payload = {"id": _text(columns["id"], language)}
+    payload = {"id": _objects(_text(columns["id"], language))}
     for field in mapping.fields:
         source = columns[field.loyalty_field]
         values, bad = CONVERTERS[field.format](source, language)
