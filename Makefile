@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install run test validate fields preview diff sandbox lock lint clean
+.PHONY: install run test validate fields preview diff sandbox lock lint bench clean
 
 install: $(VENV)/.installed
 
@@ -45,3 +45,6 @@ lint: install
 
 clean:
 	rm -rf $(VENV) .airflow .pytest_cache
+
+bench: install           ## benchmarks (100k and 1M customers); writes BENCHMARKS.md
+	$(BIN)/python benchmarks/run.py

@@ -22,6 +22,7 @@ DEFAULT_BASE_URL = "https://api.ometria.com"
 MAX_BATCH_RECORDS = 100
 MAX_RECORD_BYTES = 60 * 1024
 RECORD_TYPES = ("contact", "order", "product", "custom_event")
+RATE_MARGIN = 0.98
 QUEUE_LOW_WATER = 1000  # slow down when Ometria's queue has less room than this
 
 
@@ -99,7 +100,8 @@ class OmetriaClient:
     def __init__(self, config: OmetriaConfig):
         self.config = config
         self.base = config.base_url.rstrip("/")
-        self.limiter = RateLimiter(config.requests_per_second)
+        # a hair under the account's limit, so that timing jitter never makes the sync itself cause a 429
+        self.limiter = RateLimiter(config.requests_per_second * RATE_MARGIN)
         self.session = requests.Session()
         self.session.verify = config.verify_tls
         self.session.headers.update(

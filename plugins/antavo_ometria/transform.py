@@ -25,6 +25,7 @@ import pyarrow.json as pajson
 from antavo_ometria.mapping import ContactMapping
 
 CHUNK_ROWS = 50_000  # customers transformed and checked at a time: memory stays flat as the programme grows
+PARSE_BLOCK = 8 << 20  # pyarrow parses a chunk in blocks of this many bytes, on all cores
 EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
 PHONE_E164 = r"^\+[1-9]\d{6,14}$"
 GENDERS = {"male": "m", "female": "f", "m": "m", "f": "f"}
@@ -69,7 +70,7 @@ def read_customer_chunks(path: Path, paths: list[str], rows: int = CHUNK_ROWS) -
         while chunk := list(itertools.islice(lines, rows)):
             data = b"".join(chunk)
             try:
-                table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(block_size=len(data) + 1))
+                table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(block_size=PARSE_BLOCK))
             except pa.ArrowInvalid:
                 yield customer_columns((json.loads(line) for line in chunk), wanted)
                 continue
