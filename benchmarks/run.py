@@ -313,7 +313,7 @@ def write_report(path: Path, rows, loader, incremental, parse, elapsed: float) -
         "| sandbox | records | time | records/s | requests/s | 429s caused |",
         "|---|---|---|---|---|---|",
     ]
-    for name, row in loader.items():
+    for row in loader.values():
         limit = f"limited to {row['limit_rps']:.0f} req/s" if row["limit_rps"] else "no rate limit"
         share = f" ({row['requests_per_s'] / row['limit_rps']:.0%} of the limit)" if row["limit_rps"] else ""
         lines.append(f"| {limit} | {row['records']:,} | {row['seconds']:.1f} s | {row['records_per_s']:,.0f} "

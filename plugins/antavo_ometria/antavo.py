@@ -76,19 +76,24 @@ class AntavoClient:
         )
         self.requests_made = 0
 
-    def get(self, url: str, what: str) -> Any:
+    def get(self, url: str, what: str, check=None) -> Any:
         def send() -> requests.Response:
             self.requests_made += 1
             return self.session.get(url, timeout=self.config.timeout)
 
+        def checks(response: requests.Response) -> None:
+            _check_body(response)
+            if check is not None:
+                check(response.json())
+
         response = request_with_retries(
-            send, what=what, policy=self.config.retry, limiter=self.limiter, check=_check_body
+            send, what=what, policy=self.config.retry, limiter=self.limiter, check=checks
         )
         return response.json()
 
     # -- customers -----------------------------------------------------------------------------
     def iter_customer_pages(self, status: str = "active") -> Iterator[list[dict]]:
-        """Every customer, a page at a time, oldest first (Loyalty Read API)."""
+        """Every customer, a page at a time, oldest first (Loyalty Read API), until `next` is null."""
         offset = 0
         while True:
             query = (
@@ -97,15 +102,12 @@ class AntavoClient:
             )
             if status:
                 query += f"&{quote('filter[status][eq]')}={status}"
-            body = self.get(f"{self.read_api}/v1/customers?{query}", f"GET /v1/customers offset={offset}")
-            payload = body.get("payload") or {}
-            customers = payload.get("customers") if isinstance(payload, dict) else None
-            if not isinstance(customers, list):
-                raise ApiError("GET /v1/customers: response has no payload.customers list", retryable=True)
+            body = self.get(f"{self.read_api}/v1/customers?{query}", f"GET /v1/customers offset={offset}",
+                            check=_check_customer_page)
+            customers = body["payload"]["customers"]
             if customers:
                 yield [normalise_customer(c) for c in customers]
-            next_link = ((body.get("metadata") or {}).get("pagination") or {}).get("next")
-            if len(customers) < READ_API_PAGE_LIMIT or not next_link:
+            if not ((body.get("metadata") or {}).get("pagination") or {}).get("next"):
                 return
             offset += len(customers)
 
@@ -183,6 +185,16 @@ def _check_body(response: requests.Response) -> None:
         )
 
 
+def _check_customer_page(body: Any) -> None:
+    """A Read API page must hold a customer list, and cannot be empty while another page is announced."""
+    payload = body.get("payload") if isinstance(body, dict) else None
+    customers = payload.get("customers") if isinstance(payload, dict) else None
+    if not isinstance(customers, list):
+        raise ApiError("GET /v1/customers: the response has no payload.customers list", retryable=True)
+    if not customers and ((body.get("metadata") or {}).get("pagination") or {}).get("next"):
+        raise ApiError("GET /v1/customers: an empty page although a next page is announced", retryable=True)
+
+
 def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -207,7 +219,10 @@ def normalise_customer(raw: dict) -> dict:
     for name in _UNIX_FIELDS:
         value = customer.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            customer[name] = datetime.fromtimestamp(value, UTC).isoformat()
+            try:
+                customer[name] = datetime.fromtimestamp(value, UTC).isoformat()
+            except (OverflowError, OSError, ValueError):
+                pass  # not a plausible time: left as it is, for the quality gate to hold back
     for name in ("status", "gender"):
         if isinstance(customer.get(name), str):
             customer[name] = customer[name].lower()
