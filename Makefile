@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install run test validate fields preview diff sandbox lock lint bench clean
+.PHONY: install run test validate fields preview diff sandbox lock lint bench reliability clean
 
 install: $(VENV)/.installed
 
@@ -48,3 +48,6 @@ clean:
 
 bench: install           ## benchmarks (100k and 1M customers); writes BENCHMARKS.md
 	$(BIN)/python benchmarks/run.py
+
+reliability: install     ## every fault scenario, for real; writes the reliability table into BENCHMARKS.md
+	$(BIN)/python benchmarks/reliability.py

@@ -335,7 +335,10 @@ def write_report(path: Path, rows, loader, incremental, parse, elapsed: float) -
     ]
     for row in parse:
         lines.append(f"| {Path(row['file']).name} | {row['duration']} | {row['dag_num']} | {row['task_num']} |")
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    kept = ""  # the reliability table (make reliability) is kept
+    if path.exists() and "\n## Reliability\n" in path.read_text(encoding="utf-8"):
+        kept = "\n## Reliability\n" + path.read_text(encoding="utf-8").split("\n## Reliability\n", 1)[1]
+    path.write_text("\n".join(lines) + "\n" + kept, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -111,3 +111,59 @@ def run(name: str) -> Outcome:
             sent_twice=sum(1 for count in received.values() if count > 1),
             faults_injected=sandbox.antavo.faults.injected + sandbox.ometria.faults.injected,
         )
+
+
+# -- bad input ---------------------------------------------------------------------------------
+BAD_INPUTS = {  # name → (what is wrong, the check that must hold the customer back)
+    "malformed email": ({"email": "not-an-email"}, "email_format"),
+    "missing email": ({"email": None}, "email_missing"),
+    "impossible date": ({"birth_date": "1990-02-30"}, "date_format"),
+    "malformed date": ({"birth_date": "17/05/1990"}, "date_format"),
+    "malformed phone": ({"mobile_phone": "call me maybe"}, "phone"),
+    "unknown country": ({"country": "Narnia"}, "country"),
+    "record over 60 KB": ({"properties": {"city": "x" * 70_000}}, "record_too_large"),
+    "text where a number belongs": ({"purchase_count": "many"}, "type"),
+    "control characters": ({"first_name": "Bell\x07e"}, "control_characters"),
+    "missing id": ({"id": None}, "id_missing"),
+    "duplicate id": ({}, "id_duplicate"),
+}
+
+
+def customer(cid: str | None, **changes) -> dict:
+    """A valid normalised customer for the shipped mapping, with unicode in its names, then `changes`."""
+    base = {"id": cid, "email": f"{cid}@example.com", "first_name": "Zoë 🎁 Ñandú", "last_name": "O'Brien-Łukasz",
+            "birth_date": "1990-05-17", "country": "GB", "mobile_phone": "+447700900123",
+            "created_at": "2026-01-01T00:00:00+00:00", "score": 10, "spent": 1, "purchase_count": 2,
+            "purchase_last_date": "2026-01-02", "external_ids": {"crm_id": f"CRM-{cid}"},
+            "properties": {"city": "Kraków", "favourite_store": "s1", "newsletter": True}}
+    return {**base, **changes}
+
+
+def bad_input_population(per_class: int = 3, valid: int = 30) -> tuple[list[dict], list[str | None]]:
+    """(customers, the bad-input class of each or None for a valid one)."""
+    customers, classes = [customer(f"ok-{i}") for i in range(valid)], [None] * valid
+    for name, (changes, _) in BAD_INPUTS.items():
+        for n in range(per_class):
+            cid = "twin" if name == "duplicate id" else f"{name.replace(' ', '-')}-{n}"
+            customers.append(customer(cid, **changes))
+            classes.append(name)
+    return customers, classes
+
+
+def run_bad_inputs() -> list[tuple[str, int, int, int]]:
+    """(class, held back by the expected check, delivered, lost) for each bad-input class, then the valid ones."""
+    from antavo_ometria.pipeline import prepare_contacts
+    from antavo_ometria.transform import customer_columns
+
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    customers, classes = bad_input_population()
+    _, _, gate = prepare_contacts(customer_columns(customers, mapping.loyalty_fields), mapping, {"twin"})
+    rows = []
+    for name in [*BAD_INPUTS, None]:
+        positions = [i for i, c in enumerate(classes) if c == name]
+        check = BAD_INPUTS[name][1] if name else None
+        held = sum(1 for i in positions if check in {f["check"] for f in gate.failures.get(i, [])})
+        delivered = sum(1 for i in positions if gate.valid.iloc[i])
+        lost = len(positions) - held - delivered if name else len(positions) - delivered
+        rows.append((name or "valid customers (unicode names)", held, delivered, lost))
+    return rows

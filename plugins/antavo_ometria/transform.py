@@ -170,18 +170,19 @@ def _timestamps(s: pd.Series, language: str) -> tuple[pd.Series, pd.Series]:
     if pd.api.types.is_datetime64_any_dtype(s):
         return _utc(s), pd.Series(False, index=s.index)
     if pd.api.types.is_numeric_dtype(s) and not pd.api.types.is_bool_dtype(s):
-        stamps = pd.to_datetime(s, unit="s", utc=True, errors="coerce")
+        stamps = pd.to_datetime(s.round(), unit="s", utc=True, errors="coerce")
         return stamps, s.notna() & stamps.isna()
     present = ~_empty(s)
     stamps = pd.Series(pd.NaT, index=s.index, dtype="datetime64[us, UTC]")
     is_number = s.map(lambda v: isinstance(v, (int, float, np.number)) and not isinstance(v, bool)) \
         if s.dtype == object else pd.Series(False, index=s.index)
     if is_number.any():
-        seconds = pd.to_numeric(s[is_number], errors="coerce")
-        stamps[is_number] = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce")
+        seconds = pd.to_numeric(s[is_number], errors="coerce").round()  # Ometria takes whole seconds
+        stamps[is_number] = pd.to_datetime(seconds, unit="s", utc=True, errors="coerce").astype(stamps.dtype)
     text = _text(s[present & ~is_number], language)
     if len(text):
-        stamps[text.index] = pd.to_datetime(text.str.strip(), format="ISO8601", utc=True, errors="coerce")
+        parsed = pd.to_datetime(text.str.strip(), format="ISO8601", utc=True, errors="coerce")
+        stamps[text.index] = parsed.dt.floor("s").astype(stamps.dtype)
     return stamps, present & stamps.isna()
 
 
