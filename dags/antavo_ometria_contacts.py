@@ -21,6 +21,7 @@ run report, and the run history is kept in the state store.
 
 from __future__ import annotations
 
+import os
 from datetime import timedelta
 
 import pendulum
@@ -31,6 +32,7 @@ from antavo_ometria.alerts import notify_failure
 
 DAG_ID = "antavo_ometria_contacts"
 PUSH_POOL = "ometria_push"  # caps concurrent pushes across DAGs: Ometria's rate limit is per account
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("ANTAVO_OMETRIA_RETRY_DELAY_SECONDS", 30)))
 OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # updated when contacts land in Ometria
 
 
@@ -69,7 +71,7 @@ def _store():
     max_active_runs=1,
     doc_md=__doc__,
     tags=["antavo", "ometria", "contacts"],
-    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30),
+    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": RETRY_DELAY,
                   "on_failure_callback": notify_failure},
     params={
         "full_resync": Param(False, type="boolean", description="Read and send every customer, changed or not."),
@@ -118,9 +120,14 @@ def antavo_ometria_contacts():
     def load(plan: dict, transformed: dict) -> dict:
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
         from antavo_ometria.hooks import OmetriaHook
-        from antavo_ometria.pipeline import load_staged
+        from antavo_ometria.pipeline import LoadFailed, load_staged
 
-        return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store())
+        try:
+            return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store())
+        except LoadFailed as exc:
+            if exc.retryable:
+                raise
+            raise AirflowFailException(str(exc)) from None  # e.g. a refused API key: retrying cannot help
 
     @task(trigger_rule="all_done")
     def report() -> dict:

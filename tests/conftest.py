@@ -24,6 +24,7 @@ def pytest_configure(config: pytest.Config) -> None:
         "ANTAVO_OMETRIA_STAGING_DIR": str(home / "staging"),
         "ANTAVO_OMETRIA_EVENT_POKE_SECONDS": "0.5",
         "ANTAVO_OMETRIA_EVENT_WAIT_SECONDS": "3",
+        "ANTAVO_OMETRIA_RETRY_DELAY_SECONDS": "1",
     })
 
 

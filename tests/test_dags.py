@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -177,3 +178,55 @@ def test_redaction_of_secret_looking_text():
 
     assert redact("login failed: password=hunter2 api_key: abc123 ok") == \
         "login failed: password=[redacted] api_key: [redacted] ok"
+
+
+def test_unreachable_state_store_fails_the_run_before_anything_is_sent(airflow_db, dagbag, connections, monkeypatch):
+    from airflow.utils.state import DagRunState
+
+    monkeypatch.setenv("ANTAVO_OMETRIA_STATE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
+    run = dagbag.get_dag("antavo_ometria_contacts").test()
+    assert run.state == DagRunState.FAILED
+    assert {ti.task_id: ti.state for ti in run.get_task_instances()}["plan"] == "failed"
+    assert connections.antavo.requests == 0 and connections.ometria.pushes == 0
+
+
+def test_secrets_never_reach_logs_xcom_reports_or_errors(airflow_db, dagbag, sandbox, monkeypatch, tmp_path,
+                                                        capfd, caplog):
+    import logging
+
+    from airflow.models.renderedtifields import RenderedTaskInstanceFields
+
+    from antavo_ometria.sandbox import ANTAVO_KEY
+    from antavo_ometria.settings import staging_dir
+
+    antavo_secret, ometria_key, wrong_key = "S3CRET-antavo-7f3a9", "S3CRET-ometria-c41d2", "S3CRET-wrong-0b77e"
+    sandbox.antavo.keys = {ANTAVO_KEY: antavo_secret}
+    sandbox.ometria.api_key = ometria_key
+    monkeypatch.setenv("ANTAVO_OMETRIA_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
+    caplog.set_level(logging.DEBUG)
+    seen = []
+    for key in (ometria_key, wrong_key):  # a good run, then one that fails on Ometria's 403
+        connections = {
+            "AIRFLOW_CONN_ANTAVO_DEFAULT": json.dumps({
+                "conn_type": "http", "host": sandbox.antavo_url, "login": ANTAVO_KEY, "password": antavo_secret,
+                "extra": {"environment": "sandbox", "read_api_url": sandbox.antavo_url}}),
+            "AIRFLOW_CONN_OMETRIA_DEFAULT": json.dumps({"conn_type": "http", "host": sandbox.ometria_url,
+                                                       "password": key}),
+        }
+        for name, value in connections.items():
+            monkeypatch.setenv(name, value)
+        run = dagbag.get_dag("antavo_ometria_contacts").test(run_conf={"full_resync": True, "dry_run": False})
+        for ti in run.get_task_instances():
+            seen.append(json.dumps(ti.xcom_pull(task_ids=ti.task_id), default=str))
+            seen.append(json.dumps(RenderedTaskInstanceFields.get_templated_fields(ti), default=str))
+        staging = staging_dir("antavo_ometria_contacts", run.run_id)
+        seen += [p.read_text(errors="replace") for p in staging.glob("*.json*")]
+    assert sandbox.ometria.pushes > 0  # the first run did deliver
+    assert run.state == "failed"  # the second did not, and said why
+    out, err = capfd.readouterr()
+    seen += [out, err, caplog.text]
+    seen += [p.read_text(errors="replace") for p in Path(os.environ["AIRFLOW_HOME"]).rglob("*.log")]
+    everything = "\n".join(seen)
+    assert "HTTP 403" in everything
+    for secret in (antavo_secret, ometria_key, wrong_key):
+        assert secret not in everything, f"{secret} leaked"

@@ -23,7 +23,8 @@ REDIS = ("127.0.0.1", 6379)
 
 def stack_env(sandbox, tmp) -> dict[str, str]:
     return {**sandbox.connections(), "ANTAVO_OMETRIA_STAGING_DIR": str(tmp / "staging"),
-            "ANTAVO_OMETRIA_EVENT_POKE_SECONDS": "1", "ANTAVO_OMETRIA_EVENT_WAIT_SECONDS": "300"}
+            "ANTAVO_OMETRIA_EVENT_POKE_SECONDS": "1", "ANTAVO_OMETRIA_EVENT_WAIT_SECONDS": "300",
+            "ANTAVO_OMETRIA_RETRY_DELAY_SECONDS": "2"}
 
 
 @pytest.fixture(scope="module", params=["local", "celery"])
@@ -69,6 +70,42 @@ def test_contact_sync_runs_on_the_deployment(stack):
         "antavo_ometria_contacts", run_id)
     valid = {c["_id"] for i, c in enumerate(sandbox.antavo.customers) if not defects_of(i)}
     assert {cid for _, cid in sandbox.ometria.contacts} == valid
+
+
+def test_load_killed_with_sigkill_is_retried_by_airflow_without_loss_or_repeats(stack):
+    import signal
+
+    import psutil
+
+    airflow, sandbox = stack
+    port = int(sandbox.ometria_url.rsplit(":", 1)[1])
+    before = dict(sandbox.ometria.received)
+    # the second push hangs and is never processed: the load task is killed while it waits
+    sandbox.ometria.faults.add({"path": "/v2/push", "every": 2, "count": 1, "delay": 60, "drop": True})
+    run_id = airflow.trigger("antavo_ometria_contacts", "2026-03-02T12:30:00Z", {"full_resync": True})
+    deadline = time.monotonic() + 120
+    while sandbox.ometria.faults.injected == 0:
+        assert time.monotonic() < deadline, airflow.task_states("antavo_ometria_contacts", run_id)
+        time.sleep(0.2)
+    pushing = [p for p in psutil.process_iter() if p.pid != os.getpid()
+               and any(c.raddr and c.raddr.port == port for c in _connections(p))]
+    assert len(pushing) == 1, pushing
+    pushing[0].send_signal(signal.SIGKILL)
+    assert airflow.wait_for_state("antavo_ometria_contacts", run_id) == "success"
+    load = next(t for t in airflow.api("GET", f"/dags/antavo_ometria_contacts/dagRuns/{run_id}/taskInstances")[
+        "task_instances"] if t["task_id"] == "load")
+    assert load["try_number"] >= 2  # Airflow retried the killed task
+    valid = {c["_id"] for i, c in enumerate(sandbox.antavo.customers) if not defects_of(i)}
+    sent = {key[1]: count - before.get(key, 0) for key, count in sandbox.ometria.received.items()}
+    assert {cid for cid, n in sent.items() if n} == valid
+    assert set(sent.values()) == {1}  # every contact exactly once in this run
+
+
+def _connections(process):
+    try:
+        return process.net_connections(kind="tcp")
+    except Exception:  # processes that end or that we may not inspect
+        return []
 
 
 def test_event_sensor_defers_to_the_triggerer_and_resumes(stack):

@@ -51,7 +51,14 @@ PROFILE_CHUNK = 1000  # increments fetch full profiles this many at a time
 
 
 class LoadFailed(Exception):
-    """Some batches could not be delivered; they are recorded in the load journal."""
+    """Some batches could not be delivered; they are recorded in the load journal.
+
+    `retryable` is false when every failure was permanent (e.g. a refused API key): a retry cannot help.
+    """
+
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 class Progress:
@@ -278,12 +285,13 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
     fits, oversized = split_oversized((i, b) for i, b, _ in contacts)
     planned = list(batches(fits))
     progress = Progress("load", "contacts", total=len(fits))
-    failures = 0
+    failures = retryable = 0
     for ids, bodies in planned:
         if tuple(ids) not in done:
             entries = push_isolating(client, ids, bodies)
             _write_ndjson(journal, entries, mode="a")
             failures += sum(e["status"] != "OK" for e in entries)
+            retryable += sum(e["status"] != "OK" and e.get("retryable", True) for e in entries)
             if store is not None:
                 remember_sent(store, entries, hashes, plan)
         progress.advance(len(ids))
@@ -297,7 +305,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
     summary = summarise_load(staging)
     if failures:
         raise LoadFailed(f"{failures} batch(es) were not delivered ({summary['failed']} contacts); see "
-                         f"{journal}. A retry re-sends only those.")
+                         f"{journal}. A retry re-sends only those.", retryable=bool(retryable))
     return {k: v for k, v in summary.items() if not k.endswith("_ids")} | {"async_errors": len(errors)}
 
 
