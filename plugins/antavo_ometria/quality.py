@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -30,6 +31,8 @@ ISO_DATETIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[+-]\d{2}:\d{2
 CALENDAR_DATE = (r"^(?:\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
                  r"|02-(?:0[1-9]|1\d|2[0-8]))|\d{2}(?:0[48]|[2468][048]|[13579][26])-02-29"
                  r"|(?:[02468][048]|[13579][26])00-02-29)$")
+TEXT_FORMATS = ("string", "email")
+ALL_TEXT = "text:all"
 CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 TYPE_NAMES = {"number": ["int", "float"], "integer": ["int"], "boolean": ["bool"], "list": ["list"]}
 DESCRIBE = {
@@ -114,9 +117,9 @@ def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]
         elif fmt in TYPE_NAMES:
             checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{col}:type", value_set=TYPE_NAMES[fmt]),
                            "type", bad))
-        if fmt in ("string", "email"):
-            checks.append((gxe.ExpectColumnValuesToNotMatchRegex(column=col, regex=CONTROL_CHARACTERS),
-                           "control_characters", f"{col}: {f.loyalty_field} contains control characters"))
+    if any(f.format in TEXT_FORMATS for f in fields):  # one check over all text fields, joined by tabs
+        checks.append((gxe.ExpectColumnValuesToNotMatchRegex(column=ALL_TEXT, regex=CONTROL_CHARACTERS),
+                       "control_characters", "{field}: {loyalty} contains control characters"))
     email = next((f for f in fields if f.remote_field == "email"), None)
     if email is not None:
         checks.append((gxe.ExpectColumnValuesToNotBeNull(column="email"), "email_missing",
@@ -131,6 +134,9 @@ def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequ
         values = frame[f.remote_field]
         column = _type_names(values) if f.format in TYPE_NAMES else _as_text(values)
         checked[_checked_column(f)] = column.to_numpy()
+    text = [checked[f.remote_field].astype("str") for f in mapping.fields if f.format in TEXT_FORMATS]
+    if text:
+        checked[ALL_TEXT] = text[0].str.cat(text[1:], sep="\t", na_rep="") if len(text) > 1 else text[0]
     checked["record_bytes"] = np.asarray(record_bytes, dtype=np.int64)
     return checked.astype({c: "str" for c in checked.columns if c not in ("row", "record_bytes")})
 
@@ -169,8 +175,6 @@ def run_gate(
     if duplicate_ids:
         checks.append((gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=sorted(duplicate_ids)),
                        "id_duplicate", "duplicate customer id {value}"))
-    checks += [(gxe.ExpectColumnProportionOfNonNullValuesToBeBetween(column=_checked_column(f), min_value=0),
-                "non_null", "") for f in mapping.fields]
     for check, name, message in checks:
         check.meta = {"check": name, "message": message}
     validation = _batch(checked).validate(gx.ExpectationSuite(name=f"ometria_contacts_{mapping.version}",
@@ -184,17 +188,24 @@ def run_gate(
         name, message = outcome.expectation_config.meta["check"], outcome.expectation_config.meta["message"]
         if outcome.exception_info.get("raised_exception"):
             raise QualityGateFailed(f"check {name} could not run: {outcome.exception_info.get('exception_message')}")
-        field_name = outcome.expectation_config.kwargs["column"].split(":")[0]
-        if name == "non_null":
-            result.non_null[field_name] = round(float(outcome.result.get("observed_value") or 0) * len(frame))
-            continue
+        column = outcome.expectation_config.kwargs["column"]
+        field_name = column.split(":")[0]
         for hit in [] if outcome.success else outcome.result.get("unexpected_index_list") or []:
             row = int(hit["row"])
+            if column == ALL_TEXT:  # which text fields hold the control characters
+                for f in mapping.fields:
+                    value = frame.iloc[row][f.remote_field]
+                    if f.format in TEXT_FORMATS and isinstance(value, str) and re.search(CONTROL_CHARACTERS, value):
+                        failures.setdefault(row, []).append({
+                            "check": name, "field": f.remote_field, "value": value,
+                            "message": message.format(field=f.remote_field, loyalty=f.loyalty_field)})
+                continue
             value = checked.at[row, field_name] if field_name == "record_bytes" else frame.iloc[row][field_name]
             failures.setdefault(row, []).append({
                 "check": name, "field": field_name, "value": _jsonable(value),
                 "message": message.format(value=_show(value)),
             })
+    result.non_null = {f.remote_field: int(frame[f.remote_field].notna().sum()) for f in mapping.fields}
     if failures:
         result.valid.iloc[list(failures)] = False
     result.validation = validation.to_json_dict()
