@@ -15,17 +15,15 @@ from fastapi.responses import HTMLResponse
 
 def _state_url() -> str:
     """The `antavo_ometria_state` connection when there is one, as the DAGs use it; else the default."""
+    from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
-    from antavo_ometria.state import default_url
+    from antavo_ometria.state import default_url, url_from_connection
 
     try:
-        conn = Connection.get_connection_from_secrets("antavo_ometria_state")
-    except Exception:  # no such connection: the DAGs use the default store too
+        return url_from_connection(Connection.get_connection_from_secrets("antavo_ometria_state"))
+    except AirflowNotFoundException:
         return default_url()
-    if conn.extra_dejson.get("url"):
-        return conn.extra_dejson["url"]
-    return f"postgresql+psycopg://{conn.login}:{conn.password}@{conn.host}:{conn.port or 5432}/{conn.schema}"
 
 
 def _page() -> str:

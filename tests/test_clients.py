@@ -197,3 +197,22 @@ def test_secrets_are_not_in_reprs():
 
     assert "s3cret" not in repr(AntavoConfig("https://api.x.antavo.com", "key", "s3cret", "x"))
     assert "s3cret" not in repr(OmetriaConfig("s3cret"))
+
+
+def test_connection_flags_typed_as_text():
+    from antavo_ometria.hooks import _flag
+
+    assert [_flag(v) for v in (True, False, "false", "False", "no", "0", "true", "yes", 1)] == [
+        True, False, False, False, False, False, True, True, True]
+
+
+def test_state_store_url_from_a_connection():
+    from types import SimpleNamespace
+
+    from antavo_ometria.state import url_from_connection
+
+    postgres = SimpleNamespace(conn_id="s", conn_type="postgres", login="sync", password="p@ss word", host="db",
+                               port=None, schema="sync", extra_dejson={})
+    assert url_from_connection(postgres) == "postgresql+psycopg://sync:p%40ss%20word@db:5432/sync"
+    generic = SimpleNamespace(conn_id="s", conn_type="generic", extra_dejson={"url": "sqlite:////tmp/x.db"})
+    assert url_from_connection(generic) == "sqlite:////tmp/x.db"

@@ -142,3 +142,16 @@ def test_version_changes_with_either_file(mappings):
     with (mappings / "contacts.csv").open("a") as handle:
         handle.write("handler,nickname,,\n")
     assert len({first, second, load_contact_mapping(mappings).version}) == 3
+
+
+def test_validate_command_reports_every_file(mappings, capsys):
+    from antavo_ometria.cli import main
+
+    assert main(["validate", "--mappings", str(mappings)]) == 0
+    assert "1 event trigger rule(s)" in capsys.readouterr().out
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\nfirst_nmae,firstname,,\n")
+    (mappings / "triggers.csv").write_text("rule,antavo_action,ometria_event_type,property,source\n"
+                                          "claimed,reward,claimed,name,reward.colour\n")
+    assert main(["validate", "--mappings", str(mappings)]) == 1
+    err = capsys.readouterr().err
+    assert "2 problem(s)" in err and "contacts.csv:3" in err and "triggers.csv:2" in err

@@ -2,7 +2,7 @@
 
     run        run the contact sync DAG once with `airflow dags test`, against the local sandbox
                unless AIRFLOW_CONN_ANTAVO_DEFAULT and AIRFLOW_CONN_OMETRIA_DEFAULT are set
-    validate   check the mapping table and settings; list every problem with file, line and column
+    validate   check the mapping table, settings and trigger rules; list every problem with file, line, column
     fields     list the loyalty fields that can be mapped
     preview    show sample customers next to the Ometria records they become
     diff       show which payload fields change between the committed mapping and an edited one
@@ -97,13 +97,23 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from antavo_ometria.event_rules import load_rules
+
     directory = Path(args.mappings)
+    problems = []
     try:
         mapping = load_contact_mapping(directory, Path(args.file) if args.file else None)
     except ConfigError as exc:
-        print(exc, file=sys.stderr)
+        problems += exc.problems
+    try:
+        rules = load_rules(directory)
+    except ConfigError as exc:
+        problems += exc.problems
+    if problems:
+        print(ConfigError(problems), file=sys.stderr)
         return 1
-    print(f"OK: {len(mapping.fields)} mappings, {mapping.settings.payload_mode} mode, version {mapping.version}")
+    print(f"OK: {len(mapping.fields)} mappings, {mapping.settings.payload_mode} mode, version {mapping.version}; "
+          f"{len(rules)} event trigger rule(s)")
     return 0
 
 

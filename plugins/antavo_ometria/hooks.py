@@ -14,7 +14,7 @@ from airflow.sdk import BaseHook
 
 from antavo_ometria.antavo import AntavoClient, AntavoConfig, api_url, read_api_url
 from antavo_ometria.ometria import DEFAULT_BASE_URL, OmetriaClient, OmetriaConfig
-from antavo_ometria.state import StateStore, default_url
+from antavo_ometria.state import StateStore, default_url, url_from_connection
 
 
 def _base_url(host: str | None, port: int | None, default: str) -> str:
@@ -42,8 +42,13 @@ def antavo_config(conn) -> AntavoConfig:
         requests_per_second=float(extra.get("requests_per_second", 20)),
         concurrency=int(extra.get("concurrency", 4)),
         timeout=float(extra.get("timeout", 30)),
-        verify_tls=bool(extra.get("verify_tls", True)),
+        verify_tls=_flag(extra.get("verify_tls", True)),
     )
+
+
+def _flag(value: object) -> bool:
+    """A connection extra that means yes or no; text such as "false" (typed in the UI) counts as no."""
+    return value.strip().lower() not in ("false", "no", "0", "off") if isinstance(value, str) else bool(value)
 
 
 class AntavoHook(BaseHook):
@@ -83,7 +88,7 @@ class OmetriaHook(BaseHook):
             base_url=_base_url(conn.host, conn.port, DEFAULT_BASE_URL),
             requests_per_second=float(extra.get("requests_per_second", 4)),
             timeout=float(extra.get("timeout", 30)),
-            verify_tls=bool(extra.get("verify_tls", True)),
+            verify_tls=_flag(extra.get("verify_tls", True)),
         )
 
     def get_conn(self) -> OmetriaClient:
@@ -105,20 +110,12 @@ class StateStoreHook(BaseHook):
         self.state_conn_id = state_conn_id
 
     def get_url(self) -> str:
-        from urllib.parse import quote
-
         from airflow.sdk.exceptions import AirflowNotFoundException
 
         try:
-            conn = self.get_connection(self.state_conn_id)
+            return url_from_connection(self.get_connection(self.state_conn_id))
         except AirflowNotFoundException:
             return default_url()
-        if conn.extra_dejson.get("url"):
-            return conn.extra_dejson["url"]
-        if conn.conn_type in ("postgres", "postgresql"):
-            auth = f"{quote(conn.login or '', safe='')}:{quote(conn.password or '', safe='')}@" if conn.login else ""
-            return f"postgresql+psycopg://{auth}{conn.host}:{conn.port or 5432}/{conn.schema or 'postgres'}"
-        raise ValueError(f"connection {self.state_conn_id!r} needs extra.url (a SQLAlchemy URL) or type postgres")
 
     def get_conn(self) -> StateStore:
         store = StateStore(self.get_url())
