@@ -72,6 +72,31 @@ def test_contact_sync_runs_on_the_deployment(stack):
     assert {cid for _, cid in sandbox.ometria.contacts} == valid
 
 
+def test_backfill_resends_the_customers_updated_in_its_intervals(stack):
+    airflow, sandbox = stack
+    start, end = datetime(2026, 1, 10, 0, tzinfo=UTC), datetime(2026, 1, 10, 2, tzinfo=UTC)
+    before = dict(sandbox.ometria.received)
+    backfill = airflow.api("POST", "/backfills", json={
+        "dag_id": "antavo_ometria_contacts", "from_date": start.isoformat(), "to_date": end.isoformat(),
+        "max_active_runs": 1, "reprocess_behavior": "none"})
+    deadline = time.monotonic() + 180
+    while True:
+        runs = [r for r in airflow.api("GET", "/dags/antavo_ometria_contacts/dagRuns")["dag_runs"]
+                if r["run_type"] == "backfill"]
+        if runs and all(r["state"] == "success" for r in runs) and len(runs) >= 2:
+            break
+        assert time.monotonic() < deadline, (backfill, runs)
+        assert not any(r["state"] == "failed" for r in runs), runs
+        time.sleep(1)
+    covered = (min(datetime.fromisoformat(r["data_interval_start"]) for r in runs) - timedelta(minutes=10),
+               max(datetime.fromisoformat(r["data_interval_end"]) for r in runs))
+    expected = {c["_id"] for i, c in enumerate(sandbox.antavo.customers) if not defects_of(i)
+                and covered[0] < datetime.fromisoformat(c["updated_at"]) < covered[1]}
+    assert expected, "the sandbox population has nobody updated in the backfilled intervals"
+    resent = {key[1] for key, count in sandbox.ometria.received.items() if count > before.get(key, 0)}
+    assert resent == expected  # re-sent although unchanged: a backfill re-syncs its intervals
+
+
 def test_load_killed_with_sigkill_is_retried_by_airflow_without_loss_or_repeats(stack):
     import signal
 

@@ -44,9 +44,9 @@ LOAD_JOURNAL = "load.ndjson"
 REPORT = "report.json"
 GX_RESULT = "gx_validation.json"
 DUPLICATES = "duplicate_ids.json"
-CONTACTS_SCHEMA = pa.schema([("id", pa.string()), ("body", pa.binary()), ("hash", pa.string())])
 OVERSIZED = "oversized.ndjson"
 ASYNC_ERRORS = "async_errors.json"
+CONTACTS_SCHEMA = pa.schema([("id", pa.string()), ("body", pa.binary()), ("hash", pa.string())])
 PROFILE_CHUNK = 1000  # increments fetch full profiles this many at a time
 
 
@@ -141,10 +141,6 @@ def plan_run(
                     mapping_version=mapping.version, interval_start=start, interval_end=end)
     log.info("plan: %s", {k: v for k, v in plan.items() if v is not None})
     return plan
-
-
-def _aware(moment: datetime) -> datetime:
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 # -- extract -----------------------------------------------------------------------------------
