@@ -88,7 +88,7 @@ def antavo_ometria_contacts():
         return plan_run(
             _store(), _mapping(), DAG_ID, context["run_id"],
             interval=(context.get("data_interval_start"), context.get("data_interval_end")),
-            run_type=str(getattr(context["dag_run"], "run_type", "manual")),
+            run_type=getattr(context["dag_run"].run_type, "value", str(context["dag_run"].run_type)),
             full_resync=bool(context["params"]["full_resync"]),
             dry_run=bool(context["params"]["dry_run"]),
         )

@@ -165,6 +165,15 @@ class AirflowStack:
             time.sleep(1)
         raise TimeoutError(f"no run of {dag_id} reached the expected state within {timeout}s")
 
+    def failure_logs(self, dag_id: str, run_id: str) -> dict[str, str]:
+        """The end of the log of every failed task of a run, for assertion messages."""
+        logs = {}
+        for task, state in self.task_states(dag_id, run_id).items():
+            if state in ("failed", "upstream_failed"):
+                files = sorted((self.home / "logs").glob(f"dag_id={dag_id}/run_id={run_id}/task_id={task}/*.log"))
+                logs[task] = files[-1].read_text()[-1500:] if files else state
+        return logs
+
     def task_states(self, dag_id: str, run_id: str) -> dict[str, str]:
         rows = self.api("GET", f"/dags/{dag_id}/dagRuns/{run_id}/taskInstances")["task_instances"]
         return {row["task_id"]: row["state"] for row in rows}

@@ -100,10 +100,12 @@ def test_duplicates_across_chunks_are_held_back(mapping):
 def test_too_many_invalid_customers_block_the_run(mapping, mappings):
     (mappings / "settings.toml").write_text("[consent]\nauthoritative = true\n[quality]\nmax_invalid_share = 0.05\n")
     strict = load_contact_mapping(mappings)
-    _, result = gate(strict, [good(i) for i in range(18)] + [good(50, email="broken"), good(51, country="XX")])
-    assert verdict(strict, result)[0] == ["2 of 20 customers (10.0%) failed the checks, more than the allowed 5.0% "
-                                          "(quality.max_invalid_share)"]
-    _, fine = gate(strict, [good(i) for i in range(19)] + [good(50, email="broken")])
+    _, result = gate(strict, [good(i) for i in range(180)] + [good(500 + i, email="broken") for i in range(20)])
+    assert verdict(strict, result)[0] == ["20 of 200 customers (10.0%) failed the checks, more than the allowed "
+                                          "5.0% (quality.max_invalid_share)"]
+    _, small = gate(strict, [good(1), good(50, email="broken")])
+    assert verdict(strict, small)[0] == []  # a small increment with one bad customer just quarantines it
+    _, fine = gate(strict, [good(i) for i in range(190)] + [good(500 + i, email="broken") for i in range(10)])
     assert verdict(strict, fine)[0] == []  # exactly 5 % is allowed
 
 

@@ -31,6 +31,7 @@ ISO_DATETIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[+-]\d{2}:\d{2
 CALENDAR_DATE = (r"^(?:\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
                  r"|02-(?:0[1-9]|1\d|2[0-8]))|\d{2}(?:0[48]|[2468][048]|[13579][26])-02-29"
                  r"|(?:[02468][048]|[13579][26])00-02-29)$")
+SHARE_MIN_ROWS = 100  # below this, one bad customer is no sign of a broken batch: it is just quarantined
 TEXT_FORMATS = ("string", "email")
 ALL_TEXT = "text:all"
 CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
@@ -76,7 +77,7 @@ def batch_verdict(checked: int, quarantined: int, non_null: dict[str, int], prev
             blocking.append(f"{checked} customers, fewer than {minimum} "
                             f"({settings.min_rows_vs_last_run:.0%} of the last full load, {previous_count})")
     share = quarantined / checked if checked else 0.0
-    if share > settings.max_invalid_share:
+    if share > settings.max_invalid_share and checked >= SHARE_MIN_ROWS:
         blocking.append(f"{quarantined} of {checked} customers ({share:.1%}) failed the checks, "
                         f"more than the allowed {settings.max_invalid_share:.1%} (quality.max_invalid_share)")
     if checked >= 20:
