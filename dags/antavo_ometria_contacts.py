@@ -43,24 +43,20 @@ def _staging():
 
 
 def _mapping():
+    from antavo_ometria.hooks import fail_fast_on
     from antavo_ometria.mapping import load_contact_mapping
     from antavo_ometria.problems import ConfigError
     from antavo_ometria.settings import mappings_dir
 
-    try:
+    with fail_fast_on(ConfigError):
         return load_contact_mapping(mappings_dir())
-    except ConfigError as exc:
-        raise AirflowFailException(str(exc)) from None  # retrying cannot fix a file; fail at once
 
 
 def _store():
+    """The state store; if it cannot be reached the task fails before sending anything (and is retried)."""
     from antavo_ometria.hooks import StateStoreHook
-    from antavo_ometria.state import StateStoreUnavailable
 
-    try:
-        return StateStoreHook().get_conn()
-    except StateStoreUnavailable as exc:
-        raise AirflowFailException(str(exc)) from None
+    return StateStoreHook().get_conn()
 
 
 @dag(
@@ -108,26 +104,21 @@ def antavo_ometria_contacts():
         Customers that fail a check are quarantined with every reason; the run stops before sending
         when too many fail or a full load is far smaller than the last one.
         """
+        from antavo_ometria.hooks import fail_fast_on
         from antavo_ometria.pipeline import transform_staged
         from antavo_ometria.quality import QualityGateFailed
 
-        try:
+        with fail_fast_on(QualityGateFailed):
             return transform_staged(_staging(), _mapping(), plan, _store())
-        except QualityGateFailed as exc:
-            raise AirflowFailException(f"quality gate: {exc}") from None  # the same data fails the same way
 
     @task(pool=PUSH_POOL, outlets=[OMETRIA_CONTACTS])
     def load(plan: dict, transformed: dict) -> dict:
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
-        from antavo_ometria.hooks import OmetriaHook
+        from antavo_ometria.hooks import OmetriaHook, fail_fast_on
         from antavo_ometria.pipeline import LoadFailed, load_staged
 
-        try:
+        with fail_fast_on(LoadFailed):  # e.g. a refused API key; network trouble and 5xx are retried
             return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store())
-        except LoadFailed as exc:
-            if exc.retryable:
-                raise
-            raise AirflowFailException(str(exc)) from None  # e.g. a refused API key: retrying cannot help
 
     @task(trigger_rule="all_done")
     def report() -> dict:

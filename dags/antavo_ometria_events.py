@@ -49,15 +49,12 @@ def antavo_ometria_events():
     @task
     def check_rules() -> list[str]:
         """Validate the trigger rules; a broken file stops the run before any request."""
-        from airflow.sdk.exceptions import AirflowFailException
-
         from antavo_ometria.event_rules import load_rules
+        from antavo_ometria.hooks import fail_fast_on
         from antavo_ometria.problems import ConfigError
 
-        try:
+        with fail_fast_on(ConfigError):
             return [rule.name for rule in load_rules(mappings_dir())]
-        except ConfigError as exc:
-            raise AirflowFailException(str(exc)) from None
 
     checked = check_rules()
     for name, action in rule_actions(mappings_dir()).items():

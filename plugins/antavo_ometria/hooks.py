@@ -10,6 +10,8 @@ optional extras `requests_per_second`, `timeout`, `verify_tls`.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 from airflow.sdk import BaseHook
 
 from antavo_ometria.antavo import AntavoClient, AntavoConfig, api_url, read_api_url
@@ -121,3 +123,18 @@ class StateStoreHook(BaseHook):
         store = StateStore(self.get_url())
         store.migrate()
         return store
+
+
+@contextmanager
+def fail_fast_on(*errors: type[Exception]):
+    """Fail the task at once on errors a retry cannot fix (a wrong file, an unreachable state store, data
+    that fails the same way again) instead of using up its retries; an error that says it is retryable
+    is left to Airflow's retries."""
+    from airflow.sdk.exceptions import AirflowFailException
+
+    try:
+        yield
+    except errors as exc:
+        if getattr(exc, "retryable", False):
+            raise
+        raise AirflowFailException(str(exc)) from None
