@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI
+from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse
 
 
@@ -36,12 +36,17 @@ def _page() -> str:
 
 
 def _create_app() -> FastAPI:
-    from airflow.api_fastapi.core_api.security import requires_authenticated
-
     app = FastAPI(title="Antavo → Ometria sync dashboard")
 
-    @app.get("/", response_class=HTMLResponse, dependencies=[Depends(requires_authenticated())])
-    async def dashboard() -> str:
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard(request: Request) -> str:
+        # Airflow's own login: the bearer token, or the UI's session cookie (imported here, not when the
+        # plugin is loaded, so task processes that load plugins do not pay for the API server's modules)
+        from airflow.api_fastapi.core_api.security import resolve_user_from_token
+
+        header = request.headers.get("Authorization", "")
+        await resolve_user_from_token(header[7:] if header.lower().startswith("bearer ") else
+                                      request.cookies.get("_token"))
         return await asyncio.to_thread(_page)
 
     return app
