@@ -21,18 +21,14 @@ run report, and the run history is kept in the state store.
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
-
 import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 from airflow.sdk.exceptions import AirflowFailException
 
-from antavo_ometria.alerts import notify_failure
+from antavo_ometria.dag_defaults import DEFAULT_ARGS
 
 DAG_ID = "antavo_ometria_contacts"
 PUSH_POOL = "ometria_push"  # caps concurrent pushes across DAGs: Ometria's rate limit is per account
-RETRY_DELAY = timedelta(seconds=float(os.environ.get("ANTAVO_OMETRIA_RETRY_DELAY_SECONDS", 30)))
 OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # updated when contacts land in Ometria
 
 
@@ -67,8 +63,7 @@ def _store():
     max_active_runs=1,
     doc_md=__doc__,
     tags=["antavo", "ometria", "contacts"],
-    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": RETRY_DELAY,
-                  "on_failure_callback": notify_failure},
+    default_args=DEFAULT_ARGS,
     params={
         "full_resync": Param(False, type="boolean", description="Read and send every customer, changed or not."),
         "dry_run": Param(False, type="boolean", description="Compute and report what would be sent; send nothing."),

@@ -19,12 +19,11 @@ one timestamp are staggered in 5-minute steps.
 from __future__ import annotations
 
 import os
-from datetime import timedelta
 
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
 
-from antavo_ometria.alerts import notify_failure
+from antavo_ometria.dag_defaults import DEFAULT_ARGS
 from antavo_ometria.event_rules import rule_actions
 from antavo_ometria.sensors import AntavoEventSensor
 from antavo_ometria.settings import mappings_dir
@@ -42,8 +41,7 @@ WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60
     max_active_runs=1,
     doc_md=__doc__,
     tags=["antavo", "ometria", "events"],
-    default_args={"owner": "data-engineering", "retries": 2, "retry_delay": timedelta(seconds=30),
-                  "on_failure_callback": notify_failure},
+    default_args=DEFAULT_ARGS,
 )
 def antavo_ometria_events():
     @task

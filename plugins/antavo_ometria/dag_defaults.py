@@ -1,0 +1,12 @@
+"""What every DAG of the sync shares: owner, retries, and the failure notification."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+from antavo_ometria.alerts import notify_failure
+
+RETRY_DELAY = timedelta(seconds=float(os.environ.get("ANTAVO_OMETRIA_RETRY_DELAY_SECONDS", 30)))
+DEFAULT_ARGS = {"owner": "data-engineering", "retries": 2, "retry_delay": RETRY_DELAY,
+                "on_failure_callback": notify_failure}
