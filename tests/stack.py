@@ -129,8 +129,12 @@ class AirflowStack:
 
     # -- REST API ------------------------------------------------------------------------------
     def api(self, method: str, path: str, **kwargs) -> dict:
-        response = requests.request(method, f"{self.url}/api/v2{path}", timeout=30,
-                                    headers={"Authorization": f"Bearer {self.token}"}, **kwargs)
+        for attempt in range(10):  # SQLite answers 503 while another component holds its write lock
+            response = requests.request(method, f"{self.url}/api/v2{path}", timeout=30,
+                                        headers={"Authorization": f"Bearer {self.token}"}, **kwargs)
+            if response.status_code != 503:
+                break
+            time.sleep(1 + attempt)
         response.raise_for_status()
         return response.json() if response.content else {}
 
