@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
-from airflow.sdk.exceptions import AirflowFailException
 
 from antavo_ometria.dag_defaults import DEFAULT_ARGS
 
@@ -72,10 +71,18 @@ def _store():
 def antavo_ometria_contacts():
     @task
     def plan() -> dict:
-        """Check the mapping, then decide: full or incremental, and which window of Antavo updates."""
+        """Check the mapping, then decide: full or incremental, and which window of Antavo updates.
+
+        Also removes run folders older than the staging retention (ANTAVO_OMETRIA_STAGING_RETENTION_DAYS)."""
+        import logging
+
         from antavo_ometria.pipeline import plan_run
+        from antavo_ometria.settings import prune_staging
 
         context = get_current_context()
+        removed = prune_staging(DAG_ID, keep=_staging())
+        if removed:
+            logging.getLogger(__name__).info("removed %d staging folder(s) past the retention", len(removed))
         return plan_run(
             _store(), _mapping(), DAG_ID, context["run_id"],
             interval=(context.get("data_interval_start"), context.get("data_interval_end")),
@@ -117,21 +124,15 @@ def antavo_ometria_contacts():
 
     @task(trigger_rule="all_done")
     def report() -> dict:
-        """Write and log the run report, and record the run in the state store, whatever happened."""
-        import logging
-
-        from antavo_ometria.pipeline import build_report, format_report
+        """Write and log the run report and record the run in the state store, whatever happened; fail
+        the run unless every contact was delivered or held back with a reason."""
+        from antavo_ometria.hooks import fail_fast_on
+        from antavo_ometria.pipeline import RunNotDelivered, report_run
 
         ti = get_current_context()["ti"]
         steps = {name: ti.xcom_pull(task_ids=name) for name in ("plan", "extract", "transform", "load")}
-        missing = [name for name, value in steps.items() if value is None]
-        if missing:
-            if steps["plan"]:
-                _store().finish_run(DAG_ID, steps["plan"]["run_id"], "failed",
-                                    report={"failed_step": missing[0]})
-            raise AirflowFailException(f"the run failed at {missing[0]}; nothing more to report")
-        result = build_report(_staging(), steps["plan"], steps["extract"], steps["transform"], steps["load"], _store())
-        logging.getLogger(__name__).info("\n%s", format_report(result))
+        with fail_fast_on(RunNotDelivered):
+            result = report_run(_staging(), steps, _store())
         return {k: v for k, v in result.items() if k not in ("not_delivered", "async_errors", "history")} | {
             "not_delivered": len(result["not_delivered"]), "async_errors": len(result["async_errors"])}
 

@@ -8,11 +8,13 @@ Loyalty Read API (`GET /v1/customers`), increments through the classic Customer 
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import quote
 
@@ -77,19 +79,19 @@ class AntavoClient:
         self.requests_made = 0
 
     def get(self, url: str, what: str, check=None) -> Any:
+        parsed: list = []
+
         def send() -> requests.Response:
             self.requests_made += 1
             return self.session.get(url, timeout=self.config.timeout)
 
         def checks(response: requests.Response) -> None:
-            _check_body(response)
+            parsed[:] = [_check_body(response)]
             if check is not None:
-                check(response.json())
+                check(parsed[0])
 
-        response = request_with_retries(
-            send, what=what, policy=self.config.retry, limiter=self.limiter, check=checks
-        )
-        return response.json()
+        request_with_retries(send, what=what, policy=self.config.retry, limiter=self.limiter, check=checks)
+        return parsed[0]
 
     # -- customers -----------------------------------------------------------------------------
     def iter_customer_pages(self, status: str = "active") -> Iterator[list[dict]]:
@@ -119,7 +121,7 @@ class AntavoClient:
         while True:
             url = f"{self.base}/customers?updated_at.gt={stamp}&limit={CLASSIC_PAGE_LIMIT}&offset={offset}"
             if until is not None:
-                url += f"&updated_at.lt={quote(_iso(until))}"
+                url += f"&updated_at.lt={quote(_iso(until, up=True))}"
             body = self.get(url, f"GET /customers?updated_at.gt offset={offset}")
             rows = body.get("data") if isinstance(body, dict) else body
             if not isinstance(rows, list):
@@ -130,12 +132,20 @@ class AntavoClient:
             offset += len(rows)
 
     def get_customers(self, ids: list[str]) -> list[dict]:
-        """Full profiles for `ids` (classic `GET /customers/{id}`), a few requests at a time."""
+        """Full profiles for `ids` (classic `GET /customers/{id}`), a few requests at a time.
+
+        A customer Antavo no longer has (404, e.g. deleted since it changed) comes back as a record
+        with only its id and a `_held` reason, so that it is held back visibly instead of failing
+        every other customer of the run.
+        """
 
         def one(customer_id: str) -> dict:
-            body = self.get(
-                f"{self.base}/customers/{quote(customer_id, safe='')}", "GET /customers/{id}"
-            )
+            try:
+                body = self.get(f"{self.base}/customers/{quote(customer_id, safe='')}", "GET /customers/{id}")
+            except ApiError as exc:
+                if exc.status != 404:
+                    raise
+                return {"id": customer_id, HELD: [f"Antavo has no customer {customer_id} (404 Not Found)"]}
             return normalise_customer(body)
 
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
@@ -148,7 +158,7 @@ class AntavoClient:
         while True:
             url = (
                 f"{self.base}/customers/-/events?timestamp.gte={quote(_iso(start))}"
-                f"&timestamp.lt={quote(_iso(end))}&order=asc&limit={limit}&offset={offset}"
+                f"&timestamp.lt={quote(_iso(end, up=True))}&order=asc&limit={limit}&offset={offset}"
             )
             body = self.get(url, f"GET /customers/-/events offset={offset}")
             rows = body.get("data")
@@ -169,10 +179,14 @@ class AntavoClient:
         return rows if isinstance(rows, list) else []
 
 
-def _check_body(response: requests.Response) -> None:
-    """Antavo can answer 200 with an error envelope; treat it as a failure, not as data."""
+def _check_body(response: requests.Response) -> Any:
+    """The parsed body. Antavo can answer 200 with an error envelope: a failure, not data.
+
+    Bytes that are not UTF-8 are never guessed at (that sends garbled names): they are kept as
+    lone surrogates, and `normalise_customer` holds back the record that contains them.
+    """
     try:
-        body = response.json()
+        body = json.loads(response.content.decode("utf-8", "surrogateescape"))
     except ValueError:
         raise ApiError("response is not JSON", status=response.status_code, retryable=True) from None
     if isinstance(body, dict) and "error" in body:
@@ -183,6 +197,7 @@ def _check_body(response: requests.Response) -> None:
             status=response.status_code,
             retryable=error.get("resendable", True) is not False,
         )
+    return body
 
 
 def _check_customer_page(body: Any) -> None:
@@ -195,21 +210,55 @@ def _check_customer_page(body: Any) -> None:
         raise ApiError("GET /v1/customers: an empty page although a next page is announced", retryable=True)
 
 
-def _iso(moment: datetime) -> str:
+def _iso(moment: datetime, up: bool = False) -> str:
+    """Whole seconds, as Antavo's filters take them; an upper bound is rounded up, so that nothing changed in
+    the bound's last fraction of a second falls between two runs."""
+    if up and moment.microsecond:
+        moment += timedelta(seconds=1)
     return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 # -- the one customer shape --------------------------------------------------------------------
 _UNIX_FIELDS = ("created_at", "updated_at", "optin_at", "optout_at", "last_login_at")
+HELD = "_held"  # reasons why a record Antavo returned cannot be used as it is; the quality gate holds it back
+_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under "surrogateescape"
+
+
+def _invalid_text(value: Any, path: str = "") -> tuple[Any, list[str]]:
+    """`value` with undecodable bytes replaced by U+FFFD, and the paths where there were any."""
+    if isinstance(value, str):
+        return (_NOT_UTF8.sub("\ufffd", value), [path or "value"]) if _NOT_UTF8.search(value) else (value, [])
+    found: list[str] = []
+    if isinstance(value, dict):
+        cleaned = {}
+        for key, item in value.items():
+            cleaned[key], bad = _invalid_text(item, f"{path}.{key}" if path else str(key))
+            found += bad
+        return cleaned, found
+    if isinstance(value, list):
+        items = [_invalid_text(item, path) for item in value]
+        return [item for item, _ in items], [p for _, bad in items for p in bad]
+    return value, found
+
+
+def _usable(raw: Any, what: str) -> tuple[dict, list[str]]:
+    """A record from a response as a dict, with the reasons it cannot be used (not an object, bad bytes)."""
+    if not isinstance(raw, dict):
+        return {"id": None}, [f"Antavo returned {json.dumps(raw)[:40]} where a {what} belongs"]
+    record, bad = _invalid_text(raw)
+    return record, [f"{path}: Antavo sent bytes that are not valid UTF-8" for path in bad]
 
 
 def normalise_customer(raw: dict) -> dict:
     """Classic and Read API customers → one shape (Read API names, keyed tiers and accounts).
 
     `_id`→`id`, `nickname`→`handler`, unix-second timestamps → ISO 8601, lower-case status and
-    gender, and the classic arrays of tiers and accounts keyed by structure and account ID.
+    gender, and the classic arrays of tiers and accounts keyed by structure and account ID. A record
+    that cannot be used as it is (not an object, bytes that are not UTF-8) gets its reasons in `_held`.
     """
-    customer = dict(raw)
+    customer, problems = _usable(raw, "customer")
+    if problems:
+        customer[HELD] = customer.get(HELD, []) + problems
     if "_id" in customer:
         customer["id"] = customer.pop("_id")
     if "id" in customer and customer["id"] is not None:
@@ -229,7 +278,7 @@ def normalise_customer(raw: dict) -> dict:
     tiers = customer.get("tiers")
     if isinstance(tiers, list):
         customer["tiers"] = {
-            (t.get("structure") or {}).get("id") or t.get("id"): {
+            _structure_id(t): {
                 **{k: v for k, v in t.items() if k not in ("id", "structure")}, "_id": t.get("id")
             }
             for t in tiers
@@ -243,17 +292,49 @@ def normalise_customer(raw: dict) -> dict:
     return customer
 
 
+def _structure_id(tier: dict) -> Any:
+    """The tier structure a classic tier belongs to: `structure.id`, or `structure` given as a bare ID."""
+    structure = tier.get("structure")
+    if isinstance(structure, dict):
+        return structure.get("id") or tier.get("id")
+    return structure if isinstance(structure, str) and structure else tier.get("id")
+
+
 def normalise_event(raw: dict) -> dict:
-    """Classic event feed item → `{id, action, customer_id, timestamp, points, properties{...}}`."""
+    """Classic event feed item → `{id, action, customer_id, timestamp, points, properties{...}}`.
+
+    An event that cannot be delivered as it is (no customer, no usable timestamp, bad bytes) carries
+    its reasons in `_held`.
+    """
+    raw, problems = _usable(raw, "event")
     props = raw.get("properties")
     if isinstance(props, list):  # classic feed: [{name, label, value}, ...]
         props = {p.get("name"): p.get("value") for p in props if isinstance(p, dict)}
-    customer = raw.get("Customer") or raw.get("customer") or {}
-    return {
+    customer = raw.get("Customer") or raw.get("customer")
+    customer_id = customer.get("id") if isinstance(customer, dict) else customer
+    event = {
         "id": str(raw.get("id") or raw.get("_id") or ""),
         "action": raw.get("action"),
-        "customer_id": str(customer.get("id") if isinstance(customer, dict) else customer),
+        "customer_id": str(customer_id) if customer_id not in (None, "") else None,
         "timestamp": raw.get("timestamp"),
         "points": raw.get("points"),
-        "properties": props or {},
+        "properties": props if isinstance(props, dict) else {},
     }
+    if event["customer_id"] is None:
+        problems.append("the event names no customer")
+    if not event["id"]:
+        problems.append("the event has no id")
+    try:
+        event_time(event)
+    except (TypeError, ValueError):
+        problems.append(f"the event's timestamp {event['timestamp']!r} is not a date-time")
+        event["timestamp"] = None
+    if problems:
+        event[HELD] = problems
+    return event
+
+
+def event_time(event: dict) -> datetime:
+    """An event's moment, always with a time zone (Antavo's timestamps are UTC)."""
+    moment = datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)

@@ -168,10 +168,6 @@ def resolve(source: str, event: dict, reward: dict | None, customer: dict | None
     return value
 
 
-def event_timestamp(event: dict) -> datetime:
-    return datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
-
-
 def custom_event(rule: Rule, event: dict, customer: dict, reward: dict | None, identity: dict,
                  language: str, timestamp: datetime) -> dict:
     """One Ometria custom event: `id` is the Antavo event ID, so pushing it again cannot duplicate it."""

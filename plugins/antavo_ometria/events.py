@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from antavo_ometria.antavo import AntavoClient
-from antavo_ometria.event_rules import LATE_AFTER, Rule, custom_event, event_timestamp, stagger
+from antavo_ometria.antavo import HELD, AntavoClient, event_time
+from antavo_ometria.event_rules import LATE_AFTER, Rule, custom_event, stagger
 from antavo_ometria.mapping import ContactMapping
 from antavo_ometria.ometria import OmetriaClient, batches, encode_record
-from antavo_ometria.pipeline import prepare_contacts, push_isolating, remember_sent
-from antavo_ometria.state import StateStore, payload_hash
+from antavo_ometria.pipeline import prepare_contacts, push_isolating, record_status, remember_sent
+from antavo_ometria.state import StateStore
 from antavo_ometria.transform import customer_columns
 
 log = logging.getLogger(__name__)
@@ -26,10 +26,17 @@ log = logging.getLogger(__name__)
 OVERLAP = timedelta(minutes=15)  # re-read this much before the cursor; pushed events are skipped by ID
 
 
+class EventsNotDelivered(Exception):
+    """Some events could not be pushed; the rule's cursor stays before them, so the next try sends them."""
+
+    retryable = True
+
+
 def new_matching_events(client: AntavoClient, action: str, since: datetime, until: datetime) -> list[dict]:
-    """Events of `action` with a timestamp after `since` and before `until`."""
+    """Events of `action` with a timestamp after `since` and before `until` (and those of `action` too broken
+    to have a timestamp: they are held back with the reason)."""
     return [e for page in client.iter_events(since, until) for e in page
-            if e["action"] == action and event_timestamp(e) > since]
+            if e["action"] == action and (e["timestamp"] is None or event_time(e) > since)]
 
 
 def deliver(
@@ -43,56 +50,72 @@ def deliver(
     late_policy: str = "send",
     now: datetime | None = None,
 ) -> dict:
+    """Push the rule's new events. Raises EventsNotDelivered, after recording what was delivered, when
+    some could not be pushed; the cursor never moves past an event that was neither delivered nor held."""
     now = now or datetime.now(UTC)
     until = until or now
     cursor = store.event_cursor(rule.name) or now - LATE_AFTER
     events = new_matching_events(antavo, rule.action, cursor - OVERLAP, until)
-    done = store.pushed_event_ids([e["id"] for e in events])
-    fresh = [e for e in events if e["id"] not in done]
+    done = store.pushed_event_ids([e["id"] for e in events if e["id"]])
+    fresh = [e for e in events if e["id"] not in done or not e["id"]]
     summary = {"rule": rule.name, "event_type": rule.event_type, "matched": len(events),
                "already_pushed": len(events) - len(fresh), "sent": 0, "accepted": 0, "rejected": 0,
-               "late": 0, "skipped_late": 0, "held": 0, "contacts_pushed_first": 0,
+               "late": 0, "skipped_late": 0, "held": 0, "failed": 0, "failure": None, "contacts_pushed_first": 0,
                "since": (cursor - OVERLAP).isoformat(), "until": until.isoformat()}
+    undelivered: list[dict] = []
     if fresh:
-        summary |= _deliver_fresh(rule, fresh, antavo, ometria, store, mapping, run_id, late_policy, now)
-    if events:
-        store.set_event_cursor(rule.name, max(event_timestamp(e) for e in events))
+        outcome, undelivered = _deliver_fresh(rule, fresh, antavo, ometria, store, mapping, run_id, late_policy, now)
+        summary |= outcome
+    moments = [event_time(e) for e in (undelivered or events) if e["timestamp"] is not None]
+    if moments:
+        # past every event when all were delivered or held; otherwise just before the first undelivered one
+        store.set_event_cursor(rule.name, min(moments) - timedelta(microseconds=1) if undelivered else max(moments))
     log.info("rule %s: %s", rule.name, summary)
+    if undelivered:
+        raise EventsNotDelivered(f"{len(undelivered)} {rule.event_type} event(s) were not delivered "
+                                 f"({summary['failure']}); the next try sends them. {format_summary(summary)}")
     return summary
 
 
-def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> dict:
-    customer_ids = sorted({e["customer_id"] for e in events})
+def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> tuple[dict, list]:
+    """Deliver events not pushed yet: (summary, the events that could not be delivered)."""
+    customer_ids = sorted({e["customer_id"] for e in events if HELD not in e})
     customers = {c["id"]: c for c in antavo.get_customers(customer_ids)}
-    paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths))
+    paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD})
     frame, encoded, gate = prepare_contacts(customer_columns(list(customers.values()), paths), mapping)
     ids = frame["id"].tolist()
-    valid = dict(zip(ids, gate.valid))
     reasons = {ids[row]: "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}
-    contacts_pushed = _push_unknown_contacts(
-        store, ometria, mapping, run_id, [(ids[i], encoded[i]) for i in range(len(ids)) if gate.valid.iloc[i]])
+    contacts = _push_unknown_contacts(store, ometria, mapping, run_id,
+                                      [(ids[i], encoded[i]) for i in range(len(ids)) if gate.valid.iloc[i]])
+    reasons |= {i: "Ometria rejected the contact" for i in contacts["rejected"]}
     identities = {row["id"]: {k: v for k, v in (("identity_email", row.get("email")),
                                                  ("identity_account_id", row.get("customer_id"))) if v}
                   for row in frame.to_dict("records")}
-    rewards = {cid: {r.get("id"): r for r in antavo.get_claimed_rewards(cid)} for cid in customer_ids
-               } if rule.needs_rewards else {}
+    deliverable = {e["customer_id"] for e in events
+                   if HELD not in e and e["customer_id"] in customers and e["customer_id"] not in reasons}
+    rewards = {cid: {r.get("id"): r for r in antavo.get_claimed_rewards(cid)}
+               for cid in sorted(deliverable)} if rule.needs_rewards else {}
 
     late_cut = now - LATE_AFTER
-    sendable, held, skipped = [], [], []
+    sendable, held, skipped, failed = [], [], [], []
     for event in events:
         cid = event["customer_id"]
-        if cid not in customers or not valid.get(cid):
-            held.append((event, reasons.get(cid, "the customer was not found in Antavo")))
-        elif event_timestamp(event) < late_cut and late_policy == "skip":
+        if HELD in event:
+            held.append((event, "; ".join(event[HELD])))
+        elif cid in contacts["failed"]:
+            failed.append(event)  # its contact could not be pushed first: sent with it on the next try
+        elif cid not in deliverable:
+            held.append((event, f"customer {cid}: {reasons.get(cid, 'not found in Antavo')}"))
+        elif event_time(event) < late_cut and late_policy == "skip":
             skipped.append(event)
         else:
             sendable.append(event)
-    late = sum(event_timestamp(e) < late_cut for e in sendable)
+    late = sum(event_time(e) < late_cut for e in sendable)
     if late:
         log.warning("%d %s event(s) are over 4 hours old: Ometria will not start an automation for them",
                     late, rule.event_type)
     language = mapping.settings.language
-    stamps = stagger([event_timestamp(e) for e in sendable])
+    stamps = stagger([event_time(e) for e in sendable])
     built = []
     for event, stamp in zip(sendable, stamps):
         props = event.get("properties", {})
@@ -100,12 +123,14 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
         built.append((event, encode_record(custom_event(rule, event, customers[event["customer_id"]], reward,
                                                          identities[event["customer_id"]], language, stamp))))
     sent = accepted = rejected = 0
+    failure = contacts["error"]
     by_id = {e["id"]: e for e, _ in built}
-    for ids, bodies in batches((e["id"], body) for e, body in built):
-        for entry in push_isolating(ometria, ids, bodies):
-            status = "sent" if entry["status"] == "OK" and not entry.get("rejected") else (
-                "rejected" if entry["status"] == "OK" else None)
-            if status is None:  # not delivered: leave unrecorded so the next run tries again
+    for ids_, bodies in batches((e["id"], body) for e, body in built):
+        for entry in push_isolating(ometria, ids_, bodies, record_type="custom_event"):
+            status = record_status(entry)
+            if status == "failed":  # left unrecorded (and the cursor before it) so that the next try sends it
+                failed += [by_id[i] for i in entry["ids"]]
+                failure = entry.get("error")
                 continue
             sent += len(entry["ids"])
             accepted += entry["accepted"]
@@ -115,28 +140,37 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in skipped])
     store.clear_held(f"{run_id}:{rule.name}", "event_held")
     if held:
+        log.warning("%d %s event(s) held back: %s", len(held), rule.event_type,
+                    "; ".join(f"{e['id'] or '?'}: {why}" for e, why in held[:5]))
         store.record_held(f"{run_id}:{rule.name}", "event_held", [
-            {"id": e["id"], "reasons": [f"customer {e['customer_id']}: {why}"], "payload": e} for e, why in held])
+            {"id": e["id"], "reasons": [why], "payload": e} for e, why in held])
     return {"sent": sent, "accepted": accepted, "rejected": rejected, "late": late, "skipped_late": len(skipped),
-            "held": len(held), "contacts_pushed_first": contacts_pushed}
+            "held": len(held), "failed": len(failed), "failure": failure,
+            "contacts_pushed_first": len(contacts["sent"])}, failed
 
 
-def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple[str, bytes]]) -> int:
-    """Push the contacts Ometria has not received from us yet, so their events find a profile."""
+def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple[str, bytes]]) -> dict:
+    """Push the contacts Ometria has not received from us yet, so their events find a profile.
+
+    Returns the ids that were sent, rejected and not delivered, and the last delivery error."""
     known = store.sent_hashes([i for i, _ in contacts])
     unknown = [(i, body) for i, body in contacts if i not in known]
     plan = {"mapping_version": mapping.version, "run_id": run_id}
-    hashes = {i: payload_hash(body) for i, body in unknown}
+    outcome: dict = {"sent": [], "rejected": [], "failed": [], "error": None}
     for ids, bodies in batches(unknown):
         entries = push_isolating(ometria, ids, bodies)
-        remember_sent(store, entries, hashes, plan)
+        remember_sent(store, entries, plan)
+        for entry in entries:
+            outcome[record_status(entry)] += entry["ids"]
+            outcome["error"] = entry.get("error") or outcome["error"]
     if unknown:
-        log.info("pushed %d contact(s) first: their events refer to customers Ometria did not have", len(unknown))
-    return len(unknown)
+        log.info("pushed %d contact(s) first: their events refer to customers Ometria did not have; %d not delivered",
+                 len(outcome["sent"]), len(outcome["failed"]))
+    return outcome
 
 
 def _event_row(rule: Rule, event: dict, status: str, late_cut: datetime, request_id, run_id: str) -> dict:
-    moment = event_timestamp(event)
+    moment = event_time(event)
     return {"event_id": event["id"], "rule": rule.name, "event_type": rule.event_type,
             "customer_id": event["customer_id"], "event_time": moment, "late": moment < late_cut,
             "status": status, "request_id": request_id, "run_id": run_id}
@@ -146,5 +180,6 @@ def format_summary(summary: dict) -> str:
     return (f"{summary['rule']} → {summary['event_type']}: {summary['matched']} matching event(s), "
             f"{summary['already_pushed']} already pushed, {summary['sent']} sent ({summary['accepted']} accepted, "
             f"{summary['rejected']} rejected), {summary['late']} late, {summary['skipped_late']} skipped as late, "
-            f"{summary['held']} held back, {summary['contacts_pushed_first']} contact(s) pushed first")
+            f"{summary['held']} held back, {summary['failed']} not delivered, "
+            f"{summary['contacts_pushed_first']} contact(s) pushed first")
 

@@ -5,10 +5,13 @@
     transform → contacts.parquet       (id, encoded record, hash) of the contacts that pass the quality
                                        gate and differ from what was last sent; quarantine.ndjson and
                                        gx_validation.json for the rest
-    load      → load.ndjson            one line per pushed batch; the state store learns what was sent
+    load      → load.ndjson            one line per push: ids, payload hashes and Ometria's answer, tagged
+                                       with the run attempt; the state store learns what was sent
     report    → report.json            and the run's row in the state store
 
-Each step returns a small dict of counts and paths, suitable for XCom.
+Each step returns a small dict of counts and paths, suitable for XCom. A run counts as synced only
+when every contact it was responsible for was delivered or held back with a reason: anything else
+fails the run, and the next run starts from where syncing last got to.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+import uuid
 from collections import Counter
 from collections.abc import Collection, Iterable
 from datetime import UTC, datetime, timedelta
@@ -26,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from antavo_ometria.antavo import AntavoClient
+from antavo_ometria.antavo import HELD, AntavoClient
 from antavo_ometria.mapping import ContactMapping
 from antavo_ometria.ometria import OmetriaClient, batches, split_oversized
 from antavo_ometria.payload import encode_contacts
@@ -48,6 +52,10 @@ OVERSIZED = "oversized.ndjson"
 ASYNC_ERRORS = "async_errors.json"
 CONTACTS_SCHEMA = pa.schema([("id", pa.string()), ("body", pa.binary()), ("hash", pa.string())])
 PROFILE_CHUNK = 1000  # increments fetch full profiles this many at a time
+
+
+class RunNotDelivered(Exception):
+    """The run's report does not add up, or some contacts were not delivered: the run must not count as synced."""
 
 
 class LoadFailed(Exception):
@@ -122,15 +130,25 @@ def plan_run(
                   "every contact is re-sent with the new mapping")
     start, end = interval
     end = end or datetime.now(UTC)
-    if start is None and last is not None:  # a manual run without a data interval resumes where syncing got to
-        start = store.synced_until(dag_id)
+    synced = store.synced_until(dag_id) if last is not None else None
+    resumed = None
+    if start is None:  # a manual run without a data interval resumes where syncing got to
+        start = synced
+    elif synced is not None and synced < start and run_type != "backfill":
+        resumed = (f"resuming from {synced.isoformat()}, where syncing last got to: the runs for "
+                   f"{synced.isoformat()} → {start.isoformat()} did not complete")
+        log.warning("%s", resumed)
+        start = synced
     mode = "full" if reason or start is None else "incremental"
     if reason:
         log.warning("%s FULL RE-SYNC: %s %s", "=" * 20, reason, "=" * 20)
     since = start - timedelta(minutes=mapping.settings.overlap_minutes) if mode == "incremental" else None
     last_full = store.last_successful_run(dag_id, full_only=True)
     plan = {
-        "dag_id": dag_id, "run_id": run_id, "mode": mode, "full_resync_reason": reason,
+        # a new attempt each time the run is planned (a Clear, a backfill that reprocesses the run): its load
+        # sends what its own transform produced, whatever an earlier attempt's journal says
+        "dag_id": dag_id, "run_id": run_id, "attempt": uuid.uuid4().hex[:12], "mode": mode,
+        "full_resync_reason": reason, "resumed": resumed if mode == "incremental" else None,
         # unchanged contacts are skipped, except when everything must be re-sent or a backfill re-syncs
         "send_unchanged": reason is not None or run_type == "backfill",
         "dry_run": dry_run, "mapping_version": mapping.version,
@@ -150,29 +168,76 @@ def extract(client: AntavoClient, staging: Path, plan: dict, status: str = "acti
     progress = Progress("extract", "customers")
     count, duplicates = write_customers(staging, _customer_pages(client, plan, status), progress)
     log.info("extracted %d customers (%s, %d requests)", count, plan["mode"], client.requests_made)
-    return {"path": str(staging / CUSTOMERS), "customers": count, "mode": plan["mode"], "duplicate_ids": duplicates}
+    if duplicates:
+        log.warning("%d customer(s) came twice from Antavo (a page boundary moved); kept the copy updated last: %s",
+                    len(duplicates), ", ".join(duplicates[:10]))
+    return {"path": str(staging / CUSTOMERS), "customers": count, "mode": plan["mode"],
+            "duplicate_ids": len(duplicates)}
 
 
-def write_customers(staging: Path, pages: Iterable[list[dict]], progress: Progress | None = None) -> tuple[int, int]:
-    """Stage customers as NDJSON, noting IDs that occur more than once (the quality gate holds them back)."""
-    seen: set = set()
-    duplicates: set = set()
-    count = 0
-    with (staging / CUSTOMERS).open("w", encoding="utf-8") as handle:
+def write_customers(staging: Path, pages: Iterable[list[dict]], progress: Progress | None = None
+                    ) -> tuple[int, list[str]]:
+    """Stage customers as NDJSON, each once: of a customer that comes twice (Antavo's pages shifted while
+    they were read), the copy updated last is kept. Returns the count staged and the repeated ids."""
+    path = staging / CUSTOMERS
+    offsets: dict[str, int] = {}  # id → where its kept copy starts
+    dropped: set[int] = set()
+    duplicates: list[str] = []
+    with path.open("wb") as handle:
         for page in pages:
             for customer in page:
+                line = (json.dumps(customer, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
                 customer_id = customer.get("id")
-                if customer_id in seen:
-                    duplicates.add(customer_id)
-                seen.add(customer_id)
-                handle.write(json.dumps(customer, ensure_ascii=False, separators=(",", ":")) + "\n")
-            count += len(page)
+                if customer_id is not None and customer_id in offsets:
+                    duplicates.append(customer_id)
+                    handle.flush()
+                    earlier = offsets[customer_id]
+                    if _updated(customer) >= _updated(_read_line(path, earlier)):
+                        dropped.add(earlier)
+                    else:
+                        dropped.add(handle.tell())
+                        handle.write(line)
+                        continue
+                if customer_id is not None:
+                    offsets[customer_id] = handle.tell()
+                handle.write(line)
             if progress:
                 progress.advance(len(page))
     if progress:
         progress.advance(0, force=True)
-    (staging / DUPLICATES).write_text(json.dumps(sorted(d for d in duplicates if d is not None)), encoding="utf-8")
-    return count, len(duplicates)
+    count = _drop_lines(path, dropped)
+    (staging / DUPLICATES).write_text(json.dumps(sorted(set(duplicates))), encoding="utf-8")
+    return count, sorted(set(duplicates))
+
+
+def _updated(customer: dict) -> datetime:
+    try:
+        moment = datetime.fromisoformat(str(customer.get("updated_at")).replace("Z", "+00:00"))
+    except ValueError:
+        return datetime.min.replace(tzinfo=UTC)
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _read_line(path: Path, offset: int) -> dict:
+    with path.open("rb") as handle:
+        handle.seek(offset)
+        return json.loads(handle.readline())
+
+
+def _drop_lines(path: Path, offsets: set[int]) -> int:
+    """Rewrite `path` without the lines starting at `offsets`; return the lines kept."""
+    kept = 0
+    with path.open("rb") as source, path.with_suffix(".tmp").open("wb") as target:
+        while True:
+            offset = source.tell()
+            line = source.readline()
+            if not line:
+                break
+            if offset not in offsets:
+                target.write(line)
+                kept += 1
+    path.with_suffix(".tmp").replace(path)
+    return kept
 
 
 def _customer_pages(client: AntavoClient, plan: dict, status: str):
@@ -190,7 +255,8 @@ def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, duplicate_i
     """Customer columns → (payload frame, encoded records, quality gate result), row for row."""
     frame = transform(columns, mapping)
     encoded = encode_contacts(frame, mapping)
-    return frame, encoded, run_gate(frame, mapping, [len(body) for body in encoded], duplicate_ids)
+    problems = columns[HELD] if HELD in columns else None
+    return frame, encoded, run_gate(frame, mapping, [len(body) for body in encoded], duplicate_ids, problems)
 
 
 def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: StateStore | None = None) -> dict:
@@ -200,8 +266,6 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: 
     customers go to quarantine.ndjson (and the state store) with every reason. Raises
     QualityGateFailed, after writing the quarantine and GX's results, when the run as a whole fails.
     """
-    path = staging / DUPLICATES
-    duplicates = set(json.loads(path.read_text())) if path.exists() else set()
     if store is not None:
         store.clear_held(plan["run_id"], "quarantined")
     checked = quarantined = valid = changed = 0
@@ -211,8 +275,8 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: 
     progress = Progress("transform and check", "customers")
     with (staging / QUARANTINE).open("w", encoding="utf-8") as held, \
             pq.ParquetWriter(staging / CONTACTS, CONTACTS_SCHEMA) as writer:
-        for columns in read_customer_chunks(staging / CUSTOMERS, mapping.loyalty_fields):
-            frame, encoded, gate = prepare_contacts(columns, mapping, duplicates)
+        for columns in read_customer_chunks(staging / CUSTOMERS, [*mapping.loyalty_fields, HELD]):
+            frame, encoded, gate = prepare_contacts(columns, mapping)
             ids = frame["id"].tolist()
             rows = [{"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails,
                      "payload": json.loads(encoded[row])} for row, fails in sorted(gate.failures.items())]
@@ -265,10 +329,12 @@ def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
 
 # -- load --------------------------------------------------------------------------------------
 def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateStore | None = None) -> dict:
-    """Push the staged contacts in batches of 100; a retry skips batches already accepted.
+    """Push the staged contacts in batches of 100; a retry of this attempt skips what it already delivered.
 
-    A batch with records Ometria rejected is split until each rejected record stands alone; those
-    are kept (state store) with their payload and not sent again until their payload changes.
+    What counts as delivered is an (id, payload hash) pair that this attempt of the run pushed and Ometria
+    acknowledged, so a re-planned run (Clear, backfill) sends again, and a changed payload is always sent.
+    A batch with records Ometria rejected is split until each rejected record stands alone; those are
+    kept (state store) with their payload and not sent again until their payload changes.
     """
     contacts = read_contacts(staging)
     if plan["dry_run"]:
@@ -276,20 +342,22 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
         return {"batches": 0, "sent": 0, "accepted": 0, "rejected": 0, "failed": 0, "refused_oversized": 0,
                 "dry_run": True, "would_send": len(contacts)}
     journal = staging / LOAD_JOURNAL
-    done = {tuple(entry["ids"]) for entry in read_ndjson(journal) if entry["status"] == "OK"}
-    hashes = {i: h for i, _, h in contacts}
-    fits, oversized = split_oversized((i, b) for i, b, _ in contacts)
-    planned = list(batches(fits))
+    earlier = journal_entries(staging, plan)
+    if store is not None and earlier:  # a retry: the store may have missed what was delivered before a crash
+        remember_sent(store, earlier, plan)
+    delivered = {(i, h) for e in earlier if e["status"] == "OK" for i, h in zip(e["ids"], e["hashes"])}
+    pending = [(i, b, h) for i, b, h in contacts if (i, h) not in delivered]
+    hashes = {i: h for i, _, h in pending}
+    fits, oversized = split_oversized((i, b) for i, b, _ in pending)
+    if delivered:
+        log.info("resuming: %d contacts were delivered by an earlier try of this run; %d to send",
+                 len(contacts) - len(pending), len(fits))
     progress = Progress("load", "contacts", total=len(fits))
-    failures = retryable = 0
-    for ids, bodies in planned:
-        if tuple(ids) not in done:
-            entries = push_isolating(client, ids, bodies)
-            _write_ndjson(journal, entries, mode="a")
-            failures += sum(e["status"] != "OK" for e in entries)
-            retryable += sum(e["status"] != "OK" and e.get("retryable", True) for e in entries)
-            if store is not None:
-                remember_sent(store, entries, hashes, plan)
+    for ids, bodies in batches(fits):
+        entries = push_isolating(client, ids, bodies, [hashes[i] for i in ids])
+        _write_ndjson(journal, ({"attempt": plan["attempt"], **e} for e in entries), mode="a")
+        if store is not None:
+            remember_sent(store, entries, plan)
         progress.advance(len(ids))
     progress.advance(0, force=True)
     _write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in oversized))
@@ -298,98 +366,131 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
     except ApiError as exc:
         errors = [{"error_path": "", "error_message": f"could not read /v2/push/_errors: {exc}"}]
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
-    summary = summarise_load(staging)
-    if failures:
-        raise LoadFailed(f"{failures} batch(es) were not delivered ({summary['failed']} contacts); see "
-                         f"{journal}. A retry re-sends only those.", retryable=bool(retryable))
+    summary = summarise_load(staging, plan)
+    if summary["failed"]:
+        failures = [e for e in journal_entries(staging, plan) if e["status"] != "OK"]
+        retryable = any(e.get("retryable", True) for e in failures)
+        raise LoadFailed(f"{summary['failed']} contact(s) were not delivered ({failures[-1].get('error')}); see "
+                         f"{journal}. A retry re-sends only those.", retryable=retryable)
     return {k: v for k, v in summary.items() if not k.endswith("_ids")} | {"async_errors": len(errors)}
 
 
-def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes]) -> list[dict]:
+def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes], hashes: list[str] | None = None,
+                   record_type: str = "contact") -> list[dict]:
+    """Push one batch; journal entries (ids, hashes, Ometria's answer) for it and for any halves it was split into."""
+    hashes = hashes or [payload_hash(body) for body in bodies]
     try:
-        result = client.push_encoded("contact", bodies)
+        result = client.push_encoded(record_type, bodies)
     except ApiError as exc:
-        log.error("batch of %d contacts not delivered: %s", len(ids), exc)
-        return [{"ids": ids, "status": "FAILED", "error": str(exc), "retryable": exc.retryable,
+        log.error("batch of %d records not delivered: %s", len(ids), exc)
+        return [{"ids": ids, "hashes": hashes, "status": "FAILED", "error": str(exc), "retryable": exc.retryable,
                  "accepted": 0, "rejected": 0}]
     if 0 < result.rejected < len(ids):  # find the rejected records: halve until each stands alone
         middle = len(ids) // 2
-        return (push_isolating(client, ids[:middle], bodies[:middle])
-                + push_isolating(client, ids[middle:], bodies[middle:]))
-    return [{"ids": ids, "status": result.status, "request_id": result.request_id,
+        return (push_isolating(client, ids[:middle], bodies[:middle], hashes[:middle], record_type)
+                + push_isolating(client, ids[middle:], bodies[middle:], hashes[middle:], record_type))
+    return [{"ids": ids, "hashes": hashes, "status": result.status, "request_id": result.request_id,
              "accepted": result.accepted, "rejected": result.rejected}]
 
 
-def remember_sent(store: StateStore, entries: list[dict], hashes: dict, plan: dict) -> None:
+def record_status(entry: dict) -> str:
+    """What a journal entry says of each of its records: sent, rejected (by Ometria), or failed (not delivered)."""
+    if entry["status"] != "OK":
+        return "failed"
+    return "rejected" if entry["rejected"] else "sent"
+
+
+def remember_sent(store: StateStore, entries: list[dict], plan: dict) -> None:
     for entry in entries:
-        if entry["status"] != "OK":
-            continue
-        status = "rejected" if entry["rejected"] else "sent"
-        store.record_contacts(((i, hashes[i]) for i in entry["ids"]), status, plan["mapping_version"],
-                              plan["run_id"], entry["request_id"])
+        status = record_status(entry)
+        if status != "failed":
+            store.record_contacts(zip(entry["ids"], entry["hashes"]), status, plan["mapping_version"],
+                                  plan["run_id"], entry["request_id"])
 
 
-def summarise_load(staging: Path) -> dict:
-    """Counts and ids from the load journal: the latest entry of each batch wins."""
-    latest: dict[tuple, dict] = {}
-    for entry in read_ndjson(staging / LOAD_JOURNAL):
-        latest[tuple(entry["ids"])] = entry
-    ok = [e for e in latest.values() if e["status"] == "OK"]
-    failed = [e for e in latest.values() if e["status"] != "OK"]
+def journal_entries(staging: Path, plan: dict) -> list[dict]:
+    """This attempt's entries of the load journal (earlier attempts of the same run id are ignored)."""
+    return [e for e in read_ndjson(staging / LOAD_JOURNAL) if e.get("attempt") == plan["attempt"]]
+
+
+def summarise_load(staging: Path, plan: dict) -> dict:
+    """Counts and ids from this attempt's load journal, per contact: its latest push decides."""
+    entries = journal_entries(staging, plan)
+    latest = {i: record_status(e) for e in entries for i in e["ids"]}
+    by_status: dict[str, list[str]] = {"sent": [], "rejected": [], "failed": []}
+    for contact_id, status in latest.items():
+        by_status[status].append(contact_id)
     return {
-        "batches": len(latest),
-        "sent": sum(len(e["ids"]) for e in ok),
-        "accepted": sum(e["accepted"] for e in ok),
-        "rejected": sum(e["rejected"] for e in ok),
-        "failed": sum(len(e["ids"]) for e in failed),
+        "batches": sum(1 for e in entries if e["status"] == "OK"),
+        "sent": len(by_status["sent"]) + len(by_status["rejected"]),
+        "accepted": len(by_status["sent"]),
+        "rejected": len(by_status["rejected"]),
+        "failed": len(by_status["failed"]),
         "refused_oversized": len(read_ndjson(staging / OVERSIZED)),
-        "rejected_ids": [i for e in ok if e["rejected"] for i in e["ids"]],
-        "failed_ids": [i for e in failed for i in e["ids"]],
+        "rejected_ids": by_status["rejected"],
+        "failed_ids": by_status["failed"],
     }
 
 
 # -- report ------------------------------------------------------------------------------------
-def build_report(staging: Path, plan: dict, extracted: dict, transformed: dict, loaded: dict,
+def build_report(staging: Path, plan: dict, extracted: dict, transformed: dict, loaded: dict | None,
                  store: StateStore | None = None) -> dict:
-    """Every extracted customer is accounted for: sent, unchanged, or held back with its reason."""
-    journal = summarise_load(staging)
-    payloads = {i: json.loads(b) for i, b, _ in read_contacts(staging)} if journal["rejected_ids"] + journal[
-        "failed_ids"] else {}
+    """Every extracted customer is accounted for: sent, unchanged, or held back with its reason.
+
+    `loaded` is None when the load step failed: the report then says what it delivered before it
+    stopped, and the run is recorded as failed (so the next run starts from before it).
+    """
+    journal = summarise_load(staging, plan)
+    staged = read_contacts(staging)
+    if not plan["dry_run"]:  # what the load never reached, e.g. it was stopped for good mid-way
+        reached = set(journal["rejected_ids"]) | set(journal["failed_ids"]) | {
+            i for e in journal_entries(staging, plan) for i in e["ids"]} | {o["id"] for o in read_ndjson(
+                staging / OVERSIZED)}
+        journal["failed_ids"] += [i for i, _, _ in staged if i not in reached]
+    errors = {i: e.get("error") for e in journal_entries(staging, plan) if e["status"] != "OK" for i in e["ids"]}
+    payloads = {i: json.loads(b) for i, b, _ in staged} if journal["rejected_ids"] + journal["failed_ids"] else {}
     rejected = [{"id": i, "reasons": ["rejected by Ometria; see the async errors"], "payload": payloads.get(i)}
                 for i in journal["rejected_ids"]]
-    failed = [{"id": i, "reasons": ["push failed after retries"], "payload": payloads.get(i)}
+    failed = [{"id": i, "reasons": [f"not delivered: {errors.get(i) or 'the load stopped before sending it'}; "
+                                    "the next run sends it"], "payload": payloads.get(i)}
               for i in journal["failed_ids"]]
     quarantined = [{"id": q["id"], "reasons": q["reasons"]} for q in read_ndjson(staging / QUARANTINE)]
     not_delivered = quarantined + read_ndjson(staging / OVERSIZED) + [
         {"id": r["id"], "reasons": r["reasons"]} for r in rejected + failed]
     async_errors = json.loads((staging / ASYNC_ERRORS).read_text()) if (staging / ASYNC_ERRORS).exists() else []
+    duplicates = json.loads((staging / DUPLICATES).read_text()) if (staging / DUPLICATES).exists() else []
+    loaded = loaded or {}
     report = {
         "run_id": plan["run_id"],
         "status": "dry_run" if plan["dry_run"] else "success",
         "mode": plan["mode"],
         "full_resync_reason": plan["full_resync_reason"],
+        "resumed": plan.get("resumed"),
         "window": [plan["since"], plan["until"]] if plan["mode"] == "incremental" else None,
         "mapping_version": transformed["mapping_version"],
         "payload_mode": transformed["payload_mode"],
         "extracted": extracted["customers"],
+        "duplicates": duplicates,
         "changed": transformed["changed"],
         "unchanged": transformed["unchanged"],
         "quarantined": transformed["quarantined"],
         "quarantine_reasons": transformed["quarantine_reasons"],
         "quality_warnings": transformed.get("quality", {}).get("warnings", []),
         "would_send": loaded.get("would_send", 0),
-        "sent": loaded["sent"],
-        "accepted": loaded["accepted"],
-        "rejected": loaded["rejected"],
-        "failed": loaded["failed"],
-        "refused_oversized": loaded["refused_oversized"],
-        "batches": loaded["batches"],
+        "sent": journal["sent"],
+        "accepted": journal["accepted"],
+        "rejected": journal["rejected"],
+        "failed": len(journal["failed_ids"]),
+        "refused_oversized": journal["refused_oversized"],
+        "batches": journal["batches"],
         "async_errors": async_errors,
         "not_delivered": not_delivered,
         "staging": str(staging),
     }
     unsent = transformed["changed"] if plan["dry_run"] else report["sent"] + report["failed"] + report["refused_oversized"]
     report["unaccounted"] = report["extracted"] - unsent - report["unchanged"] - report["quarantined"]
+    if report["failed"] or report["unaccounted"]:
+        report["status"] = "failed"
     if store is not None:
         for kind, rows in (("rejected", rejected), ("failed", failed)):
             store.clear_held(plan["run_id"], kind)
@@ -404,6 +505,33 @@ def build_report(staging: Path, plan: dict, extracted: dict, transformed: dict, 
     return report
 
 
+def report_run(staging: Path, steps: dict, store: StateStore) -> dict:
+    """The report step, whatever happened before it (steps: plan, extract, transform, load → their results,
+    None for a step that failed). Records the run; raises RunNotDelivered unless everything it was
+    responsible for was delivered or held back with a reason."""
+    missing = [name for name in ("plan", "extract", "transform") if steps.get(name) is None]
+    if missing:
+        if steps.get("plan"):
+            store.finish_run(steps["plan"]["dag_id"], steps["plan"]["run_id"], "failed",
+                             report={"failed_step": missing[0]})
+        raise RunNotDelivered(f"the run failed at {missing[0]}; nothing was sent (see that step's log)")
+    report = build_report(staging, steps["plan"], steps["extract"], steps["transform"], steps.get("load"), store)
+    log.info("\n%s", format_report(report))
+    check_delivered(report)
+    return report
+
+
+def check_delivered(report: dict) -> None:
+    """Raise unless the run delivered or visibly held everything it was responsible for."""
+    if report["unaccounted"]:
+        raise RunNotDelivered(f"the run's counts do not add up: {report['unaccounted']} customer(s) are neither sent, "
+                              f"unchanged nor held back; see {report['staging']}/{REPORT}")
+    if report["failed"]:
+        first = next(r for r in report["not_delivered"] if r["reasons"][0].startswith("not delivered"))
+        raise RunNotDelivered(f"{report['failed']} contact(s) were not delivered ({first['id']}: {first['reasons'][0]}); "
+                              "the run is not counted as synced, and the next run sends them")
+
+
 def _history_row(run: dict) -> dict:
     keys = ("run_id", "status", "mode", "mapping_version", "extracted", "changed", "sent", "accepted",
             "rejected", "quarantined", "failed", "started_at")
@@ -413,12 +541,18 @@ def _history_row(run: dict) -> dict:
 def format_report(report: dict, limit: int = 20) -> str:
     window = f", window {report['window'][0]} → {report['window'][1]}" if report.get("window") else ""
     lines = [
-        "Antavo → Ometria contact sync" + ("  (DRY RUN: nothing was sent)" if report["status"] == "dry_run" else ""),
+        "Antavo → Ometria contact sync" + ("  (DRY RUN: nothing was sent)" if report["status"] == "dry_run" else "")
+        + ("  (FAILED: not everything was delivered)" if report["status"] == "failed" else ""),
         f"  extracted    {report['extracted']:>8}   ({report['mode']} load{window}; {report['payload_mode']} payloads, "
         f"mapping {report['mapping_version']})",
     ]
     if report.get("full_resync_reason"):
         lines.append(f"  FULL RE-SYNC: {report['full_resync_reason']}")
+    if report.get("resumed"):
+        lines.append(f"  RESUMED: {report['resumed']}")
+    if report.get("duplicates"):
+        lines.append(f"  duplicates   {len(report['duplicates']):>8}   (came twice from Antavo; the copy updated last "
+                     f"was kept: {', '.join(report['duplicates'][:5])})")
     lines += [
         f"  unchanged    {report['unchanged']:>8}   (same payload as last sent: not sent again)",
         f"  changed      {report['changed']:>8}" + ("   would be sent" if report["status"] == "dry_run" else ""),
@@ -426,7 +560,7 @@ def format_report(report: dict, limit: int = 20) -> str:
         f"  accepted     {report['accepted']:>8}",
         f"  rejected     {report['rejected']:>8}   (by Ometria)",
         f"  quarantined  {report['quarantined']:>8}   (held back by the quality gate)",
-        f"  failed       {report['failed']:>8}   (push failed after retries)",
+        f"  failed       {report['failed']:>8}   (not delivered: the next run sends them)",
         f"  oversized    {report['refused_oversized']:>8}   (over 60 KB, not sent)",
         f"  unaccounted  {report['unaccounted']:>8}",
     ]

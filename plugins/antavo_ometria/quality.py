@@ -36,6 +36,9 @@ TEXT_FORMATS = ("string", "email")
 ALL_TEXT = "text:all"
 CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
 TYPE_NAMES = {"number": ["int", "float"], "integer": ["int"], "boolean": ["bool"], "list": ["list"]}
+NUMERIC_FORMATS = ("number", "integer")
+MAX_NUMBER = 2**53 - 1  # beyond it a JSON number loses digits (IEEE 754 doubles): corrupted, not sent
+SOURCE = "antavo_record"  # reasons found when Antavo's record was read (see antavo.HELD)
 DESCRIBE = {
     "email": "an email address", "gender": "m or f", "country": "an ISO 3166-1 alpha-2 country code",
     "phone": "an E.164 phone number", "date": "a YYYY-MM-DD date", "datetime": "an ISO 8601 date-time",
@@ -118,6 +121,10 @@ def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]
         elif fmt in TYPE_NAMES:
             checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{col}:type", value_set=TYPE_NAMES[fmt]),
                            "type", bad))
+        if fmt in NUMERIC_FORMATS:
+            checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{col}:range", value_set=["ok"]), "number_range",
+                           f"{col}: {f.loyalty_field} = {{value}} is out of range (Ometria takes finite numbers "
+                           f"up to ±{MAX_NUMBER:,}; larger ones lose digits)"))
     if any(f.format in TEXT_FORMATS for f in fields):  # one check over all text fields, joined by tabs
         checks.append((gxe.ExpectColumnValuesToNotMatchRegex(column=ALL_TEXT, regex=CONTROL_CHARACTERS),
                        "control_characters", "{field}: {loyalty} contains control characters"))
@@ -128,13 +135,18 @@ def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]
     return checks
 
 
-def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequence[int]) -> pd.DataFrame:
+def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequence[int],
+                source_problems: pd.Series | None = None) -> pd.DataFrame:
     """What the suite looks at: the payload values as text, a type name per typed field, each record's size."""
     checked = pd.DataFrame({"row": np.arange(len(frame)), "id": _as_text(frame["id"]).to_numpy()})
     for f in mapping.fields:
         values = frame[f.remote_field]
         column = _type_names(values) if f.format in TYPE_NAMES else _as_text(values)
         checked[_checked_column(f)] = column.to_numpy()
+        if f.format in NUMERIC_FORMATS:
+            checked[f"{f.remote_field}:range"] = _in_range(values).to_numpy()
+    if source_problems is not None:
+        checked[SOURCE] = source_problems.map(_joined).to_numpy()
     text = [checked[f.remote_field].astype("str") for f in mapping.fields if f.format in TEXT_FORMATS]
     if text:
         checked[ALL_TEXT] = text[0].str.cat(text[1:], sep="\t", na_rep="") if len(text) > 1 else text[0]
@@ -153,6 +165,23 @@ def _as_text(values: pd.Series) -> pd.Series:
     return values.map(lambda v: v if v is None or isinstance(v, str) else repr(v))
 
 
+def _in_range(values: pd.Series) -> pd.Series:
+    """"ok" for a number JSON carries exactly, "out of range" for one it does not (inf, 1e30, 2**63), None otherwise."""
+    def verdict(v):
+        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
+            return "ok" if math.isfinite(v) and abs(v) <= MAX_NUMBER else "out of range"
+        return None
+
+    return values.map(verdict)
+
+
+def _joined(reasons: object) -> str | None:
+    if reasons is None or (isinstance(reasons, float) and math.isnan(reasons)):
+        return None
+    items = reasons if isinstance(reasons, (list, tuple, np.ndarray)) else [reasons]
+    return "; ".join(str(r) for r in items) or None
+
+
 def _type_names(values: pd.Series) -> pd.Series:
     types = values.map(type)
     return types.map({t: None if t is type(None) else t.__name__ for t in types.unique()})
@@ -163,16 +192,22 @@ def run_gate(
     mapping: ContactMapping,
     record_bytes: Sequence[int],
     duplicate_ids: Collection[str] = (),
+    source_problems: pd.Series | None = None,
 ) -> GateResult:
     """Validate one chunk of the payload frame with Great Expectations; see the module docstring.
 
-    `duplicate_ids` are IDs seen more than once in the whole run (possibly in other chunks).
+    `duplicate_ids` are IDs seen more than once in the whole run (possibly in other chunks);
+    `source_problems` the reasons, per row, why Antavo's record could not be used as it was.
     """
     import great_expectations as gx
     import great_expectations.expectations as gxe
 
-    checked = check_frame(frame, mapping, record_bytes)
+    if source_problems is not None and not source_problems.notna().any():
+        source_problems = None
+    checked = check_frame(frame, mapping, record_bytes, source_problems)
     checks = _row_checks(mapping.fields)
+    if source_problems is not None:
+        checks.append((gxe.ExpectColumnValuesToBeNull(column=SOURCE), SOURCE, "{value}"))
     if duplicate_ids:
         checks.append((gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=sorted(duplicate_ids)),
                        "id_duplicate", "duplicate customer id {value}"))
@@ -201,16 +236,32 @@ def run_gate(
                             "check": name, "field": f.remote_field, "value": value,
                             "message": message.format(field=f.remote_field, loyalty=f.loyalty_field)})
                 continue
+            if column == SOURCE:
+                failures.setdefault(row, []).append({"check": name, "field": "", "value": None,
+                                                     "message": checked.at[row, SOURCE]})
+                continue
             value = checked.at[row, field_name] if field_name == "record_bytes" else frame.iloc[row][field_name]
             failures.setdefault(row, []).append({
                 "check": name, "field": field_name, "value": _jsonable(value),
                 "message": message.format(value=_show(value)),
             })
+    for row, fails in failures.items():
+        failures[row] = _causes(fails)
     result.non_null = {f.remote_field: int(frame[f.remote_field].notna().sum()) for f in mapping.fields}
     if failures:
         result.valid.iloc[list(failures)] = False
     result.validation = validation.to_json_dict()
     return result
+
+
+def _causes(fails: list[dict]) -> list[dict]:
+    """The failures that explain a row, without their consequences: a record Antavo sent broken fails other
+    checks only because it is broken, and a number out of range is no type error."""
+    source = [f for f in fails if f["check"] == SOURCE]
+    if source:
+        return source
+    out_of_range = {f["field"] for f in fails if f["check"] == "number_range"}
+    return [f for f in fails if not (f["check"] == "type" and f["field"] in out_of_range)]
 
 
 def _batch(checked: pd.DataFrame):

@@ -2,7 +2,9 @@
 
 Deferrable by default: the waiting happens in Airflow's triggerer (`AntavoEventTrigger`), not in a
 worker slot. With `deferrable=False` it pokes instead (use `mode="reschedule"` to free the slot
-between pokes). With no new event before `timeout`, the task is skipped, not failed.
+between pokes). With no new event before `timeout`, the task is skipped; an error (Antavo down,
+credentials revoked) fails it, so that the failure alert fires. `soft_fail` is deliberately not
+used: Airflow turns every error of a soft-failing deferred sensor into a skip (apache/airflow#71255).
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowException, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, AirflowSkipException
 
 from antavo_ometria.triggers import AntavoEventTrigger
 
@@ -23,7 +25,6 @@ class AntavoEventSensor(BaseSensorOperator):
     def __init__(self, *, rule: str, action: str, antavo_conn_id: str = "antavo_default",
                  deferrable: bool = True, **kwargs: Any):
         kwargs.setdefault("timeout", 14 * 60)
-        kwargs.setdefault("soft_fail", True)  # no new event before the timeout: skipped, not failed
         super().__init__(**kwargs)
         self.rule, self.action, self.antavo_conn_id, self.deferrable = rule, action, antavo_conn_id, deferrable
 
@@ -47,7 +48,10 @@ class AntavoEventSensor(BaseSensorOperator):
 
     def execute(self, context: Any) -> Any:
         if not self.deferrable:
-            return super().execute(context)
+            try:
+                return super().execute(context)
+            except AirflowSensorTimeout as timeout:  # nothing new: skipped; any other error fails the task
+                raise AirflowSkipException(f"no new {self.action} events: {timeout}") from None
         since = self._since().isoformat()
         self.log.info("deferring: waiting in the triggerer for %s events after %s", self.action, since)
         self.defer(

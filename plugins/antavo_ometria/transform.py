@@ -26,13 +26,15 @@ from antavo_ometria.mapping import ContactMapping
 
 CHUNK_ROWS = 50_000  # customers transformed and checked at a time: memory stays flat as the programme grows
 PARSE_BLOCK = 8 << 20  # pyarrow parses a chunk in blocks of this many bytes, on all cores
-EMAIL = r"^[^@\s]+@[^@\s]+\.[^@\s]+$"
+# local part without spaces; a host name of letter-or-digit labels (hyphens inside), ending in a label of letters
+EMAIL = r"^[^@\s]+@(?:[^\W_](?:(?:[^\W_]|-)*[^\W_])?\.)+[^\W\d_]{2,}$"
 PHONE_E164 = r"^\+[1-9]\d{6,14}$"
 GENDERS = {"male": "m", "female": "f", "m": "m", "f": "f"}
 UNKNOWN_GENDERS = {"other", "unknown", "not_specified", "prefer_not_to_say", "x", "u", "n/a", "none"}
 OPTIN = {"EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT", "NOT_SPECIFIED"}
 TRUE_WORDS = {"true", "yes", "1"}
 FALSE_WORDS = {"false", "no", "0"}
+MAX_EXACT = 2**53 - 1  # the largest whole number a JSON number (an IEEE 754 double) carries exactly
 
 
 @cache
@@ -197,19 +199,21 @@ def to_datetime(s: pd.Series, language: str) -> Converted:
 
 
 def _numbers(s: pd.Series) -> tuple[pd.Series, pd.Series]:
+    """Numbers as floats, and the values that are no usable number (text, booleans, inf, beyond ±2**53)."""
     if pd.api.types.is_bool_dtype(s):
         return pd.Series(np.nan, index=s.index), s.notna()
     if pd.api.types.is_numeric_dtype(s):
-        return s.astype(float), pd.Series(False, index=s.index)
+        numbers = s.astype(float)
+        return numbers, numbers.notna() & ~(numbers.abs() <= MAX_EXACT)
     present = ~_empty(s)
     is_bool = s.map(lambda v: isinstance(v, (bool, np.bool_))) if s.dtype == object else False
-    numbers = pd.to_numeric(s.where(~is_bool), errors="coerce")
-    return numbers, present & (numbers.isna() | is_bool)
+    numbers = pd.to_numeric(s.where(~is_bool), errors="coerce").astype(float)
+    return numbers, present & (numbers.isna() | is_bool | ~(numbers.abs() <= MAX_EXACT))
 
 
 def _whole_as_int(numbers: pd.Series) -> pd.Series:
     values = numbers.astype(object)
-    whole = numbers.notna() & (numbers % 1 == 0)
+    whole = numbers.notna() & (numbers % 1 == 0) & (numbers.abs() <= MAX_EXACT)
     values[whole] = numbers[whole].astype("int64").astype(object)
     return values
 

@@ -10,7 +10,6 @@ from urllib.parse import unquote
 
 from escherauth import Escher, EscherException
 
-from antavo_ometria.antavo import ESCHER_OPTIONS, credential_scope
 from antavo_ometria.sandbox.population import make_population, to_classic
 from antavo_ometria.sandbox.server import App, Request, Response
 
@@ -21,6 +20,9 @@ REWARDS = {
                   "description": "One hot drink of your choice in any of our cafés.", "type": "coupon", "points": 300},
 }
 REWARD_CLAIM_ACTION = "reward"
+# Antavo's Escher signing, as its documentation describes it (not taken from the client it checks)
+SIGNING = {"algo_prefix": "ANTAVO", "vendor_key": "Antavo", "hash_algo": "SHA256",
+           "auth_header_name": "Authorization", "date_header_name": "Date"}
 
 
 def _when(value: str) -> datetime:
@@ -33,10 +35,11 @@ class AntavoApp(App):
                  customers: int = 200, seed: int = 7):
         super().__init__()
         self.keys = {api_key: api_secret}
-        self.escher = Escher("", "", credential_scope(environment), ESCHER_OPTIONS)
+        self.escher = Escher("", "", f"{environment}/api/antavo_request", SIGNING)
         self.customers = make_population(customers, seed)
         self.by_id = {c["_id"]: c for c in self.customers}
         self.events: list[dict] = []
+        self.listed_extras: dict[int, object] = {}  # position → a raw item the Read API lists there (a null, a repeat)
         self.requests = 0
 
     # -- control -----------------------------------------------------------------------------
@@ -133,6 +136,8 @@ class AntavoApp(App):
         status = request.query.get("filter[status][eq]")
         rows = [c for c in self.customers if status is None or c.get("status") == status]
         rows.sort(key=lambda c: c["created_at"])
+        for position in sorted(self.listed_extras):
+            rows.insert(position, self.listed_extras[position])
         chunk = rows[offset: offset + limit]
         more = offset + limit < len(rows)
         return Response(200, {

@@ -9,21 +9,32 @@ can be read back at `/_sandbox/contacts` and `/_sandbox/events`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import threading
 import time
 import uuid
 from collections import Counter, deque
-from datetime import datetime
+from datetime import date, datetime
+from functools import cache
+from importlib import resources
 
-from antavo_ometria.mapping import builtin_fields
-from antavo_ometria.ometria import MAX_BATCH_RECORDS, MAX_RECORD_BYTES, RECORD_TYPES
 from antavo_ometria.sandbox.server import App, Request, Response
-from antavo_ometria.transform import EMAIL, PHONE_E164, iso_countries
 
+# Ometria's rules, written here from its public documentation (see the project's API reference notes), not
+# taken from the sync's own code: a sandbox that shared the sync's rules could not catch a wrong one.
+MAX_RECORDS = 100  # records per push request
+MAX_RECORD_BYTES = 60 * 1024  # "60 KB" per record
+RECORD_TYPES = {"contact", "order", "product", "custom_event"}
 OPTIN = {"EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT", "NOT_SPECIFIED"}
-DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+# built-in contact fields (top level) and the kind of value each takes
+BUILTIN_FIELDS = {
+    "email": "email", "customer_id": "string", "prefix": "string", "firstname": "string", "middlename": "string",
+    "lastname": "string", "gender": "gender", "date_of_birth": "date", "country_id": "country",
+    "phone_number": "phone", "timezone": "string", "store_ids": "list", "timestamp_acquired": "datetime",
+    "timestamp_subscribed": "datetime", "timestamp_unsubscribed": "datetime", "marketing_optin": "optin",
+}
 ENVELOPE_KEYS = {"@type", "@collection", "@merge", "@force_optin", "@add_to_lists", "@remove_from_lists",
                  "id", "properties", "channels"}
 LISTS = [{"id": "8400", "title": "Loyalty members", "type": "STATIC", "status": "ACTIVE", "size": 0},
@@ -37,6 +48,17 @@ DEFAULT_CUSTOM_FIELDS = {
     "last_purchase": "date", "purchase_count": "number", "purchase_total": "number", "language": "string",
     "crm_id": "string", "tier_since": "datetime", "labels": "list",
 }
+# an address as mail systems take it: no spaces, one @, a dotted host name whose last label is letters
+_EMAIL = re.compile(r"^[^\s@]{1,64}@(?=.{1,253}$)(?:[^\W_](?:(?:[^\W_]|-)*[^\W_])?\.)+[^\W\d_]{2,}$")
+_E164 = re.compile(r"^\+[1-9]\d{1,14}$")  # ITU-T E.164: a + and at most 15 digits
+MAX_EXACT_NUMBER = 2**53  # a JSON number past it has lost digits on the way
+
+
+@cache
+def countries() -> frozenset[str]:
+    """ISO 3166-1 alpha-2 codes, from the IANA time zone database's own table (the tzdata package)."""
+    table = resources.files("tzdata").joinpath("zoneinfo", "iso3166.tab").read_text(encoding="utf-8")
+    return frozenset(line.split("\t")[0] for line in table.splitlines() if line and not line.startswith("#"))
 
 
 def _is_iso(value: object) -> bool:
@@ -49,18 +71,33 @@ def _is_iso(value: object) -> bool:
         return False
 
 
+def _is_date(value: object) -> bool:
+    if not isinstance(value, str) or not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        return False
+    try:
+        date.fromisoformat(value)
+        return True
+    except ValueError:
+        return False
+
+
+def _is_number(value: object) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and value == value and abs(value) <= MAX_EXACT_NUMBER)
+
+
 CHECKS = {
     "string": lambda v: isinstance(v, str),
-    "email": lambda v: isinstance(v, str) and re.match(EMAIL, v) is not None,
+    "email": lambda v: isinstance(v, str) and _EMAIL.match(v) is not None,
     "gender": lambda v: v in ("m", "f"),
-    "date": lambda v: isinstance(v, str) and DATE.match(v) is not None and _is_iso(v),
+    "date": _is_date,
     "datetime": _is_iso,
-    "country": lambda v: isinstance(v, str) and v in iso_countries(),
-    "phone": lambda v: isinstance(v, str) and re.match(PHONE_E164, v) is not None,
+    "country": lambda v: isinstance(v, str) and v in countries(),
+    "phone": lambda v: isinstance(v, str) and _E164.match(v) is not None,
     "list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "optin": lambda v: v in OPTIN,
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": _is_number,
+    "integer": lambda v: isinstance(v, int) and _is_number(v),
     "boolean": lambda v: isinstance(v, bool),
 }
 
@@ -73,10 +110,13 @@ class OmetriaApp(App):
         self.rate = requests_per_second
         self.custom_fields = dict(DEFAULT_CUSTOM_FIELDS if custom_fields is None else custom_fields)
         self.queue_limit = queue_limit
+        self.on_push = None  # called with the number of pushes so far, after each one (for fault scenarios)
         self.reject_ids: set[str] = set()  # records Ometria refuses, e.g. an email owned by another contact
         self.contacts: dict[tuple[str, str], dict] = {}
         self.events: dict[str, dict] = {}
         self.received = Counter()  # (type, id) → times accepted
+        # every accepted record in order: (type, id, digest of the record, whether the client ever read the answer)
+        self.deliveries: list[tuple[str, str, str, bool]] = []
         self.errors: deque = deque(maxlen=100)
         self.pushes = 0
         self.throttled = 0
@@ -120,9 +160,9 @@ class OmetriaApp(App):
             return Response(400, {"status": "error", "message": "Payload invalid: body is not JSON"})
         if not isinstance(records, list) or not records:
             return Response(400, {"status": "error", "message": "Payload invalid: expected a non-empty array"})
-        if len(records) > MAX_BATCH_RECORDS:
+        if len(records) > MAX_RECORDS:
             return Response(400, {"status": "error",
-                                  "message": f"Payload invalid: at most {MAX_BATCH_RECORDS} records per request"})
+                                  "message": f"Payload invalid: at most {MAX_RECORDS} records per request"})
         types = {r.get("@type") if isinstance(r, dict) else None for r in records}
         if len(types) != 1 or next(iter(types)) not in RECORD_TYPES:
             return Response(400, {"status": "error", "message": "Payload invalid: one record type per request"})
@@ -138,6 +178,10 @@ class OmetriaApp(App):
                     continue
                 accepted += 1
                 self._store(record)
+                digest = hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+                self.deliveries.append((record["@type"], record["id"], digest, not request.late))
+        if self.on_push is not None:
+            self.on_push(self.pushes)
         headers = {"X-QueueSize-Limit": str(self.queue_limit), "X-QueueSize-Remaining": str(self.queue_limit)}
         return Response(200, {"status": "OK", "request_id": str(uuid.uuid4()),
                               "accepted": accepted, "rejected": rejected}, headers)
@@ -154,7 +198,7 @@ class OmetriaApp(App):
         if record["@type"] != "contact":
             return []
         problems = []
-        builtins = builtin_fields()
+        builtins = BUILTIN_FIELDS
         for key, value in record.items():
             path = f"root > {key}"
             if key in ENVELOPE_KEYS:
@@ -230,6 +274,7 @@ class OmetriaApp(App):
                                       "records_received_more_than_once": duplicates})
             if request.path == "/_sandbox/reset" and request.method == "POST":
                 self.contacts.clear(), self.events.clear(), self.received.clear(), self.errors.clear()
+                self.deliveries.clear()
                 self.pushes = self.throttled = 0
                 return Response(200, {"reset": True})
         return Response(404, {"error": "unknown sandbox control"})

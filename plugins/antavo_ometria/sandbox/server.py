@@ -19,6 +19,7 @@ class Request:
     query: dict[str, str]
     headers: list[tuple[str, str]]
     body: bytes
+    late: bool = False  # held back by a delay fault, meant to outlast the client's timeout: no one reads the answer
 
     def header(self, name: str) -> str | None:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
@@ -32,6 +33,7 @@ class Response:
     status: int = 200
     body: Any = None
     headers: dict[str, str] = field(default_factory=dict)
+    mangle: list[tuple[bytes, bytes]] = field(default_factory=list)  # byte replacements in the encoded body
 
 
 class Drop(Exception):
@@ -48,6 +50,7 @@ class Fault:
     retry_after: str | None = None
     headers: dict | None = None
     body: Any = None
+    mangle: list | None = None  # [[find, replace], ...] in the answer's bytes (latin-1 text): e.g. bytes that are not UTF-8
     path: str = ""  # only requests whose path starts with this
     count: int = 1
     every: int = 1  # apply to every n-th matching request only
@@ -83,19 +86,22 @@ class Faults:
                 return fault
         return None
 
-    def apply(self, request: Request) -> Response | None:
+    def apply(self, request: Request, handle) -> Response:
         fault = self.take(request.path)
         if fault is None:
-            return None
+            return handle(request)
         if fault.delay:
             time.sleep(fault.delay)
+            request.late = True
         if fault.drop:
             raise Drop()
         if fault.status:
             headers = {"Retry-After": str(fault.retry_after)} if fault.retry_after is not None else {}
             headers.update(fault.headers or {})
             return Response(fault.status, fault.body if fault.body is not None else {"error": "injected fault"}, headers)
-        return None
+        response = handle(request)
+        response.mangle = [(a.encode("latin-1"), b.encode("latin-1")) for a, b in fault.mangle or []]
+        return response
 
 
 class App:
@@ -114,8 +120,7 @@ class App:
             elif request.method == "DELETE":
                 self.faults.clear()
             return Response(200, {"injected": self.faults.injected})
-        injected = self.faults.apply(request)
-        return injected if injected is not None else self.handle(request)
+        return self.faults.apply(request, self.handle)
 
     def handle(self, request: Request) -> Response:  # pragma: no cover - overridden
         return Response(404, {"error": "not found"})
@@ -148,6 +153,8 @@ def _handler_for(app: App) -> type[BaseHTTPRequestHandler]:
                 self.connection.close()
                 return
             payload = b"" if response.body is None else json.dumps(response.body).encode()
+            for find, replace in response.mangle:
+                payload = payload.replace(find, replace)
             self.send_response(response.status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(payload)))
