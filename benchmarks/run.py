@@ -201,7 +201,7 @@ def measure_incremental(size: int) -> dict:
     write_customers(staging, [picked])
     sandbox = SandboxProcess()
     try:
-        plan = {"run_id": "incremental", "mode": "incremental", "send_unchanged": False, "dry_run": False,
+        plan = {"run_id": "incremental", "attempt": "bench", "mode": "incremental", "send_unchanged": False, "dry_run": False,
                 "mapping_version": mapping.version}
         started = time.perf_counter()
         transformed = transform_staged(staging, mapping, plan, store)

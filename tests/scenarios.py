@@ -77,6 +77,7 @@ class Deployment:
         self.claims: list[dict] = []
         self.poison_customers: set[str] = set()  # must be held back with a reason, never sent
         self.poison_events: set[str] = set()
+        self.outages = 0  # faults outside the sandbox (the state store going away)
 
     def close(self) -> None:
         self.sandbox.stop()
@@ -126,6 +127,7 @@ class Deployment:
 
     # -- a state store that goes away and comes back ---------------------------------------------
     def state_store_gone(self) -> None:
+        self.outages += 1
         self.store.engine.dispose()
         self.state_file.rename(self.work / "state.away")
         self.state_file.mkdir()  # a folder where the database file was: every new connection fails
@@ -158,7 +160,7 @@ class Deployment:
             stored_twice=stored_twice + sum(len(records) > 1 for records in stored.values()),
             poison_sent=len(poison & (set(stored) | events)),
             resent=resent,
-            faults_injected=self.sandbox.antavo.faults.injected + self.sandbox.ometria.faults.injected,
+            faults_injected=self.sandbox.antavo.faults.injected + self.sandbox.ometria.faults.injected + self.outages,
         )
 
 

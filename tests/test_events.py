@@ -123,3 +123,86 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
     states = {ti.task_id: ti.state for ti in quiet.get_task_instances()}
     assert states["wait_for_reward_claimed"] == "skipped" and states["deliver_reward_claimed"] == "skipped"
     assert connections.ometria.received[("custom_event", claim["id"])] == 1
+
+
+# -- no silent loss ------------------------------------------------------------------------------
+def test_an_ometria_outage_fails_the_delivery_and_keeps_the_cursor_before_the_claims(
+        parts, sandbox, antavo_client, ometria_client):
+    from antavo_ometria.events import EventsNotDelivered
+
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    store.set_event_cursor(rule.name, now - timedelta(hours=1))
+    claims = [sandbox.antavo.claim_reward(f"c0000002{i}", "rw-coffee", at=now - timedelta(minutes=50 - i))
+              for i in range(1, 4)]
+    sandbox.ometria.faults.add({"status": 503, "count": 10**6, "path": "/v2/push"})
+    with pytest.raises(EventsNotDelivered, match="3 loyalty_reward_claimed event"):
+        deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert sandbox.ometria.events == {} and sandbox.ometria.contacts == {}
+    assert store.event_cursor(rule.name) < now - timedelta(minutes=49)  # before the first undelivered claim
+    assert store.pushed_event_ids([c["id"] for c in claims]) == set()
+
+    sandbox.ometria.faults.clear()  # Ometria is back, an hour later: nothing was lost
+    later = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=now + timedelta(hours=1))
+    assert (later["sent"], later["contacts_pushed_first"]) == (3, 3)
+    assert [sandbox.ometria.received[("custom_event", c["id"])] for c in claims] == [1, 1, 1]
+
+
+def test_events_of_a_contact_that_could_not_be_pushed_first_wait_for_it(parts, sandbox, antavo_client, ometria_client):
+    from antavo_ometria.events import EventsNotDelivered
+
+    rule, store, mapping = parts
+    claim = sandbox.antavo.claim_reward("c00000030", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=5))
+    sandbox.ometria.faults.add({"status": 503, "count": 4, "path": "/v2/push"})  # the contact push, all attempts
+    with pytest.raises(EventsNotDelivered):
+        deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert sandbox.ometria.events == {}  # the event did not go ahead of its contact
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2")
+    assert (summary["sent"], summary["contacts_pushed_first"]) == (1, 1)
+    assert list(sandbox.ometria.events) == [claim["id"]]
+
+
+def test_poison_events_are_held_and_the_rest_delivered(parts, sandbox, antavo_client, ometria_client):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    good = sandbox.antavo.claim_reward("c00000040", "rw-coffee", at=now - timedelta(minutes=4))
+    deleted = sandbox.antavo.add_event("c09999999", "reward", {"reward": "rw-coffee"}, at=now - timedelta(minutes=3))
+    orphan = sandbox.antavo.add_event("c00000041", "reward", {"reward": "rw-coffee"}, at=now - timedelta(minutes=2))
+    orphan["Customer"] = None
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (summary["sent"], summary["held"]) == (1, 2)
+    assert list(sandbox.ometria.events) == [good["id"]]
+    reasons = {r["antavo_id"]: r["reasons"] for r in store.held_records(kind="event_held")}
+    assert reasons == {deleted["id"]: ["customer c09999999: Antavo has no customer c09999999 (404 Not Found)"],
+                       orphan["id"]: ["the event names no customer"]}
+
+
+def test_a_crash_between_push_and_record_re_pushes_the_same_event_id(parts, sandbox, antavo_client, ometria_client,
+                                                                     monkeypatch):
+    rule, store, mapping = parts
+    claim = sandbox.antavo.claim_reward("c00000050", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
+
+    def crash(rows):
+        raise RuntimeError("worker killed after the push")
+
+    monkeypatch.setattr(store, "record_events", crash)
+    with pytest.raises(RuntimeError):
+        deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    monkeypatch.undo()
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-2")
+    assert sandbox.ometria.received[("custom_event", claim["id"])] == 2  # pushed again, under the same id
+    assert list(sandbox.ometria.events) == [claim["id"]]  # which Ometria upserts: one event
+
+
+@pytest.mark.airflow
+def test_a_sensor_whose_trigger_errors_fails_instead_of_skipping(airflow_db, connections):
+    """Revoked credentials or an Antavo outage must fail the wait (an alert fires), never skip it."""
+    from airflow.models import DagBag
+
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).get_dag("antavo_ometria_events")
+    connections.antavo.faults.add({"status": 401, "count": 10**6, "path": "/customers/-/events", "body": {
+        "error": {"message": "Unauthorized", "code": 2132, "resendable": False}}})
+    run = dag.test()
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert states["wait_for_reward_claimed"] == "failed", states
+    assert states["deliver_reward_claimed"] == "upstream_failed"

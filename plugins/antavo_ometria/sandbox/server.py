@@ -54,6 +54,7 @@ class Fault:
     path: str = ""  # only requests whose path starts with this
     count: int = 1
     every: int = 1  # apply to every n-th matching request only
+    after: int = 0  # let this many matching requests through first
     seen: int = 0
 
 
@@ -77,7 +78,7 @@ class Faults:
                 if not path.startswith(fault.path or "/") or path.startswith("/_sandbox"):
                     continue
                 fault.seen += 1
-                if fault.seen % fault.every:
+                if fault.seen <= fault.after or (fault.seen - fault.after) % fault.every:
                     continue
                 fault.count -= 1
                 if fault.count <= 0:
