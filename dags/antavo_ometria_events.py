@@ -8,8 +8,9 @@ description, …) fill the tags of the Ometria email. The rules are rows in
 comes from (`event.*`, `reward.*`, `customer.*`).
 
 **Per rule:** a deferrable sensor waits in the triggerer for new matching events (skipped when none
-arrive before the next run), then `deliver_<rule>` pushes each new event exactly once: the contact
-first if Ometria does not have it yet, then the custom event (`id` = the Antavo event ID).
+arrive before the next run; failed when Antavo cannot be read), then `deliver_<rule>` pushes each new
+event once: the contact first if Ometria does not have it yet, then the custom event (`id` = the
+Antavo event ID). Events that cannot be pushed fail the task, and the next run sends them.
 
 **Timing:** runs every 15 minutes, well inside Ometria's 4-hour window; older events cannot start an
 automation and follow `events.late_event_policy` (send and warn, or skip). More than 1,000 events on
@@ -57,7 +58,9 @@ def antavo_ometria_events():
     checked = check_rules()
     for name, action in rule_actions(mappings_dir()).items():
 
-        @task(task_id=f"deliver_{name}", pool="ometria_push")
+        # runs after the wait even when nothing new woke it (skipped): it also re-reads the last 15 minutes, so
+        # an event Antavo made visible late is still sent; a failed wait (Antavo unreachable) does not run it
+        @task(task_id=f"deliver_{name}", pool="ometria_push", trigger_rule="none_failed")
         def deliver(rule_name: str = name) -> dict:
             """Push the rule's new events to Ometria as custom events, each exactly once."""
             import logging

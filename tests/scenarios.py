@@ -396,6 +396,8 @@ BAD_INPUTS = {  # name → (what is wrong, the check that must hold the customer
     "number too large for JSON (1e30)": ({"score": 1e30}, "number_range"),
     "integer past 2**63": ({"purchase_count": 2**63}, "number_range"),
     "infinite number": ({"score": float("inf")}, "number_range"),
+    "a list where text belongs": ({"first_name": ["Ana", "Maria"]}, "text_type"),
+    "infinity where text belongs": ({"last_name": float("inf")}, "text_type"),
     "control characters": ({"first_name": "Bell\x07e"}, "control_characters"),
     "missing id": ({"id": None}, "id_missing"),
     "duplicate id": ({}, "id_duplicate"),

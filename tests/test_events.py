@@ -119,9 +119,9 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
     assert list(connections.ometria.events) == [claim["id"]]
     assert connections.ometria.events[claim["id"]]["properties"]["reward_name"] == "£10 off your next order"
 
-    quiet = dag.test()  # nothing new: the sensor gives up after its wait and the delivery is skipped
+    quiet = dag.test()  # nothing new: the sensor gives up after its wait; the delivery still re-reads the overlap
     states = {ti.task_id: ti.state for ti in quiet.get_task_instances()}
-    assert states["wait_for_reward_claimed"] == "skipped" and states["deliver_reward_claimed"] == "skipped"
+    assert states["wait_for_reward_claimed"] == "skipped" and states["deliver_reward_claimed"] == "success"
     assert connections.ometria.received[("custom_event", claim["id"])] == 1
 
 
@@ -206,3 +206,54 @@ def test_a_sensor_whose_trigger_errors_fails_instead_of_skipping(airflow_db, con
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert states["wait_for_reward_claimed"] == "failed", states
     assert states["deliver_reward_claimed"] == "upstream_failed"
+
+
+def test_an_event_with_a_number_json_cannot_carry_is_held_not_sent_as_infinity(parts, sandbox, antavo_client,
+                                                                               ometria_client):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    good = sandbox.antavo.claim_reward("c00000060", "rw-10off", at=now - timedelta(minutes=3))
+    bad = sandbox.antavo.claim_reward("c00000061", "rw-coffee", at=now - timedelta(minutes=2))
+    sandbox.antavo.faults.add({"path": "/customers/c00000061/rewards", "count": 10**6,
+                               "mangle": [['"points": 300', '"points": 1e400']]})  # inf once parsed
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (summary["sent"], summary["held"]) == (1, 1)
+    assert list(sandbox.ometria.events) == [good["id"]]
+    (held,) = store.held_records(kind="event_held")
+    assert held["antavo_id"] == bad["id"] and "points_spent = inf" in held["reasons"][0]
+
+
+def test_a_rejected_event_does_not_push_the_others_of_its_batch_again(parts, sandbox, antavo_client, ometria_client):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    claims = [sandbox.antavo.claim_reward(f"c0000007{i}", "rw-coffee", at=now - timedelta(minutes=9 - i))
+              for i in range(1, 7)]
+    sandbox.ometria.reject_ids.add(claims[2]["id"])
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (summary["sent"], summary["accepted"], summary["rejected"]) == (6, 5, 1)
+    assert [sandbox.ometria.received[("custom_event", c["id"])] for c in claims] == [1, 1, 0, 1, 1, 1]
+
+
+def test_an_event_listed_twice_and_a_held_event_re_read_count_once(parts, sandbox, antavo_client, ometria_client):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    claim = sandbox.antavo.claim_reward("c00000080", "rw-coffee", at=now - timedelta(minutes=3))
+    sandbox.antavo.events.append(dict(claim))  # the feed lists it twice
+    held = sandbox.antavo.claim_reward("c00000007", "rw-coffee", at=now - timedelta(minutes=2))  # bad email
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (summary["matched"], summary["sent"], summary["held"]) == (2, 1, 1)
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-2")  # re-reads both in the overlap
+    assert sandbox.ometria.received[("custom_event", claim["id"])] == 1
+    assert [r["antavo_id"] for r in store.held_records(kind="event_held")] == [held["id"]]
+
+
+def test_an_event_listed_twice_on_postgresql(sandbox, antavo_client, ometria_client, postgres_state_url):
+    store = StateStore(postgres_state_url)
+    store.migrate()
+    (rule,) = load_rules(PROJECT / "include" / "mappings")
+    claim = sandbox.antavo.claim_reward("c00000081", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=3))
+    sandbox.antavo.events.append(dict(claim))
+    summary = deliver(rule, antavo_client, ometria_client, store, load_contact_mapping(PROJECT / "include" / "mappings"),
+                      "run-1")
+    assert summary["sent"] == 1 and store.pushed_event_ids([claim["id"]]) == {claim["id"]}
+    store.engine.dispose()

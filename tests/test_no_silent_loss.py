@@ -85,8 +85,8 @@ def test_a_retry_of_the_same_attempt_sends_only_what_is_left(store, sandbox, ant
 
 def test_counts_add_up_after_isolation_and_a_5xx_then_a_retry(store, sandbox, antavo_client, ometria_client,
                                                                tmp_path):
-    """One rejected record, a 5xx while its batch is halved, then a successful retry: once failed 50 and
-    unaccounted -50, with 50 delivered contacts stored as held "failed" and a green run."""
+    """One rejected record, a 5xx while its batch is halved, then a successful retry: the counts add up, and
+    nothing delivered is held as "failed"."""
     staging = tmp_path / "staging"
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     plan = plan_run(store, mapping, DAG, "run-1")
@@ -120,6 +120,7 @@ def test_a_run_with_undelivered_contacts_fails_and_the_next_run_sends_them(store
     sandbox.ometria.faults.clear()
     report = sync(store, antavo_client, ometria_client, tmp_path / "s3", run_id="run-3")
     assert report["sent"] == 5 and report["status"] == "success"
+    assert store.held_records(kind="failed") == []  # delivered now: no longer shown as held
     assert [sandbox.ometria.contacts[("antavo", f"c0000002{n}")]["firstname"] for n in range(5)] == [
         f"New{n}" for n in range(5)]
 
@@ -187,17 +188,62 @@ def test_a_failed_hour_is_synced_by_the_next_run(store, sandbox, antavo_client, 
     assert sandbox.ometria.contacts[("antavo", "c00000001")]["firstname"] == "Changed In Hour 2"
 
 
-def test_a_backfill_keeps_its_own_window():
-    from antavo_ometria.mapping import load_contact_mapping as load
-
-    store = StateStore("sqlite://")
-    store.migrate()
+def test_a_backfill_keeps_its_own_window_and_never_jumps_a_gap(store):
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     hour = datetime(2026, 3, 1, 12, tzinfo=UTC)
-    plan_run(store, load(PROJECT / "include" / "mappings"), DAG, "r1", (hour, hour + timedelta(hours=1)))
+    plan_run(store, mapping, DAG, "r1", (hour, hour + timedelta(hours=1)))
     store.finish_run(DAG, "r1", "success")
-    backfill = plan_run(store, load(PROJECT / "include" / "mappings"), DAG, "b1",
-                        (hour - timedelta(days=2), hour - timedelta(days=2, hours=-1)), run_type="backfill")
+    backfill = plan_run(store, mapping, DAG, "b1", (hour - timedelta(days=2), hour - timedelta(days=2, hours=-1)),
+                        run_type="backfill")
     assert backfill["resumed"] is None and backfill["since"] == "2026-02-27T11:50:00+00:00"
+    store.finish_run(DAG, "b1", "success")
+    plan_run(store, mapping, DAG, "r2", (hour + timedelta(hours=1), hour + timedelta(hours=2)))
+    store.finish_run(DAG, "r2", "failed")  # 13:00-14:00 failed
+    plan_run(store, mapping, DAG, "b2", (hour + timedelta(hours=2), hour + timedelta(hours=3)), run_type="backfill")
+    store.finish_run(DAG, "b2", "success")  # a backfill of 14:00-15:00 succeeds
+    assert store.synced_until(DAG) == hour + timedelta(hours=1)  # still before the failed hour
+    nxt = plan_run(store, mapping, DAG, "r3", (hour + timedelta(hours=3), hour + timedelta(hours=4)))
+    assert nxt["since"] == "2026-03-01T12:50:00+00:00" and nxt["resumed"]
+
+
+def test_a_full_re_sync_that_failed_is_done_again(store):
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    plan_run(store, mapping, DAG, "r1")
+    store.finish_run(DAG, "r1", "success")
+    plan_run(store, mapping, DAG, "r2", full_resync=True)
+    store.finish_run(DAG, "r2", "failed")
+    again = plan_run(store, mapping, DAG, "r3")
+    assert again["mode"] == "full" and "full re-sync of run r2 did not complete" in again["full_resync_reason"]
+    store.finish_run(DAG, "r3", "success")
+    assert plan_run(store, mapping, DAG, "r4")["mode"] == "incremental"
+
+
+def test_clearing_transform_without_plan_keeps_the_counts_right(store, sandbox, antavo_client, ometria_client,
+                                                                tmp_path):
+    sync(store, antavo_client, ometria_client, tmp_path / "s1")
+    for n in range(5):
+        sandbox.antavo.touch(f"c0000003{n}", {"first_name": f"Clear{n}"})
+    staging = tmp_path / "s2"
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    plan = plan_run(store, mapping, DAG, "run-2")
+    extracted = extract(antavo_client, staging, plan)
+    assert transform_staged(staging, mapping, plan, store)["changed"] == 5
+    load_staged(staging, ometria_client, plan, store)
+    transformed = transform_staged(staging, mapping, plan, store)  # Clear of transform and load, same attempt
+    loaded = load_staged(staging, ometria_client, plan, store)
+    report = report_run(staging, {"plan": plan, "extract": extracted, "transform": transformed, "load": loaded}, store)
+    assert (report["unchanged"], report["sent"], report["unaccounted"], report["status"]) == (5, 0, 0, "success")
+
+
+def test_a_cleared_run_that_fails_early_leaves_no_earlier_report(store, sandbox, antavo_client, ometria_client,
+                                                                 tmp_path):
+    staging = tmp_path / "staging"
+    sync(store, antavo_client, ometria_client, staging)
+    assert (staging / "report.json").exists()
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    plan = plan_run(store, mapping, DAG, "run-1")
+    extract(antavo_client, staging, plan)
+    assert not (staging / "report.json").exists() and not (staging / "contacts.parquet").exists()
 
 
 # -- poison records ------------------------------------------------------------------------------
@@ -226,8 +272,18 @@ def test_bytes_that_are_not_utf8_hold_the_customer_and_are_never_sent_garbled(st
     report = sync(store, antavo_client, ometria_client, tmp_path / "s2", "run-2")
     assert report["quarantined"] == 1 and report["sent"] == 0
     assert report["not_delivered"] == [{"id": "c00000001",
-                                        "reasons": ["first_name: Antavo sent bytes that are not valid UTF-8"]}]
+                                        "reasons": ["first_name: Antavo sent text that is not valid UTF-8"]}]
     assert sandbox.ometria.contacts[("antavo", "c00000001")]["firstname"] == good_name  # not overwritten
+
+
+def test_a_lone_surrogate_in_antavo_json_holds_the_customer(store, sandbox, antavo_client, ometria_client, tmp_path):
+    sandbox.antavo.touch("c00000001", {"first_name": "Half-EMOJI"})
+    sandbox.antavo.faults.add({"path": "/v1/customers", "count": 10**6,
+                               "mangle": [["Half-EMOJI", "Half \\ud83d"]]})  # an escape JSON allows, no character
+    report = sync(store, antavo_client, ometria_client, tmp_path / "s1")
+    assert report["sent"] == 290 - 1 and report["status"] == "success"
+    assert {"id": "c00000001", "reasons": ["first_name: Antavo sent text that is not valid UTF-8"]} in report[
+        "not_delivered"]
 
 
 def test_a_repeated_customer_keeps_the_copy_updated_last(tmp_path):

@@ -34,6 +34,9 @@ ESCHER_OPTIONS = {
 }
 READ_API_PAGE_LIMIT = 1000  # the Loyalty Read API's maximum page size
 CLASSIC_PAGE_LIMIT = 100
+# each page after the first starts this many records back: a record that leaves (or joins) the list while it
+# is read shifts the offsets, and the overlap keeps the record at the shifted boundary from being skipped
+PAGE_OVERLAP = 20
 
 
 def credential_scope(environment: str) -> str:
@@ -95,8 +98,11 @@ class AntavoClient:
 
     # -- customers -----------------------------------------------------------------------------
     def iter_customer_pages(self, status: str = "active") -> Iterator[list[dict]]:
-        """Every customer, a page at a time, oldest first (Loyalty Read API), until `next` is null."""
+        """Every customer, a page at a time, oldest first (Loyalty Read API), until `next` is null.
+
+        Pages overlap by PAGE_OVERLAP records; a customer already read on the page before is not repeated."""
         offset = 0
+        previous: set = set()
         while True:
             query = (
                 f"limit={READ_API_PAGE_LIMIT}&offset={offset}"
@@ -106,12 +112,14 @@ class AntavoClient:
                 query += f"&{quote('filter[status][eq]')}={status}"
             body = self.get(f"{self.read_api}/v1/customers?{query}", f"GET /v1/customers offset={offset}",
                             check=_check_customer_page)
-            customers = body["payload"]["customers"]
-            if customers:
-                yield [normalise_customer(c) for c in customers]
+            customers = [normalise_customer(c) for c in body["payload"]["customers"]]
+            page = [c for c in customers if c["id"] is None or c["id"] not in previous]
+            if page:
+                yield page
             if not ((body.get("metadata") or {}).get("pagination") or {}).get("next"):
                 return
-            offset += len(customers)
+            previous = {c["id"] for c in customers}
+            offset += len(customers) - PAGE_OVERLAP if len(customers) > PAGE_OVERLAP else len(customers)
 
     def changed_customer_ids(self, since: datetime, until: datetime | None = None) -> list[str]:
         """IDs of customers updated after `since` (classic search, `updated_at.gt`)."""
@@ -128,8 +136,8 @@ class AntavoClient:
                 raise ApiError("GET /customers: response has no data list", retryable=True)
             ids.extend(str(row["id"]) for row in rows if isinstance(row, dict) and row.get("id"))
             if len(rows) < CLASSIC_PAGE_LIMIT:
-                return ids
-            offset += len(rows)
+                return list(dict.fromkeys(ids))
+            offset += len(rows) - PAGE_OVERLAP
 
     def get_customers(self, ids: list[str]) -> list[dict]:
         """Full profiles for `ids` (classic `GET /customers/{id}`), a few requests at a time.
@@ -221,13 +229,14 @@ def _iso(moment: datetime, up: bool = False) -> str:
 # -- the one customer shape --------------------------------------------------------------------
 _UNIX_FIELDS = ("created_at", "updated_at", "optin_at", "optout_at", "last_login_at")
 HELD = "_held"  # reasons why a record Antavo returned cannot be used as it is; the quality gate holds it back
-_NOT_UTF8 = re.compile("[\udc80-\udcff]")  # what undecodable bytes become under "surrogateescape"
+# undecodable bytes (kept as lone surrogates by "surrogateescape"), or a lone surrogate Antavo escaped in its JSON
+_NOT_UNICODE = re.compile("[\ud800-\udfff]")
 
 
 def _invalid_text(value: Any, path: str = "") -> tuple[Any, list[str]]:
     """`value` with undecodable bytes replaced by U+FFFD, and the paths where there were any."""
     if isinstance(value, str):
-        return (_NOT_UTF8.sub("\ufffd", value), [path or "value"]) if _NOT_UTF8.search(value) else (value, [])
+        return (_NOT_UNICODE.sub("\ufffd", value), [path or "value"]) if _NOT_UNICODE.search(value) else (value, [])
     found: list[str] = []
     if isinstance(value, dict):
         cleaned = {}
@@ -246,7 +255,7 @@ def _usable(raw: Any, what: str) -> tuple[dict, list[str]]:
     if not isinstance(raw, dict):
         return {"id": None}, [f"Antavo returned {json.dumps(raw)[:40]} where a {what} belongs"]
     record, bad = _invalid_text(raw)
-    return record, [f"{path}: Antavo sent bytes that are not valid UTF-8" for path in bad]
+    return record, [f"{path}: Antavo sent text that is not valid UTF-8" for path in bad]
 
 
 def normalise_customer(raw: dict) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ MAX_EVENT_TYPE = 31  # Ometria: event types must be shorter than 32 characters
 LATE_AFTER = timedelta(hours=4)  # older events cannot start an Ometria automation
 STAGGER_AT = 1000  # Ometria: more events than this with one timestamp are spread out
 STAGGER_STEP = timedelta(minutes=5)
+MAX_EXACT = 2**53 - 1  # the largest whole number a JSON number carries exactly
 
 
 @dataclass(frozen=True)
@@ -180,6 +182,16 @@ def custom_event(rule: Rule, event: dict, customer: dict, reward: dict | None, i
             properties[name] = value
     record["properties"] = properties
     return record
+
+
+def unsendable(record: dict) -> list[str]:
+    """Why a custom event cannot be sent as it is: properties that are no finite number JSON carries exactly."""
+    problems = []
+    for name, value in record["properties"].items():
+        if isinstance(value, float) and not math.isfinite(value) or (
+                isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_EXACT):
+            problems.append(f"property {name} = {value!r} is not a number Ometria can take (finite, up to ±2^53)")
+    return problems
 
 
 def stagger(timestamps: list[datetime]) -> list[datetime]:

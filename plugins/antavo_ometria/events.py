@@ -14,7 +14,7 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from antavo_ometria.antavo import HELD, AntavoClient, event_time
-from antavo_ometria.event_rules import LATE_AFTER, Rule, custom_event, stagger
+from antavo_ometria.event_rules import LATE_AFTER, Rule, custom_event, stagger, unsendable
 from antavo_ometria.mapping import ContactMapping
 from antavo_ometria.ometria import OmetriaClient, batches, encode_record
 from antavo_ometria.pipeline import prepare_contacts, push_isolating, record_status, remember_sent
@@ -35,8 +35,9 @@ class EventsNotDelivered(Exception):
 def new_matching_events(client: AntavoClient, action: str, since: datetime, until: datetime) -> list[dict]:
     """Events of `action` with a timestamp after `since` and before `until` (and those of `action` too broken
     to have a timestamp: they are held back with the reason)."""
-    return [e for page in client.iter_events(since, until) for e in page
-            if e["action"] == action and (e["timestamp"] is None or event_time(e) > since)]
+    matching = [e for page in client.iter_events(since, until) for e in page
+                if e["action"] == action and (e["timestamp"] is None or event_time(e) > since)]
+    return list({e["id"] or id(e): e for e in matching}.values())  # an event listed twice is one event
 
 
 def deliver(
@@ -120,13 +121,19 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
     for event, stamp in zip(sendable, stamps):
         props = event.get("properties", {})
         reward = rewards.get(event["customer_id"], {}).get(props.get("reward") or props.get("reward_id"))
-        built.append((event, encode_record(custom_event(rule, event, customers[event["customer_id"]], reward,
-                                                         identities[event["customer_id"]], language, stamp))))
+        record = custom_event(rule, event, customers[event["customer_id"]], reward, identities[event["customer_id"]],
+                              language, stamp)
+        problems = unsendable(record)
+        if problems:
+            held.append((event, "; ".join(problems)))
+        else:
+            built.append((event, encode_record(record)))
     sent = accepted = rejected = 0
     failure = contacts["error"]
     by_id = {e["id"]: e for e, _ in built}
     for ids_, bodies in batches((e["id"], body) for e, body in built):
-        for entry in push_isolating(ometria, ids_, bodies, record_type="custom_event"):
+        # not isolated by halving: that would push the accepted events of the batch again
+        for entry in push_isolating(ometria, ids_, bodies, record_type="custom_event", isolate=False):
             status = record_status(entry)
             if status == "failed":  # left unrecorded (and the cursor before it) so that the next try sends it
                 failed += [by_id[i] for i in entry["ids"]]
@@ -135,10 +142,14 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
             sent += len(entry["ids"])
             accepted += entry["accepted"]
             rejected += entry["rejected"]
+            if entry["rejected"]:
+                log.warning("Ometria rejected %d of %d %s event(s) (%s); its reasons are at /v2/push/_errors",
+                            entry["rejected"], len(entry["ids"]), rule.event_type, entry.get("error") or "")
             store.record_events([_event_row(rule, by_id[i], status, late_cut, entry["request_id"], run_id)
                                  for i in entry["ids"]])
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in skipped])
     store.clear_held(f"{run_id}:{rule.name}", "event_held")
+    store.release_held([e["id"] for e in events], ("event_held",))  # held again below if they still must be
     if held:
         log.warning("%d %s event(s) held back: %s", len(held), rule.event_type,
                     "; ".join(f"{e['id'] or '?'}: {why}" for e, why in held[:5]))

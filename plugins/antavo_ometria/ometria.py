@@ -58,7 +58,8 @@ class OversizedRecord:
 
 
 def encode_record(record: dict) -> bytes:
-    return json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()
+    """Compact JSON; a non-finite number raises ValueError rather than becoming `NaN`, which is not JSON."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
 
 
 def batches(

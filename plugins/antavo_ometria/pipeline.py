@@ -121,8 +121,11 @@ def plan_run(
     """Full or incremental, and over which window. A changed mapping re-syncs every contact."""
     last = store.last_successful_run(dag_id)
     reason = None
+    unfinished = store.pending_full_resync(dag_id) if last is not None else None
     if full_resync:
         reason = "full re-sync requested"
+    elif unfinished is not None:
+        reason = f"the full re-sync of run {unfinished} did not complete: it is done again"
     elif last is None:
         reason = "first run: nothing has been synced yet"
     elif last["mapping_version"] != mapping.version:
@@ -165,6 +168,8 @@ def plan_run(
 def extract(client: AntavoClient, staging: Path, plan: dict, status: str = "active") -> dict:
     """Every customer (full), or those updated in the plan's window (incremental), staged as NDJSON."""
     staging.mkdir(parents=True, exist_ok=True)
+    for name in (CONTACTS, QUARANTINE, OVERSIZED, ASYNC_ERRORS, GX_RESULT, REPORT):  # an earlier try's results
+        (staging / name).unlink(missing_ok=True)
     progress = Progress("extract", "customers")
     count, duplicates = write_customers(staging, _customer_pages(client, plan, status), progress)
     log.info("extracted %d customers (%s, %d requests)", count, plan["mode"], client.requests_made)
@@ -366,7 +371,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
     except ApiError as exc:
         errors = [{"error_path": "", "error_message": f"could not read /v2/push/_errors: {exc}"}]
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
-    summary = summarise_load(staging, plan)
+    summary = summarise_load(staging, plan, {i for i, _, _ in contacts})
     if summary["failed"]:
         failures = [e for e in journal_entries(staging, plan) if e["status"] != "OK"]
         retryable = any(e.get("retryable", True) for e in failures)
@@ -376,36 +381,57 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
 
 
 def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes], hashes: list[str] | None = None,
-                   record_type: str = "contact") -> list[dict]:
-    """Push one batch; journal entries (ids, hashes, Ometria's answer) for it and for any halves it was split into."""
+                   record_type: str = "contact", isolate: bool = True) -> list[dict]:
+    """Push one batch; journal entries (ids, hashes, Ometria's answer) for it and for any halves it was split into.
+
+    With `isolate`, a batch in which Ometria rejected some records is halved until each rejected record stands
+    alone (accepted records are pushed again on the way: an upsert for contacts). A batch refused whole (HTTP
+    400, e.g. one record Ometria cannot parse) is halved the same way, and a record refused on its own is kept
+    as rejected with Ometria's answer, so that one bad record never blocks the others.
+    """
     hashes = hashes or [payload_hash(body) for body in bodies]
+    halves = len(ids) // 2
+
+    def split() -> list[dict]:
+        return (push_isolating(client, ids[:halves], bodies[:halves], hashes[:halves], record_type, isolate)
+                + push_isolating(client, ids[halves:], bodies[halves:], hashes[halves:], record_type, isolate))
+
     try:
         result = client.push_encoded(record_type, bodies)
     except ApiError as exc:
+        if exc.status == 400 and len(ids) > 1:
+            return split()
+        if exc.status == 400:
+            return [{"ids": ids, "hashes": hashes, "status": "OK", "request_id": None, "accepted": 0,
+                     "rejected": 1, "error": f"refused by Ometria: {exc}"}]
         log.error("batch of %d records not delivered: %s", len(ids), exc)
         return [{"ids": ids, "hashes": hashes, "status": "FAILED", "error": str(exc), "retryable": exc.retryable,
                  "accepted": 0, "rejected": 0}]
-    if 0 < result.rejected < len(ids):  # find the rejected records: halve until each stands alone
-        middle = len(ids) // 2
-        return (push_isolating(client, ids[:middle], bodies[:middle], hashes[:middle], record_type)
-                + push_isolating(client, ids[middle:], bodies[middle:], hashes[middle:], record_type))
+    if isolate and 0 < result.rejected < len(ids):  # find the rejected records
+        return split()
     return [{"ids": ids, "hashes": hashes, "status": result.status, "request_id": result.request_id,
              "accepted": result.accepted, "rejected": result.rejected}]
 
 
 def record_status(entry: dict) -> str:
-    """What a journal entry says of each of its records: sent, rejected (by Ometria), or failed (not delivered)."""
+    """What a journal entry says of its records: sent, rejected (by Ometria), or failed (not delivered).
+
+    A batch pushed without isolation in which only some records were rejected counts as sent: which ones
+    Ometria refused is only in its asynchronous errors."""
     if entry["status"] != "OK":
         return "failed"
-    return "rejected" if entry["rejected"] else "sent"
+    return "rejected" if entry["rejected"] >= len(entry["ids"]) else "sent"
 
 
 def remember_sent(store: StateStore, entries: list[dict], plan: dict) -> None:
+    """Record what Ometria received; a contact that arrived is no longer held back for an earlier reason."""
     for entry in entries:
         status = record_status(entry)
         if status != "failed":
             store.record_contacts(zip(entry["ids"], entry["hashes"]), status, plan["mapping_version"],
                                   plan["run_id"], entry["request_id"])
+        if status == "sent":
+            store.release_held(entry["ids"], ("quarantined", "failed", "rejected"))
 
 
 def journal_entries(staging: Path, plan: dict) -> list[dict]:
@@ -413,10 +439,10 @@ def journal_entries(staging: Path, plan: dict) -> list[dict]:
     return [e for e in read_ndjson(staging / LOAD_JOURNAL) if e.get("attempt") == plan["attempt"]]
 
 
-def summarise_load(staging: Path, plan: dict) -> dict:
-    """Counts and ids from this attempt's load journal, per contact: its latest push decides."""
+def summarise_load(staging: Path, plan: dict, staged: set[str]) -> dict:
+    """Counts and ids from this attempt's load journal, per contact of the `staged` ones: its latest push decides."""
     entries = journal_entries(staging, plan)
-    latest = {i: record_status(e) for e in entries for i in e["ids"]}
+    latest = {i: record_status(e) for e in entries for i in e["ids"] if i in staged}
     by_status: dict[str, list[str]] = {"sent": [], "rejected": [], "failed": []}
     for contact_id, status in latest.items():
         by_status[status].append(contact_id)
@@ -440,17 +466,16 @@ def build_report(staging: Path, plan: dict, extracted: dict, transformed: dict, 
     `loaded` is None when the load step failed: the report then says what it delivered before it
     stopped, and the run is recorded as failed (so the next run starts from before it).
     """
-    journal = summarise_load(staging, plan)
     staged = read_contacts(staging)
+    journal = summarise_load(staging, plan, {i for i, _, _ in staged})
     if not plan["dry_run"]:  # what the load never reached, e.g. it was stopped for good mid-way
-        reached = set(journal["rejected_ids"]) | set(journal["failed_ids"]) | {
-            i for e in journal_entries(staging, plan) for i in e["ids"]} | {o["id"] for o in read_ndjson(
-                staging / OVERSIZED)}
+        reached = {i for e in journal_entries(staging, plan) for i in e["ids"]} | {
+            o["id"] for o in read_ndjson(staging / OVERSIZED)}
         journal["failed_ids"] += [i for i, _, _ in staged if i not in reached]
-    errors = {i: e.get("error") for e in journal_entries(staging, plan) if e["status"] != "OK" for i in e["ids"]}
+    errors = {i: e.get("error") for e in journal_entries(staging, plan) for i in e["ids"]}
     payloads = {i: json.loads(b) for i, b, _ in staged} if journal["rejected_ids"] + journal["failed_ids"] else {}
-    rejected = [{"id": i, "reasons": ["rejected by Ometria; see the async errors"], "payload": payloads.get(i)}
-                for i in journal["rejected_ids"]]
+    rejected = [{"id": i, "reasons": [errors.get(i) or "rejected by Ometria; see the async errors"],
+                 "payload": payloads.get(i)} for i in journal["rejected_ids"]]
     failed = [{"id": i, "reasons": [f"not delivered: {errors.get(i) or 'the load stopped before sending it'}; "
                                     "the next run sends it"], "payload": payloads.get(i)}
               for i in journal["failed_ids"]]

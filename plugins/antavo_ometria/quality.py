@@ -39,6 +39,7 @@ TYPE_NAMES = {"number": ["int", "float"], "integer": ["int"], "boolean": ["bool"
 NUMERIC_FORMATS = ("number", "integer")
 MAX_NUMBER = 2**53 - 1  # beyond it a JSON number loses digits (IEEE 754 doubles): corrupted, not sent
 SOURCE = "antavo_record"  # reasons found when Antavo's record was read (see antavo.HELD)
+NOT_TEXT = "text:kinds"  # per row: the first text field whose value is no text, or None
 DESCRIBE = {
     "email": "an email address", "gender": "m or f", "country": "an ISO 3166-1 alpha-2 country code",
     "phone": "an E.164 phone number", "date": "a YYYY-MM-DD date", "datetime": "an ISO 8601 date-time",
@@ -128,6 +129,7 @@ def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]
     if any(f.format in TEXT_FORMATS for f in fields):  # one check over all text fields, joined by tabs
         checks.append((gxe.ExpectColumnValuesToNotMatchRegex(column=ALL_TEXT, regex=CONTROL_CHARACTERS),
                        "control_characters", "{field}: {loyalty} contains control characters"))
+        checks.append((gxe.ExpectColumnValuesToBeNull(column=NOT_TEXT), "text_type", "{value}"))
     email = next((f for f in fields if f.remote_field == "email"), None)
     if email is not None:
         checks.append((gxe.ExpectColumnValuesToNotBeNull(column="email"), "email_missing",
@@ -149,6 +151,7 @@ def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequ
         checked[SOURCE] = source_problems.map(_joined).to_numpy()
     text = [checked[f.remote_field].astype("str") for f in mapping.fields if f.format in TEXT_FORMATS]
     if text:
+        checked[NOT_TEXT] = _first_not_text(frame, mapping).to_numpy()
         checked[ALL_TEXT] = text[0].str.cat(text[1:], sep="\t", na_rep="") if len(text) > 1 else text[0]
     checked["record_bytes"] = np.asarray(record_bytes, dtype=np.int64)
     return checked.astype({c: "str" for c in checked.columns if c not in ("row", "record_bytes")})
@@ -163,6 +166,21 @@ def _as_text(values: pd.Series) -> pd.Series:
     if values.dtype != object or pd.api.types.infer_dtype(values, skipna=True) in ("string", "empty"):
         return values
     return values.map(lambda v: v if v is None or isinstance(v, str) else repr(v))
+
+
+def _first_not_text(frame: pd.DataFrame, mapping: ContactMapping) -> pd.Series:
+    """Per row, a message naming the first text field whose value is not text (a list, a number kept as it
+    came because it is no usable text), or None."""
+    found = pd.Series(None, index=frame.index, dtype=object)
+    for f in mapping.fields:
+        if f.format not in TEXT_FORMATS:
+            continue
+        values = frame[f.remote_field]
+        wrong = values.notna() & ~values.map(lambda v: isinstance(v, str))
+        if wrong.any():
+            message = values[wrong].map(lambda v, f=f: f"{f.remote_field}: {f.loyalty_field} = {_show(v)} is not text")
+            found = found.where(found.notna() | ~wrong, message)
+    return found
 
 
 def _in_range(values: pd.Series) -> pd.Series:
@@ -236,9 +254,9 @@ def run_gate(
                             "check": name, "field": f.remote_field, "value": value,
                             "message": message.format(field=f.remote_field, loyalty=f.loyalty_field)})
                 continue
-            if column == SOURCE:
+            if column in (SOURCE, NOT_TEXT):  # the checked value is the message itself
                 failures.setdefault(row, []).append({"check": name, "field": "", "value": None,
-                                                     "message": checked.at[row, SOURCE]})
+                                                     "message": checked.at[row, column]})
                 continue
             value = checked.at[row, field_name] if field_name == "record_bytes" else frame.iloc[row][field_name]
             failures.setdefault(row, []).append({

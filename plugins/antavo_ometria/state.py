@@ -76,6 +76,7 @@ class StateStore:
         return self._tables[name]
 
     def _upsert(self, table: sa.Table, rows: list[dict], keys: list[str]) -> None:
+        rows = list({tuple(r[k] for k in keys): r for r in rows}.values())  # one row per key: the last wins
         if not rows:
             return
         dialect = self.engine.dialect.name
@@ -133,13 +134,35 @@ class StateStore:
         return dict(row._mapping) if row else None
 
     def synced_until(self, dag_id: str) -> datetime | None:
-        """The latest interval end any successful run covered: where a run without an interval resumes."""
+        """Where syncing got to without a gap: the end of the last full load, moved forward by each successful
+        run whose window starts at or before it. A run that covered a later window (a backfill of a later hour
+        while an earlier one failed) does not move it past the gap."""
         runs = self.table("sync_runs")
-        query = sa.select(sa.func.max(runs.c.interval_end)).where(
-            (runs.c.dag_id == dag_id) & (runs.c.status == "success") & (runs.c.dry_run == sa.false()))
+        query = (sa.select(runs.c.mode, runs.c.interval_start, runs.c.interval_end)
+                 .where((runs.c.dag_id == dag_id) & (runs.c.status == "success") & (runs.c.dry_run == sa.false()))
+                 .order_by(runs.c.finished_at, runs.c.id))
         with self.engine.connect() as conn:
-            value = conn.execute(query).scalar()
-        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+            rows = conn.execute(query).all()
+        mark: datetime | None = None
+        for mode, start, end in rows:
+            start, end = _utc(start), _utc(end)
+            if end is None:
+                continue
+            if mode == "full":
+                mark = end if mark is None else max(mark, end)
+            elif mark is not None and (start is None or start <= mark):
+                mark = max(mark, end)
+        return mark
+
+    def pending_full_resync(self, dag_id: str) -> str | None:
+        """The run id of a full re-sync that did not complete and that no full load has made good since."""
+        runs = self.table("sync_runs")
+        query = (sa.select(runs.c.run_id, runs.c.status).where(
+            (runs.c.dag_id == dag_id) & (runs.c.mode == "full") & (runs.c.dry_run == sa.false()))
+            .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(1))
+        with self.engine.connect() as conn:
+            row = conn.execute(query).first()
+        return row.run_id if row is not None and row.status != "success" else None
 
     # -- contacts ----------------------------------------------------------------------------
     def sent_hashes(self, ids: list[str]) -> dict[str, str]:
@@ -184,6 +207,13 @@ class StateStore:
         held = self.table("sync_held_records")
         with self.engine.begin() as conn:
             conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)))
+
+    def release_held(self, ids: list[str], kinds: tuple[str, ...]) -> None:
+        """Forget that these records are held back (they were delivered, or are about to be held again)."""
+        held = self.table("sync_held_records")
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(held.delete().where(held.c.antavo_id.in_(chunk) & held.c.kind.in_(kinds)))
 
     def held_records(self, run_id: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:
         held = self.table("sync_held_records")
@@ -235,12 +265,15 @@ class StateStore:
     def event_cursor(self, rule: str) -> datetime | None:
         cursors = self.table("sync_event_cursors")
         with self.engine.connect() as conn:
-            value = conn.execute(sa.select(cursors.c.processed_until).where(cursors.c.rule == rule)).scalar()
-        return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+            return _utc(conn.execute(sa.select(cursors.c.processed_until).where(cursors.c.rule == rule)).scalar())
 
     def set_event_cursor(self, rule: str, processed_until: datetime) -> None:
         self._upsert(self.table("sync_event_cursors"),
                      [{"rule": rule, "processed_until": processed_until, "updated_at": now()}], ["rule"])
+
+
+def _utc(value: datetime | None) -> datetime | None:
+    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def default_url() -> str:

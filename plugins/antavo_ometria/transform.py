@@ -142,7 +142,24 @@ def _result(values: pd.Series, bad: pd.Series) -> Converted:
 def to_string(s: pd.Series, language: str) -> Converted:
     text = _text(s, language)
     bad = text.str.contains(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]", regex=True).fillna(False).astype(bool)
-    return _result(text.str.strip(), bad)
+    return _result(text.str.strip(), bad | _not_text(s))
+
+
+def _not_text(s: pd.Series) -> pd.Series:
+    """Values no text field should carry: lists, objects other than translations, booleans, inf and NaN."""
+    if pd.api.types.is_float_dtype(s):
+        return s.notna() & ~np.isfinite(s.to_numpy(dtype=float, na_value=0.0))
+    if s.dtype != object:
+        return pd.Series(pd.api.types.is_bool_dtype(s), index=s.index) & s.notna()
+
+    def wrong(v) -> bool:
+        if isinstance(v, dict):
+            return not all(isinstance(x, str) for x in v.values())
+        if isinstance(v, float):
+            return not np.isfinite(v)
+        return isinstance(v, (list, tuple, np.ndarray, bool, np.bool_))
+
+    return s.map(wrong).astype(bool)
 
 
 def to_email(s: pd.Series, language: str) -> Converted:

@@ -61,6 +61,10 @@ def countries() -> frozenset[str]:
     return frozenset(line.split("\t")[0] for line in table.splitlines() if line and not line.startswith("#"))
 
 
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
+
+
 def _is_iso(value: object) -> bool:
     if not isinstance(value, str):
         return False
@@ -154,8 +158,8 @@ class OmetriaApp(App):
             return False
 
     def _push(self, request: Request) -> Response:
-        try:
-            records = json.loads(request.body)
+        try:  # strict JSON: NaN and Infinity are not JSON (RFC 8259)
+            records = json.loads(request.body, parse_constant=_not_json)
         except ValueError:
             return Response(400, {"status": "error", "message": "Payload invalid: body is not JSON"})
         if not isinstance(records, list) or not records:
