@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install run test validate fields preview diff sandbox lock lint bench reliability clean
+.PHONY: install run events check test validate fields preview diff sandbox lock lint bench reliability clean
 
 install: $(VENV)/.installed
 
@@ -16,8 +16,18 @@ $(VENV)/.installed: requirements.txt
 	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode --quiet -r requirements.txt
 	touch $@
 
-run: install             ## sync once: the contact sync DAG via `airflow dags test` (sandbox unless connections are set)
-	$(BIN)/python -m antavo_ometria.cli run
+RUN_OPTIONS = $(if $(FRESH),--fresh) $(if $(CONF),--conf '$(CONF)')
+
+# sync once: the contact sync DAG via `airflow dags test` (the sandbox unless connections are set);
+# FRESH=1 starts the local sandbox over, CONF='{"dry_run": true}' or CONF='{"full_resync": true}' sets run parameters
+run: install
+	$(BIN)/python -m antavo_ometria.cli run $(RUN_OPTIONS)
+
+events: install          ## the event-trigger DAG once, the same way
+	$(BIN)/python -m antavo_ometria.cli run --dag events $(RUN_OPTIONS)
+
+check: install           ## connect: a signed Antavo request, the Ometria API key, the configured list
+	$(BIN)/python -m antavo_ometria.cli check
 
 test: install            ## every test
 	$(BIN)/python -m pytest
@@ -35,7 +45,7 @@ diff: install            ## what the edited mapping changes against the committe
 	$(BIN)/python -m antavo_ometria.cli diff
 
 sandbox: install         ## serve both sandbox APIs on 127.0.0.1:8701 (Antavo) and :8702 (Ometria)
-	$(BIN)/python -m antavo_ometria.sandbox
+	$(BIN)/python -m antavo_ometria.sandbox --state-file .airflow/sandbox.json
 
 lock: install            ## re-resolve requirements.in into the pinned requirements.txt
 	$(BIN)/uv pip compile --python-version 3.11 requirements.in -o requirements.txt

@@ -6,7 +6,7 @@ Reads Antavo loyalty customers, maps them to Ometria contacts with the analyst-e
 gate (with every reason), and pushes the contacts that changed since they were last sent to
 Ometria's push API in batches of 100.
 
-**Flow:** plan → extract → transform (+ quality gate) → load → report. Data between tasks is staged
+**Flow:** check connections → plan → extract → transform (+ quality gate) → load → report. Data between tasks is staged
 as files; XCom carries only paths and counts.
 
 **Runs.** Each scheduled run reads the customers Antavo updated in its hourly data interval (plus a
@@ -70,6 +70,13 @@ def _store():
 )
 def antavo_ometria_contacts():
     @task
+    def check_connections() -> list[str]:
+        """Connect first: a signed Antavo request, an authenticated Ometria call, and the configured list."""
+        from antavo_ometria.hooks import connect_or_fail
+
+        return connect_or_fail(_mapping().settings.list_id)
+
+    @task
     def plan() -> dict:
         """Check the mapping, then decide: full or incremental, and which window of Antavo updates.
 
@@ -94,10 +101,12 @@ def antavo_ometria_contacts():
     @task
     def extract(plan: dict) -> dict:
         """Read the planned Antavo customers into the staging folder."""
-        from antavo_ometria.hooks import AntavoHook
+        from antavo_ometria.hooks import AntavoHook, fail_fast_on
         from antavo_ometria.pipeline import extract
+        from antavo_ometria.transport import ApiError
 
-        return extract(AntavoHook().get_conn(), _staging(), plan, _mapping().settings.customer_status)
+        with fail_fast_on(ApiError):  # e.g. refused credentials; network trouble and 5xx are retried
+            return extract(AntavoHook().get_conn(), _staging(), plan, _mapping().settings.customer_status)
 
     @task
     def transform(plan: dict, extracted: dict) -> dict:
@@ -118,8 +127,9 @@ def antavo_ometria_contacts():
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
         from antavo_ometria.hooks import OmetriaHook, fail_fast_on
         from antavo_ometria.pipeline import LoadFailed, load_staged
+        from antavo_ometria.transport import ApiError
 
-        with fail_fast_on(LoadFailed):  # e.g. a refused API key; network trouble and 5xx are retried
+        with fail_fast_on(LoadFailed, ApiError):  # e.g. a refused API key; network trouble and 5xx are retried
             return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store())
 
     @task(trigger_rule="all_done")
@@ -137,6 +147,7 @@ def antavo_ometria_contacts():
             "not_delivered": len(result["not_delivered"]), "async_errors": len(result["async_errors"])}
 
     planned = plan()
+    check_connections() >> planned
     extracted = extract(planned)
     transformed = transform(planned, extracted)
     load(planned, transformed) >> report()

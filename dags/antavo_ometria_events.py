@@ -46,6 +46,17 @@ WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60
 )
 def antavo_ometria_events():
     @task
+    def check_connections() -> list[str]:
+        """Connect first: a signed Antavo request, an authenticated Ometria call, and the configured list."""
+        from antavo_ometria.hooks import connect_or_fail, fail_fast_on
+        from antavo_ometria.mapping import load_contact_mapping
+        from antavo_ometria.problems import ConfigError
+
+        with fail_fast_on(ConfigError):
+            list_id = load_contact_mapping(mappings_dir()).settings.list_id
+        return connect_or_fail(list_id)
+
+    @task
     def check_rules() -> list[str]:
         """Validate the trigger rules; a broken file stops the run before any request."""
         from antavo_ometria.event_rules import load_rules
@@ -55,7 +66,7 @@ def antavo_ometria_events():
         with fail_fast_on(ConfigError):
             return [rule.name for rule in load_rules(mappings_dir())]
 
-    checked = check_rules()
+    checked = check_connections() >> check_rules()
     for name, action in rule_actions(mappings_dir()).items():
 
         # runs after the wait even when nothing new woke it (skipped): it also re-reads the last 15 minutes, so
@@ -67,14 +78,16 @@ def antavo_ometria_events():
 
             from antavo_ometria.event_rules import load_rules
             from antavo_ometria.events import deliver, format_summary
-            from antavo_ometria.hooks import AntavoHook, OmetriaHook, StateStoreHook
+            from antavo_ometria.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
             from antavo_ometria.mapping import load_contact_mapping
+            from antavo_ometria.transport import ApiError
 
             mapping = load_contact_mapping(mappings_dir())
             rule = next(r for r in load_rules(mappings_dir()) if r.name == rule_name)
-            summary = deliver(rule, AntavoHook().get_conn(), OmetriaHook().get_conn(), StateStoreHook().get_conn(),
-                              mapping, get_current_context()["run_id"],
-                              late_policy=mapping.settings.late_event_policy)
+            with fail_fast_on(ApiError):  # e.g. refused credentials; undelivered events and 5xx are retried
+                summary = deliver(rule, AntavoHook().get_conn(), OmetriaHook().get_conn(),
+                                  StateStoreHook().get_conn(), mapping, get_current_context()["run_id"],
+                                  late_policy=mapping.settings.late_event_policy)
             logging.getLogger(__name__).info(format_summary(summary))
             return summary
 

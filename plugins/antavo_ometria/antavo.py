@@ -96,6 +96,13 @@ class AntavoClient:
         request_with_retries(send, what=what, policy=self.config.retry, limiter=self.limiter, check=checks)
         return parsed[0]
 
+    def ping(self) -> None:
+        """One signed request to each API the sync reads (Read API and Customer API); raises ApiError if refused."""
+        self.get(f"{self.read_api}/v1/customers?limit=1", "GET /v1/customers (connection check)",
+                 check=_check_customer_page)
+        self.get(f"{self.base}/customers?updated_at.gt={quote(_iso(datetime.now(UTC)))}&limit=1",
+                 "GET /customers (connection check)")
+
     # -- customers -----------------------------------------------------------------------------
     def iter_customer_pages(self, status: str = "active") -> Iterator[list[dict]]:
         """Every customer, a page at a time, oldest first (Loyalty Read API), until `next` is null.

@@ -1,7 +1,9 @@
 """Command line: `python -m antavo_ometria.cli COMMAND` (the Makefile wraps the common ones).
 
-    run        run the contact sync DAG once with `airflow dags test`, against the local sandbox
-               unless AIRFLOW_CONN_ANTAVO_DEFAULT and AIRFLOW_CONN_OMETRIA_DEFAULT are set
+    run        run the contact sync DAG once with `airflow dags test` (`--dag events` for the event
+               triggers), against the local sandbox unless AIRFLOW_CONN_ANTAVO_DEFAULT and
+               AIRFLOW_CONN_OMETRIA_DEFAULT are set
+    check      check the connections: a signed Antavo request, the Ometria API key, the configured list
     validate   check the mapping table, settings and trigger rules; list every problem with file, line, column
     fields     list the loyalty fields that can be mapped
     preview    show sample customers next to the Ometria records they become
@@ -17,6 +19,7 @@ import re
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 from antavo_ometria.mapping import catalog, load_contact_mapping
@@ -24,8 +27,11 @@ from antavo_ometria.problems import ConfigError
 from antavo_ometria.settings import mappings_dir
 
 PROJECT = Path(__file__).resolve().parents[2]
-DAG_ID = "antavo_ometria_contacts"
-SHOWN = re.compile(r"\[antavo_ometria|\[DAG TEST\] (starting|end)|DagRun Finished|\[error|ERROR|Traceback")
+DAGS = {"contacts": "antavo_ometria_contacts", "events": "antavo_ometria_events"}
+CONNECTIONS = ("antavo_default", "ometria_default", "antavo_ometria_state")
+SANDBOX_STATE = "sandbox_state.db"  # the state store of local sandbox runs
+SANDBOX_FILE = "sandbox.json"  # the sandbox's accounts between local runs
+SHOWN = re.compile(r"\[antavo_ometria|\[DAG TEST\] (starting|end)|DagRun Finished")
 
 
 def airflow_env() -> dict[str, str]:
@@ -53,44 +59,142 @@ def _airflow(args: list[str], env: dict[str, str], log_file: Path) -> int:
     return process.returncode
 
 
+def first_error(log: str) -> str | None:
+    """The message of the first exception a task failed with, from an Airflow log."""
+    lines = log.splitlines()
+    for number, line in enumerate(lines):
+        if line.startswith("Traceback (most recent call last):"):
+            for after in lines[number + 1:]:
+                if after and not after[0].isspace() and not after.startswith(("Traceback", "During handling")):
+                    name, _, message = after.partition(": ")
+                    return message if name.endswith(("Exception", "Error")) and message else after
+    return None
+
+
+def _connection_problems(env: dict[str, str]) -> list[str]:
+    from antavo_ometria.hooks import env_connection_problem
+
+    with _environ(env):
+        return [p for p in (env_connection_problem(c) for c in CONNECTIONS) if p]
+
+
+class _environ:
+    """os.environ as `env` for a block (Airflow reads its settings and connections from there)."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env = env
+
+    def __enter__(self):
+        self.saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        os.environ.clear()
+        os.environ.update(self.saved)
+
+
+def _accounts(env: dict[str, str], args: argparse.Namespace):
+    """Point `env` at real accounts (connections already set), a running sandbox, or a sandbox started here.
+
+    Returns the sandbox started here (stopped by the caller), or None."""
+    home = Path(env["AIRFLOW_HOME"])
+    if getattr(args, "fresh", False):
+        for name in (SANDBOX_STATE, SANDBOX_FILE):
+            (home / name).unlink(missing_ok=True)
+    if env.get("AIRFLOW_CONN_ANTAVO_DEFAULT") or env.get("AIRFLOW_CONN_OMETRIA_DEFAULT"):
+        missing = [f"AIRFLOW_CONN_{c.upper()}" for c in CONNECTIONS[:2] if not env.get(f"AIRFLOW_CONN_{c.upper()}")]
+        if missing:
+            raise SystemExit(f"{' and '.join(missing)} is not set: set both connections, or neither for the sandbox")
+        return None
+    from antavo_ometria.sandbox import Sandbox, running
+
+    env.setdefault("ANTAVO_OMETRIA_STATE_URL", f"sqlite:///{home / SANDBOX_STATE}")
+    found = running()
+    if found is not None:
+        env.update(found)
+        print("No real credentials set: using the sandbox already running on 127.0.0.1:8701 and :8702 (make sandbox)")
+        return None
+    sandbox = Sandbox(customers=args.customers, state_file=home / SANDBOX_FILE).start()
+    env.update(sandbox.connections())
+    print(f"No real credentials set: using the local sandbox ({len(sandbox.antavo.customers)} customers, kept in "
+          f"{home / SANDBOX_FILE}; `make run FRESH=1` starts over)\n"
+          f"  Antavo  {sandbox.antavo_url}\n  Ometria {sandbox.ometria_url}")
+    return sandbox
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     env = airflow_env()
     home = Path(env["AIRFLOW_HOME"])
     home.mkdir(parents=True, exist_ok=True)
+    problems = _connection_problems(env)
+    if problems:
+        print("\n".join(f"✗ {p}" for p in problems), file=sys.stderr)
+        return 2
     log_file = home / "last_run.log"
     log_file.write_text("")
-    sandbox = None
-    if not (env.get("AIRFLOW_CONN_ANTAVO_DEFAULT") and env.get("AIRFLOW_CONN_OMETRIA_DEFAULT")):
-        from antavo_ometria.sandbox import Sandbox
-
-        sandbox = Sandbox(customers=args.customers).start()
-        env.update(sandbox.connections())
-        # a new sandbox holds a new population: start from an empty state store too
-        env["ANTAVO_OMETRIA_STATE_URL"] = f"sqlite:///{home / 'sandbox_state.db'}"
-        (home / "sandbox_state.db").unlink(missing_ok=True)
-        print(f"No real credentials set: using the local sandbox ({args.customers} customers)\n"
-              f"  Antavo  {sandbox.antavo_url}\n  Ometria {sandbox.ometria_url}")
+    dag_id = DAGS[args.dag]
+    sandbox = _accounts(env, args)
     try:
         print("Preparing Airflow's database (SQLite) …", flush=True)
         if _airflow(["db", "migrate"], env, log_file):
             print(f"airflow db migrate failed; see {log_file}")
             return 1
         started = time.time()
-        print(f"Running {DAG_ID} with `airflow dags test` …", flush=True)
-        code = _airflow(["dags", "test", DAG_ID], env, log_file)
-        reports = sorted((Path(env.get("ANTAVO_OMETRIA_STAGING_DIR") or home / "staging") / DAG_ID).glob("*/report.json"),
+        print(f"Running {dag_id} with `airflow dags test` …", flush=True)
+        conf = ["-c", args.conf] if args.conf else []
+        code = _airflow(["dags", "test", *conf, dag_id], env, log_file)
+        reports = sorted((Path(env.get("ANTAVO_OMETRIA_STAGING_DIR") or home / "staging") / dag_id).glob("*/report.json"),
                          key=lambda p: p.stat().st_mtime)
         if reports and reports[-1].stat().st_mtime >= started:
             from antavo_ometria.pipeline import format_report
 
             print("\n" + format_report(json.loads(reports[-1].read_text())))
         if sandbox is not None:
-            print(f"\nThe Ometria sandbox now holds {len(sandbox.ometria.contacts)} contacts.")
-        print(f"Full Airflow log: {log_file}")
+            print(f"\nThe Ometria sandbox now holds {len(sandbox.ometria.contacts)} contacts and "
+                  f"{len(sandbox.ometria.events)} custom events.")
         if code:
-            print(f"The run failed (exit code {code}); the end of the log:")
-            print("".join(log_file.read_text().splitlines(keepends=True)[-40:]))
+            error = first_error(log_file.read_text(encoding="utf-8"))
+            print(f"\nThe run FAILED: {error or 'see the log'}", file=sys.stderr)
+        print(f"Full Airflow log: {log_file}")
         return code
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """One line per check, as the first task of each DAG runs them."""
+    env = airflow_env()
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    problems = _connection_problems(env)
+    if problems:
+        print("\n".join(f"✗ connection  {p}" for p in problems))
+        return 2
+    sandbox = _accounts(env, args)
+    try:
+        with _environ(env):
+            from airflow.models.connection import Connection
+
+            from antavo_ometria.antavo import AntavoClient
+            from antavo_ometria.connect import check_connections
+            from antavo_ometria.hooks import antavo_config, ometria_config
+            from antavo_ometria.ometria import OmetriaClient
+            from antavo_ometria.transport import RetryPolicy
+
+            try:
+                mapping = load_contact_mapping(mappings_dir())
+                antavo, ometria = (Connection.get_connection_from_secrets(c) for c in CONNECTIONS[:2])
+                quick = RetryPolicy(attempts=2, backoff=0.5)
+                checks = check_connections(AntavoClient(replace(antavo_config(antavo), retry=quick)),
+                                           OmetriaClient(replace(ometria_config(ometria), retry=quick)),
+                                           mapping.settings.list_id)
+            except (ConfigError, ValueError, LookupError) as exc:
+                print(f"✗ setup       {exc}")
+                return 2
+        for check in checks:
+            print(f"{'✓' if check.ok else '✗'} {check.name:10}  {check.detail}")
+        return 0 if all(c.ok for c in checks) else 1
     finally:
         if sandbox is not None:
             sandbox.stop()
@@ -180,9 +284,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="antavo-ometria", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("run", help="run the contact sync once")
+    run = commands.add_parser("run", help="run the contact sync (or the event triggers) once")
+    run.add_argument("--dag", choices=sorted(DAGS), default="contacts")
+    run.add_argument("--conf", help='run parameters as JSON, e.g. \'{"dry_run": true}\' or \'{"full_resync": true}\'')
+    run.add_argument("--fresh", action="store_true", help="start the local sandbox and its state store over")
     run.add_argument("--customers", type=int, default=1000, help="sandbox population size")
     run.set_defaults(func=cmd_run)
+    check = commands.add_parser("check", help="check the connections and the configured Ometria list")
+    check.add_argument("--customers", type=int, default=1000, help="sandbox population size")
+    check.set_defaults(func=cmd_check)
     validate = commands.add_parser("validate", help="check the mapping files")
     validate.add_argument("--mappings", default=str(mappings_dir()))
     validate.add_argument("--file", help="a contacts mapping CSV other than <mappings>/contacts.csv")

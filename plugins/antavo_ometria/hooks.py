@@ -10,6 +10,8 @@ optional extras `requests_per_second`, `timeout`, `verify_tls`.
 
 from __future__ import annotations
 
+import json
+import os
 from contextlib import contextmanager
 
 from airflow.sdk import BaseHook
@@ -53,6 +55,46 @@ def _flag(value: object) -> bool:
     return value.strip().lower() not in ("false", "no", "0", "off") if isinstance(value, str) else bool(value)
 
 
+def ometria_config(conn) -> OmetriaConfig:
+    """An Airflow Connection → the Ometria client's settings."""
+    extra = conn.extra_dejson
+    if not conn.password:
+        raise ValueError(f"connection {conn.conn_id!r} needs password (the Ometria API key)")
+    return OmetriaConfig(
+        api_key=conn.password,
+        base_url=_base_url(conn.host, conn.port, DEFAULT_BASE_URL),
+        requests_per_second=float(extra.get("requests_per_second", 4)),
+        timeout=float(extra.get("timeout", 30)),
+        verify_tls=_flag(extra.get("verify_tls", True)),
+    )
+
+
+def env_connection_problem(conn_id: str) -> str | None:
+    """Why an `AIRFLOW_CONN_<ID>` variable cannot be read: Airflow itself only says the connection "isn't
+    defined" when its JSON is broken."""
+    name = f"AIRFLOW_CONN_{conn_id.upper()}"
+    value = os.environ.get(name)
+    if value is None or not value.lstrip().startswith("{"):
+        return None
+    try:
+        json.loads(value)
+    except ValueError as exc:
+        return f"{name} is not valid JSON ({exc}); fix the quoting of the exported value"
+    return None
+
+
+def _connection(hook: BaseHook, conn_id: str):
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        return hook.get_connection(conn_id)
+    except AirflowNotFoundException:
+        problem = env_connection_problem(conn_id)
+        if problem:
+            raise ValueError(problem) from None
+        raise
+
+
 class AntavoHook(BaseHook):
     conn_name_attr = "antavo_conn_id"
     default_conn_name = "antavo_default"
@@ -64,7 +106,7 @@ class AntavoHook(BaseHook):
         self.antavo_conn_id = antavo_conn_id
 
     def get_config(self) -> AntavoConfig:
-        return antavo_config(self.get_connection(self.antavo_conn_id))
+        return antavo_config(_connection(self, self.antavo_conn_id))
 
     def get_conn(self) -> AntavoClient:
         return AntavoClient(self.get_config())
@@ -81,17 +123,7 @@ class OmetriaHook(BaseHook):
         self.ometria_conn_id = ometria_conn_id
 
     def get_config(self) -> OmetriaConfig:
-        conn = self.get_connection(self.ometria_conn_id)
-        extra = conn.extra_dejson
-        if not conn.password:
-            raise ValueError(f"connection {self.ometria_conn_id!r} needs password (the Ometria API key)")
-        return OmetriaConfig(
-            api_key=conn.password,
-            base_url=_base_url(conn.host, conn.port, DEFAULT_BASE_URL),
-            requests_per_second=float(extra.get("requests_per_second", 4)),
-            timeout=float(extra.get("timeout", 30)),
-            verify_tls=_flag(extra.get("verify_tls", True)),
-        )
+        return ometria_config(_connection(self, self.ometria_conn_id))
 
     def get_conn(self) -> OmetriaClient:
         return OmetriaClient(self.get_config())
@@ -123,6 +155,24 @@ class StateStoreHook(BaseHook):
         store = StateStore(self.get_url())
         store.migrate()
         return store
+
+
+def connect_or_fail(list_id: str) -> list[str]:
+    """The connection check as a task: log one line per check; fail at once when a retry cannot help."""
+    import logging
+
+    from antavo_ometria.connect import ConnectionCheckFailed, check_connections
+
+    with fail_fast_on(ValueError):  # a connection that is missing or malformed
+        antavo, ometria = AntavoHook().get_conn(), OmetriaHook().get_conn()
+    checks = check_connections(antavo, ometria, list_id)
+    lines = [f"{'ok' if c.ok else 'FAILED'}  {c.name}: {c.detail}" for c in checks]
+    for line in lines:
+        logging.getLogger(__name__).info("%s", line)
+    with fail_fast_on(ConnectionCheckFailed):
+        if not all(c.ok for c in checks):
+            raise ConnectionCheckFailed(checks)
+    return lines
 
 
 @contextmanager

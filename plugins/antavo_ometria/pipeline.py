@@ -37,7 +37,7 @@ from antavo_ometria.payload import encode_contacts
 from antavo_ometria.quality import QualityGateFailed, batch_verdict, run_gate
 from antavo_ometria.state import StateStore, payload_hash
 from antavo_ometria.transform import read_customer_chunks, transform
-from antavo_ometria.transport import ApiError
+from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def plan_run(
         reason = (f"the mapping changed ({last['mapping_version']} → {mapping.version}): "
                   "every contact is re-sent with the new mapping")
     start, end = interval
-    end = end or datetime.now(UTC)
+    if end is None or run_type == "manual":  # a run started by hand syncs up to the moment it starts
+        end = datetime.now(UTC)
     synced = store.synced_until(dag_id) if last is not None else None
     resumed = None
     if start is None:  # a manual run without a data interval resumes where syncing got to
@@ -368,6 +369,8 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
     _write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in oversized))
     try:
         errors = client.push_errors()
+    except AuthenticationFailed:
+        raise
     except ApiError as exc:
         errors = [{"error_path": "", "error_message": f"could not read /v2/push/_errors: {exc}"}]
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
@@ -398,6 +401,8 @@ def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes], h
 
     try:
         result = client.push_encoded(record_type, bodies)
+    except AuthenticationFailed:
+        raise  # a refused API key is refused for every batch: stop at the first
     except ApiError as exc:
         if exc.status == 400 and len(ids) > 1:
             return split()
@@ -539,7 +544,8 @@ def report_run(staging: Path, steps: dict, store: StateStore) -> dict:
         if steps.get("plan"):
             store.finish_run(steps["plan"]["dag_id"], steps["plan"]["run_id"], "failed",
                              report={"failed_step": missing[0]})
-        raise RunNotDelivered(f"the run failed at {missing[0]}; nothing was sent (see that step's log)")
+        raise RunNotDelivered(f"the run did not get past {missing[0]}; nothing was sent (the failed task's log "
+                              "says why)")
     report = build_report(staging, steps["plan"], steps["extract"], steps["transform"], steps.get("load"), store)
     log.info("\n%s", format_report(report))
     check_delivered(report)

@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
+from urllib.parse import urlsplit
 
 import requests
 
@@ -24,6 +25,13 @@ class ApiError(Exception):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+
+
+class AuthenticationFailed(ApiError):
+    """The API refused our credentials (HTTP 401 or 403): every further request would be refused too."""
+
+
+AUTH_STATUS = frozenset({401, 403})
 
 
 class RateLimiter:
@@ -102,7 +110,7 @@ def request_with_retries(
         try:
             response = send()
         except (requests.ConnectionError, requests.Timeout) as exc:
-            last = ApiError(f"{what}: network error: {type(exc).__name__}", retryable=True)
+            last = ApiError(f"{what}: {_network_problem(exc)}", retryable=True)
             wait = policy.delay(attempt)
         else:
             if response.status_code in RETRYABLE_STATUS:
@@ -113,6 +121,11 @@ def request_with_retries(
                 wait = hinted if hinted is not None else policy.delay(attempt)
                 if response.status_code == 429:
                     limiter.pause(wait)
+            elif response.status_code in AUTH_STATUS:
+                raise AuthenticationFailed(
+                    f"{what}: HTTP {response.status_code}: the credentials were refused: {_short_body(response)}",
+                    status=response.status_code,
+                )
             elif response.status_code >= 400:
                 raise ApiError(
                     f"{what}: HTTP {response.status_code}: {_short_body(response)}",
@@ -131,6 +144,15 @@ def request_with_retries(
             time.sleep(wait)
     assert last is not None
     raise ApiError(f"{last} (gave up after {policy.attempts} attempts)", status=last.status, retryable=True)
+
+
+def _network_problem(exc: requests.RequestException) -> str:
+    """What went wrong on the network, naming the host (never the query, which may carry a signature)."""
+    url = getattr(exc.request, "url", None) or ""
+    host = urlsplit(url).netloc or "the server"
+    if isinstance(exc, requests.Timeout):
+        return f"{host} did not answer in time ({type(exc).__name__})"
+    return f"cannot reach {host} ({type(exc).__name__}: is the host name right, and is it reachable from here?)"
 
 
 def _short_body(response: requests.Response, limit: int = 300) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from pathlib import Path
+from urllib.request import urlopen
 
 from antavo_ometria.sandbox.antavo_app import AntavoApp
 from antavo_ometria.sandbox.ometria_app import OmetriaApp
@@ -22,10 +24,15 @@ class Sandbox:
     ometria_rate: float = 0.0
     antavo_port: int = 0
     ometria_port: int = 0
+    state_file: Path | None = None  # keeps both accounts (customers, events, contacts) from one start to the next
 
     def __post_init__(self) -> None:
         self.antavo = AntavoApp(ANTAVO_KEY, ANTAVO_SECRET, ANTAVO_ENVIRONMENT, self.customers, self.seed)
         self.ometria = OmetriaApp(OMETRIA_KEY, requests_per_second=self.ometria_rate)
+        if self.state_file is not None and self.state_file.exists():
+            saved = json.loads(self.state_file.read_text(encoding="utf-8"))
+            self.antavo.restore(saved["antavo"])
+            self.ometria.restore(saved["ometria"])
         self._servers = [RunningServer(self.antavo, self.antavo_port), RunningServer(self.ometria, self.ometria_port)]
 
     @property
@@ -38,15 +45,7 @@ class Sandbox:
 
     def connections(self) -> dict[str, str]:
         """`AIRFLOW_CONN_*` environment values (Airflow's JSON form) pointing at this sandbox."""
-        return {
-            "AIRFLOW_CONN_ANTAVO_DEFAULT": json.dumps({
-                "conn_type": "http", "host": self.antavo_url, "login": ANTAVO_KEY, "password": ANTAVO_SECRET,
-                "extra": {"environment": ANTAVO_ENVIRONMENT, "read_api_url": self.antavo_url},
-            }),
-            "AIRFLOW_CONN_OMETRIA_DEFAULT": json.dumps({
-                "conn_type": "http", "host": self.ometria_url, "password": OMETRIA_KEY,
-            }),
-        }
+        return connections(self.antavo_url, self.ometria_url)
 
     def start(self) -> Sandbox:
         for server in self._servers:
@@ -56,9 +55,36 @@ class Sandbox:
     def stop(self) -> None:
         for server in self._servers:
             server.stop()
+        if self.state_file is not None:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            self.state_file.write_text(json.dumps({"antavo": self.antavo.snapshot(), "ometria": self.ometria.snapshot()},
+                                                  ensure_ascii=False), encoding="utf-8")
 
     def __enter__(self) -> Sandbox:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def connections(antavo_url: str, ometria_url: str) -> dict[str, str]:
+    """`AIRFLOW_CONN_*` environment values (Airflow's JSON form) pointing at sandbox servers."""
+    return {
+        "AIRFLOW_CONN_ANTAVO_DEFAULT": json.dumps({
+            "conn_type": "http", "host": antavo_url, "login": ANTAVO_KEY, "password": ANTAVO_SECRET,
+            "extra": {"environment": ANTAVO_ENVIRONMENT, "read_api_url": antavo_url},
+        }),
+        "AIRFLOW_CONN_OMETRIA_DEFAULT": json.dumps({"conn_type": "http", "host": ometria_url, "password": OMETRIA_KEY}),
+    }
+
+
+def running(antavo_port: int = 8701, ometria_port: int = 8702) -> dict[str, str] | None:
+    """The connections of a sandbox already serving on these ports (`make sandbox`), or None."""
+    urls = [f"http://127.0.0.1:{antavo_port}", f"http://127.0.0.1:{ometria_port}"]
+    try:
+        for url in urls:
+            with urlopen(f"{url}/_sandbox/stats", timeout=1) as answer:
+                json.load(answer)
+    except (OSError, ValueError):
+        return None
+    return connections(*urls)

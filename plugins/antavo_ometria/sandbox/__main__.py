@@ -5,19 +5,22 @@ from __future__ import annotations
 import argparse
 import signal
 import threading
+from pathlib import Path
 
 from antavo_ometria.sandbox import Sandbox
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--customers", type=int, default=200, help="size of the synthetic population")
+    parser.add_argument("--customers", type=int, default=1000, help="size of the synthetic population")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--antavo-port", type=int, default=8701)
     parser.add_argument("--ometria-port", type=int, default=8702)
     parser.add_argument("--ometria-rate", type=float, default=0.0, help="push requests/s before 429 (0: none)")
+    parser.add_argument("--state-file", type=Path, help="keep both accounts here between starts (make run does)")
     args = parser.parse_args()
-    with Sandbox(args.customers, args.seed, args.ometria_rate, args.antavo_port, args.ometria_port) as sandbox:
+    with Sandbox(args.customers, args.seed, args.ometria_rate, args.antavo_port, args.ometria_port,
+                 args.state_file) as sandbox:
         print(f"Antavo sandbox:  {sandbox.antavo_url}  ({args.customers} customers)")
         print(f"Ometria sandbox: {sandbox.ometria_url}  (inspect {sandbox.ometria_url}/_sandbox/contacts)")
         print("Connections for Airflow:")

@@ -43,6 +43,15 @@ class AntavoApp(App):
         self.requests = 0
 
     # -- control -----------------------------------------------------------------------------
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"customers": self.customers, "events": self.events}
+
+    def restore(self, saved: dict) -> None:
+        with self.lock:
+            self.customers, self.events = saved["customers"], saved["events"]
+            self.by_id = {c["_id"]: c for c in self.customers}
+
     def touch(self, customer_id: str, changes: dict, at: datetime | None = None) -> None:
         """Change a customer as Antavo would: the fields given, and `updated_at`."""
         with self.lock:

@@ -127,6 +127,15 @@ class OmetriaApp(App):
         self._window: deque = deque()
         self._rate_lock = threading.Lock()
 
+    def snapshot(self) -> dict:
+        with self.lock:
+            return {"contacts": [[c, i, v] for (c, i), v in self.contacts.items()], "events": self.events}
+
+    def restore(self, saved: dict) -> None:
+        with self.lock:
+            self.contacts = {(c, i): v for c, i, v in saved["contacts"]}
+            self.events = dict(saved["events"])
+
     def handle(self, request: Request) -> Response:
         if request.path.startswith("/_sandbox/"):
             return self._control(request)

@@ -1,0 +1,79 @@
+"""The connection check, before any data moves (Antavo's own module calls it "Connect").
+
+A signed request to each Antavo API the sync reads, an authenticated Ometria call, and the configured
+Ometria list looked up by its ID. `make check` prints one line per check; the first task of each DAG
+runs the same checks and fails at once when credentials are refused or the list does not exist.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+from antavo_ometria.antavo import AntavoClient
+from antavo_ometria.ometria import OmetriaClient
+from antavo_ometria.transport import ApiError, AuthenticationFailed
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    retryable: bool = False  # a failure that trying again later could mend (the network, a 5xx)
+
+
+class ConnectionCheckFailed(Exception):
+    """At least one check failed; `retryable` is false when a retry cannot help (refused credentials, no list)."""
+
+    def __init__(self, checks: list[Check]):
+        self.checks = checks
+        failed = [c for c in checks if not c.ok]
+        self.retryable = all(c.retryable for c in failed)
+        super().__init__("; ".join(f"{c.name}: {c.detail}" for c in failed))
+
+
+def check_connections(antavo: AntavoClient, ometria: OmetriaClient, list_id: str) -> list[Check]:
+    """Every check, in order; a check that cannot run because an earlier one failed is reported as such."""
+    hosts = f"{urlsplit(antavo.read_api).netloc} and {urlsplit(antavo.base).netloc}"
+    checks = [_attempt("Antavo", lambda: (antavo.ping(), f"signed requests accepted by {hosts}")[1])]
+    lists: list[dict] = []
+
+    def read_lists() -> str:
+        lists.extend(ometria.lists())
+        return f"API key accepted by {urlsplit(ometria.base).netloc} ({len(lists)} active list(s))"
+
+    checks.append(_attempt("Ometria", read_lists))
+    if not checks[-1].ok:
+        checks.append(Check("list", False, "not checked: Ometria did not answer", checks[-1].retryable))
+    else:
+        checks.append(_list_check(list_id, lists))
+    return checks
+
+
+def _attempt(name: str, probe: Callable[[], str]) -> Check:
+    try:
+        return Check(name, True, probe())
+    except AuthenticationFailed as exc:
+        return Check(name, False, f"the credentials were refused ({exc})")
+    except ApiError as exc:
+        return Check(name, False, str(exc), exc.retryable)
+
+
+def _list_check(list_id: str, lists: list[dict]) -> Check:
+    if not list_id:
+        return Check("list", True, "no list configured (settings.toml [ometria] list_id): contacts join no list")
+    by_id = {str(row.get("id")): row for row in lists}
+    found = by_id.get(str(list_id))
+    if found is not None:
+        note = "" if found.get("type") != "DYNAMIC" else (
+            "; it is a DYNAMIC list, which Ometria fills by its own rules: contacts may not stay in it")
+        return Check("list", True, f"{list_id} '{found.get('title')}' ({found.get('type')}, {found.get('status')})"
+                                   f"{note}")
+    close = difflib.get_close_matches(str(list_id), list(by_id), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]} '{by_id[close[0]].get('title')}'?" if close else ""
+    known = ", ".join(f"{i} '{row.get('title')}'" for i, row in list(by_id.items())[:10])
+    return Check("list", False, f"list {list_id} is not among this account's active lists{hint} "
+                                f"(lists: {known or 'none'})")
