@@ -114,7 +114,7 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
     run = dag.test()
     assert run.state == DagRunState.SUCCESS
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states == {"check_rules": "success", "wait_for_reward_claimed": "success",
+    assert states == {"check_connections": "success", "check_rules": "success", "wait_for_reward_claimed": "success",
                       "deliver_reward_claimed": "success"}
     assert list(connections.ometria.events) == [claim["id"]]
     assert connections.ometria.events[claim["id"]]["properties"]["reward_name"] == "£10 off your next order"

@@ -123,6 +123,7 @@ class OmetriaApp(App):
         self.deliveries: list[tuple[str, str, str, bool]] = []
         self.errors: deque = deque(maxlen=100)
         self.pushes = 0
+        self.refused = 0  # requests with a wrong API key
         self.throttled = 0
         self._window: deque = deque()
         self._rate_lock = threading.Lock()
@@ -140,6 +141,7 @@ class OmetriaApp(App):
         if request.path.startswith("/_sandbox/"):
             return self._control(request)
         if request.header("X-Ometria-Auth") != self.api_key:
+            self.refused += 1
             return Response(403, {"status": "error", "message": "Forbidden: invalid API key"})
         if request.path == "/v2/push" and request.method == "POST":
             if self._over_rate():

@@ -1,0 +1,130 @@
+"""Connect before any data moves, stop at the first refused credential, and say why on screen."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from antavo_ometria.antavo import AntavoClient, AntavoConfig
+from antavo_ometria.cli import first_error
+from antavo_ometria.connect import check_connections
+from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
+from antavo_ometria.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, OMETRIA_KEY
+from antavo_ometria.transport import AuthenticationFailed, RetryPolicy
+
+PROJECT = Path(__file__).resolve().parents[1]
+QUICK = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05)
+
+
+def clients(sandbox, secret="sandbox-secret", key=OMETRIA_KEY):
+    antavo = AntavoClient(AntavoConfig(sandbox.antavo_url, ANTAVO_KEY, secret, ANTAVO_ENVIRONMENT,
+                                       read_api_url=sandbox.antavo_url, requests_per_second=0, retry=QUICK))
+    ometria = OmetriaClient(OmetriaConfig(key, sandbox.ometria_url, requests_per_second=0, retry=QUICK))
+    return antavo, ometria
+
+
+def test_the_check_names_the_list_it_found(sandbox):
+    checks = check_connections(*clients(sandbox), "8400")
+    assert [(c.name, c.ok) for c in checks] == [("Antavo", True), ("Ometria", True), ("list", True)]
+    assert checks[2].detail == "8400 'Loyalty members' (STATIC, ACTIVE)"
+
+
+def test_a_wrong_antavo_secret_is_refused_once_not_retried(sandbox):
+    checks = check_connections(*clients(sandbox, secret="wrong"), "8400")
+    assert not checks[0].ok and not checks[0].retryable
+    assert "credentials were refused" in checks[0].detail and "HTTP 401" in checks[0].detail
+    assert sandbox.antavo.requests == 1  # one refused request, no retries
+
+
+def test_a_wrong_ometria_key_and_an_unknown_list(sandbox):
+    wrong = check_connections(*clients(sandbox, key="wrong"), "8400")
+    assert [(c.name, c.ok) for c in wrong] == [("Antavo", True), ("Ometria", False), ("list", False)]
+    assert "HTTP 403" in wrong[1].detail
+    missing = check_connections(*clients(sandbox), "8410")
+    assert not missing[2].ok and "did you mean 8401 'Lapsed loyalty members'?" in missing[2].detail
+
+
+def test_an_unreachable_host_is_named(sandbox):
+    antavo, _ = clients(sandbox)
+    ometria = OmetriaClient(OmetriaConfig(OMETRIA_KEY, "http://127.0.0.1:9", requests_per_second=0, retry=QUICK))
+    checks = check_connections(antavo, ometria, "8400")
+    assert "cannot reach 127.0.0.1:9" in checks[1].detail and checks[1].retryable
+
+
+def test_a_refused_ometria_key_stops_the_load_at_the_first_batch(sandbox, antavo_client, state_url, tmp_path):
+    from antavo_ometria.mapping import load_contact_mapping
+    from antavo_ometria.pipeline import extract, load_staged, plan_run, transform_staged
+    from antavo_ometria.state import StateStore
+
+    store = StateStore(state_url)
+    store.migrate()
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    plan = plan_run(store, mapping, "antavo_ometria_contacts", "run-1")
+    extract(antavo_client, tmp_path, plan)
+    transform_staged(tmp_path, mapping, plan, store)
+    _, wrong = clients(sandbox, key="wrong")
+    with pytest.raises(AuthenticationFailed, match="HTTP 403"):
+        load_staged(tmp_path, wrong, plan, store)
+    assert sandbox.ometria.refused == 1  # not one refused request per batch
+
+
+def test_a_refused_key_with_nothing_to_push_is_an_authentication_failure(sandbox, state_url, tmp_path):
+    from antavo_ometria.pipeline import CONTACTS, CONTACTS_SCHEMA, load_staged
+
+    import pyarrow.parquet as pq
+
+    pq.write_table(CONTACTS_SCHEMA.empty_table(), tmp_path / CONTACTS)
+    _, wrong = clients(sandbox, key="wrong")
+    with pytest.raises(AuthenticationFailed, match="_errors: HTTP 403"):
+        load_staged(tmp_path, wrong, {"dry_run": False, "attempt": "a", "run_id": "r", "mapping_version": "v"})
+
+
+def test_the_first_error_of_a_failed_run_is_found_in_the_log():
+    log = ("2026-03-01T12:00:00Z [error    ] Task failed with exception\nTraceback (most recent call last):\n"
+           '  File "x.py", line 1, in <module>\n    raise AirflowFailException(x)\n'
+           "airflow.sdk.exceptions.AirflowFailException: contacts.csv:4: [loyalty_field] unknown loyalty field\n"
+           "Traceback (most recent call last):\nValueError: later\n")
+    assert first_error(log) == "contacts.csv:4: [loyalty_field] unknown loyalty field"
+    assert first_error("all fine\n") is None
+
+
+def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "antavo_ometria.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "PYTHONPATH": str(PROJECT / "plugins"), **env})
+
+
+def test_a_malformed_connection_variable_is_reported_before_anything_runs(tmp_path):
+    broken = '{"conn_type": "http", "password": "k",}'
+    done = run_cli("run", env={"AIRFLOW_HOME": str(tmp_path), "AIRFLOW_CONN_OMETRIA_DEFAULT": broken,
+                               "AIRFLOW_CONN_ANTAVO_DEFAULT": json.dumps({"conn_type": "http"})})
+    assert done.returncode == 2
+    assert "AIRFLOW_CONN_OMETRIA_DEFAULT is not valid JSON" in done.stderr
+    assert not (tmp_path / "airflow.db").exists()  # nothing ran
+
+
+@pytest.mark.airflow
+def test_make_run_with_a_wrong_secret_ends_at_once_with_the_cause_on_screen(sandbox, tmp_path):
+    conns = sandbox.connections()
+    antavo = json.loads(conns["AIRFLOW_CONN_ANTAVO_DEFAULT"])
+    antavo["password"] = "not-the-secret"
+    done = run_cli("run", env={"AIRFLOW_HOME": str(tmp_path), **conns,
+                               "AIRFLOW_CONN_ANTAVO_DEFAULT": json.dumps(antavo),
+                               "ANTAVO_OMETRIA_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}",
+                               "ANTAVO_OMETRIA_RETRY_DELAY_SECONDS": "30"})
+    assert done.returncode != 0
+    assert "The run FAILED: Antavo: the credentials were refused" in done.stderr
+    assert sandbox.antavo.requests == 1  # the connection check's first request, not retried
+    assert sandbox.ometria.pushes == 0
+
+
+@pytest.mark.airflow
+def test_make_check_prints_one_line_per_check(sandbox, tmp_path):
+    done = run_cli("check", env={"AIRFLOW_HOME": str(tmp_path), **sandbox.connections()})
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.strip().splitlines()[-3:]
+    assert [line.split()[:2] for line in lines] == [["✓", "Antavo"], ["✓", "Ometria"], ["✓", "list"]]
