@@ -106,7 +106,9 @@ def antavo_ometria_contacts():
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(ApiError):  # e.g. refused credentials; network trouble and 5xx are retried
-            return extract(AntavoHook().get_conn(), _staging(), plan, _mapping().settings.customer_status)
+            mapping = _mapping()
+            return extract(AntavoHook().get_conn(), _staging(), plan, mapping.settings.customer_status,
+                           mapping.loyalty_fields)
 
     @task
     def transform(plan: dict, extracted: dict) -> dict:

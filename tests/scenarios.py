@@ -92,7 +92,7 @@ class Deployment:
         steps: dict = {}
         try:
             steps["plan"] = attempt(lambda: plan_run(self.store, mapping, DAG_ID, run_id, interval))
-            steps["extract"] = attempt(lambda: extract(self.antavo, staging, steps["plan"]))
+            steps["extract"] = attempt(lambda: extract(self.antavo, staging, steps["plan"], paths=mapping.loyalty_fields))
             steps["transform"] = attempt(lambda: transform_staged(staging, mapping, steps["plan"], self.store))
             steps["load"] = attempt(lambda: load_staged(staging, self.ometria, steps["plan"], self.store))
         except Exception:

@@ -230,3 +230,11 @@ def test_state_store_url_from_a_connection():
     assert url_from_connection(postgres) == "postgresql+psycopg://sync:p%40ss%20word@db:5432/sync"
     generic = SimpleNamespace(conn_id="s", conn_type="generic", extra_dejson={"url": "sqlite:////tmp/x.db"})
     assert url_from_connection(generic) == "sqlite:////tmp/x.db"
+
+
+def test_incremental_profile_reads_ask_for_the_expiring_points_the_mapping_needs(antavo_client, sandbox):
+    expected = sandbox.antavo.by_id["c00000001"]["extensions"]["expiring_points"]["total"]
+    (plain,) = antavo_client.get_customers(["c00000001"])
+    (asked,) = antavo_client.get_customers(["c00000001"], ["email", "extensions.expiring_points.total"])
+    assert "extensions" not in plain  # a classic profile leaves them out unless asked
+    assert asked["extensions"]["expiring_points"]["total"] == expected

@@ -74,9 +74,9 @@ def test_a_refused_ometria_key_stops_the_load_at_the_first_batch(sandbox, antavo
 
 
 def test_a_refused_key_with_nothing_to_push_is_an_authentication_failure(sandbox, state_url, tmp_path):
-    from antavo_ometria.pipeline import CONTACTS, CONTACTS_SCHEMA, load_staged
-
     import pyarrow.parquet as pq
+
+    from antavo_ometria.pipeline import CONTACTS, CONTACTS_SCHEMA, load_staged
 
     pq.write_table(CONTACTS_SCHEMA.empty_table(), tmp_path / CONTACTS)
     _, wrong = clients(sandbox, key="wrong")

@@ -45,9 +45,43 @@ def test_unknown_loyalty_field_suggests_the_closest(mappings):
                      "(did you mean 'first_name'?); `make fields` lists the loyalty fields"]
 
 
-def test_typo_of_a_builtin_remote_field(mappings):
-    found = problems_for(mappings, HEADER + "email,email,,\nlast_name,lastnme,,\n")
-    assert "contacts.csv:3: [remote_field] 'lastnme' is not an Ometria built-in field: did you mean 'lastname'?" in found[0]
+def test_a_custom_field_id_close_to_a_builtin_is_a_warning_not_a_stop(mappings):
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\nlast_name,lastnme,,\n")
+    mapping = load_contact_mapping(mappings)
+    assert [f.remote_field for f in mapping.fields] == ["email", "lastnme"]
+    assert [str(w) for w in mapping.warnings] == [
+        f"{mappings}/contacts.csv:3: [remote_field] 'lastnme' is sent as a custom field ID; if you meant Ometria's "
+        "built-in field 'lastname', fix the spelling"]
+
+
+@pytest.mark.parametrize("field_id", ["customer_tier", "store_id", "middle_name", "date_of_birth2", "tier-name"])
+def test_every_valid_ometria_field_id_can_be_mapped(mappings, field_id):
+    (mappings / "contacts.csv").write_text(HEADER + f"email,email,,\nproperties.city,{field_id},,\n")
+    assert load_contact_mapping(mappings).fields[1].remote_field == field_id
+
+
+def test_loyalty_fields_written_as_antavo_writes_them(mappings):
+    (mappings / "settings.toml").write_text('[ometria]\npayload_mode = "v2"\n')
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\ncustomer.tiers.basic_structure.name,loyalty_tier,,\n"
+                                           "customer.accounts.prestige.spendable,prestige_balance,,\n")
+    fields = load_contact_mapping(mappings).fields
+    assert [f.loyalty_field for f in fields] == ["email", "tiers.basic_structure.name", "accounts.prestige.spendable"]
+
+
+def test_saving_the_same_mapping_differently_keeps_its_version(mappings):
+    table, settings = (mappings / "contacts.csv").read_text(), (mappings / "settings.toml").read_text()
+    first = load_contact_mapping(mappings).version
+    (mappings / "contacts.csv").write_bytes(b"\xef\xbb\xbf" + table.replace("\n", "\r\n").encode())  # Excel
+    (mappings / "settings.toml").write_text("# edited by hand\n" + settings.replace("# Ometria list", "# the list"))
+    assert load_contact_mapping(mappings).version == first
+    (mappings / "contacts.csv").write_text(table.replace("first_name,firstname", "handler,firstname"))
+    assert load_contact_mapping(mappings).version != first
+
+
+def test_an_unterminated_quote_is_reported_where_it_opens(mappings):
+    found = problems_for(mappings, HEADER + 'email,email,,\n"first_name,firstname,,\nlast_name,lastname,,\n')
+    assert found[0] == (f"{mappings}/contacts.csv:3: a quote (\") opened on line 3 is not closed before line 4; "
+                        "close it or remove it")
 
 
 def test_malformed_custom_field_id(mappings):
@@ -90,10 +124,9 @@ def test_wrong_header(mappings):
     assert any("the header has no 'loyalty_field' column" in p for p in found)
 
 
-def test_byte_order_mark(mappings):
-    found = problems_for(mappings, b"\xef\xbb\xbf" + (HEADER + "email,email,,\n").encode())
-    assert found == [f"{mappings}/contacts.csv:1: the file starts with a byte-order mark (BOM); save it as plain "
-                     "UTF-8 CSV (in Excel: 'CSV UTF-8' then remove the BOM, or use a text editor)"]
+def test_a_byte_order_mark_is_accepted(mappings):
+    (mappings / "contacts.csv").write_bytes(b"\xef\xbb\xbf" + (HEADER + "email,email,,\n").encode())
+    assert load_contact_mapping(mappings).fields[0].loyalty_field == "email"
 
 
 def test_odd_encoding(mappings):
@@ -123,7 +156,7 @@ def test_consent_row_allowed_when_authoritative(mappings):
 def test_every_problem_is_reported_at_once(mappings):
     found = problems_for(mappings, HEADER + "first_nmae,firstname,,\nlast_name,lastnme,,\nfoo,bar,,maybe\n",
                          settings='[ometria]\npayload_mode = "v3"\ncolour = "red"\n')
-    assert len(found) == 7  # 2 in settings, 4 in three rows, and no email mapping
+    assert len(found) == 6  # 2 in settings, 3 in three rows (lastnme is only a warning), and no email mapping
     assert any("settings.toml:2: [payload_mode]" in p for p in found)
     assert any("settings.toml:3: [colour] unknown setting ometria.colour" in p for p in found)
 
@@ -155,3 +188,23 @@ def test_validate_command_reports_every_file(mappings, capsys):
     assert main(["validate", "--mappings", str(mappings)]) == 1
     err = capsys.readouterr().err
     assert "2 problem(s)" in err and "contacts.csv:3" in err and "triggers.csv:2" in err
+
+
+def test_diff_says_that_removing_a_row_does_not_clear_ometria(mappings):
+    from antavo_ometria.preview import render_diff
+    from antavo_ometria.sandbox.population import make_population
+
+    before = load_contact_mapping(mappings)
+    table = mappings / "contacts.csv"
+    table.write_text("".join(line for line in table.read_text().splitlines(keepends=True) if ",city," not in line))
+    text = render_diff(make_population(5), before, load_contact_mapping(mappings))
+    assert "Removing a row stops sending city, but does not clear what Ometria already holds" in text
+    assert "overwrite_empty = yes" in text
+
+
+def test_a_trigger_table_saved_with_a_byte_order_mark_is_accepted(mappings):
+    from antavo_ometria.event_rules import load_rules
+
+    rules = mappings / "triggers.csv"
+    rules.write_bytes(b"\xef\xbb\xbf" + rules.read_bytes())
+    assert [r.name for r in load_rules(mappings)] == ["reward_claimed"]

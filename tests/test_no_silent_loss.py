@@ -46,7 +46,7 @@ def sync(store, antavo_client, ometria_client, staging, run_id="run-1", mappings
     """One run as the DAG runs it; the report, or the RunNotDelivered it ends with."""
     mapping = load_contact_mapping(mappings)
     steps = {"plan": plan_run(store, mapping, DAG, run_id, interval)}
-    steps["extract"] = extract(antavo_client, staging, steps["plan"])
+    steps["extract"] = extract(antavo_client, staging, steps["plan"], paths=mapping.loyalty_fields)
     steps["transform"] = transform_staged(staging, mapping, steps["plan"], store)
     try:
         steps["load"] = load_staged(staging, ometria_client, steps["plan"], store)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -37,6 +37,8 @@ CLASSIC_PAGE_LIMIT = 100
 # each page after the first starts this many records back: a record that leaves (or joins) the list while it
 # is read shifts the offsets, and the overlap keeps the record at the shifted boundary from being skipped
 PAGE_OVERLAP = 20
+# loyalty fields a classic profile carries only when asked for with `fields=` (path prefix → extra)
+PROFILE_EXTRAS = {"extensions.expiring_points": "expiring_points"}
 
 
 def credential_scope(environment: str) -> str:
@@ -146,17 +148,21 @@ class AntavoClient:
                 return list(dict.fromkeys(ids))
             offset += len(rows) - PAGE_OVERLAP
 
-    def get_customers(self, ids: list[str]) -> list[dict]:
-        """Full profiles for `ids` (classic `GET /customers/{id}`), a few requests at a time.
+    def get_customers(self, ids: list[str], paths: Iterable[str] = ()) -> list[dict]:
+        """Full profiles for `ids` (classic `GET /customers/{id}`), a few requests at a time, with the
+        `fields=` extras that the loyalty field `paths` need (e.g. expiring points, not in a profile otherwise).
 
         A customer Antavo no longer has (404, e.g. deleted since it changed) comes back as a record
         with only its id and a `_held` reason, so that it is held back visibly instead of failing
         every other customer of the run.
         """
 
+        extras = sorted({extra for path in paths for prefix, extra in PROFILE_EXTRAS.items() if path.startswith(prefix)})
+        query = f"?fields={quote(','.join(extras), safe='')}" if extras else ""  # commas percent-encoded, for signing
+
         def one(customer_id: str) -> dict:
             try:
-                body = self.get(f"{self.base}/customers/{quote(customer_id, safe='')}", "GET /customers/{id}")
+                body = self.get(f"{self.base}/customers/{quote(customer_id, safe='')}{query}", "GET /customers/{id}")
             except ApiError as exc:
                 if exc.status != 404:
                     raise
@@ -291,6 +297,10 @@ def normalise_customer(raw: dict) -> dict:
     for name in ("status", "gender"):
         if isinstance(customer.get(name), str):
             customer[name] = customer[name].lower()
+    if isinstance(customer.get("expiring_points"), dict):  # classic `fields=expiring_points`: the Read API's place
+        extensions = customer.setdefault("extensions", {})
+        if isinstance(extensions, dict):
+            extensions.setdefault("expiring_points", customer.pop("expiring_points"))
     tiers = customer.get("tiers")
     if isinstance(tiers, list):
         customer["tiers"] = {

@@ -216,6 +216,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     if problems:
         print(ConfigError(problems), file=sys.stderr)
         return 1
+    for warning in mapping.warnings:
+        print(f"warning: {warning}")
     print(f"OK: {len(mapping.fields)} mappings, {mapping.settings.payload_mode} mode, version {mapping.version}; "
           f"{len(rules)} event trigger rule(s)")
     return 0

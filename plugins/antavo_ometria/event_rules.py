@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from antavo_ometria.mapping import BOM, catalog, did_you_mean, find_in_catalog
+from antavo_ometria.mapping import catalog, did_you_mean, find_in_catalog, read_csv
 from antavo_ometria.problems import ConfigError, Problem
 
 TRIGGERS_FILE = "triggers.csv"
@@ -67,29 +67,16 @@ def load_rules(mappings_dir: Path) -> list[Rule]:
     """Read and check the trigger table; raise ConfigError listing every problem."""
     path = mappings_dir / TRIGGERS_FILE
     file = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
+    if not path.exists():
         return []
-    problems: list[Problem] = []
-    if raw.startswith(BOM):
-        problems.append(Problem(file, 1, "", "the file starts with a byte-order mark (BOM); save it as plain UTF-8"))
-        raw = raw[len(BOM):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise ConfigError(problems + [Problem(file, raw[: exc.start].count(b"\n") + 1, "",
-                                              "the file is not UTF-8; save it as UTF-8 CSV")]) from None
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header = [h.strip() for h in next(reader, [])]
+    header, lines, problems = read_csv(path)
     if header != list(COLUMNS):
         raise ConfigError(problems + [Problem(file, 1, "", f"the header must be {','.join(COLUMNS)}")])
 
     rows: dict[str, list[tuple[int, dict]]] = defaultdict(list)
-    for row in reader:
+    for line, row in lines:
         if not any(cell.strip() for cell in row):
             continue
-        line = reader.line_num
         if len(row) != len(COLUMNS):
             problems.append(Problem(file, line, "", f"the row has {len(row)} cells, the header {len(COLUMNS)}"))
             continue

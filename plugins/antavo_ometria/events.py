@@ -81,8 +81,8 @@ def deliver(
 def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> tuple[dict, list]:
     """Deliver events not pushed yet: (summary, the events that could not be delivered)."""
     customer_ids = sorted({e["customer_id"] for e in events if HELD not in e})
-    customers = {c["id"]: c for c in antavo.get_customers(customer_ids)}
     paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD})
+    customers = {c["id"]: c for c in antavo.get_customers(customer_ids, paths)}
     frame, encoded, gate = prepare_contacts(customer_columns(list(customers.values()), paths), mapping)
     ids = frame["id"].tolist()
     reasons = {ids[row]: "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}

@@ -18,8 +18,9 @@ import csv
 import difflib
 import hashlib
 import io
+import json
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -50,8 +51,9 @@ COMPATIBLE = {
     "boolean": {"boolean", "optin", "string"},
     "list": {"list"},
 }
-CUSTOM_FIELD_ID = re.compile(r"^[A-Za-z0-9_]+$")
+CUSTOM_FIELD_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # Ometria: a field ID has no spaces (e.g. loyalty_tier)
 BOM = b"\xef\xbb\xbf"
+CUSTOMER = "customer."  # loyalty fields may be written as Antavo's module does: customer.tiers.*
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,8 @@ class FieldMapping:
 class ContactMapping:
     fields: tuple[FieldMapping, ...]
     settings: SyncSettings
-    version: str  # changes whenever the mapping table or the settings change
+    version: str  # changes whenever what the mapping table or the settings say changes
+    warnings: tuple[Problem, ...] = ()  # worth a look, but nothing is wrong enough to stop
 
     @property
     def loyalty_fields(self) -> list[str]:
@@ -112,12 +115,11 @@ def find_in_catalog(path: str) -> CatalogField | None:
     return next((f for f in catalog() if f.matches(path)), None)
 
 
-def mapping_version(contacts_file: Path, settings_file: Path) -> str:
-    """A short hash of the mapping table and the settings: it changes when either one does."""
-    digest = hashlib.sha256()
-    for path in (contacts_file, settings_file):
-        digest.update((path.read_bytes() if path.exists() else b"") + b"\0")
-    return digest.hexdigest()[:12]
+def mapping_version(fields: list[FieldMapping], settings: SyncSettings) -> str:
+    """A short hash of what the mapping says (its rows and settings), not of its bytes: line endings, a
+    byte-order mark, comments or the order of rows do not change it, so they do not re-send every contact."""
+    rows = sorted((f.loyalty_field, f.remote_field, f.format, f.overwrite_empty) for f in fields)
+    return hashlib.sha256(json.dumps([rows, asdict(settings)], sort_keys=True).encode()).hexdigest()[:12]
 
 
 def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) -> ContactMapping:
@@ -129,38 +131,50 @@ def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) 
         problems += exc.problems
         settings = SyncSettings()
     path = contacts_file or mappings_dir / CONTACTS_FILE
-    fields, table_problems = parse_contacts(path, settings)
+    fields, table_problems, warnings = parse_contacts(path, settings)
     problems += table_problems
     if problems:
         raise ConfigError(problems)
-    return ContactMapping(tuple(fields), settings, mapping_version(path, mappings_dir / SETTINGS_FILE))
+    return ContactMapping(tuple(fields), settings, mapping_version(fields, settings), tuple(warnings))
 
 
-def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMapping], list[Problem]]:
+def read_csv(path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]], list[Problem]]:
+    """An analyst-edited CSV: (header, [(line, cells)], problems). UTF-8, with or without Excel's byte-order
+    mark; a quote left open is reported on the line where it opens."""
     file = str(path)
-    try:
-        raw = path.read_bytes()
-    except FileNotFoundError:
-        return [], [Problem(file, 0, "", "mapping file not found")]
-    problems: list[Problem] = []
+    raw = path.read_bytes()
     if raw.startswith(BOM):
-        problems.append(Problem(file, 1, "", "the file starts with a byte-order mark (BOM); "
-                                "save it as plain UTF-8 CSV (in Excel: 'CSV UTF-8' then remove the BOM, "
-                                "or use a text editor)"))
         raw = raw[len(BOM):]
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         line = raw[: exc.start].count(b"\n") + 1
-        return [], problems + [Problem(file, line, "", f"byte {raw[exc.start]:#x} is not UTF-8; "
-                                       "save the file as UTF-8 CSV")]
-
+        return None, [], [Problem(file, line, "", f"byte {raw[exc.start]:#x} is not UTF-8; save the file as UTF-8 CSV")]
     reader = csv.reader(io.StringIO(text, newline=""))
-    header = next(reader, None)
+    header: list[str] | None = None
+    rows: list[tuple[int, list[str]]] = []
+    problems: list[Problem] = []
+    start = 1
+    for cells in reader:
+        if any("\n" in cell or "\r" in cell for cell in cells):
+            problems.append(Problem(file, start, "", f"a quote (\") opened on line {start} is not closed before "
+                                    f"line {reader.line_num}; close it or remove it"))
+        elif header is None:
+            header = [h.strip() for h in cells]
+        else:
+            rows.append((start, cells))
+        start = reader.line_num + 1
+    return header, rows, problems
+
+
+def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMapping], list[Problem], list[Problem]]:
+    """(fields, problems, warnings) of the mapping table."""
+    file = str(path)
+    if not path.exists():
+        return [], [Problem(file, 0, "", "mapping file not found")], []
+    header, rows, problems = read_csv(path)
     if header is None:
-        return [], problems + [Problem(file, 1, "", "the file is empty; it needs the header row "
-                                       + ",".join(COLUMNS))]
-    header = [h.strip() for h in header]
+        return [], problems or [Problem(file, 1, "", "the file is empty; it needs the header row " + ",".join(COLUMNS))], []
     unknown = [h for h in header if h not in COLUMNS]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     duplicated = sorted({h for h in header if header.count(h) > 1})
@@ -173,12 +187,12 @@ def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMappin
     for name in duplicated:
         problems.append(Problem(file, 1, name, f"column {name!r} appears more than once"))
     if missing or unknown or duplicated:
-        return [], problems
+        return [], problems, []
 
     fields: list[FieldMapping] = []
+    warnings: list[Problem] = []
     seen_remote: dict[str, int] = {}
-    for row in reader:
-        line = reader.line_num
+    for line, row in rows:
         if not any(cell.strip() for cell in row):
             continue
         if len(row) != len(header):
@@ -191,25 +205,29 @@ def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMappin
                                     f"{seen_remote[remote]}; map each remote field once"))
         elif remote:
             seen_remote[remote] = line
-        field, row_problems = _check_row(file, line, cells, settings)
+        field, row_problems, row_warnings = _check_row(file, line, cells, settings)
         problems += row_problems
+        warnings += row_warnings
         if field is not None:
             fields.append(field)
     if "email" not in seen_remote:
         problems.append(Problem(file, 0, "remote_field", "no row maps to 'email'; Ometria identifies "
                                 "contacts by email: add the row 'email,email'"))
-    return fields, problems
+    return fields, problems, warnings
 
 
 def _check_row(
     file: str, line: int, cells: dict[str, str], settings: SyncSettings
-) -> tuple[FieldMapping | None, list[Problem]]:
+) -> tuple[FieldMapping | None, list[Problem], list[Problem]]:
     problems: list[Problem] = []
+    warnings: list[Problem] = []
 
     def problem(column: str, message: str) -> None:
         problems.append(Problem(file, line, column, message))
 
     loyalty, remote = cells.get("loyalty_field", ""), cells.get("remote_field", "")
+    if loyalty.startswith(CUSTOMER):
+        loyalty = loyalty[len(CUSTOMER):]
     fmt, overwrite = cells.get("format", "").lower(), cells.get("overwrite_empty", "").lower()
     for column, value in (("loyalty_field", loyalty), ("remote_field", remote)):
         if not value:
@@ -234,12 +252,12 @@ def _check_row(
         remote = ""
     elif remote and not is_builtin:
         close = difflib.get_close_matches(remote, list(builtins), n=1, cutoff=0.8)
-        if close:
-            problem("remote_field", f"{remote!r} is not an Ometria built-in field: did you mean {close[0]!r}? "
-                    "(a custom field ID that close to a built-in is almost certainly a typo)")
-        elif not CUSTOM_FIELD_ID.match(remote):
+        if not CUSTOM_FIELD_ID.match(remote):
             problem("remote_field", f"{remote!r} is not a valid custom field ID: use the field ID from "
-                    "Ometria's custom field settings (letters, digits and _ only, no spaces)")
+                    "Ometria's custom field settings (letters, digits, _ and -, no spaces)")
+        elif close:
+            warnings.append(Problem(file, line, "remote_field", f"{remote!r} is sent as a custom field ID; if you "
+                                    f"meant Ometria's built-in field {close[0]!r}, fix the spelling"))
     if remote == "marketing_optin" and not settings.consent_authoritative:
         problem("remote_field", "marketing_optin is only sent when Antavo is the consent authority: "
                 "set [consent] authoritative = true in settings.toml, or remove the row")
@@ -263,8 +281,8 @@ def _check_row(
         problem("overwrite_empty", f"overwrite_empty must be yes or no, not {overwrite!r}")
 
     if problems or entry is None:
-        return None, problems
-    return FieldMapping(loyalty, remote, fmt or "string", overwrite in ("yes", "true"), is_builtin, line), []
+        return None, problems, warnings
+    return FieldMapping(loyalty, remote, fmt or "string", overwrite in ("yes", "true"), is_builtin, line), [], warnings
 
 
 def did_you_mean(word: str, candidates) -> str:

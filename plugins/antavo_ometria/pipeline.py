@@ -119,6 +119,8 @@ def plan_run(
     dry_run: bool = False,
 ) -> dict:
     """Full or incremental, and over which window. A changed mapping re-syncs every contact."""
+    for warning in mapping.warnings:
+        log.warning("mapping: %s", warning)
     last = store.last_successful_run(dag_id)
     reason = None
     unfinished = store.pending_full_resync(dag_id) if last is not None else None
@@ -166,13 +168,15 @@ def plan_run(
 
 
 # -- extract -----------------------------------------------------------------------------------
-def extract(client: AntavoClient, staging: Path, plan: dict, status: str = "active") -> dict:
-    """Every customer (full), or those updated in the plan's window (incremental), staged as NDJSON."""
+def extract(client: AntavoClient, staging: Path, plan: dict, status: str = "active", paths: Iterable[str] = ()) -> dict:
+    """Every customer (full), or those updated in the plan's window (incremental), staged as NDJSON.
+
+    `paths` are the loyalty fields the mapping reads: incremental profile reads ask Antavo for them."""
     staging.mkdir(parents=True, exist_ok=True)
     for name in (CONTACTS, QUARANTINE, OVERSIZED, ASYNC_ERRORS, GX_RESULT, REPORT):  # an earlier try's results
         (staging / name).unlink(missing_ok=True)
     progress = Progress("extract", "customers")
-    count, duplicates = write_customers(staging, _customer_pages(client, plan, status), progress)
+    count, duplicates = write_customers(staging, _customer_pages(client, plan, status, list(paths)), progress)
     log.info("extracted %d customers (%s, %d requests)", count, plan["mode"], client.requests_made)
     if duplicates:
         log.warning("%d customer(s) came twice from Antavo (a page boundary moved); kept the copy updated last: %s",
@@ -246,14 +250,14 @@ def _drop_lines(path: Path, offsets: set[int]) -> int:
     return kept
 
 
-def _customer_pages(client: AntavoClient, plan: dict, status: str):
+def _customer_pages(client: AntavoClient, plan: dict, status: str, paths: list[str]):
     if plan["mode"] == "full":
         yield from client.iter_customer_pages(status)
         return
     ids = client.changed_customer_ids(datetime.fromisoformat(plan["since"]), datetime.fromisoformat(plan["until"]))
     log.info("%d customers changed since %s", len(ids), plan["since"])
     for start in range(0, len(ids), PROFILE_CHUNK):
-        yield client.get_customers(ids[start: start + PROFILE_CHUNK])
+        yield client.get_customers(ids[start: start + PROFILE_CHUNK], paths)
 
 
 # -- transform ---------------------------------------------------------------------------------

@@ -86,6 +86,11 @@ def render_diff(customers: list[dict], before: ContactMapping, after: ContactMap
              f"({before.settings.payload_mode} → {after.settings.payload_mode} mode)"]
     lines += [f"  - row {r[0]} → {r[1]}" for r in sorted(before_rows - after_rows)]
     lines += [f"  + row {r[0]} → {r[1]}" for r in sorted(after_rows - before_rows)]
+    dropped = sorted({r[1] for r in before_rows} - {r[1] for r in after_rows})
+    if dropped:
+        lines.append(f"  Removing a row stops sending {', '.join(dropped)}, but does not clear what Ometria already "
+                     "holds (a push merges). To clear it, keep the row with overwrite_empty = yes and map a field that "
+                     "is empty, or clear the field in Ometria.")
     lines.append(f"On {len(customers)} sample customers: {changed_records} records change; "
                  f"held back {len(old_held)} → {len(new_held)}.")
     for (key, kind), count in sorted(changes.items()):

@@ -117,7 +117,11 @@ class AntavoApp(App):
                 if customer is None:
                     return Response(404, {"error": {"type": "NotFoundException", "code": 160212,
                                                     "message": "Customer not found"}})
-                return Response(200, to_classic(customer))
+                classic = to_classic(customer)
+                extensions = classic.pop("extensions", None) or {}
+                if "expiring_points" in request.query.get("fields", "").split(","):
+                    classic["expiring_points"] = extensions.get("expiring_points")
+                return Response(200, classic)
             if len(parts) == 3 and parts[0] == "customers" and parts[2] == "rewards":
                 customer = self.by_id.get(parts[1]) or {}
                 rows = [{**REWARDS[r], "times_claimed": n} for r, n in (customer.get("rewards") or {}).items()
