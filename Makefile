@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install run events check test validate fields preview diff sandbox lock lint bench reliability clean
+.PHONY: install run events check keys test validate fields preview diff sandbox lock lint bench reliability clean
 
 install: $(VENV)/.installed
 
@@ -28,6 +28,11 @@ events: install          ## the event-trigger DAG once, the same way
 
 check: install           ## connect: a signed Antavo request, the Ometria API key, the configured list
 	$(BIN)/python -m antavo_ometria.cli check
+
+keys: install            ## new secrets for docker-compose: eval "$$(make keys)"
+	@$(BIN)/python -c "import secrets; from cryptography.fernet import Fernet; \
+	print(f'export AIRFLOW_JWT_SECRET={secrets.token_hex(32)}'); \
+	print(f'export AIRFLOW_FERNET_KEY={Fernet.generate_key().decode()}')"
 
 test: install            ## every test
 	$(BIN)/python -m pytest

@@ -1,7 +1,7 @@
 """Airflow UI plugin: the Antavo → Ometria sync dashboard (Browse → "Antavo → Ometria sync").
 
 Serves `antavo_ometria.dashboard` at /sync-dashboard/ inside the api-server, behind Airflow's own
-login, and adds it to the UI's navigation.
+login and its auth manager's permissions, and adds it to the UI's navigation.
 """
 
 from __future__ import annotations
@@ -9,9 +9,10 @@ from __future__ import annotations
 import asyncio
 
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
+DAG_IDS = ("antavo_ometria_contacts", "antavo_ometria_events")
 
 def _state_url() -> str:
     """The `antavo_ometria_state` connection when there is one, as the DAGs use it; else the default."""
@@ -26,13 +27,29 @@ def _state_url() -> str:
         return default_url()
 
 
+_STORES: dict = {}  # one state store (and one schema check) per URL for the life of the API server
+
+
 def _page() -> str:
     from antavo_ometria.dashboard import render
     from antavo_ometria.state import StateStore
 
-    store = StateStore(_state_url())
-    store.migrate()
-    return render(store)
+    url = _state_url()
+    if url not in _STORES:
+        store = StateStore(url)
+        store.ensure_schema()
+        _STORES[url] = store
+    return render(_STORES[url])
+
+
+def _allowed(user) -> bool:
+    """The page shows held records with emails and phone numbers: the same right as reading both DAGs' task logs."""
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
+
+    manager = get_auth_manager()
+    return all(manager.is_authorized_dag(method="GET", access_entity=DagAccessEntity.TASK_LOGS,
+                                         details=DagDetails(id=dag_id), user=user) for dag_id in DAG_IDS)
 
 
 def _create_app() -> FastAPI:
@@ -45,8 +62,11 @@ def _create_app() -> FastAPI:
         from airflow.api_fastapi.core_api.security import resolve_user_from_token
 
         header = request.headers.get("Authorization", "")
-        await resolve_user_from_token(header[7:] if header.lower().startswith("bearer ") else
-                                      request.cookies.get("_token"))
+        user = await resolve_user_from_token(header[7:] if header.lower().startswith("bearer ") else
+                                             request.cookies.get("_token"))
+        if not _allowed(user):
+            raise HTTPException(403, "reading the sync dashboard needs access to the task logs of "
+                                     + " and ".join(DAG_IDS))
         return await asyncio.to_thread(_page)
 
     return app

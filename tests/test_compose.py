@@ -57,3 +57,24 @@ def test_init_creates_the_push_pool_and_the_image_uses_the_pinned_requirements()
     pinned = re.search(r"^apache-airflow==(\S+)", (PROJECT / "requirements.txt").read_text(), re.M).group(1)
     assert f"apache/airflow:{pinned}-python3.11" in dockerfile
     assert "pip install --no-cache-dir -r /requirements.txt" in dockerfile
+
+
+def test_no_usable_default_secret_ships():
+    """Compose refuses to start without a JWT secret and a Fernet key, and says how to make them."""
+    env = compose()["x-airflow-common"]["environment"]
+    for name, variable in (("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW_JWT_SECRET"),
+                           ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_FERNET_KEY")):
+        required = re.fullmatch(r"\$\{(\w+):\?([^}]+)\}", env[name])
+        assert required and required.group(1) == variable and "make keys" in required.group(2), env[name]
+
+
+def test_make_keys_prints_working_secrets():
+    import subprocess
+
+    from cryptography.fernet import Fernet
+
+    out = subprocess.run(["make", "-s", "keys"], cwd=PROJECT, capture_output=True, text=True, check=True).stdout
+    values = dict(line.removeprefix("export ").split("=", 1) for line in out.splitlines())
+    assert len(values["AIRFLOW_JWT_SECRET"]) == 64
+    assert Fernet(values["AIRFLOW_FERNET_KEY"].encode()).decrypt(
+        Fernet(values["AIRFLOW_FERNET_KEY"].encode()).encrypt(b"x")) == b"x"

@@ -153,7 +153,7 @@ class StateStoreHook(BaseHook):
 
     def get_conn(self) -> StateStore:
         store = StateStore(self.get_url())
-        store.migrate()
+        store.ensure_schema()
         return store
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
+from functools import cache
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -69,6 +70,20 @@ class StateStore:
                 command.upgrade(config, "head")
         except sa.exc.OperationalError as exc:
             raise StateStoreUnavailable(f"state store {self!r} is unavailable: {exc.orig}") from None
+
+    def ensure_schema(self) -> None:
+        """Migrate only when the schema is behind: one small query on every other call (hooks, dashboard pages)."""
+        try:
+            with self.engine.connect() as conn:
+                current = conn.execute(sa.text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+        except sa.exc.OperationalError as exc:
+            if "no such table" not in str(exc) and "does not exist" not in str(exc):
+                raise StateStoreUnavailable(f"state store {self!r} is unavailable: {exc.orig}") from None
+            current = None
+        except sa.exc.ProgrammingError:  # PostgreSQL: the version table does not exist yet
+            current = None
+        if current != _head_revision():
+            self.migrate()
 
     def table(self, name: str) -> sa.Table:
         if name not in self._tables:
@@ -270,6 +285,16 @@ class StateStore:
     def set_event_cursor(self, rule: str, processed_until: datetime) -> None:
         self._upsert(self.table("sync_event_cursors"),
                      [{"rule": rule, "processed_until": processed_until, "updated_at": now()}], ["rule"])
+
+
+@cache
+def _head_revision() -> str:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return ScriptDirectory.from_config(config).get_current_head()
 
 
 def _utc(value: datetime | None) -> datetime | None:
