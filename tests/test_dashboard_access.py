@@ -19,7 +19,6 @@ def simple_auth_manager(monkeypatch):
 
 def test_a_user_with_a_role_may_read_it_and_one_without_may_not(simple_auth_manager):
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
-
     from sync_dashboard import _allowed
 
     assert _allowed(SimpleAuthManagerUser(username="ana", role="viewer"))
