@@ -139,6 +139,7 @@ class Deployment:
 
     # -- counting what Ometria holds ---------------------------------------------------------------
     def outcome(self, name: str, runs: list[str]) -> Outcome:
+        self.sandbox.antavo.settle(), self.sandbox.ometria.settle()  # a late answer's records count too
         customers = self.sandbox.antavo.customers
         expected = {c["_id"] for i, c in enumerate(customers) if not defects_of(i)} - self.poison_customers
         stored: dict[str, list[dict]] = defaultdict(list)

@@ -111,8 +111,24 @@ class App:
     def __init__(self) -> None:
         self.faults = Faults()
         self.lock = threading.RLock()
+        self.in_flight = 0  # requests being answered (a delayed one may outlive the client that sent it)
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until no request is being answered, so that counts include the late ones."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def dispatch(self, request: Request) -> Response:
+        with self.lock:
+            self.in_flight += 1
+        try:
+            return self._dispatch(request)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+    def _dispatch(self, request: Request) -> Response:
         if request.path == "/_sandbox/faults":
             if request.method == "POST":
                 body = request.json()

@@ -1,0 +1,47 @@
+"""`make run` as a newcomer uses it: the local sandbox is kept between runs, so the second run is incremental."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from antavo_ometria.sandbox import Sandbox, running
+
+PROJECT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.airflow
+
+
+def make_run(home: Path, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "ANTAVO_OMETRIA_STATE"))}
+    done = subprocess.run([sys.executable, "-m", "antavo_ometria.cli", "run", "--customers", "200", *args],
+                          capture_output=True, text=True, timeout=300,
+                          env={**env, "AIRFLOW_HOME": str(home), "ANTAVO_OMETRIA_STAGING_DIR": str(home / "staging"),
+                               "PYTHONPATH": str(PROJECT / "plugins")})
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return done.stdout
+
+
+def test_the_second_run_is_incremental_and_picks_up_a_change_made_in_the_sandbox(tmp_path):
+    if running() is not None:
+        pytest.skip("a sandbox is already serving on 127.0.0.1:8701/8702 (make sandbox); stop it to run this test")
+    first = make_run(tmp_path)
+    assert "(full load;" in first and "The Ometria sandbox now holds 193 contacts" in first
+
+    second = make_run(tmp_path)
+    assert "(incremental load," in second and "  sent                0" in second
+    assert "The Ometria sandbox now holds 193 contacts" in second  # kept between runs, like the state store
+
+    # `make sandbox` in another terminal, a change made in it a moment ago, then `make run`
+    with Sandbox(customers=200, antavo_port=8701, ometria_port=8702, state_file=tmp_path / "sandbox.json") as sandbox:
+        sandbox.antavo.touch("c00000001", {"first_name": "Anneliese"})
+        third = make_run(tmp_path)
+        assert "using the sandbox already running" in third
+        assert "(incremental load," in third and "  sent                1" in third
+        assert sandbox.ometria.contacts[("antavo", "c00000001")]["firstname"] == "Anneliese"
+
+    fresh = make_run(tmp_path, "--fresh")
+    assert "(full load;" in fresh and "FULL RE-SYNC: first run" in fresh
