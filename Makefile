@@ -29,10 +29,16 @@ events: install          ## the event-trigger DAG once, the same way
 check: install           ## connect: a signed Antavo request, the Ometria API key, the configured list
 	$(BIN)/python -m antavo_ometria.cli check
 
-keys: install            ## new secrets for docker-compose: eval "$$(make keys)"
-	@$(BIN)/python -c "import secrets; from cryptography.fernet import Fernet; \
-	print(f'export AIRFLOW_JWT_SECRET={secrets.token_hex(32)}'); \
-	print(f'export AIRFLOW_FERNET_KEY={Fernet.generate_key().decode()}')"
+KEYS_FILE ?= .env
+keys:                    ## secrets for docker-compose, written once to .env (compose reads it)
+	@if [ -e "$(KEYS_FILE)" ]; then \
+	    echo "$(KEYS_FILE) exists: keeping its keys (a new Fernet key could not read the secrets stored with the old one)"; \
+	else \
+	    $(PYTHON) -c "import base64, os, secrets; \
+	print(f'AIRFLOW_JWT_SECRET={secrets.token_hex(32)}'); \
+	print(f'AIRFLOW_FERNET_KEY={base64.urlsafe_b64encode(os.urandom(32)).decode()}')" > "$(KEYS_FILE)" \
+	    && echo "wrote $(KEYS_FILE): docker compose reads it"; \
+	fi
 
 test: install            ## every test
 	$(BIN)/python -m pytest
@@ -50,7 +56,7 @@ diff: install            ## what the edited mapping changes against the committe
 	$(BIN)/python -m antavo_ometria.cli diff
 
 sandbox: install         ## serve both sandbox APIs on 127.0.0.1:8701 (Antavo) and :8702 (Ometria)
-	$(BIN)/python -m antavo_ometria.sandbox --state-file .airflow/sandbox.json
+	$(BIN)/python -m antavo_ometria.sandbox --state-file $(or $(AIRFLOW_HOME),.airflow)/sandbox.json
 
 lock: install            ## re-resolve requirements.in into the pinned requirements.txt
 	$(BIN)/uv pip compile --python-version 3.11 requirements.in -o requirements.txt

@@ -49,9 +49,10 @@ def _mapping():
 
 def _store():
     """The state store; if it cannot be reached the task fails before sending anything (and is retried)."""
-    from antavo_ometria.hooks import StateStoreHook
+    from antavo_ometria.hooks import StateStoreHook, fail_fast_on
 
-    return StateStoreHook().get_conn()
+    with fail_fast_on(ValueError):  # a connection that is malformed: retrying cannot mend it
+        return StateStoreHook().get_conn()
 
 
 @dag(
@@ -141,10 +142,11 @@ def antavo_ometria_contacts():
         from antavo_ometria.hooks import fail_fast_on
         from antavo_ometria.pipeline import RunNotDelivered, report_run
 
-        ti = get_current_context()["ti"]
-        steps = {name: ti.xcom_pull(task_ids=name) for name in ("plan", "extract", "transform", "load")}
+        context = get_current_context()
+        steps = {name: context["ti"].xcom_pull(task_ids=name)
+                 for name in ("check_connections", "plan", "extract", "transform", "load")}
         with fail_fast_on(RunNotDelivered):
-            result = report_run(_staging(), steps, _store())
+            result = report_run(_staging(), steps, _store(), DAG_ID, context["run_id"])
         return {k: v for k, v in result.items() if k not in ("not_delivered", "async_errors", "history")} | {
             "not_delivered": len(result["not_delivered"]), "async_errors": len(result["async_errors"])}
 

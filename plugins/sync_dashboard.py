@@ -19,11 +19,15 @@ def _state_url() -> str:
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
+    from antavo_ometria.hooks import env_connection_problem
     from antavo_ometria.state import default_url, url_from_connection
 
     try:
         return url_from_connection(Connection.get_connection_from_secrets("antavo_ometria_state"))
     except AirflowNotFoundException:
+        problem = env_connection_problem("antavo_ometria_state")
+        if problem:
+            raise ValueError(problem) from None
         return default_url()
 
 

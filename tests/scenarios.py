@@ -98,7 +98,7 @@ class Deployment:
         except Exception:
             pass  # that step failed for good; the report step runs all the same (trigger rule all_done)
         try:
-            attempt(lambda: report_run(staging, steps, self.store))
+            attempt(lambda: report_run(staging, steps, self.store, DAG_ID, run_id))
         except Exception:
             return "failed"
         return "success"

@@ -128,3 +128,38 @@ def test_make_check_prints_one_line_per_check(sandbox, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()[-3:]
     assert [line.split()[:2] for line in lines] == [["✓", "Antavo"], ["✓", "Ometria"], ["✓", "list"]]
+
+
+def test_the_first_error_is_the_exception_raised_last_without_its_module():
+    chained = ("Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'x'\n\n"
+               "The above exception was the direct cause of the following exception:\n\n"
+               "Traceback (most recent call last):\n  File \"b.py\", line 2\n"
+               "antavo_ometria.connect.ConnectionCheckFailed: Ometria: the credentials were refused\n"
+               "2026-03-01T12:00:00Z [info     ] next record\nTraceback (most recent call last):\nValueError: later\n")
+    assert first_error(chained) == "Ometria: the credentials were refused"
+
+
+def test_a_malformed_state_store_connection_is_said_not_replaced_by_sqlite(monkeypatch):
+    from antavo_ometria.hooks import StateStoreHook
+
+    monkeypatch.setenv("AIRFLOW_CONN_ANTAVO_OMETRIA_STATE", '{"conn_type": "generic", "extra": {"url": "x"},}')
+    with pytest.raises(ValueError, match="AIRFLOW_CONN_ANTAVO_OMETRIA_STATE is not valid JSON"):
+        StateStoreHook().get_url()
+
+
+@pytest.mark.airflow
+def test_connections_stored_in_airflow_are_used_not_the_sandbox(sandbox, tmp_path):
+    env = {"AIRFLOW_HOME": str(tmp_path)}
+    airflow = [str(Path(sys.executable).with_name("airflow"))]
+    full_env = {**os.environ, "PYTHONPATH": str(PROJECT / "plugins"), **env}
+    full_env = {k: v for k, v in full_env.items() if not k.startswith("AIRFLOW_CONN_")}
+    subprocess.run([*airflow, "db", "migrate"], env=full_env, capture_output=True, check=True, timeout=300)
+    for name, value in sandbox.connections().items():
+        conn_id = name.removeprefix("AIRFLOW_CONN_").lower()
+        subprocess.run([*airflow, "connections", "add", conn_id, "--conn-json", value], env=full_env,
+                       capture_output=True, check=True, timeout=120)
+    done = subprocess.run([sys.executable, "-m", "antavo_ometria.cli", "check"], capture_output=True, text=True,
+                          timeout=300, env=full_env)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "sandbox" not in done.stdout  # the stored connections were used
+    assert f"signed requests accepted by {sandbox.antavo_url.removeprefix('http://')}" in done.stdout

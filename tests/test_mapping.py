@@ -208,3 +208,13 @@ def test_a_trigger_table_saved_with_a_byte_order_mark_is_accepted(mappings):
     rules = mappings / "triggers.csv"
     rules.write_bytes(b"\xef\xbb\xbf" + rules.read_bytes())
     assert [r.name for r in load_rules(mappings)] == ["reward_claimed"]
+
+
+def test_a_quality_threshold_is_no_mapping_change_and_an_upgrade_keeps_the_version(mappings):
+    first = load_contact_mapping(mappings)
+    settings = mappings / "settings.toml"
+    settings.write_text(settings.read_text().replace("max_invalid_share = 0.05", "max_invalid_share = 0.2")
+                        .replace("overlap_minutes = 10", "overlap_minutes = 30"))
+    assert load_contact_mapping(mappings).version == first.version
+    shipped = load_contact_mapping(Path(__file__).resolve().parents[1] / "include" / "mappings")
+    assert shipped.is_version("7ea83d3e5a85")  # what runs before the content hash recorded: no re-send on upgrade

@@ -52,7 +52,7 @@ def sync(store, antavo_client, ometria_client, staging, run_id="run-1", mappings
         steps["load"] = load_staged(staging, ometria_client, steps["plan"], store)
     except LoadFailed:
         pass
-    return report_run(staging, steps, store)
+    return report_run(staging, steps, store, DAG, run_id)
 
 
 def test_a_cleared_run_re_planned_after_a_mapping_fix_really_sends(store, sandbox, antavo_client, ometria_client,
@@ -98,7 +98,8 @@ def test_counts_add_up_after_isolation_and_a_5xx_then_a_retry(store, sandbox, an
     with pytest.raises(LoadFailed):
         load_staged(staging, ometria_client, plan, store)
     loaded = load_staged(staging, ometria_client, plan, store)
-    report = report_run(staging, {"plan": plan, "extract": extracted, "transform": transformed, "load": loaded}, store)
+    report = report_run(staging, {"plan": plan, "extract": extracted, "transform": transformed, "load": loaded}, store,
+                        DAG, plan["run_id"])
     assert (report["sent"], report["accepted"], report["rejected"], report["failed"], report["unaccounted"]) == (
         290, 289, 1, 0, 0)
     assert [r["antavo_id"] for r in store.held_records(kind="failed")] == []
@@ -132,7 +133,7 @@ def test_a_load_stopped_for_good_mid_way_is_reported_as_not_delivered(store, ant
     steps = {"plan": plan, "extract": extract(antavo_client, staging, plan),
              "transform": transform_staged(staging, mapping, plan, store), "load": None}  # the worker died
     with pytest.raises(RunNotDelivered, match="290 contact\\(s\\) were not delivered"):
-        report_run(staging, steps, store)
+        report_run(staging, steps, store, DAG, "run-1")
     report = json.loads((staging / "report.json").read_text())
     assert (report["status"], report["failed"], report["unaccounted"]) == ("failed", 290, 0)
 
@@ -231,7 +232,8 @@ def test_clearing_transform_without_plan_keeps_the_counts_right(store, sandbox, 
     load_staged(staging, ometria_client, plan, store)
     transformed = transform_staged(staging, mapping, plan, store)  # Clear of transform and load, same attempt
     loaded = load_staged(staging, ometria_client, plan, store)
-    report = report_run(staging, {"plan": plan, "extract": extracted, "transform": transformed, "load": loaded}, store)
+    report = report_run(staging, {"plan": plan, "extract": extracted, "transform": transformed, "load": loaded}, store,
+                        DAG, plan["run_id"])
     assert (report["unchanged"], report["sent"], report["unaccounted"], report["status"]) == (5, 0, 0, "success")
 
 
@@ -316,3 +318,11 @@ def test_staging_older_than_the_retention_is_removed(monkeypatch, tmp_path):
         os.utime(path, (eight_days_ago, eight_days_ago))
     assert prune_staging(DAG, keep=current) == [old]
     assert not old.exists() and recent.exists() and current.exists()
+
+
+def test_a_run_stopped_before_its_plan_is_recorded_as_failed(store, tmp_path):
+    steps = {"check_connections": None, "plan": None, "extract": None, "transform": None, "load": None}
+    with pytest.raises(RunNotDelivered, match="stopped at check_connections"):
+        report_run(tmp_path, steps, store, DAG, "run-1")
+    (run,) = store.runs(DAG)
+    assert (run["run_id"], run["status"], run["mode"]) == ("run-1", "failed", "not planned")

@@ -31,6 +31,8 @@ DAGS = {"contacts": "antavo_ometria_contacts", "events": "antavo_ometria_events"
 CONNECTIONS = ("antavo_default", "ometria_default", "antavo_ometria_state")
 SANDBOX_STATE = "sandbox_state.db"  # the state store of local sandbox runs
 SANDBOX_FILE = "sandbox.json"  # the sandbox's accounts between local runs
+LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T")  # a new log record: the traceback before it is over
+CHAINING = ("Traceback", "During handling", "The above exception")
 SHOWN = re.compile(r"\[antavo_ometria|\[DAG TEST\] (starting|end)|DagRun Finished")
 
 
@@ -60,15 +62,23 @@ def _airflow(args: list[str], env: dict[str, str], log_file: Path) -> int:
 
 
 def first_error(log: str) -> str | None:
-    """The message of the first exception a task failed with, from an Airflow log."""
+    """The message of the first exception a task failed with, from an Airflow log: the last exception line of
+    the first traceback (with chained exceptions, the one raised last), without its module path."""
     lines = log.splitlines()
-    for number, line in enumerate(lines):
-        if line.startswith("Traceback (most recent call last):"):
-            for after in lines[number + 1:]:
-                if after and not after[0].isspace() and not after.startswith(("Traceback", "During handling")):
-                    name, _, message = after.partition(": ")
-                    return message if name.endswith(("Exception", "Error")) and message else after
-    return None
+    start = next((n for n, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")), None)
+    if start is None:
+        return None
+    found, chained = None, False
+    for line in lines[start + 1:]:
+        if LOG_LINE.match(line) or (line.startswith("Traceback") and not chained):
+            break  # the next log record, or another failure
+        chained = line.startswith(CHAINING[1:]) or (chained and not line.startswith("Traceback"))
+        if line and not line[0].isspace() and not line.startswith(CHAINING):
+            found = line
+    if found is None:
+        return None
+    name, _, message = found.partition(": ")
+    return message if message and re.fullmatch(r"[\w.]+", name) else found
 
 
 def _connection_problems(env: dict[str, str]) -> list[str]:
@@ -94,27 +104,53 @@ class _environ:
         os.environ.update(self.saved)
 
 
+def _stored_connections(env: dict[str, str]) -> list[str]:
+    """Which of the Antavo and Ometria connections Airflow knows (its database, a secrets backend)."""
+    with _environ(env):
+        from airflow.models.connection import Connection
+
+        found = []
+        for conn_id in CONNECTIONS[:2]:
+            try:
+                Connection.get_connection_from_secrets(conn_id)
+                found.append(conn_id)
+            except Exception:  # not defined, or no Airflow database yet
+                pass
+        return found
+
+
 def _accounts(env: dict[str, str], args: argparse.Namespace):
-    """Point `env` at real accounts (connections already set), a running sandbox, or a sandbox started here.
+    """Point `env` at real accounts (connections set in Airflow or its environment), a sandbox already
+    running (`make sandbox`), or a sandbox started here, kept in $AIRFLOW_HOME between runs.
 
     Returns the sandbox started here (stopped by the caller), or None."""
-    home = Path(env["AIRFLOW_HOME"])
-    if getattr(args, "fresh", False):
-        for name in (SANDBOX_STATE, SANDBOX_FILE):
-            (home / name).unlink(missing_ok=True)
-    if env.get("AIRFLOW_CONN_ANTAVO_DEFAULT") or env.get("AIRFLOW_CONN_OMETRIA_DEFAULT"):
-        missing = [f"AIRFLOW_CONN_{c.upper()}" for c in CONNECTIONS[:2] if not env.get(f"AIRFLOW_CONN_{c.upper()}")]
-        if missing:
-            raise SystemExit(f"{' and '.join(missing)} is not set: set both connections, or neither for the sandbox")
-        return None
     from antavo_ometria.sandbox import Sandbox, running
 
-    env.setdefault("ANTAVO_OMETRIA_STATE_URL", f"sqlite:///{home / SANDBOX_STATE}")
+    home = Path(env["AIRFLOW_HOME"])
+    stored = _stored_connections(env)
+    if stored:
+        missing = [c for c in CONNECTIONS[:2] if c not in stored]
+        if missing:
+            raise SystemExit(f"connection {missing[0]} is not set, but {stored[0]} is: set both, or neither for "
+                             "the sandbox")
+        return None
     found = running()
+    if getattr(args, "fresh", False):
+        if found is not None:
+            raise SystemExit("FRESH=1 starts the sandbox over, but one is running (make sandbox): stop it first")
+        for name in (SANDBOX_STATE, SANDBOX_FILE):
+            (home / name).unlink(missing_ok=True)
+    # sandbox runs keep their own state store, whatever the environment says of a real one
+    env.pop("AIRFLOW_CONN_ANTAVO_OMETRIA_STATE", None)
+    env["ANTAVO_OMETRIA_STATE_URL"] = f"sqlite:///{home / SANDBOX_STATE}"
+    env.setdefault("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", "10")  # not 14 minutes when no event comes
+    env.setdefault("ANTAVO_OMETRIA_EVENT_POKE_SECONDS", "2")
     if found is not None:
         env.update(found)
         print("No real credentials set: using the sandbox already running on 127.0.0.1:8701 and :8702 (make sandbox)")
         return None
+    if (home / SANDBOX_STATE).exists() and not (home / SANDBOX_FILE).exists():
+        (home / SANDBOX_STATE).unlink()  # a state store without its sandbox would say contacts it never held
     sandbox = Sandbox(customers=args.customers, state_file=home / SANDBOX_FILE).start()
     env.update(sandbox.connections())
     print(f"No real credentials set: using the local sandbox ({len(sandbox.antavo.customers)} customers, kept in "
@@ -141,7 +177,9 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"airflow db migrate failed; see {log_file}")
             return 1
         started = time.time()
-        print(f"Running {dag_id} with `airflow dags test` …", flush=True)
+        waits = f" (the sensor waits up to {env['ANTAVO_OMETRIA_EVENT_WAIT_SECONDS']} s for new events)" if (
+            args.dag == "events" and env.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS")) else ""
+        print(f"Running {dag_id} with `airflow dags test`{waits} …", flush=True)
         conf = ["-c", args.conf] if args.conf else []
         code = _airflow(["dags", "test", *conf, dag_id], env, log_file)
         reports = sorted((Path(env.get("ANTAVO_OMETRIA_STAGING_DIR") or home / "staging") / dag_id).glob("*/report.json"),

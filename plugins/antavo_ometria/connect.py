@@ -57,7 +57,7 @@ def _attempt(name: str, probe: Callable[[], str]) -> Check:
     try:
         return Check(name, True, probe())
     except AuthenticationFailed as exc:
-        return Check(name, False, f"the credentials were refused ({exc})")
+        return Check(name, False, f"the credentials were refused ({exc})")  # no retry: they stay refused
     except ApiError as exc:
         return Check(name, False, str(exc), exc.retryable)
 

@@ -147,7 +147,7 @@ class StateStoreHook(BaseHook):
         from airflow.sdk.exceptions import AirflowNotFoundException
 
         try:
-            return url_from_connection(self.get_connection(self.state_conn_id))
+            return url_from_connection(_connection(self, self.state_conn_id))
         except AirflowNotFoundException:
             return default_url()
 
@@ -161,9 +161,11 @@ def connect_or_fail(list_id: str) -> list[str]:
     """The connection check as a task: log one line per check; fail at once when a retry cannot help."""
     import logging
 
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
     from antavo_ometria.connect import ConnectionCheckFailed, check_connections
 
-    with fail_fast_on(ValueError):  # a connection that is missing or malformed
+    with fail_fast_on(ValueError, AirflowNotFoundException):  # a connection that is missing or malformed
         antavo, ometria = AntavoHook().get_conn(), OmetriaHook().get_conn()
     checks = check_connections(antavo, ometria, list_id)
     lines = [f"{'ok' if c.ok else 'FAILED'}  {c.name}: {c.detail}" for c in checks]

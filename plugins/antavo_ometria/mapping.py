@@ -85,6 +85,10 @@ class ContactMapping:
     settings: SyncSettings
     version: str  # changes whenever what the mapping table or the settings say changes
     warnings: tuple[Problem, ...] = ()  # worth a look, but nothing is wrong enough to stop
+    same_as: tuple[str, ...] = ()  # earlier forms of this version (see file_version)
+
+    def is_version(self, version: str) -> bool:
+        return version == self.version or version in self.same_as
 
     @property
     def loyalty_fields(self) -> list[str]:
@@ -115,11 +119,25 @@ def find_in_catalog(path: str) -> CatalogField | None:
     return next((f for f in catalog() if f.matches(path)), None)
 
 
+PAYLOAD_SETTINGS = ("collection", "list_id", "payload_mode", "consent_authoritative", "language")
+
+
 def mapping_version(fields: list[FieldMapping], settings: SyncSettings) -> str:
-    """A short hash of what the mapping says (its rows and settings), not of its bytes: line endings, a
-    byte-order mark, comments or the order of rows do not change it, so they do not re-send every contact."""
+    """A short hash of what shapes the payloads (the rows, and the settings in PAYLOAD_SETTINGS), not of the
+    files' bytes: line endings, a byte-order mark, comments, the order of rows or a quality threshold do not
+    change it, so they do not re-send every contact."""
     rows = sorted((f.loyalty_field, f.remote_field, f.format, f.overwrite_empty) for f in fields)
-    return hashlib.sha256(json.dumps([rows, asdict(settings)], sort_keys=True).encode()).hexdigest()[:12]
+    shaping = {name: value for name, value in asdict(settings).items() if name in PAYLOAD_SETTINGS}
+    return hashlib.sha256(json.dumps([rows, shaping], sort_keys=True).encode()).hexdigest()[:12]
+
+
+def file_version(contacts_file: Path, settings_file: Path) -> str:
+    """The version's earlier form, a hash of the files' bytes: a run recorded under it with the same files
+    counts as the same mapping, so an upgrade does not re-send every contact."""
+    digest = hashlib.sha256()
+    for path in (contacts_file, settings_file):
+        digest.update((path.read_bytes() if path.exists() else b"") + b"\0")
+    return digest.hexdigest()[:12]
 
 
 def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) -> ContactMapping:
@@ -135,7 +153,8 @@ def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) 
     problems += table_problems
     if problems:
         raise ConfigError(problems)
-    return ContactMapping(tuple(fields), settings, mapping_version(fields, settings), tuple(warnings))
+    return ContactMapping(tuple(fields), settings, mapping_version(fields, settings), tuple(warnings),
+                          (file_version(path, mappings_dir / SETTINGS_FILE),))
 
 
 def read_csv(path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]], list[Problem]]:

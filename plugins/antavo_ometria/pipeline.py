@@ -130,7 +130,7 @@ def plan_run(
         reason = f"the full re-sync of run {unfinished} did not complete: it is done again"
     elif last is None:
         reason = "first run: nothing has been synced yet"
-    elif last["mapping_version"] != mapping.version:
+    elif not mapping.is_version(last["mapping_version"]):
         reason = (f"the mapping changed ({last['mapping_version']} → {mapping.version}): "
                   "every contact is re-sent with the new mapping")
     start, end = interval
@@ -539,17 +539,21 @@ def build_report(staging: Path, plan: dict, extracted: dict, transformed: dict, 
     return report
 
 
-def report_run(staging: Path, steps: dict, store: StateStore) -> dict:
-    """The report step, whatever happened before it (steps: plan, extract, transform, load → their results,
-    None for a step that failed). Records the run; raises RunNotDelivered unless everything it was
-    responsible for was delivered or held back with a reason."""
-    missing = [name for name in ("plan", "extract", "transform") if steps.get(name) is None]
+STEPS = ("check_connections", "plan", "extract", "transform")
+
+
+def report_run(staging: Path, steps: dict, store: StateStore, dag_id: str, run_id: str) -> dict:
+    """The report step, whatever happened before it (steps: check_connections, plan, extract, transform,
+    load → their results, None for a step that failed). Records the run, a failed one too; raises
+    RunNotDelivered unless everything it was responsible for was delivered or held back with a reason."""
+    missing = [name for name in STEPS  # check_connections counts where the caller ran it (the DAG does)
+               if steps.get(name) is None and (name != "check_connections" or name in steps)]
     if missing:
-        if steps.get("plan"):
-            store.finish_run(steps["plan"]["dag_id"], steps["plan"]["run_id"], "failed",
-                             report={"failed_step": missing[0]})
-        raise RunNotDelivered(f"the run did not get past {missing[0]}; nothing was sent (the failed task's log "
-                              "says why)")
+        if not steps.get("plan"):  # not planned: recorded all the same, so that history shows the failure
+            store.start_run(dag_id, run_id, mode="not planned", full_resync_reason=None, dry_run=False,
+                            mapping_version="", interval_start=None, interval_end=None)
+        store.finish_run(dag_id, run_id, "failed", report={"failed_step": missing[0]})
+        raise RunNotDelivered(f"the run stopped at {missing[0]}; nothing was sent (that task's log says why)")
     report = build_report(staging, steps["plan"], steps["extract"], steps["transform"], steps.get("load"), store)
     log.info("\n%s", format_report(report))
     check_delivered(report)

@@ -13,7 +13,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
-from airflow.sdk.exceptions import AirflowException, AirflowSensorTimeout, AirflowSkipException
+from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
 from antavo_ometria.triggers import AntavoEventTrigger
 
@@ -62,7 +62,8 @@ class AntavoEventSensor(BaseSensorOperator):
 
     def execute_complete(self, context: Any, event: dict) -> dict:
         if event["status"] == "error":
-            raise AirflowException(f"watching Antavo events failed: {event['message']}")
+            failure = AirflowException if event.get("retryable", True) else AirflowFailException
+            raise failure(f"watching Antavo events failed: {event['message']}")
         if event["status"] == "timeout":
             raise AirflowSkipException(f"no new {self.action} events since {event['since']} "
                                        f"({event['polls']} checks)")

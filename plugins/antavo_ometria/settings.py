@@ -57,6 +57,7 @@ def load_settings(path: Path) -> SyncSettings:
         raw = path.read_bytes()
     except FileNotFoundError:
         return SyncSettings()
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # an editor's byte-order mark
     try:
         data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:

@@ -122,10 +122,8 @@ def request_with_retries(
                 if response.status_code == 429:
                     limiter.pause(wait)
             elif response.status_code in AUTH_STATUS:
-                raise AuthenticationFailed(
-                    f"{what}: HTTP {response.status_code}: the credentials were refused: {_short_body(response)}",
-                    status=response.status_code,
-                )
+                raise AuthenticationFailed(f"{what}: HTTP {response.status_code}: {_short_body(response)}",
+                                           status=response.status_code)
             elif response.status_code >= 400:
                 raise ApiError(
                     f"{what}: HTTP {response.status_code}: {_short_body(response)}",
@@ -152,6 +150,9 @@ def _network_problem(exc: requests.RequestException) -> str:
     host = urlsplit(url).netloc or "the server"
     if isinstance(exc, requests.Timeout):
         return f"{host} did not answer in time ({type(exc).__name__})"
+    if isinstance(exc, requests.exceptions.SSLError):
+        return (f"no TLS connection with {host} (SSLError: check http:// or https:// in the connection's host, "
+                "and the server's certificate; verify_tls in the connection's extra turns the check off)")
     return f"cannot reach {host} ({type(exc).__name__}: is the host name right, and is it reachable from here?)"
 
 

@@ -41,7 +41,8 @@ class AntavoEventTrigger(BaseTrigger):
                 found = await asyncio.to_thread(new_matching_events, client, self.action, since,
                                                 datetime.now(UTC))
             except Exception as exc:  # reported to the task, which fails with the reason
-                yield TriggerEvent({"status": "error", "message": str(exc), "polls": polls})
+                yield TriggerEvent({"status": "error", "message": str(exc), "polls": polls,
+                                    "retryable": getattr(exc, "retryable", True)})
                 return
             if found:
                 yield TriggerEvent({"status": "found", "found": len(found), "since": self.since, "polls": polls})

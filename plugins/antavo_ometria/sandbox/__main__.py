@@ -27,7 +27,8 @@ def main() -> None:
         for name, value in sandbox.connections().items():
             print(f"  export {name}='{value}'")
         stop = threading.Event()
-        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        for stop_signal in (signal.SIGTERM, signal.SIGHUP):  # closing the terminal saves the accounts too
+            signal.signal(stop_signal, lambda *_: stop.set())
         try:
             stop.wait()
         except KeyboardInterrupt:
