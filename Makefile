@@ -6,7 +6,7 @@ UV_VERSION := 0.13.9
 export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install run events check keys test validate fields preview diff sandbox lock lint bench reliability clean
+.PHONY: install run events check trace keys test validate fields preview diff sandbox lock lint bench reliability clean
 
 install: $(VENV)/.installed
 
@@ -30,6 +30,9 @@ check: install           ## connect: a signed Antavo request, the Ometria API ke
 	$(BIN)/python -m antavo_ometria.cli check
 
 KEYS_FILE ?= .env
+trace: install           ## one customer: make trace ID=<Antavo customer id or email>
+	$(BIN)/python -m antavo_ometria.cli trace '$(ID)'
+
 keys:                    ## secrets for docker-compose, written once to .env (compose reads it)
 	@if [ -e "$(KEYS_FILE)" ]; then \
 	    echo "$(KEYS_FILE) exists: keeping its keys (a new Fernet key could not read the secrets stored with the old one)"; \

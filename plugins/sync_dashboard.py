@@ -34,8 +34,7 @@ def _state_url() -> str:
 _STORES: dict = {}  # one state store (and one schema check) per URL for the life of the API server
 
 
-def _page() -> str:
-    from antavo_ometria.dashboard import render
+def _store():
     from antavo_ometria.state import StateStore
 
     url = _state_url()
@@ -43,7 +42,31 @@ def _page() -> str:
         store = StateStore(url)
         store.ensure_schema()
         _STORES[url] = store
-    return render(_STORES[url])
+    return _STORES[url]
+
+
+def _page() -> str:
+    from antavo_ometria.dashboard import render
+
+    return render(_store())
+
+
+def _trace_page(query: str) -> str:
+    """One customer, read live from Antavo when its connection is set (else from the staging files)."""
+    from airflow.models.connection import Connection
+
+    from antavo_ometria.antavo import AntavoClient
+    from antavo_ometria.dashboard import render_trace
+    from antavo_ometria.hooks import antavo_config
+    from antavo_ometria.mapping import load_contact_mapping
+    from antavo_ometria.settings import mappings_dir, staging_root
+    from antavo_ometria.trace import trace
+
+    try:
+        antavo = AntavoClient(antavo_config(Connection.get_connection_from_secrets("antavo_default")))
+    except Exception:  # not set, or not usable: the page says where its data came from
+        antavo = None
+    return render_trace(trace(query, _store(), load_contact_mapping(mappings_dir()), antavo, staging_root()))
 
 
 def _allowed(user) -> bool:
@@ -59,8 +82,7 @@ def _allowed(user) -> bool:
 def _create_app() -> FastAPI:
     app = FastAPI(title="Antavo → Ometria sync dashboard")
 
-    @app.get("/", response_class=HTMLResponse)
-    async def dashboard(request: Request) -> str:
+    async def authorise(request: Request) -> None:
         # Airflow's own login: the bearer token, or the UI's session cookie (imported here, not when the
         # plugin is loaded, so task processes that load plugins do not pay for the API server's modules)
         from airflow.api_fastapi.core_api.security import resolve_user_from_token
@@ -71,7 +93,16 @@ def _create_app() -> FastAPI:
         if not _allowed(user):
             raise HTTPException(403, "reading the sync dashboard needs access to the task logs of "
                                      + " and ".join(DAG_IDS))
+
+    @app.get("/", response_class=HTMLResponse)
+    async def dashboard(request: Request) -> str:
+        await authorise(request)
         return await asyncio.to_thread(_page)
+
+    @app.get("/trace", response_class=HTMLResponse)
+    async def customer_trace(request: Request, q: str = "") -> str:
+        await authorise(request)
+        return await asyncio.to_thread(_trace_page, q.strip())
 
     return app
 

@@ -161,6 +161,10 @@ def test_dashboard_in_the_airflow_ui_shows_real_runs(stack, tmp_path):
     assert requests.get(f"{airflow.url}/sync-dashboard/", timeout=30).status_code in (401, 403)  # Airflow login
     views = airflow.api("GET", "/plugins")["plugins"]
     assert any(v.get("url_route") == "antavo-ometria-sync" for p in views for v in p.get("external_views", []))
+    traced = requests.get(f"{airflow.url}/sync-dashboard/trace", params={"q": "c00000001"},
+                          headers={"Authorization": f"Bearer {airflow.token}"}, timeout=60)
+    assert traced.status_code == 200 and "Customer c00000001" in traced.text and "sent and current" in traced.text
+    assert requests.get(f"{airflow.url}/sync-dashboard/trace?q=c00000001", timeout=30).status_code in (401, 403)
 
     if chromium() is None:
         pytest.skip("Chromium is not installed (Debian package 'chromium'); the screenshot needs it")
@@ -173,10 +177,14 @@ def test_dashboard_in_the_airflow_ui_shows_real_runs(stack, tmp_path):
         assert "Latest quarantined and rejected records" in text and "loyalty_reward_claimed" in text
         time.sleep(1)  # let the chart settle before the picture
         shot = browser.screenshot(tmp_path / "dashboard.png")
+        browser.open(f"{airflow.url}/sync-dashboard/trace?q=c00000001")
+        assert "sent and current" in browser.wait_for_text("document.body.innerText", "What Ometria got")
+        trace_shot = browser.screenshot(tmp_path / "trace.png")
     finally:
         browser.close()
-    assert shot.stat().st_size > 20_000
+    assert shot.stat().st_size > 20_000 and trace_shot.stat().st_size > 20_000
     target = os.environ.get("ANTAVO_OMETRIA_SCREENSHOT_DIR")
     if target:
         Path(target).mkdir(parents=True, exist_ok=True)
-        (Path(target) / f"dashboard-{airflow.components[-1].split()[0]}.png").write_bytes(shot.read_bytes())
+        for picture in (shot, trace_shot):
+            (Path(target) / f"{picture.stem}-{airflow.components[-1].split()[0]}.png").write_bytes(picture.read_bytes())

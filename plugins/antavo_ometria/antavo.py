@@ -148,6 +148,13 @@ class AntavoClient:
                 return list(dict.fromkeys(ids))
             offset += len(rows) - PAGE_OVERLAP
 
+    def ids_by_email(self, email: str) -> list[str]:
+        """The customers with this email (classic search, exact match)."""
+        body = self.get(f"{self.base}/customers?email={quote(email, safe='')}&match=exact&limit=10",
+                        "GET /customers?email")
+        rows = body.get("data") if isinstance(body, dict) else body
+        return [str(row["id"]) for row in rows or [] if isinstance(row, dict) and row.get("id")]
+
     def get_customers(self, ids: list[str], paths: Iterable[str] = ()) -> list[dict]:
         """Full profiles for `ids` (classic `GET /customers/{id}`), a few requests at a time, with the
         `fields=` extras that the loyalty field `paths` need (e.g. expiring points, not in a profile otherwise).
@@ -166,7 +173,8 @@ class AntavoClient:
             except ApiError as exc:
                 if exc.status != 404:
                     raise
-                return {"id": customer_id, HELD: [f"Antavo has no customer {customer_id} (404 Not Found)"]}
+                return {"id": customer_id, NOT_FOUND: True,
+                        HELD: [f"Antavo has no customer {customer_id} (404 Not Found)"]}
             return normalise_customer(body)
 
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
@@ -242,6 +250,7 @@ def _iso(moment: datetime, up: bool = False) -> str:
 # -- the one customer shape --------------------------------------------------------------------
 _UNIX_FIELDS = ("created_at", "updated_at", "optin_at", "optout_at", "last_login_at")
 HELD = "_held"  # reasons why a record Antavo returned cannot be used as it is; the quality gate holds it back
+NOT_FOUND = "_not_found"  # set on a customer Antavo answered 404 for
 # undecodable bytes (kept as lone surrogates by "surrogateescape"), or a lone surrogate Antavo escaped in its JSON
 _NOT_UNICODE = re.compile("[\ud800-\udfff]")
 

@@ -4,6 +4,7 @@
                triggers), against the local sandbox unless AIRFLOW_CONN_ANTAVO_DEFAULT and
                AIRFLOW_CONN_OMETRIA_DEFAULT are set
     check      check the connections: a signed Antavo request, the Ometria API key, the configured list
+    trace      one customer (Antavo id or email): what the mapping makes of her, what Ometria got, and why
     validate   check the mapping table, settings and trigger rules; list every problem with file, line, column
     fields     list the loyalty fields that can be mapped
     preview    show sample customers next to the Ometria records they become
@@ -238,6 +239,45 @@ def cmd_check(args: argparse.Namespace) -> int:
             sandbox.stop()
 
 
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Did Ometria get her, when, with what, and if not, why: read live from Antavo and the state store."""
+    env = airflow_env()
+    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
+    problems = _connection_problems(env)
+    if problems:
+        print("\n".join(f"✗ {p}" for p in problems), file=sys.stderr)
+        return 2
+    sandbox = _accounts(env, args)
+    try:
+        with _environ(env):
+            import logging
+
+            logging.disable(logging.WARNING)  # the trace is the output, not the libraries' progress
+            from airflow.models.connection import Connection
+
+            from antavo_ometria.antavo import AntavoClient
+            from antavo_ometria.hooks import antavo_config
+            from antavo_ometria.settings import staging_root
+            from antavo_ometria.state import StateStore, default_url, url_from_connection
+            from antavo_ometria.trace import format_trace, trace
+            from antavo_ometria.transport import RetryPolicy
+
+            try:
+                state_url = url_from_connection(Connection.get_connection_from_secrets(CONNECTIONS[2]))
+            except Exception:  # no state store connection: the default
+                state_url = default_url()
+            store = StateStore(state_url)
+            store.ensure_schema()
+            antavo = AntavoClient(replace(antavo_config(Connection.get_connection_from_secrets(CONNECTIONS[0])),
+                                          retry=RetryPolicy(attempts=2, backoff=0.5)))
+            print(format_trace(trace(args.customer, store, load_contact_mapping(mappings_dir()), antavo,
+                                     staging_root())))
+        return 0
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+
+
 def cmd_validate(args: argparse.Namespace) -> int:
     from antavo_ometria.event_rules import load_rules
 
@@ -333,6 +373,10 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check", help="check the connections and the configured Ometria list")
     check.add_argument("--customers", type=int, default=1000, help="sandbox population size")
     check.set_defaults(func=cmd_check)
+    traced = commands.add_parser("trace", help="one customer: what Ometria got, when, and if not, why")
+    traced.add_argument("customer", help="Antavo customer id or email")
+    traced.add_argument("--customers", type=int, default=1000, help="sandbox population size")
+    traced.set_defaults(func=cmd_trace)
     validate = commands.add_parser("validate", help="check the mapping files")
     validate.add_argument("--mappings", default=str(mappings_dir()))
     validate.add_argument("--file", help="a contacts mapping CSV other than <mappings>/contacts.csv")

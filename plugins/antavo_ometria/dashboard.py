@@ -11,6 +11,7 @@ import html
 from collections import defaultdict
 
 from antavo_ometria.state import StateStore
+from antavo_ometria.trace import Trace
 
 CONTACTS_DAG = "antavo_ometria_contacts"
 SERIES = (("sent", "#2a7ab9"), ("changed", "#8cc0e6"), ("quarantined", "#e0a030"), ("rejected", "#c0392b"))
@@ -61,6 +62,45 @@ def bar_chart(labels: list[str], series: dict[str, list[int]], width: int = 900,
     return f'<div class="legend">{legend}</div>' + "".join(parts)
 
 
+SEARCH = ('<form action="trace" method="get"><input name="q" size="40" placeholder="Antavo customer id or email">'
+          ' <button>Trace a customer</button></form>')
+
+
+def render_trace(t: Trace) -> str:
+    """One customer's page: what the mapping makes of her, what Ometria got, and why (see trace.py)."""
+    field_rows = "".join(
+        f"<tr><td>{_e(f['remote_field'])}</td><td><code>{_e(f['loyalty_field'])}</code></td><td>{_e(f['antavo'])}</td>"
+        f"<td>{_e(f['ometria'])}</td><td class={'ok' if f['verdict'] == 'ok' else 'bad'}>{_e(f['verdict'])}</td></tr>"
+        for f in t.fields)
+    sent = t.last_sent
+    sent_html = (f"<p>Last sent {_e(sent['synced_at'].strftime('%Y-%m-%d %H:%M:%S'))} UTC by run "
+                 f"<code>{_e(sent['run_id'])}</code>, mapping <code>{_e(sent['mapping_version'])}</code>, Ometria "
+                 f"request <code>{_e(sent['request_id'] or '—')}</code> ({_e(sent['status'])}).</p>"
+                 + ("<ul>" + "".join(f"<li>differs now: {_e(d)}</li>" for d in t.differs) + "</ul>" if t.differs else "")
+                 ) if sent else "<p>Never sent to Ometria.</p>"
+    history_rows = "".join(
+        f"<tr><td>{_e(h['created_at'].strftime('%Y-%m-%d %H:%M'))}</td><td>{_e(h['kind'])}</td><td>{_e(h['run_id'])}</td>"
+        f"<td>{'<br>'.join(_e(r) for r in h['reasons'])}</td>"
+        f"<td>{'released ' + _e(h['released_at'].strftime('%Y-%m-%d %H:%M')) if h['released_at'] else 'still held'}"
+        f"</td></tr>" for h in t.history if h["kind"] != "event_held")
+    event_rows = "".join(f"<tr><td>{_e(e['event_id'])}</td><td>{_e(e['rule'])}</td><td>{_e(e['when'])}</td>"
+                         f"<td>{_e(e['status'])}</td></tr>" for e in t.events)
+    verdict_class = "ok" if t.verdict.startswith("sent and current") else "bad"
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>Trace {_e(t.query)}</title>
+<style>{STYLE}</style></head><body>
+<h1>Customer {_e(t.customer_id or t.query)}</h1>{SEARCH}<p><a href="./">← the sync dashboard</a></p>
+<p class="{verdict_class}"><b>{_e(t.verdict)}</b></p>
+<h2>What the mapping makes of her today</h2><p class="muted">From {_e(t.source)}.</p>
+<table><tr><th>Ometria field</th><th>loyalty field</th><th>Antavo value</th><th>Ometria value</th><th>check</th></tr>
+{field_rows or '<tr><td colspan=5 class=muted>No data.</td></tr>'}</table>
+<h2>What Ometria got</h2>{sent_html}
+<h2>Held back or rejected</h2><table><tr><th>when</th><th>kind</th><th>run</th><th>reasons</th><th>now</th></tr>
+{history_rows or '<tr><td colspan=5 class=muted>Never.</td></tr>'}</table>
+<h2>Her events</h2><table><tr><th>event</th><th>rule</th><th>when</th><th>outcome</th></tr>
+{event_rows or '<tr><td colspan=4 class=muted>None.</td></tr>'}</table>
+</body></html>"""
+
+
 def render(store: StateStore, runs_shown: int = 30) -> str:
     runs = list(reversed(store.runs(CONTACTS_DAG, limit=runs_shown)))
     finished = [r for r in runs if r["status"] in ("success", "dry_run")]
@@ -100,6 +140,7 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
 <style>{STYLE}</style></head><body>
 <h1>Antavo → Ometria sync</h1><p class="muted">From the sync's state store. Contacts per run of
 <code>{CONTACTS_DAG}</code>, records held back with their reasons, mapping versions, event triggers.</p>
+{SEARCH}
 <div class="cards">{cards}</div>
 <h2>Contacts per run</h2>{chart}
 <h2>Recent runs</h2><table><tr><th>started</th><th>status</th><th>mode</th><th>extracted</th><th>changed</th>

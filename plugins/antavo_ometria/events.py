@@ -154,7 +154,7 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
         log.warning("%d %s event(s) held back: %s", len(held), rule.event_type,
                     "; ".join(f"{e['id'] or '?'}: {why}" for e, why in held[:5]))
         store.record_held(f"{run_id}:{rule.name}", "event_held", [
-            {"id": e["id"], "reasons": [why], "payload": e} for e, why in held])
+            {"id": e["id"], "customer_id": e["customer_id"], "reasons": [why], "payload": e} for e, why in held])
     return {"sent": sent, "accepted": accepted, "rejected": rejected, "late": late, "skipped_late": len(skipped),
             "held": len(held), "failed": len(failed), "failure": failure,
             "contacts_pushed_first": len(contacts["sent"])}, failed
@@ -170,7 +170,7 @@ def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple
     outcome: dict = {"sent": [], "rejected": [], "failed": [], "error": None}
     for ids, bodies in batches(unknown):
         entries = push_isolating(ometria, ids, bodies)
-        remember_sent(store, entries, plan)
+        remember_sent(store, entries, plan, dict(zip(ids, bodies)))
         for entry in entries:
             outcome[record_status(entry)] += entry["ids"]
             outcome["error"] = entry.get("error") or outcome["error"]

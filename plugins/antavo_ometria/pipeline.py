@@ -367,7 +367,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
         entries = push_isolating(client, ids, bodies, [hashes[i] for i in ids])
         _write_ndjson(journal, ({"attempt": plan["attempt"], **e} for e in entries), mode="a")
         if store is not None:
-            remember_sent(store, entries, plan)
+            remember_sent(store, entries, plan, dict(zip(ids, bodies)))
         progress.advance(len(ids))
     progress.advance(0, force=True)
     _write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in oversized))
@@ -432,13 +432,14 @@ def record_status(entry: dict) -> str:
     return "rejected" if entry["rejected"] >= len(entry["ids"]) else "sent"
 
 
-def remember_sent(store: StateStore, entries: list[dict], plan: dict) -> None:
-    """Record what Ometria received; a contact that arrived is no longer held back for an earlier reason."""
+def remember_sent(store: StateStore, entries: list[dict], plan: dict, bodies: dict[str, bytes] | None = None) -> None:
+    """Record what Ometria received (with the payloads, when given); a contact that arrived is no longer held
+    back for an earlier reason."""
     for entry in entries:
         status = record_status(entry)
         if status != "failed":
             store.record_contacts(zip(entry["ids"], entry["hashes"]), status, plan["mapping_version"],
-                                  plan["run_id"], entry["request_id"])
+                                  plan["run_id"], entry["request_id"], bodies)
         if status == "sent":
             store.release_held(entry["ids"], ("quarantined", "failed", "rejected"))
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zlib
 from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 from functools import cache
@@ -192,12 +193,26 @@ class StateStore:
         return found
 
     def record_contacts(self, rows: Iterable[tuple[str, str]], status: str, mapping_version: str,
-                        run_id: str, request_id: str | None = None) -> None:
+                        run_id: str, request_id: str | None = None, bodies: dict[str, bytes] | None = None) -> None:
+        """Remember what Ometria received per contact; with `bodies`, the payload itself (compressed)."""
         moment = now()
         self._upsert(self.table("sync_contacts"), [
             {"antavo_id": i, "payload_hash": h, "status": status, "mapping_version": mapping_version,
-             "request_id": request_id, "run_id": run_id, "synced_at": moment} for i, h in rows
+             "request_id": request_id, "run_id": run_id, "synced_at": moment,
+             **({"payload": zlib.compress(bodies[i])} if bodies else {})} for i, h in rows
         ], ["antavo_id"])
+
+    def contact(self, antavo_id: str) -> dict | None:
+        """What was last sent for one contact: status, when, by which run and mapping, and the payload."""
+        contacts = self.table("sync_contacts")
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(contacts).where(contacts.c.antavo_id == antavo_id)).first()
+        if row is None:
+            return None
+        found = dict(row._mapping)
+        found["payload"] = json.loads(zlib.decompress(found["payload"])) if found.get("payload") else None
+        found["synced_at"] = _utc(found["synced_at"])
+        return found
 
     def contact_count(self) -> int:
         contacts = self.table("sync_contacts")
@@ -209,7 +224,7 @@ class StateStore:
         """Add held-back records: {"id", "reasons": [...], "payload": dict | None}."""
         held = self.table("sync_held_records")
         moment = now()
-        values = [{"run_id": run_id, "antavo_id": r.get("id"), "kind": kind,
+        values = [{"run_id": run_id, "antavo_id": r.get("id"), "kind": kind, "customer_id": r.get("customer_id"),
                    "reasons": json.dumps(r["reasons"], ensure_ascii=False, default=str),
                    "payload": json.dumps(r["payload"], ensure_ascii=False, default=str) if r.get("payload") else None,
                    "created_at": moment} for r in rows]
@@ -224,19 +239,29 @@ class StateStore:
             conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)))
 
     def release_held(self, ids: list[str], kinds: tuple[str, ...]) -> None:
-        """Forget that these records are held back (they were delivered, or are about to be held again)."""
+        """These records are no longer held back (they were delivered, or are held again by a new row): kept as
+        history, no longer shown as held."""
         held = self.table("sync_held_records")
+        moment = now()
         with self.engine.begin() as conn:
             for chunk in _chunks(ids):
-                conn.execute(held.delete().where(held.c.antavo_id.in_(chunk) & held.c.kind.in_(kinds)))
+                conn.execute(held.update().where(held.c.antavo_id.in_(chunk) & held.c.kind.in_(kinds)
+                                                 & held.c.released_at.is_(None)).values(released_at=moment))
 
-    def held_records(self, run_id: str | None = None, kind: str | None = None, limit: int = 100) -> list[dict]:
+    def held_records(self, run_id: str | None = None, kind: str | None = None, limit: int = 100,
+                     antavo_id: str | None = None, history: bool = False) -> list[dict]:
+        """Records held back now (newest first); with `history`, also those released since. `antavo_id` also
+        finds the events held back for that customer."""
         held = self.table("sync_held_records")
         query = sa.select(held).order_by(held.c.id.desc()).limit(limit)
+        if not history:
+            query = query.where(held.c.released_at.is_(None))
         if run_id:
             query = query.where(held.c.run_id == run_id)
         if kind:
             query = query.where(held.c.kind == kind)
+        if antavo_id:
+            query = query.where((held.c.antavo_id == antavo_id) | (held.c.customer_id == antavo_id))
         with self.engine.connect() as conn:
             return [{**row._mapping, "reasons": json.loads(row.reasons)} for row in conn.execute(query)]
 
@@ -262,6 +287,12 @@ class StateStore:
 
     def record_events(self, rows: list[dict]) -> None:
         self._upsert(self.table("sync_events"), [{**r, "pushed_at": now()} for r in rows], ["event_id"])
+
+    def events_of(self, customer_id: str) -> list[dict]:
+        events = self.table("sync_events")
+        query = sa.select(events).where(events.c.customer_id == customer_id).order_by(events.c.event_time)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
 
     def event_summary(self) -> dict[tuple[str, str], tuple[dict[str, int], int]]:
         """(rule, event type) → (events per status, events delivered late)."""

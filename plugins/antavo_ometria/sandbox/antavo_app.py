@@ -167,6 +167,9 @@ class AntavoApp(App):
         if isinstance(page, Response):
             return page
         limit, offset = page
+        if "email" in request.query:  # exact, case-sensitive match on a searchable field
+            rows = [c for c in self.customers if c.get("email") == request.query["email"]]
+            return Response(200, {"data": [{"id": c["_id"]} for c in rows[offset: offset + limit]]})
         if "updated_at.gt" not in request.query:
             return Response(400, {"error": {"type": "BadRequestException", "code": 160211,
                                             "message": "Empty search criteria"}})

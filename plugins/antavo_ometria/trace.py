@@ -1,0 +1,192 @@
+"""One customer's story: "did Ometria get her, when, with what, and if not, why?"
+
+For an Antavo customer id or email: what the current mapping makes of her today (read live from Antavo,
+or from the latest staging file that holds her when Antavo cannot be reached), field by field with the
+quality checks' verdicts; what was last sent to Ometria (when, by which run and mapping version, the
+request id, and the fields that differ from what the mapping produces now); every time she was held back
+or rejected, and whether she still is; her events per trigger rule; and one closing line in plain words.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from antavo_ometria.antavo import HELD, NOT_FOUND, AntavoClient
+from antavo_ometria.mapping import ContactMapping
+from antavo_ometria.pipeline import CUSTOMERS, prepare_contacts
+from antavo_ometria.state import StateStore, payload_hash
+from antavo_ometria.transform import customer_columns
+from antavo_ometria.transport import ApiError
+
+
+@dataclass
+class Trace:
+    query: str
+    customer_id: str | None
+    source: str  # where today's data came from
+    fields: list[dict] = field(default_factory=list)  # remote field, loyalty field, Antavo value, Ometria value, verdict
+    record: dict | None = None  # the Ometria record the mapping makes of her now
+    problems: list[str] = field(default_factory=list)  # why the quality gate holds her back now
+    last_sent: dict | None = None
+    differs: list[str] = field(default_factory=list)  # fields of the last sent record that differ from now
+    history: list[dict] = field(default_factory=list)  # held back or rejected, newest first
+    events: list[dict] = field(default_factory=list)
+    verdict: str = ""
+    record_hash: str | None = None
+
+
+def trace(query: str, store: StateStore, mapping: ContactMapping, antavo: AntavoClient | None = None,
+          staging_root: Path | None = None) -> Trace:
+    """Everything the sync knows of one customer, with a closing verdict."""
+    customer, source, customer_id = _find(query, antavo, staging_root, mapping)
+    result = Trace(query, customer_id, source)
+    if customer_id is None:
+        result.verdict = f"never seen by the sync: Antavo has no customer {query!r}"
+        return result
+    if customer is not None:
+        _today(result, customer, mapping)
+    result.last_sent = store.contact(customer_id)
+    result.history = store.held_records(antavo_id=customer_id, history=True, limit=50)
+    contact_history = [h for h in result.history if h["kind"] != "event_held"]
+    result.events = _events(store, customer_id, result.history)
+    sent = result.last_sent
+    if sent and sent.get("payload") and result.record:
+        result.differs = _differences(sent["payload"], result.record)
+    result.verdict = _verdict(result, customer, contact_history)
+    return result
+
+
+def _find(query: str, antavo: AntavoClient | None, staging_root: Path | None, mapping: ContactMapping):
+    """(customer, where it came from, customer id): live from Antavo, else from the newest staging file."""
+    unreachable = "no Antavo connection"
+    if antavo is not None:
+        try:
+            ids = antavo.ids_by_email(query) if "@" in query else [query]
+            customers = antavo.get_customers(ids[:1], mapping.loyalty_fields)
+        except ApiError as exc:
+            unreachable = f"Antavo could not be read ({exc})"
+        else:
+            if not ids:
+                return None, "Antavo (live)", None
+            live = f"Antavo (live, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC)"
+            return (None if customers[0].get(NOT_FOUND) else customers[0]), live, ids[0]
+    found = _from_staging(query, staging_root)
+    if found is None:
+        return None, f"{unreachable}; no staging file holds {query!r}", None if "@" in query else query
+    customer, path = found
+    when = datetime.fromtimestamp(path.stat().st_mtime, UTC)
+    return customer, f"{unreachable}; staging file {path} of {when:%Y-%m-%d %H:%M} UTC", customer.get("id")
+
+
+def _from_staging(query: str, staging_root: Path | None) -> tuple[dict, Path] | None:
+    if staging_root is None or not staging_root.exists():
+        return None
+    key = "email" if "@" in query else "id"
+    needle = json.dumps(query, ensure_ascii=False)
+    for path in sorted(staging_root.glob(f"*/*/{CUSTOMERS}"), key=lambda p: p.stat().st_mtime, reverse=True):
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if needle in line:
+                    customer = json.loads(line)
+                    if customer.get(key) == query:
+                        return customer, path
+    return None
+
+
+def _today(result: Trace, customer: dict, mapping: ContactMapping) -> None:
+    paths = [*mapping.loyalty_fields, HELD]
+    frame, encoded, gate = prepare_contacts(customer_columns([customer], paths), mapping)
+    result.record = json.loads(encoded[0])
+    failures = gate.failures.get(0, [])
+    result.problems = [f["message"] for f in failures]
+    columns = customer_columns([customer], paths)
+    for f in mapping.fields:
+        mine = [x["message"] for x in failures if x.get("field") == f.remote_field]
+        result.fields.append({"remote_field": f.remote_field, "loyalty_field": f.loyalty_field,
+                              "antavo": columns.iloc[0][f.loyalty_field], "ometria": frame.iloc[0][f.remote_field],
+                              "verdict": "; ".join(mine) or "ok"})
+    result.record_hash = payload_hash(encoded[0])
+
+
+def _events(store: StateStore, customer_id: str, history: list[dict]) -> list[dict]:
+    events = [{"event_id": e["event_id"], "rule": e["rule"], "when": e["event_time"], "status": e["status"]
+               + (" (late: no automation)" if e["late"] and e["status"] == "sent" else ""),
+               "recorded": e["pushed_at"]} for e in store.events_of(customer_id)]
+    events += [{"event_id": h["antavo_id"], "rule": h["run_id"].rsplit(":", 1)[-1],
+                "when": (json.loads(h["payload"]) if h.get("payload") else {}).get("timestamp"),
+                "status": "held: " + "; ".join(h["reasons"]) + (" (since released)" if h["released_at"] else ""),
+                "recorded": h["created_at"]} for h in history if h["kind"] == "event_held"]
+    return events
+
+
+def _differences(sent: dict, now: dict) -> list[str]:
+    flat_sent, flat_now = _flat(sent), _flat(now)
+    return [f"{key}: {flat_sent.get(key, '∅')!r} → {flat_now.get(key, '∅')!r}"
+            for key in sorted(set(flat_sent) | set(flat_now)) if flat_sent.get(key, "∅") != flat_now.get(key, "∅")]
+
+
+def _flat(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat |= _flat(value, f"{prefix}{key}.")
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _verdict(result: Trace, customer: dict | None, history: list[dict]) -> str:
+    still = [h for h in history if not h["released_at"]]
+    sent = result.last_sent
+    if customer is None and sent is None and not history:
+        return f"never seen by the sync: Antavo has no customer {result.customer_id}"
+    if still and still[0]["kind"] == "rejected":
+        return (f"rejected by Ometria: {'; '.join(still[0]['reasons'])} (not sent again until her payload "
+                "changes)")
+    if result.problems:
+        return f"held back: {'; '.join(result.problems)}"
+    if still:
+        return f"held back: {'; '.join(still[0]['reasons'])}"
+    if customer is None:
+        return "sent before, but Antavo no longer has her: nothing more is sent"
+    if sent is None:
+        return "not sent yet: she is new since the last run, or not among the customers a full load reads"
+    if sent["payload_hash"] == getattr(result, "record_hash", None):
+        return f"sent and current (last sent {sent['synced_at']:%Y-%m-%d %H:%M} UTC by run {sent['run_id']})"
+    return "sent, but changed since: the next run sends it"
+
+
+def format_trace(t: Trace) -> str:
+    lines = [f"Customer {t.customer_id or t.query}", f"  today, from {t.source}"]
+    if t.fields:
+        lines.append(f"    {'Ometria field':24} {'loyalty field':32} {'Antavo value':24} {'Ometria value':24} check")
+        for f in t.fields:
+            lines.append(f"    {f['remote_field']:24} {f['loyalty_field']:32} {_short(f['antavo']):24} "
+                         f"{_short(f['ometria']):24} {f['verdict']}")
+    for problem in t.problems:
+        lines.append(f"    held back: {problem}")
+    sent = t.last_sent
+    if sent:
+        lines.append(f"  last sent {sent['synced_at']:%Y-%m-%d %H:%M:%S} UTC by run {sent['run_id']}, mapping "
+                     f"{sent['mapping_version']}, Ometria request {sent['request_id'] or '—'} ({sent['status']})")
+        lines += [f"    differs now: {d}" for d in t.differs] or (["    the same as the mapping makes now"]
+                                                                   if sent.get("payload") else [])
+    else:
+        lines.append("  never sent to Ometria")
+    for h in t.history:
+        if h["kind"] != "event_held":
+            state = f"released {h['released_at']:%Y-%m-%d %H:%M}" if h["released_at"] else "STILL HELD"
+            lines.append(f"  {h['created_at']:%Y-%m-%d %H:%M} {h['kind']:11} run {h['run_id']}: "
+                         f"{'; '.join(h['reasons'])} [{state}]")
+    for e in t.events:
+        lines.append(f"  event {e['event_id']} ({e['rule']}) at {e['when']}: {e['status']}")
+    lines.append(f"→ {t.verdict}")
+    return "\n".join(lines)
+
+
+def _short(value: object, limit: int = 24) -> str:
+    text = "∅" if value is None else value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

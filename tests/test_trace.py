@@ -1,0 +1,129 @@
+"""Trace one customer: each closing verdict, on real runs against the sandbox."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from antavo_ometria.event_rules import load_rules
+from antavo_ometria.events import deliver
+from antavo_ometria.mapping import load_contact_mapping
+from antavo_ometria.pipeline import extract, load_staged, plan_run, report_run, transform_staged
+from antavo_ometria.state import StateStore
+from antavo_ometria.trace import format_trace, trace
+
+PROJECT = Path(__file__).resolve().parents[1]
+MAPPINGS = PROJECT / "include" / "mappings"
+DAG = "antavo_ometria_contacts"
+
+
+@pytest.fixture
+def synced(sandbox, antavo_client, ometria_client, state_url, tmp_path):
+    """A deployment after one full sync; `again()` runs another."""
+    store = StateStore(state_url)
+    store.migrate()
+    mapping = load_contact_mapping(MAPPINGS)
+    root = tmp_path / "staging"
+
+    def again(run_id: str) -> dict:
+        staging = root / DAG / run_id
+        steps = {"plan": plan_run(store, mapping, DAG, run_id)}
+        steps["extract"] = extract(antavo_client, staging, steps["plan"], paths=mapping.loyalty_fields)
+        steps["transform"] = transform_staged(staging, mapping, steps["plan"], store)
+        steps["load"] = load_staged(staging, ometria_client, steps["plan"], store)
+        return report_run(staging, steps, store, DAG, run_id)
+
+    sandbox.ometria.reject_ids.add("c00000020")  # an email another contact already owns
+    again("run-1")
+    return store, mapping, root, again
+
+
+def test_sent_and_current_then_changed_since(synced, antavo_client, sandbox):
+    store, mapping, root, again = synced
+    now = trace("c00000001", store, mapping, antavo_client, root)
+    assert now.verdict.startswith("sent and current (last sent ") and not now.differs
+    assert now.last_sent["run_id"] == "run-1" and now.last_sent["request_id"]
+    assert now.last_sent["payload"] == now.record  # the payload itself is kept, not only its hash
+    sandbox.antavo.touch("c00000001", {"first_name": "Anneliese"})
+    later = trace("c00000001", store, mapping, antavo_client, root)
+    assert later.verdict == "sent, but changed since: the next run sends it"
+    assert [d for d in later.differs if d.startswith("firstname:")] == [
+        f"firstname: {now.record['firstname']!r} → 'Anneliese'"]
+    again("run-2")
+    assert trace("c00000001", store, mapping, antavo_client, root).verdict.startswith("sent and current")
+
+
+def test_found_by_email(synced, antavo_client, sandbox):
+    store, mapping, root, _ = synced
+    email = sandbox.antavo.by_id["c00000003"]["email"]
+    found = trace(email, store, mapping, antavo_client, root)
+    assert found.customer_id == "c00000003" and found.verdict.startswith("sent and current")
+
+
+def test_held_back_with_the_reason_and_released_once_fixed(synced, antavo_client, sandbox):
+    store, mapping, root, again = synced
+    held = trace("c00000007", store, mapping, antavo_client, root)  # a malformed email
+    assert held.verdict == "held back: email: email = 'ana.7.example.com' is not an email address"
+    assert [f["verdict"] for f in held.fields if f["remote_field"] == "email"] == [held.problems[0]]
+    assert [(h["kind"], h["released_at"]) for h in held.history] == [("quarantined", None)]
+    sandbox.antavo.touch("c00000007", {"email": "ana.7@example.com"})
+    again("run-2")
+    fixed = trace("c00000007", store, mapping, antavo_client, root)
+    assert fixed.verdict.startswith("sent and current")
+    assert fixed.history[0]["kind"] == "quarantined" and fixed.history[0]["released_at"] is not None
+    assert "released" in format_trace(fixed)
+
+
+def test_rejected_by_ometria(synced, antavo_client):
+    store, mapping, root, _ = synced
+    rejected = trace("c00000020", store, mapping, antavo_client, root)
+    assert rejected.verdict.startswith("rejected by Ometria: ") and "until her payload changes" in rejected.verdict
+
+
+def test_never_seen_by_the_sync(synced, antavo_client):
+    store, mapping, root, _ = synced
+    assert trace("c09999999", store, mapping, antavo_client, root).verdict == (
+        "never seen by the sync: Antavo has no customer c09999999")
+    assert trace("nobody@example.com", store, mapping, antavo_client, root).verdict.startswith("never seen")
+
+
+def test_an_event_held_because_its_customer_failed_the_gate(synced, sandbox, antavo_client, ometria_client):
+    store, mapping, root, _ = synced
+    (rule,) = load_rules(MAPPINGS)
+    claim = sandbox.antavo.claim_reward("c00000007", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=2))
+    sent = sandbox.antavo.claim_reward("c00000001", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
+    deliver(rule, antavo_client, ometria_client, store, mapping, "ev-1")
+    held = trace("c00000007", store, mapping, antavo_client, root)
+    assert [(e["event_id"], e["status"].split(":")[0]) for e in held.events] == [(claim["id"], "held")]
+    assert "is not an email address" in held.events[0]["status"]
+    delivered = trace("c00000001", store, mapping, antavo_client, root)
+    assert [(e["event_id"], e["status"]) for e in delivered.events] == [(sent["id"], "sent")]
+
+
+def test_when_antavo_cannot_be_reached_the_latest_staging_file_answers(synced, sandbox, antavo_client):
+    store, mapping, root, _ = synced
+    sandbox.antavo.faults.add({"status": 503, "count": 10**6, "path": "/"})
+    offline = trace("c00000002", store, mapping, antavo_client, root)
+    assert "Antavo could not be read" in offline.source and "staging file" in offline.source
+    assert "run-1/customers.ndjson of 20" in offline.source  # with its date
+    assert offline.verdict.startswith("sent and current")
+
+
+def test_the_dashboard_page_shows_the_same(synced, antavo_client):
+    from antavo_ometria.dashboard import render_trace
+
+    store, mapping, root, _ = synced
+    page = render_trace(trace("c00000007", store, mapping, antavo_client, root))
+    assert "Customer c00000007" in page and "held back: email: email = &#x27;ana.7.example.com&#x27;" in page
+
+
+def test_last_payloads_are_kept_compressed(synced):
+    store, *_ = synced
+    import sqlalchemy as sa
+
+    contacts = store.table("sync_contacts")
+    with store.engine.connect() as conn:
+        sizes = [len(p) for (p,) in conn.execute(sa.select(contacts.c.payload)) if p]
+    assert len(sizes) > 280 and sum(sizes) / len(sizes) < 400  # bytes a contact; see the README for a million
