@@ -31,7 +31,7 @@ check: install           ## connect: a signed Antavo request, the Ometria API ke
 
 KEYS_FILE ?= .env
 trace: install           ## one customer: make trace ID=<Antavo customer id or email>
-	$(BIN)/python -m antavo_ometria.cli trace '$(ID)'
+	$(BIN)/python -m antavo_ometria.cli trace "$(ID)"
 
 keys:                    ## secrets for docker-compose, written once to .env (compose reads it)
 	@if [ -e "$(KEYS_FILE)" ]; then \

@@ -53,6 +53,8 @@ def _page() -> str:
 
 def _trace_page(query: str) -> str:
     """One customer, read live from Antavo when its connection is set (else from the staging files)."""
+    from dataclasses import replace
+
     from airflow.models.connection import Connection
 
     from antavo_ometria.antavo import AntavoClient
@@ -61,9 +63,13 @@ def _trace_page(query: str) -> str:
     from antavo_ometria.mapping import load_contact_mapping
     from antavo_ometria.settings import mappings_dir, staging_root
     from antavo_ometria.trace import trace
+    from antavo_ometria.transport import RetryPolicy
 
-    try:
-        antavo = AntavoClient(antavo_config(Connection.get_connection_from_secrets("antavo_default")))
+    if not query:
+        return _page()
+    try:  # a page should answer in seconds: two quick tries, then the staging files
+        config = antavo_config(Connection.get_connection_from_secrets("antavo_default"))
+        antavo = AntavoClient(replace(config, retry=RetryPolicy(attempts=2, backoff=0.5), timeout=10))
     except Exception:  # not set, or not usable: the page says where its data came from
         antavo = None
     return render_trace(trace(query, _store(), load_contact_mapping(mappings_dir()), antavo, staging_root()))

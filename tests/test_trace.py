@@ -68,6 +68,7 @@ def test_held_back_with_the_reason_and_released_once_fixed(synced, antavo_client
     assert held.verdict == "held back: email: email = 'ana.7.example.com' is not an email address"
     assert [f["verdict"] for f in held.fields if f["remote_field"] == "email"] == [held.problems[0]]
     assert [(h["kind"], h["released_at"]) for h in held.history] == [("quarantined", None)]
+    assert "[not released]" in format_trace(held)
     sandbox.antavo.touch("c00000007", {"email": "ana.7@example.com"})
     again("run-2")
     fixed = trace("c00000007", store, mapping, antavo_client, root)
@@ -86,7 +87,36 @@ def test_never_seen_by_the_sync(synced, antavo_client):
     store, mapping, root, _ = synced
     assert trace("c09999999", store, mapping, antavo_client, root).verdict == (
         "never seen by the sync: Antavo has no customer c09999999")
-    assert trace("nobody@example.com", store, mapping, antavo_client, root).verdict.startswith("never seen")
+    assert trace("nobody@example.com", store, mapping, antavo_client, root).verdict == (
+        "Antavo has no customer with the email 'nobody@example.com'")
+    with pytest.raises(ValueError, match="give an Antavo customer id or email"):
+        trace("  ", store, mapping, antavo_client, root)  # never "everyone's history"
+
+
+def test_sent_before_but_deleted_since_and_not_sent_yet(synced, antavo_client, sandbox):
+    store, mapping, root, _ = synced
+    sandbox.antavo.customers.remove(sandbox.antavo.by_id.pop("c00000002"))
+    deleted = trace("c00000002", store, mapping, antavo_client, root)
+    assert deleted.verdict.startswith("sent before, but Antavo no longer has her: nothing more is sent (last sent ")
+    new = dict(sandbox.antavo.by_id["c00000001"], _id="c00009999", email="new.9999@example.com")
+    sandbox.antavo.customers.append(new)
+    sandbox.antavo.by_id["c00009999"] = new
+    assert trace("c00009999", store, mapping, antavo_client, root).verdict.startswith("not sent yet: ")
+
+
+def test_rejected_then_changed_is_no_longer_called_rejected(synced, antavo_client, sandbox):
+    store, mapping, root, _ = synced
+    sandbox.antavo.touch("c00000020", {"first_name": "Renamed"})
+    assert trace("c00000020", store, mapping, antavo_client, root).verdict == (
+        "sent, but changed since: the next run sends it")
+
+
+def test_antavo_unreachable_and_no_staging_file_is_not_called_deleted(synced, sandbox, antavo_client, tmp_path):
+    store, mapping, _, _ = synced
+    sandbox.antavo.faults.add({"status": 503, "count": 10**6, "path": "/"})
+    unknown = trace("c00000002", store, mapping, antavo_client, tmp_path / "empty")
+    assert unknown.verdict.startswith("unknown today: Antavo could not be read and no staging file holds her "
+                                      "(last sent ")
 
 
 def test_an_event_held_because_its_customer_failed_the_gate(synced, sandbox, antavo_client, ometria_client):

@@ -81,8 +81,8 @@ def render_trace(t: Trace) -> str:
     history_rows = "".join(
         f"<tr><td>{_e(h['created_at'].strftime('%Y-%m-%d %H:%M'))}</td><td>{_e(h['kind'])}</td><td>{_e(h['run_id'])}</td>"
         f"<td>{'<br>'.join(_e(r) for r in h['reasons'])}</td>"
-        f"<td>{'released ' + _e(h['released_at'].strftime('%Y-%m-%d %H:%M')) if h['released_at'] else 'still held'}"
-        f"</td></tr>" for h in t.history if h["kind"] != "event_held")
+        f"<td>{'released ' + _e(h['released_at'].strftime('%Y-%m-%d %H:%M')) if h['released_at'] else 'not released'}"
+        f"</td></tr>" for h in t.history)
     event_rows = "".join(f"<tr><td>{_e(e['event_id'])}</td><td>{_e(e['rule'])}</td><td>{_e(e['when'])}</td>"
                          f"<td>{_e(e['status'])}</td></tr>" for e in t.events)
     verdict_class = "ok" if t.verdict.startswith("sent and current") else "bad"

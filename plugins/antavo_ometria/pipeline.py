@@ -354,7 +354,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: dict, store: StateSt
     journal = staging / LOAD_JOURNAL
     earlier = journal_entries(staging, plan)
     if store is not None and earlier:  # a retry: the store may have missed what was delivered before a crash
-        remember_sent(store, earlier, plan)
+        remember_sent(store, earlier, plan, {i: b for i, b, _ in contacts})
     delivered = {(i, h) for e in earlier if e["status"] == "OK" for i, h in zip(e["ids"], e["hashes"])}
     pending = [(i, b, h) for i, b, h in contacts if (i, h) not in delivered]
     hashes = {i: h for i, _, h in pending}

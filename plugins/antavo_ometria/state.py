@@ -248,7 +248,7 @@ class StateStore:
                 conn.execute(held.update().where(held.c.antavo_id.in_(chunk) & held.c.kind.in_(kinds)
                                                  & held.c.released_at.is_(None)).values(released_at=moment))
 
-    def held_records(self, run_id: str | None = None, kind: str | None = None, limit: int = 100,
+    def held_records(self, run_id: str | None = None, kind: str | tuple[str, ...] | None = None, limit: int = 100,
                      antavo_id: str | None = None, history: bool = False) -> list[dict]:
         """Records held back now (newest first); with `history`, also those released since. `antavo_id` also
         finds the events held back for that customer."""
@@ -259,11 +259,12 @@ class StateStore:
         if run_id:
             query = query.where(held.c.run_id == run_id)
         if kind:
-            query = query.where(held.c.kind == kind)
-        if antavo_id:
+            query = query.where(held.c.kind.in_([kind] if isinstance(kind, str) else kind))
+        if antavo_id is not None:
             query = query.where((held.c.antavo_id == antavo_id) | (held.c.customer_id == antavo_id))
         with self.engine.connect() as conn:
-            return [{**row._mapping, "reasons": json.loads(row.reasons)} for row in conn.execute(query)]
+            return [{**row._mapping, "reasons": json.loads(row.reasons), "created_at": _utc(row.created_at),
+                     "released_at": _utc(row.released_at)} for row in conn.execute(query)]
 
     # -- Ometria's asynchronous errors -------------------------------------------------------
     def record_push_errors(self, run_id: str, errors: list[dict]) -> None:
@@ -329,7 +330,8 @@ def _head_revision() -> str:
 
 
 def _utc(value: datetime | None) -> datetime | None:
-    return value if value is None or value.tzinfo else value.replace(tzinfo=UTC)
+    """A time from the database in UTC (SQLite gives it without a zone, PostgreSQL in the session's)."""
+    return value if value is None else value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 
 
 def default_url() -> str:

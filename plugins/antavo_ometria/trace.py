@@ -38,29 +38,36 @@ class Trace:
     record_hash: str | None = None
 
 
+CONTACT_KINDS = ("quarantined", "failed", "rejected")
+
+
 def trace(query: str, store: StateStore, mapping: ContactMapping, antavo: AntavoClient | None = None,
           staging_root: Path | None = None) -> Trace:
     """Everything the sync knows of one customer, with a closing verdict."""
-    customer, source, customer_id = _find(query, antavo, staging_root, mapping)
+    query = query.strip()
+    if not query:
+        raise ValueError("give an Antavo customer id or email")
+    customer, source, customer_id, reachable = _find(query, antavo, staging_root, mapping)
     result = Trace(query, customer_id, source)
     if customer_id is None:
-        result.verdict = f"never seen by the sync: Antavo has no customer {query!r}"
+        result.verdict = (f"Antavo has no customer with the email {query!r}" if "@" in query and reachable else
+                          f"never seen by the sync: no customer {query!r} in Antavo or in the staging files")
         return result
     if customer is not None:
         _today(result, customer, mapping)
     result.last_sent = store.contact(customer_id)
-    result.history = store.held_records(antavo_id=customer_id, history=True, limit=50)
-    contact_history = [h for h in result.history if h["kind"] != "event_held"]
-    result.events = _events(store, customer_id, result.history)
+    result.history = store.held_records(antavo_id=customer_id, kind=CONTACT_KINDS, history=True, limit=50)
+    result.events = _events(store, customer_id)
     sent = result.last_sent
     if sent and sent.get("payload") and result.record:
         result.differs = _differences(sent["payload"], result.record)
-    result.verdict = _verdict(result, customer, contact_history)
+    result.verdict = _verdict(result, customer, reachable)
     return result
 
 
 def _find(query: str, antavo: AntavoClient | None, staging_root: Path | None, mapping: ContactMapping):
-    """(customer, where it came from, customer id): live from Antavo, else from the newest staging file."""
+    """(customer, where it came from, customer id, whether Antavo answered): live from Antavo, else from the
+    newest staging file that holds her."""
     unreachable = "no Antavo connection"
     if antavo is not None:
         try:
@@ -70,15 +77,17 @@ def _find(query: str, antavo: AntavoClient | None, staging_root: Path | None, ma
             unreachable = f"Antavo could not be read ({exc})"
         else:
             if not ids:
-                return None, "Antavo (live)", None
+                return None, "Antavo (live)", None, True
             live = f"Antavo (live, {datetime.now(UTC):%Y-%m-%d %H:%M} UTC)"
-            return (None if customers[0].get(NOT_FOUND) else customers[0]), live, ids[0]
+            if len(ids) > 1:
+                live += f"; the email belongs to {len(ids)} customers ({', '.join(ids)}): this is {ids[0]}"
+            return (None if customers[0].get(NOT_FOUND) else customers[0]), live, ids[0], True
     found = _from_staging(query, staging_root)
     if found is None:
-        return None, f"{unreachable}; no staging file holds {query!r}", None if "@" in query else query
+        return None, f"{unreachable}; no staging file holds {query!r}", None if "@" in query else query, False
     customer, path = found
     when = datetime.fromtimestamp(path.stat().st_mtime, UTC)
-    return customer, f"{unreachable}; staging file {path} of {when:%Y-%m-%d %H:%M} UTC", customer.get("id")
+    return customer, f"{unreachable}; staging file {path} of {when:%Y-%m-%d %H:%M} UTC", customer.get("id"), False
 
 
 def _from_staging(query: str, staging_root: Path | None) -> tuple[dict, Path] | None:
@@ -111,14 +120,19 @@ def _today(result: Trace, customer: dict, mapping: ContactMapping) -> None:
     result.record_hash = payload_hash(encoded[0])
 
 
-def _events(store: StateStore, customer_id: str, history: list[dict]) -> list[dict]:
+def _events(store: StateStore, customer_id: str) -> list[dict]:
+    """Her events: what was pushed or skipped, then those held back (the newest verdict per event only: an
+    event re-read in the overlap is held again by each run)."""
+    done = store.events_of(customer_id)
     events = [{"event_id": e["event_id"], "rule": e["rule"], "when": e["event_time"], "status": e["status"]
-               + (" (late: no automation)" if e["late"] and e["status"] == "sent" else ""),
-               "recorded": e["pushed_at"]} for e in store.events_of(customer_id)]
-    events += [{"event_id": h["antavo_id"], "rule": h["run_id"].rsplit(":", 1)[-1],
-                "when": (json.loads(h["payload"]) if h.get("payload") else {}).get("timestamp"),
-                "status": "held: " + "; ".join(h["reasons"]) + (" (since released)" if h["released_at"] else ""),
-                "recorded": h["created_at"]} for h in history if h["kind"] == "event_held"]
+               + (" (late: no automation)" if e["late"] and e["status"] == "sent" else "")} for e in done]
+    seen = {e["event_id"] for e in done}
+    for held in store.held_records(antavo_id=customer_id, kind="event_held", history=True, limit=200):
+        if held["antavo_id"] not in seen:
+            seen.add(held["antavo_id"])
+            events.append({"event_id": held["antavo_id"], "rule": held["run_id"].rsplit(":", 1)[-1],
+                           "when": (json.loads(held["payload"]) if held.get("payload") else {}).get("timestamp"),
+                           "status": "held: " + "; ".join(held["reasons"])})
     return events
 
 
@@ -138,24 +152,25 @@ def _flat(record: dict, prefix: str = "") -> dict:
     return flat
 
 
-def _verdict(result: Trace, customer: dict | None, history: list[dict]) -> str:
-    still = [h for h in history if not h["released_at"]]
+def _verdict(result: Trace, customer: dict | None, reachable: bool) -> str:
     sent = result.last_sent
-    if customer is None and sent is None and not history:
+    last = f"last sent {sent['synced_at']:%Y-%m-%d %H:%M} UTC by run {sent['run_id']}" if sent else "never sent"
+    if customer is None:
+        if not reachable:
+            return f"unknown today: Antavo could not be read and no staging file holds her ({last})"
+        if sent:
+            return f"sent before, but Antavo no longer has her: nothing more is sent ({last})"
         return f"never seen by the sync: Antavo has no customer {result.customer_id}"
-    if still and still[0]["kind"] == "rejected":
-        return (f"rejected by Ometria: {'; '.join(still[0]['reasons'])} (not sent again until her payload "
-                "changes)")
     if result.problems:
         return f"held back: {'; '.join(result.problems)}"
-    if still:
-        return f"held back: {'; '.join(still[0]['reasons'])}"
-    if customer is None:
-        return "sent before, but Antavo no longer has her: nothing more is sent"
     if sent is None:
         return "not sent yet: she is new since the last run, or not among the customers a full load reads"
-    if sent["payload_hash"] == getattr(result, "record_hash", None):
-        return f"sent and current (last sent {sent['synced_at']:%Y-%m-%d %H:%M} UTC by run {sent['run_id']})"
+    current = sent["payload_hash"] == result.record_hash
+    if sent["status"] == "rejected" and current:
+        why = next((h["reasons"] for h in result.history if h["kind"] == "rejected"), ["see /v2/push/_errors"])
+        return f"rejected by Ometria: {'; '.join(why)} (not sent again until her payload changes)"
+    if current:
+        return f"sent and current ({last})"
     return "sent, but changed since: the next run sends it"
 
 
@@ -177,10 +192,9 @@ def format_trace(t: Trace) -> str:
     else:
         lines.append("  never sent to Ometria")
     for h in t.history:
-        if h["kind"] != "event_held":
-            state = f"released {h['released_at']:%Y-%m-%d %H:%M}" if h["released_at"] else "STILL HELD"
-            lines.append(f"  {h['created_at']:%Y-%m-%d %H:%M} {h['kind']:11} run {h['run_id']}: "
-                         f"{'; '.join(h['reasons'])} [{state}]")
+        state = f"released {h['released_at']:%Y-%m-%d %H:%M}" if h["released_at"] else "not released"
+        lines.append(f"  {h['created_at']:%Y-%m-%d %H:%M} {h['kind']:11} run {h['run_id']}: "
+                     f"{'; '.join(h['reasons'])} [{state}]")
     for e in t.events:
         lines.append(f"  event {e['event_id']} ({e['rule']}) at {e['when']}: {e['status']}")
     lines.append(f"→ {t.verdict}")

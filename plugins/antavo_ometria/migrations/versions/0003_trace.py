@@ -16,9 +16,11 @@ def upgrade() -> None:
     op.add_column("sync_contacts", sa.Column("payload", sa.LargeBinary))
     op.add_column("sync_held_records", sa.Column("released_at", sa.DateTime(timezone=True)))
     op.add_column("sync_held_records", sa.Column("customer_id", sa.String(255), index=True))
+    op.create_index("ix_sync_events_customer_id", "sync_events", ["customer_id"])
 
 
 def downgrade() -> None:
+    op.drop_index("ix_sync_events_customer_id", "sync_events")
     with op.batch_alter_table("sync_held_records") as batch:
         batch.drop_column("customer_id")
         batch.drop_column("released_at")
