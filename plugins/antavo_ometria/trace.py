@@ -106,12 +106,11 @@ def _from_staging(query: str, staging_root: Path | None) -> tuple[dict, Path] | 
 
 
 def _today(result: Trace, customer: dict, mapping: ContactMapping) -> None:
-    paths = [*mapping.loyalty_fields, HELD]
-    frame, encoded, gate = prepare_contacts(customer_columns([customer], paths), mapping)
+    columns = customer_columns([customer], [*mapping.loyalty_fields, HELD])
+    frame, encoded, gate = prepare_contacts(columns, mapping)
     result.record = json.loads(encoded[0])
     failures = gate.failures.get(0, [])
     result.problems = [f["message"] for f in failures]
-    columns = customer_columns([customer], paths)
     for f in mapping.fields:
         mine = [x["message"] for x in failures if x.get("field") == f.remote_field]
         result.fields.append({"remote_field": f.remote_field, "loyalty_field": f.loyalty_field,
