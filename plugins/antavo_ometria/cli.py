@@ -20,18 +20,22 @@ import re
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
 from antavo_ometria.mapping import catalog, load_contact_mapping
 from antavo_ometria.problems import ConfigError
 from antavo_ometria.settings import mappings_dir
+from antavo_ometria.transport import RetryPolicy
 
 PROJECT = Path(__file__).resolve().parents[2]
 DAGS = {"contacts": "antavo_ometria_contacts", "events": "antavo_ometria_events"}
 CONNECTIONS = ("antavo_default", "ometria_default", "antavo_ometria_state")
 SANDBOX_STATE = "sandbox_state.db"  # the state store of local sandbox runs
 SANDBOX_FILE = "sandbox.json"  # the sandbox's accounts between local runs
+QUICK = RetryPolicy(attempts=2, backoff=0.5)  # a command answers in seconds, not after minutes of retries
 LOG_LINE = re.compile(r"^\d{4}-\d{2}-\d{2}T")  # a new log record: the traceback before it is over
 CHAINING = ("Traceback", "During handling", "The above exception")
 SHOWN = re.compile(r"\[antavo_ometria|\[DAG TEST\] (starting|end)|DagRun Finished")
@@ -108,12 +112,10 @@ class _environ:
 def _stored_connections(env: dict[str, str]) -> list[str]:
     """Which of the Antavo and Ometria connections Airflow knows (its database, a secrets backend)."""
     with _environ(env):
-        from airflow.models.connection import Connection
-
         found = []
         for conn_id in CONNECTIONS[:2]:
             try:
-                Connection.get_connection_from_secrets(conn_id)
+                _connection(conn_id)
                 found.append(conn_id)
             except Exception:  # not defined, or no Airflow database yet
                 pass
@@ -202,80 +204,72 @@ def cmd_run(args: argparse.Namespace) -> int:
             sandbox.stop()
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """One line per check, as the first task of each DAG runs them."""
-    env = airflow_env()
-    Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
-    problems = _connection_problems(env)
-    if problems:
-        print("\n".join(f"✗ connection  {p}" for p in problems))
-        return 2
-    sandbox = _accounts(env, args)
-    try:
-        with _environ(env):
-            from airflow.models.connection import Connection
-
-            from antavo_ometria.antavo import AntavoClient
-            from antavo_ometria.connect import check_connections
-            from antavo_ometria.hooks import antavo_config, ometria_config
-            from antavo_ometria.ometria import OmetriaClient
-            from antavo_ometria.transport import RetryPolicy
-
-            try:
-                mapping = load_contact_mapping(mappings_dir())
-                antavo, ometria = (Connection.get_connection_from_secrets(c) for c in CONNECTIONS[:2])
-                quick = RetryPolicy(attempts=2, backoff=0.5)
-                checks = check_connections(AntavoClient(replace(antavo_config(antavo), retry=quick)),
-                                           OmetriaClient(replace(ometria_config(ometria), retry=quick)),
-                                           mapping.settings.list_id)
-            except (ConfigError, ValueError, LookupError) as exc:
-                print(f"✗ setup       {exc}")
-                return 2
-        for check in checks:
-            print(f"{'✓' if check.ok else '✗'} {check.name:10}  {check.detail}")
-        return 0 if all(c.ok for c in checks) else 1
-    finally:
-        if sandbox is not None:
-            sandbox.stop()
-
-
-def cmd_trace(args: argparse.Namespace) -> int:
-    """Did Ometria get her, when, with what, and if not, why: read live from Antavo and the state store."""
+@contextmanager
+def _session(args: argparse.Namespace) -> Iterator[None]:
+    """os.environ pointed at the accounts for one command: the real ones, or the sandbox (stopped afterwards)."""
     env = airflow_env()
     Path(env["AIRFLOW_HOME"]).mkdir(parents=True, exist_ok=True)
     problems = _connection_problems(env)
     if problems:
         print("\n".join(f"✗ {p}" for p in problems), file=sys.stderr)
-        return 2
+        raise SystemExit(2)
     sandbox = _accounts(env, args)
     try:
         with _environ(env):
-            import logging
-
-            logging.disable(logging.WARNING)  # the trace is the output, not the libraries' progress
-            from airflow.models.connection import Connection
-
-            from antavo_ometria.antavo import AntavoClient
-            from antavo_ometria.hooks import antavo_config
-            from antavo_ometria.settings import staging_root
-            from antavo_ometria.state import StateStore, default_url, url_from_connection
-            from antavo_ometria.trace import format_trace, trace
-            from antavo_ometria.transport import RetryPolicy
-
-            try:
-                state_url = url_from_connection(Connection.get_connection_from_secrets(CONNECTIONS[2]))
-            except Exception:  # no state store connection: the default
-                state_url = default_url()
-            store = StateStore(state_url)
-            store.ensure_schema()
-            antavo = AntavoClient(replace(antavo_config(Connection.get_connection_from_secrets(CONNECTIONS[0])),
-                                          retry=RetryPolicy(attempts=2, backoff=0.5)))
-            print(format_trace(trace(args.customer, store, load_contact_mapping(mappings_dir()), antavo,
-                                     staging_root())))
-        return 0
+            yield
     finally:
         if sandbox is not None:
             sandbox.stop()
+
+
+def _connection(conn_id: str):
+    from airflow.models.connection import Connection
+
+    return Connection.get_connection_from_secrets(conn_id)
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """One line per check, as the first task of each DAG runs them."""
+    with _session(args):
+        from antavo_ometria.antavo import AntavoClient
+        from antavo_ometria.connect import check_connections
+        from antavo_ometria.hooks import antavo_config, ometria_config
+        from antavo_ometria.ometria import OmetriaClient
+
+        try:
+            mapping = load_contact_mapping(mappings_dir())
+            checks = check_connections(AntavoClient(replace(antavo_config(_connection(CONNECTIONS[0])), retry=QUICK)),
+                                       OmetriaClient(replace(ometria_config(_connection(CONNECTIONS[1])), retry=QUICK)),
+                                       mapping.settings.list_id)
+        except (ConfigError, ValueError, LookupError) as exc:
+            print(f"✗ setup       {exc}")
+            return 2
+    for check in checks:
+        print(f"{'✓' if check.ok else '✗'} {check.name:10}  {check.detail}")
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def cmd_trace(args: argparse.Namespace) -> int:
+    """Did Ometria get her, when, with what, and if not, why: read live from Antavo and the state store."""
+    with _session(args):
+        import logging
+
+        logging.disable(logging.WARNING)  # the trace is the output, not the libraries' progress
+        from antavo_ometria.antavo import AntavoClient
+        from antavo_ometria.hooks import antavo_config
+        from antavo_ometria.settings import staging_root
+        from antavo_ometria.state import StateStore, default_url, url_from_connection
+        from antavo_ometria.trace import format_trace, trace
+
+        try:
+            state_url = url_from_connection(_connection(CONNECTIONS[2]))
+        except Exception:  # no state store connection: the default
+            state_url = default_url()
+        store = StateStore(state_url)
+        store.ensure_schema()
+        antavo = AntavoClient(replace(antavo_config(_connection(CONNECTIONS[0])), retry=QUICK))
+        print(format_trace(trace(args.customer, store, load_contact_mapping(mappings_dir()), antavo, staging_root())))
+    return 0
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
