@@ -81,18 +81,23 @@ def antavo_ometria_contacts():
     def plan() -> dict:
         """Check the mapping, then decide: full or incremental, and which window of Antavo updates.
 
-        Also removes run folders older than the staging retention (ANTAVO_OMETRIA_STAGING_RETENTION_DAYS)."""
+        Also removes run folders, and held records released (delivered) since, older than the retention
+        (ANTAVO_OMETRIA_STAGING_RETENTION_DAYS)."""
         import logging
+        from datetime import UTC, datetime
 
         from antavo_ometria.pipeline import plan_run
-        from antavo_ometria.settings import prune_staging
+        from antavo_ometria.settings import prune_staging, staging_retention
 
         context = get_current_context()
+        store = _store()
         removed = prune_staging(DAG_ID, keep=_staging())
-        if removed:
-            logging.getLogger(__name__).info("removed %d staging folder(s) past the retention", len(removed))
+        forgotten = store.prune_released(datetime.now(UTC) - staging_retention())
+        if removed or forgotten:
+            logging.getLogger(__name__).info("retention: removed %d staging folder(s) and %d released held record(s)",
+                                             len(removed), forgotten)
         return plan_run(
-            _store(), _mapping(), DAG_ID, context["run_id"],
+            store, _mapping(), DAG_ID, context["run_id"],
             interval=(context.get("data_interval_start"), context.get("data_interval_end")),
             run_type=getattr(context["dag_run"].run_type, "value", str(context["dag_run"].run_type)),
             full_resync=bool(context["params"]["full_resync"]),

@@ -278,6 +278,7 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: 
     """
     if store is not None:
         store.clear_held(plan["run_id"], "quarantined")
+    held_before = store.held_ids("quarantined") if store is not None else set()  # who passes again is released
     checked = quarantined = valid = changed = 0
     reasons: Counter = Counter()
     non_null: Counter = Counter()
@@ -294,6 +295,9 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: dict, store: 
             if store is not None:
                 store.record_held(plan["run_id"], "quarantined", rows)
             ok = [(ids[row], encoded[row]) for row in np.flatnonzero(gate.valid.to_numpy())]
+            passing_again = [i for i, _ in ok if i in held_before]
+            if passing_again:
+                store.release_held(passing_again, ("quarantined",))
             hashes = [payload_hash(body) for _, body in ok]
             known = {} if plan["send_unchanged"] or store is None else store.sent_hashes([i for i, _ in ok])
             keep = [k for k, ((i, _), h) in enumerate(zip(ok, hashes)) if known.get(i) != h]

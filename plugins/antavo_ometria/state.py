@@ -248,6 +248,19 @@ class StateStore:
                 conn.execute(held.update().where(held.c.antavo_id.in_(chunk) & held.c.kind.in_(kinds)
                                                  & held.c.released_at.is_(None)).values(released_at=moment))
 
+    def held_ids(self, kind: str) -> set[str]:
+        """The ids held back now for this kind of reason."""
+        held = self.table("sync_held_records")
+        query = sa.select(held.c.antavo_id).where((held.c.kind == kind) & held.c.released_at.is_(None)).distinct()
+        with self.engine.connect() as conn:
+            return {i for i in conn.execute(query).scalars() if i is not None}
+
+    def prune_released(self, older_than: datetime) -> int:
+        """Forget held records released before `older_than` (the history a trace shows is kept that long)."""
+        held = self.table("sync_held_records")
+        with self.engine.begin() as conn:
+            return conn.execute(held.delete().where(held.c.released_at < older_than)).rowcount
+
     def held_records(self, run_id: str | None = None, kind: str | tuple[str, ...] | None = None, limit: int = 100,
                      antavo_id: str | None = None, history: bool = False) -> list[dict]:
         """Records held back now (newest first); with `history`, also those released since. `antavo_id` also
