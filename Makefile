@@ -3,17 +3,17 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
-export PYTHONPATH := $(CURDIR)/plugins
 export GX_ANALYTICS_ENABLED := false
 
 .PHONY: install run events check trace keys test validate fields preview diff sandbox lock lint bench reliability clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode --quiet -r requirements.txt
+	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps --editable .   # the sync's own packages, from src/
 	touch $@
 
 RUN_OPTIONS = $(if $(FRESH),--fresh) $(if $(CONF),--conf '$(CONF)')
@@ -21,17 +21,17 @@ RUN_OPTIONS = $(if $(FRESH),--fresh) $(if $(CONF),--conf '$(CONF)')
 # sync once: the contact sync DAG via `airflow dags test` (the sandbox unless connections are set);
 # FRESH=1 starts the local sandbox over, CONF='{"dry_run": true}' or CONF='{"full_resync": true}' sets run parameters
 run: install
-	$(BIN)/python -m antavo_ometria.cli run $(RUN_OPTIONS)
+	$(BIN)/python -m antavo_ometria_tools.cli run $(RUN_OPTIONS)
 
 events: install          ## the event-trigger DAG once, the same way
-	$(BIN)/python -m antavo_ometria.cli run --dag events $(RUN_OPTIONS)
+	$(BIN)/python -m antavo_ometria_tools.cli run --dag events $(RUN_OPTIONS)
 
 check: install           ## connect: a signed Antavo request, the Ometria API key, the configured list
-	$(BIN)/python -m antavo_ometria.cli check
+	$(BIN)/python -m antavo_ometria_tools.cli check
 
 KEYS_FILE ?= .env
 trace: install           ## one customer: make trace ID=<Antavo customer id or email>
-	$(BIN)/python -m antavo_ometria.cli trace "$(ID)"
+	$(BIN)/python -m antavo_ometria_tools.cli trace "$(ID)"
 
 keys:                    ## secrets for docker-compose, written once to .env (compose reads it)
 	@if [ -e "$(KEYS_FILE)" ]; then \
@@ -47,31 +47,31 @@ test: install            ## every test
 	$(BIN)/python -m pytest
 
 validate: install        ## check include/mappings
-	$(BIN)/python -m antavo_ometria.cli validate
+	$(BIN)/python -m antavo_ometria_tools.cli validate
 
 fields: install          ## list mappable loyalty fields
-	$(BIN)/python -m antavo_ometria.cli fields
+	$(BIN)/python -m antavo_ometria_tools.cli fields
 
 preview: install         ## sample customers next to their Ometria records (N=3)
-	$(BIN)/python -m antavo_ometria.cli preview -n $(or $(N),3)
+	$(BIN)/python -m antavo_ometria_tools.cli preview -n $(or $(N),3)
 
 diff: install            ## what the edited mapping changes against the committed one
-	$(BIN)/python -m antavo_ometria.cli diff
+	$(BIN)/python -m antavo_ometria_tools.cli diff
 
 sandbox: install         ## serve both sandbox APIs on 127.0.0.1:8701 (Antavo) and :8702 (Ometria)
-	$(BIN)/python -m antavo_ometria.sandbox --state-file $(or $(AIRFLOW_HOME),.airflow)/sandbox.json
+	$(BIN)/python -m antavo_ometria_tools.sandbox --state-file $(or $(AIRFLOW_HOME),.airflow)/sandbox.json
 
 lock: install            ## re-resolve requirements.in into the pinned requirements.txt
 	$(BIN)/uv pip compile --python-version 3.11 requirements.in -o requirements.txt
 
 lint: install
-	$(BIN)/ruff check plugins dags tests
+	$(BIN)/ruff check src plugins dags tests benchmarks
 
 clean:
 	rm -rf $(VENV) .airflow .pytest_cache
 
 bench: install           ## benchmarks (100k and 1M customers); writes BENCHMARKS.md
-	$(BIN)/python benchmarks/run.py
+	$(BIN)/python -m benchmarks.run
 
 reliability: install     ## every fault scenario, for real; writes the reliability table into BENCHMARKS.md
-	$(BIN)/python benchmarks/reliability.py
+	$(BIN)/python -m benchmarks.reliability

@@ -12,10 +12,10 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
-from antavo_ometria.mapping import ContactMapping
-from antavo_ometria.payload import envelope
-from antavo_ometria.quality import CALENDAR_DATE
-from antavo_ometria.transform import EMAIL, GENDERS, PHONE_E164, iso_countries
+from antavo_ometria.ometria.payload import envelope
+from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.quality import CALENDAR_DATE
+from antavo_ometria.sync.transform import EMAIL, GENDERS, PHONE_E164, iso_countries
 
 EMAIL_RE, PHONE_RE, DATE_RE = re.compile(EMAIL), re.compile(PHONE_E164), re.compile(CALENDAR_DATE)
 

@@ -1,22 +1,20 @@
 """How much the state store keeps per contact for the customer trace: the last payload sent, zlib-compressed.
 
-    .venv/bin/python benchmarks/payload_storage.py        # 10,000 sandbox customers, both shipped mappings
+    .venv/bin/python -m benchmarks.payload_storage        # 10,000 sandbox customers, both shipped mappings
 """
 
 from __future__ import annotations
 
-import sys
 import zlib
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(PROJECT / "plugins")]
+from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.ometria.payload import encode_contacts
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.transform import customer_columns, transform
+from antavo_ometria_tools.population import make_customer
 
-from antavo_ometria.antavo import normalise_customer  # noqa: E402
-from antavo_ometria.mapping import load_contact_mapping  # noqa: E402
-from antavo_ometria.payload import encode_contacts  # noqa: E402
-from antavo_ometria.sandbox.population import make_customer  # noqa: E402
-from antavo_ometria.transform import customer_columns, transform  # noqa: E402
+PROJECT = Path(__file__).resolve().parents[1]
 
 
 def main(count: int = 10_000) -> None:

@@ -6,15 +6,13 @@
 from __future__ import annotations
 
 import re
-import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
-PROJECT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(PROJECT / "plugins"), str(PROJECT / "tests")]
+from tests.scenarios import SCENARIOS, run, run_bad_inputs
 
-from scenarios import SCENARIOS, run, run_bad_inputs  # noqa: E402
+PROJECT = Path(__file__).resolve().parents[1]
 
 HEADING = "## Reliability"
 
@@ -31,7 +29,7 @@ def main() -> None:
     lines = [
         HEADING,
         "",
-        f"Measured by `make reliability` (`python benchmarks/reliability.py`) on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC "
+        f"Measured by `make reliability` (`python -m benchmarks.reliability`) on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC "
         f"in {time.time() - started:.0f} s. Each row runs the contact sync of the sandbox's population (2,500 "
         "customers, 3 Read API pages) and the reward-claim delivery as the DAGs do, each step tried again up to "
         "the DAGs' retries, against a sandbox that misbehaves; the rows below the first eleven span several runs "

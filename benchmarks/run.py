@@ -1,7 +1,7 @@
 """Benchmarks of the contact sync on this machine; writes BENCHMARKS.md.
 
     make bench                                  # 100k and 1M customers
-    python benchmarks/run.py --sizes 20000      # a quick run
+    python -m benchmarks.run --sizes 20000      # a quick run
 
 Each measurement runs in its own process, so its peak memory (max RSS) is its own. Synthetic
 populations are generated once into bench-data/ (about 1.3 KB of JSON per customer).
@@ -26,15 +26,14 @@ from pathlib import Path
 PROJECT = Path(__file__).resolve().parents[1]
 DATA = PROJECT / "bench-data"
 V2_MAPPING = PROJECT / "include" / "mappings" / "examples" / "v2"
-sys.path[:0] = [str(PROJECT / "plugins"), str(PROJECT / "benchmarks")]
 
 
 # -- data --------------------------------------------------------------------------------------
 def population(size: int) -> Path:
     """bench-data/customers-<size>/customers.ndjson, in the shape extract stages (with a few malformed rows)."""
-    from antavo_ometria.antavo import normalise_customer
-    from antavo_ometria.pipeline import write_customers
-    from antavo_ometria.sandbox.population import make_customer
+    from antavo_ometria.antavo.client import normalise_customer
+    from antavo_ometria.sync.pipeline import write_customers
+    from antavo_ometria_tools.population import make_customer
 
     folder = DATA / f"customers-{size}"
     if not (folder / "customers.ndjson").exists():
@@ -60,10 +59,10 @@ def peak_mb() -> float:
 
 # -- measurements (each in a child process) ----------------------------------------------------
 def measure_transform(size: int, gate: bool) -> dict:
-    from antavo_ometria.mapping import load_contact_mapping
-    from antavo_ometria.payload import encode_contacts
-    from antavo_ometria.pipeline import transform_staged
-    from antavo_ometria.transform import read_customer_chunks, transform
+    from antavo_ometria.ometria.payload import encode_contacts
+    from antavo_ometria.sync.mapping import load_contact_mapping
+    from antavo_ometria.sync.pipeline import transform_staged
+    from antavo_ometria.sync.transform import read_customer_chunks, transform
 
     mapping = load_contact_mapping(V2_MAPPING)
     staging = staging_copy(population(size))
@@ -84,9 +83,8 @@ def measure_transform(size: int, gate: bool) -> dict:
 
 
 def measure_naive(size: int) -> dict:
-    from naive import transform_file
-
-    from antavo_ometria.mapping import load_contact_mapping
+    from antavo_ometria.sync.mapping import load_contact_mapping
+    from benchmarks.naive import transform_file
 
     mapping = load_contact_mapping(V2_MAPPING)
     path = population(size) / "customers.ndjson"
@@ -109,9 +107,9 @@ class SandboxProcess:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "antavo_ometria.sandbox", "--customers", "0", "--antavo-port", str(free_port()),
+            [sys.executable, "-m", "antavo_ometria_tools.sandbox", "--customers", "0", "--antavo-port", str(free_port()),
              "--ometria-port", str(self.port), "--ometria-rate", str(rate)],
-            env={**os.environ, "PYTHONPATH": str(PROJECT / "plugins")}, stdout=subprocess.DEVNULL)
+            stdout=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             try:
@@ -132,11 +130,11 @@ class SandboxProcess:
 
 
 def _encoded(count: int) -> list[tuple[str, bytes]]:
-    from antavo_ometria.antavo import normalise_customer
-    from antavo_ometria.mapping import load_contact_mapping
-    from antavo_ometria.pipeline import prepare_contacts
-    from antavo_ometria.sandbox.population import make_customer
-    from antavo_ometria.transform import customer_columns
+    from antavo_ometria.antavo.client import normalise_customer
+    from antavo_ometria.sync.mapping import load_contact_mapping
+    from antavo_ometria.sync.pipeline import prepare_contacts
+    from antavo_ometria.sync.transform import customer_columns
+    from antavo_ometria_tools.population import make_customer
 
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     customers = [normalise_customer(make_customer(i)) for i in range(count)]
@@ -145,8 +143,8 @@ def _encoded(count: int) -> list[tuple[str, bytes]]:
 
 
 def measure_loader() -> dict:
-    from antavo_ometria.ometria import OmetriaClient, OmetriaConfig, batches
-    from antavo_ometria.sandbox import OMETRIA_KEY
+    from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig, batches
+    from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
     records = _encoded(51_000)[:50_000]
     results = {}
@@ -169,11 +167,11 @@ def measure_loader() -> dict:
 
 def measure_incremental(size: int) -> dict:
     """A 1 % change after a full sync of `size` customers: what is pushed, and how long it takes."""
-    from antavo_ometria.mapping import load_contact_mapping
-    from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
-    from antavo_ometria.pipeline import load_staged, read_contacts, transform_staged, write_customers
-    from antavo_ometria.sandbox import OMETRIA_KEY
-    from antavo_ometria.state import StateStore
+    from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+    from antavo_ometria.sync.mapping import load_contact_mapping
+    from antavo_ometria.sync.pipeline import load_staged, read_contacts, transform_staged, write_customers
+    from antavo_ometria.sync.state import StateStore
+    from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
     mapping = load_contact_mapping(V2_MAPPING)
     source = population(size)
@@ -221,8 +219,7 @@ def measure_incremental(size: int) -> dict:
 def dag_parse_times() -> list[dict]:
     home = Path(tempfile.mkdtemp(prefix="bench-airflow-"))
     env = {**os.environ, "AIRFLOW_HOME": str(home), "AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "dags"),
-           "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-           "PYTHONPATH": str(PROJECT / "plugins")}
+           "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT / "plugins"), "AIRFLOW__CORE__LOAD_EXAMPLES": "False"}
     airflow = str(Path(sys.executable).with_name("airflow"))
     subprocess.run([airflow, "db", "migrate"], env=env, capture_output=True, check=True)
     report = subprocess.run([airflow, "dags", "report", "-o", "json"], env=env, capture_output=True, text=True,
@@ -233,7 +230,7 @@ def dag_parse_times() -> list[dict]:
 
 # -- the report --------------------------------------------------------------------------------
 def child(kind: str, size: int = 0) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--measure", kind, "--size", str(size)],
+    done = subprocess.run([sys.executable, "-m", "benchmarks.run", "--measure", kind, "--size", str(size)], cwd=PROJECT,
                           capture_output=True, text=True, env={**os.environ, "GX_ANALYTICS_ENABLED": "false"})
     if done.returncode:
         raise RuntimeError(f"{kind} {size} failed:\n{done.stderr[-3000:]}")
@@ -284,7 +281,7 @@ def write_report(path: Path, rows, loader, incremental, parse, elapsed: float) -
     lines = [
         "# Benchmarks",
         "",
-        f"Measured by `make bench` (`python benchmarks/run.py`) on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
+        f"Measured by `make bench` (`python -m benchmarks.run`) on {datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "
         f"{machine()}; {elapsed / 60:.1f} minutes in all. v2 mapping with {fields} fields "
         "(`include/mappings/examples/v2`); synthetic customers with tiers, accounts, expiring points, "
         "custom properties and ~2.8 % malformed rows. Each figure comes from its own process.",

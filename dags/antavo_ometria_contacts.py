@@ -24,7 +24,7 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 
-from antavo_ometria.dag_defaults import DEFAULT_ARGS
+from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS
 
 DAG_ID = "antavo_ometria_contacts"
 PUSH_POOL = "ometria_push"  # caps concurrent pushes across DAGs: Ometria's rate limit is per account
@@ -32,16 +32,16 @@ OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # update
 
 
 def _staging():
-    from antavo_ometria.settings import staging_dir
+    from antavo_ometria.sync.settings import staging_dir
 
     return staging_dir(DAG_ID, get_current_context()["run_id"])
 
 
 def _mapping():
-    from antavo_ometria.hooks import fail_fast_on
-    from antavo_ometria.mapping import load_contact_mapping
+    from antavo_ometria.airflow.hooks import fail_fast_on
     from antavo_ometria.problems import ConfigError
-    from antavo_ometria.settings import mappings_dir
+    from antavo_ometria.sync.mapping import load_contact_mapping
+    from antavo_ometria.sync.settings import mappings_dir
 
     with fail_fast_on(ConfigError):
         return load_contact_mapping(mappings_dir())
@@ -49,7 +49,7 @@ def _mapping():
 
 def _store():
     """The state store; if it cannot be reached the task fails before sending anything (and is retried)."""
-    from antavo_ometria.hooks import StateStoreHook, fail_fast_on
+    from antavo_ometria.airflow.hooks import StateStoreHook, fail_fast_on
 
     with fail_fast_on(ValueError):  # a connection that is malformed: retrying cannot mend it
         return StateStoreHook().get_conn()
@@ -73,7 +73,7 @@ def antavo_ometria_contacts():
     @task
     def check_connections() -> list[str]:
         """Connect first: a signed Antavo request, an authenticated Ometria call, and the configured list."""
-        from antavo_ometria.hooks import connect_or_fail
+        from antavo_ometria.airflow.hooks import connect_or_fail
 
         return connect_or_fail(_mapping().settings.list_id)
 
@@ -86,8 +86,8 @@ def antavo_ometria_contacts():
         import logging
         from datetime import UTC, datetime
 
-        from antavo_ometria.pipeline import plan_run
-        from antavo_ometria.settings import prune_staging, staging_retention
+        from antavo_ometria.sync.pipeline import plan_run
+        from antavo_ometria.sync.settings import prune_staging, staging_retention
 
         context = get_current_context()
         store = _store()
@@ -107,8 +107,8 @@ def antavo_ometria_contacts():
     @task
     def extract(plan: dict) -> dict:
         """Read the planned Antavo customers into the staging folder."""
-        from antavo_ometria.hooks import AntavoHook, fail_fast_on
-        from antavo_ometria.pipeline import extract
+        from antavo_ometria.airflow.hooks import AntavoHook, fail_fast_on
+        from antavo_ometria.sync.pipeline import extract
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(ApiError):  # e.g. refused credentials; network trouble and 5xx are retried
@@ -123,9 +123,9 @@ def antavo_ometria_contacts():
         Customers that fail a check are quarantined with every reason; the run stops before sending
         when too many fail or a full load is far smaller than the last one.
         """
-        from antavo_ometria.hooks import fail_fast_on
-        from antavo_ometria.pipeline import transform_staged
-        from antavo_ometria.quality import QualityGateFailed
+        from antavo_ometria.airflow.hooks import fail_fast_on
+        from antavo_ometria.sync.pipeline import transform_staged
+        from antavo_ometria.sync.quality import QualityGateFailed
 
         with fail_fast_on(QualityGateFailed):
             return transform_staged(_staging(), _mapping(), plan, _store())
@@ -133,8 +133,8 @@ def antavo_ometria_contacts():
     @task(pool=PUSH_POOL, outlets=[OMETRIA_CONTACTS])
     def load(plan: dict, transformed: dict) -> dict:
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
-        from antavo_ometria.hooks import OmetriaHook, fail_fast_on
-        from antavo_ometria.pipeline import LoadFailed, load_staged
+        from antavo_ometria.airflow.hooks import OmetriaHook, fail_fast_on
+        from antavo_ometria.sync.pipeline import LoadFailed, load_staged
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(LoadFailed, ApiError):  # e.g. a refused API key; network trouble and 5xx are retried
@@ -144,8 +144,8 @@ def antavo_ometria_contacts():
     def report() -> dict:
         """Write and log the run report and record the run in the state store, whatever happened; fail
         the run unless every contact was delivered or held back with a reason."""
-        from antavo_ometria.hooks import fail_fast_on
-        from antavo_ometria.pipeline import RunNotDelivered, report_run
+        from antavo_ometria.airflow.hooks import fail_fast_on
+        from antavo_ometria.sync.pipeline import RunNotDelivered, report_run
 
         context = get_current_context()
         steps = {name: context["ti"].xcom_pull(task_ids=name)

@@ -24,10 +24,10 @@ import os
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
 
-from antavo_ometria.dag_defaults import DEFAULT_ARGS
-from antavo_ometria.event_rules import rule_actions
-from antavo_ometria.sensors import AntavoEventSensor
-from antavo_ometria.settings import mappings_dir
+from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS
+from antavo_ometria.airflow.sensors import AntavoEventSensor
+from antavo_ometria.sync.event_rules import rule_actions
+from antavo_ometria.sync.settings import mappings_dir
 
 DAG_ID = "antavo_ometria_events"
 POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS", 60))
@@ -48,9 +48,9 @@ def antavo_ometria_events():
     @task
     def check_connections() -> list[str]:
         """Connect first: a signed Antavo request, an authenticated Ometria call, and the configured list."""
-        from antavo_ometria.hooks import connect_or_fail, fail_fast_on
-        from antavo_ometria.mapping import load_contact_mapping
+        from antavo_ometria.airflow.hooks import connect_or_fail, fail_fast_on
         from antavo_ometria.problems import ConfigError
+        from antavo_ometria.sync.mapping import load_contact_mapping
 
         with fail_fast_on(ConfigError):
             list_id = load_contact_mapping(mappings_dir()).settings.list_id
@@ -59,9 +59,9 @@ def antavo_ometria_events():
     @task
     def check_rules() -> list[str]:
         """Validate the trigger rules; a broken file stops the run before any request."""
-        from antavo_ometria.event_rules import load_rules
-        from antavo_ometria.hooks import fail_fast_on
+        from antavo_ometria.airflow.hooks import fail_fast_on
         from antavo_ometria.problems import ConfigError
+        from antavo_ometria.sync.event_rules import load_rules
 
         with fail_fast_on(ConfigError):
             return [rule.name for rule in load_rules(mappings_dir())]
@@ -76,10 +76,10 @@ def antavo_ometria_events():
             """Push the rule's new events to Ometria as custom events, each exactly once."""
             import logging
 
-            from antavo_ometria.event_rules import load_rules
-            from antavo_ometria.events import deliver, format_summary
-            from antavo_ometria.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
-            from antavo_ometria.mapping import load_contact_mapping
+            from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
+            from antavo_ometria.sync.event_rules import load_rules
+            from antavo_ometria.sync.events import deliver, format_summary
+            from antavo_ometria.sync.mapping import load_contact_mapping
             from antavo_ometria.transport import ApiError
 
             mapping = load_contact_mapping(mappings_dir())

@@ -1,6 +1,6 @@
 """Airflow UI plugin: the Antavo → Ometria sync dashboard (Browse → "Antavo → Ometria sync").
 
-Serves `antavo_ometria.dashboard` at /sync-dashboard/ inside the api-server, behind Airflow's own
+Serves `antavo_ometria.airflow.dashboard` at /sync-dashboard/ inside the api-server, behind Airflow's own
 login and its auth manager's permissions, and adds it to the UI's navigation.
 """
 
@@ -19,8 +19,8 @@ def _state_url() -> str:
     from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
-    from antavo_ometria.hooks import env_connection_problem
-    from antavo_ometria.state import default_url, url_from_connection
+    from antavo_ometria.airflow.hooks import env_connection_problem
+    from antavo_ometria.sync.state import default_url, url_from_connection
 
     try:
         return url_from_connection(Connection.get_connection_from_secrets("antavo_ometria_state"))
@@ -35,7 +35,7 @@ _STORES: dict = {}  # one state store (and one schema check) per URL for the lif
 
 
 def _store():
-    from antavo_ometria.state import StateStore
+    from antavo_ometria.sync.state import StateStore
 
     url = _state_url()
     if url not in _STORES:
@@ -46,7 +46,7 @@ def _store():
 
 
 def _page() -> str:
-    from antavo_ometria.dashboard import render
+    from antavo_ometria.airflow.dashboard import render
 
     return render(_store())
 
@@ -57,12 +57,12 @@ def _trace_page(query: str) -> str:
 
     from airflow.models.connection import Connection
 
-    from antavo_ometria.antavo import AntavoClient
-    from antavo_ometria.dashboard import render_trace
-    from antavo_ometria.hooks import antavo_config
-    from antavo_ometria.mapping import load_contact_mapping
-    from antavo_ometria.settings import mappings_dir, staging_root
-    from antavo_ometria.trace import trace
+    from antavo_ometria.airflow.dashboard import render_trace
+    from antavo_ometria.airflow.hooks import antavo_config
+    from antavo_ometria.antavo.client import AntavoClient
+    from antavo_ometria.sync.mapping import load_contact_mapping
+    from antavo_ometria.sync.settings import mappings_dir, staging_root
+    from antavo_ometria.sync.trace import trace
     from antavo_ometria.transport import RetryPolicy
 
     if not query:

@@ -38,7 +38,7 @@ def airflow_db():
 
 @pytest.fixture
 def sandbox():
-    from antavo_ometria.sandbox import Sandbox
+    from antavo_ometria_tools.sandbox import Sandbox
 
     with Sandbox(customers=300) as running:
         yield running
@@ -91,9 +91,9 @@ def connections(sandbox, monkeypatch, state_url):
 
 @pytest.fixture
 def antavo_client(sandbox):
-    from antavo_ometria.antavo import AntavoClient, AntavoConfig
-    from antavo_ometria.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, ANTAVO_SECRET
+    from antavo_ometria.antavo.client import AntavoClient, AntavoConfig
     from antavo_ometria.transport import RetryPolicy
+    from antavo_ometria_tools.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, ANTAVO_SECRET
 
     return AntavoClient(AntavoConfig(sandbox.antavo_url, ANTAVO_KEY, ANTAVO_SECRET, ANTAVO_ENVIRONMENT,
                                      read_api_url=sandbox.antavo_url, requests_per_second=0,
@@ -102,9 +102,9 @@ def antavo_client(sandbox):
 
 @pytest.fixture
 def ometria_client(sandbox):
-    from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
-    from antavo_ometria.sandbox import OMETRIA_KEY
+    from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
     from antavo_ometria.transport import RetryPolicy
+    from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
     return OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=0, timeout=2,
                                        retry=RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05)))

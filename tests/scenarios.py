@@ -21,19 +21,19 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from antavo_ometria.antavo import AntavoClient, AntavoConfig
-from antavo_ometria.dag_defaults import DEFAULT_ARGS
-from antavo_ometria.event_rules import load_rules
-from antavo_ometria.events import deliver
-from antavo_ometria.mapping import load_contact_mapping
-from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
-from antavo_ometria.pipeline import RunNotDelivered, extract, load_staged, plan_run, report_run, transform_staged
+from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS
+from antavo_ometria.antavo.client import AntavoClient, AntavoConfig
+from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.quality import QualityGateFailed
-from antavo_ometria.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, ANTAVO_SECRET, OMETRIA_KEY, Sandbox
-from antavo_ometria.sandbox.population import defects_of
-from antavo_ometria.state import StateStore
+from antavo_ometria.sync.event_rules import load_rules
+from antavo_ometria.sync.events import deliver
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.pipeline import RunNotDelivered, extract, load_staged, plan_run, report_run, transform_staged
+from antavo_ometria.sync.quality import QualityGateFailed
+from antavo_ometria.sync.state import StateStore
 from antavo_ometria.transport import RetryPolicy
+from antavo_ometria_tools.population import defects_of
+from antavo_ometria_tools.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, ANTAVO_SECRET, OMETRIA_KEY, Sandbox
 
 PROJECT = Path(__file__).resolve().parents[1]
 DAG_ID = "antavo_ometria_contacts"
@@ -302,8 +302,8 @@ def _sensor_trigger_errors(dep: Deployment) -> list[str]:
     """Revoked Antavo credentials while the event sensor waits: the sensor fails (an alert), it does not skip."""
     from airflow.sdk.exceptions import AirflowException, AirflowSkipException
 
-    from antavo_ometria.sensors import AntavoEventSensor
-    from antavo_ometria.triggers import AntavoEventTrigger
+    from antavo_ometria.airflow.sensors import AntavoEventSensor
+    from antavo_ometria.airflow.triggers import AntavoEventTrigger
 
     runs = [dep.sync("run-1"), dep.deliver_events("run-1")]
     dep.claim(CLAIMS)
@@ -428,8 +428,8 @@ def bad_input_population(per_class: int = 3, valid: int = 30) -> tuple[list[dict
 
 def run_bad_inputs() -> list[tuple[str, int, int, int]]:
     """(class, held back by the expected check, delivered, lost) for each bad-input class, then the valid ones."""
-    from antavo_ometria.pipeline import prepare_contacts
-    from antavo_ometria.transform import customer_columns
+    from antavo_ometria.sync.pipeline import prepare_contacts
+    from antavo_ometria.sync.transform import customer_columns
 
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     customers, classes = bad_input_population()

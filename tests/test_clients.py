@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import pytest
 import requests
 
-from antavo_ometria.antavo import normalise_customer
-from antavo_ometria.ometria import MAX_RECORD_BYTES, batches, encode_record, split_oversized
+from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.ometria.client import MAX_RECORD_BYTES, batches, encode_record, split_oversized
 from antavo_ometria.transport import ApiError, RateLimiter
 
 
@@ -45,7 +45,7 @@ def test_full_load_pages_through_the_read_api(antavo_client, sandbox):
 
 
 def test_full_load_uses_pages_of_1000(sandbox, antavo_client):
-    from antavo_ometria.sandbox.population import make_population
+    from antavo_ometria_tools.population import make_population
 
     sandbox.antavo.customers = make_population(2100)
     pages = list(antavo_client.iter_customer_pages())
@@ -55,7 +55,7 @@ def test_full_load_uses_pages_of_1000(sandbox, antavo_client):
 
 
 def test_a_customer_leaving_the_list_while_it_is_read_skips_no_one(sandbox, antavo_client):
-    from antavo_ometria.sandbox.population import make_population
+    from antavo_ometria_tools.population import make_population
 
     sandbox.antavo.customers = make_population(2100)
     pages = antavo_client.iter_customer_pages()
@@ -151,7 +151,7 @@ def test_push_refuses_mixed_record_types_before_sending(ometria_client, sandbox)
 
 
 def test_sandbox_enforces_the_request_contract(sandbox):
-    from antavo_ometria.sandbox import OMETRIA_KEY
+    from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
     def post(body, key=OMETRIA_KEY):
         return requests.post(f"{sandbox.ometria_url}/v2/push", data=json.dumps(body),
@@ -194,8 +194,8 @@ def test_ometria_permanent_error_is_not_retried(ometria_client, sandbox):
 
 
 def test_client_rate_limit_keeps_under_the_server_limit(sandbox):
-    from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
-    from antavo_ometria.sandbox import OMETRIA_KEY
+    from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+    from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
     sandbox.ometria.rate = 10
     client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=8))
@@ -206,15 +206,15 @@ def test_client_rate_limit_keeps_under_the_server_limit(sandbox):
 
 
 def test_secrets_are_not_in_reprs():
-    from antavo_ometria.antavo import AntavoConfig
-    from antavo_ometria.ometria import OmetriaConfig
+    from antavo_ometria.antavo.client import AntavoConfig
+    from antavo_ometria.ometria.client import OmetriaConfig
 
     assert "s3cret" not in repr(AntavoConfig("https://api.x.antavo.com", "key", "s3cret", "x"))
     assert "s3cret" not in repr(OmetriaConfig("s3cret"))
 
 
 def test_connection_flags_typed_as_text():
-    from antavo_ometria.hooks import _flag
+    from antavo_ometria.airflow.hooks import _flag
 
     assert [_flag(v) for v in (True, False, "false", "False", "no", "0", "true", "yes", 1)] == [
         True, False, False, False, False, False, True, True, True]
@@ -223,7 +223,7 @@ def test_connection_flags_typed_as_text():
 def test_state_store_url_from_a_connection():
     from types import SimpleNamespace
 
-    from antavo_ometria.state import url_from_connection
+    from antavo_ometria.sync.state import url_from_connection
 
     postgres = SimpleNamespace(conn_id="s", conn_type="postgres", login="sync", password="p@ss word", host="db",
                                port=None, schema="sync", extra_dejson={})

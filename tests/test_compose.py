@@ -57,6 +57,7 @@ def test_init_creates_the_push_pool_and_the_image_uses_the_pinned_requirements()
     pinned = re.search(r"^apache-airflow==(\S+)", (PROJECT / "requirements.txt").read_text(), re.M).group(1)
     assert f"apache/airflow:{pinned}-python3.11" in dockerfile
     assert "pip install --no-cache-dir -r /requirements.txt" in dockerfile
+    assert "pip install --no-cache-dir --no-deps /opt/antavo-ometria-sync" in dockerfile  # the sync's package, from src/
 
 
 def test_no_usable_default_secret_ships():

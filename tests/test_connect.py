@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.antavo import AntavoClient, AntavoConfig
-from antavo_ometria.cli import first_error
-from antavo_ometria.connect import check_connections
-from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
-from antavo_ometria.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, OMETRIA_KEY
+from antavo_ometria.antavo.client import AntavoClient, AntavoConfig
+from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+from antavo_ometria.sync.connect import check_connections
 from antavo_ometria.transport import AuthenticationFailed, RetryPolicy
+from antavo_ometria_tools.cli import first_error
+from antavo_ometria_tools.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, OMETRIA_KEY
 
 PROJECT = Path(__file__).resolve().parents[1]
 QUICK = RetryPolicy(attempts=4, backoff=0.01, max_backoff=0.05)
@@ -57,9 +57,9 @@ def test_an_unreachable_host_is_named(sandbox):
 
 
 def test_a_refused_ometria_key_stops_the_load_at_the_first_batch(sandbox, antavo_client, state_url, tmp_path):
-    from antavo_ometria.mapping import load_contact_mapping
-    from antavo_ometria.pipeline import extract, load_staged, plan_run, transform_staged
-    from antavo_ometria.state import StateStore
+    from antavo_ometria.sync.mapping import load_contact_mapping
+    from antavo_ometria.sync.pipeline import extract, load_staged, plan_run, transform_staged
+    from antavo_ometria.sync.state import StateStore
 
     store = StateStore(state_url)
     store.migrate()
@@ -76,7 +76,7 @@ def test_a_refused_ometria_key_stops_the_load_at_the_first_batch(sandbox, antavo
 def test_a_refused_key_with_nothing_to_push_is_an_authentication_failure(sandbox, state_url, tmp_path):
     import pyarrow.parquet as pq
 
-    from antavo_ometria.pipeline import CONTACTS, CONTACTS_SCHEMA, load_staged
+    from antavo_ometria.sync.pipeline import CONTACTS, CONTACTS_SCHEMA, load_staged
 
     pq.write_table(CONTACTS_SCHEMA.empty_table(), tmp_path / CONTACTS)
     _, wrong = clients(sandbox, key="wrong")
@@ -94,8 +94,8 @@ def test_the_first_error_of_a_failed_run_is_found_in_the_log():
 
 
 def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "antavo_ometria.cli", *args], capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(PROJECT / "plugins"), **env})
+    return subprocess.run([sys.executable, "-m", "antavo_ometria_tools.cli", *args], capture_output=True, text=True,
+                          timeout=300, env={**os.environ, **env})
 
 
 def test_a_malformed_connection_variable_is_reported_before_anything_runs(tmp_path):
@@ -134,13 +134,13 @@ def test_the_first_error_is_the_exception_raised_last_without_its_module():
     chained = ("Traceback (most recent call last):\n  File \"a.py\", line 1\nKeyError: 'x'\n\n"
                "The above exception was the direct cause of the following exception:\n\n"
                "Traceback (most recent call last):\n  File \"b.py\", line 2\n"
-               "antavo_ometria.connect.ConnectionCheckFailed: Ometria: the credentials were refused\n"
+               "antavo_ometria.sync.connect.ConnectionCheckFailed: Ometria: the credentials were refused\n"
                "2026-03-01T12:00:00Z [info     ] next record\nTraceback (most recent call last):\nValueError: later\n")
     assert first_error(chained) == "Ometria: the credentials were refused"
 
 
 def test_a_malformed_state_store_connection_is_said_not_replaced_by_sqlite(monkeypatch):
-    from antavo_ometria.hooks import StateStoreHook
+    from antavo_ometria.airflow.hooks import StateStoreHook
 
     monkeypatch.setenv("AIRFLOW_CONN_ANTAVO_OMETRIA_STATE", '{"conn_type": "generic", "extra": {"url": "x"},}')
     with pytest.raises(ValueError, match="AIRFLOW_CONN_ANTAVO_OMETRIA_STATE is not valid JSON"):
@@ -151,14 +151,14 @@ def test_a_malformed_state_store_connection_is_said_not_replaced_by_sqlite(monke
 def test_connections_stored_in_airflow_are_used_not_the_sandbox(sandbox, tmp_path):
     env = {"AIRFLOW_HOME": str(tmp_path)}
     airflow = [str(Path(sys.executable).with_name("airflow"))]
-    full_env = {**os.environ, "PYTHONPATH": str(PROJECT / "plugins"), **env}
+    full_env = {**os.environ, **env}
     full_env = {k: v for k, v in full_env.items() if not k.startswith("AIRFLOW_CONN_")}
     subprocess.run([*airflow, "db", "migrate"], env=full_env, capture_output=True, check=True, timeout=300)
     for name, value in sandbox.connections().items():
         conn_id = name.removeprefix("AIRFLOW_CONN_").lower()
         subprocess.run([*airflow, "connections", "add", conn_id, "--conn-json", value], env=full_env,
                        capture_output=True, check=True, timeout=120)
-    done = subprocess.run([sys.executable, "-m", "antavo_ometria.cli", "check"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "antavo_ometria_tools.cli", "check"], capture_output=True, text=True,
                           timeout=300, env=full_env)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "sandbox" not in done.stdout  # the stored connections were used

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.sandbox.population import defects_of
+from antavo_ometria_tools.population import defects_of
 
 PROJECT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.airflow
@@ -58,7 +58,7 @@ def expected_contact(customer: dict) -> dict:
 def run_contacts_dag(dagbag):
     from airflow.utils.state import DagRunState
 
-    from antavo_ometria.settings import staging_dir
+    from antavo_ometria.sync.settings import staging_dir
 
     run = dagbag.get_dag("antavo_ometria_contacts").test()
     assert run.state == DagRunState.SUCCESS
@@ -139,7 +139,7 @@ class Inbox:
     """A webhook receiver on loopback that keeps what it is sent."""
 
     def __init__(self):
-        from antavo_ometria.sandbox.server import App, Response, RunningServer
+        from antavo_ometria_tools.sandbox.server import App, Response, RunningServer
 
         received = self.received = []
 
@@ -174,7 +174,7 @@ def test_failure_notification_reaches_the_webhook(airflow_db, dagbag, connection
 
 
 def test_redaction_of_secret_looking_text():
-    from antavo_ometria.alerts import redact
+    from antavo_ometria.airflow.alerts import redact
 
     assert redact("login failed: password=hunter2 api_key: abc123 ok") == \
         "login failed: password=[redacted] api_key: [redacted] ok"
@@ -196,8 +196,8 @@ def test_secrets_never_reach_logs_xcom_reports_or_errors(airflow_db, dagbag, san
 
     from airflow.models.renderedtifields import RenderedTaskInstanceFields
 
-    from antavo_ometria.sandbox import ANTAVO_KEY
-    from antavo_ometria.settings import staging_dir
+    from antavo_ometria.sync.settings import staging_dir
+    from antavo_ometria_tools.sandbox import ANTAVO_KEY
 
     antavo_secret, ometria_key, wrong_key = "S3CRET-antavo-7f3a9", "S3CRET-ometria-c41d2", "S3CRET-wrong-0b77e"
     sandbox.antavo.keys = {ANTAVO_KEY: antavo_secret}

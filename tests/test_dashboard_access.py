@@ -28,12 +28,12 @@ def test_a_user_with_a_role_may_read_it_and_one_without_may_not(simple_auth_mana
 def test_the_schema_is_migrated_once_not_on_every_page(tmp_path, monkeypatch):
     import sync_dashboard
 
-    from antavo_ometria.state import StateStore
+    from antavo_ometria.sync.state import StateStore
 
     monkeypatch.setenv("ANTAVO_OMETRIA_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
     migrations, migrate = [], StateStore.migrate
     monkeypatch.setattr(StateStore, "migrate", lambda self: migrations.append(1) or migrate(self))
-    monkeypatch.setattr("antavo_ometria.dashboard.render", lambda store: "<html/>")
+    monkeypatch.setattr("antavo_ometria.airflow.dashboard.render", lambda store: "<html/>")
     monkeypatch.setattr(sync_dashboard, "_STORES", {})
     for _ in range(3):
         sync_dashboard._page()

@@ -14,8 +14,8 @@ import pytest
 from conftest import reachable
 from stack import AirflowStack
 
-from antavo_ometria.sandbox import Sandbox
-from antavo_ometria.sandbox.population import defects_of
+from antavo_ometria_tools.population import defects_of
+from antavo_ometria_tools.sandbox import Sandbox
 
 pytestmark = [pytest.mark.airflow, pytest.mark.services]
 REDIS = ("127.0.0.1", 6379)

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.event_rules import load_rules, stagger
-from antavo_ometria.events import deliver
-from antavo_ometria.mapping import load_contact_mapping
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.state import StateStore
+from antavo_ometria.sync.event_rules import load_rules, stagger
+from antavo_ometria.sync.events import deliver
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.state import StateStore
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEADER = "rule,antavo_action,ometria_event_type,property,source\n"
@@ -128,7 +128,7 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
 # -- no silent loss ------------------------------------------------------------------------------
 def test_an_ometria_outage_fails_the_delivery_and_keeps_the_cursor_before_the_claims(
         parts, sandbox, antavo_client, ometria_client):
-    from antavo_ometria.events import EventsNotDelivered
+    from antavo_ometria.sync.events import EventsNotDelivered
 
     rule, store, mapping = parts
     now = datetime.now(UTC)
@@ -149,7 +149,7 @@ def test_an_ometria_outage_fails_the_delivery_and_keeps_the_cursor_before_the_cl
 
 
 def test_events_of_a_contact_that_could_not_be_pushed_first_wait_for_it(parts, sandbox, antavo_client, ometria_client):
-    from antavo_ometria.events import EventsNotDelivered
+    from antavo_ometria.sync.events import EventsNotDelivered
 
     rule, store, mapping = parts
     claim = sandbox.antavo.claim_reward("c00000030", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=5))

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -13,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.mapping import load_contact_mapping
-from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
-from antavo_ometria.pipeline import LOAD_JOURNAL, extract, load_staged, plan_run, read_ndjson, transform_staged
-from antavo_ometria.sandbox import OMETRIA_KEY
-from antavo_ometria.state import StateStore, StateStoreUnavailable
+from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.pipeline import LOAD_JOURNAL, extract, load_staged, plan_run, read_ndjson, transform_staged
+from antavo_ometria.sync.state import StateStore, StateStoreUnavailable
+from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
 PROJECT = Path(__file__).resolve().parents[1]
 CHILD = """
 import sys, json
 from pathlib import Path
-from antavo_ometria.ometria import OmetriaClient, OmetriaConfig
-from antavo_ometria.pipeline import load_staged
-from antavo_ometria.sandbox import OMETRIA_KEY
-from antavo_ometria.state import StateStore
+from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+from antavo_ometria.sync.pipeline import load_staged
+from antavo_ometria_tools.sandbox import OMETRIA_KEY
+from antavo_ometria.sync.state import StateStore
 staging, url, state, plan = sys.argv[1:5]
 load_staged(Path(staging), OmetriaClient(OmetriaConfig(OMETRIA_KEY, url, requests_per_second=0)), json.loads(plan),
             StateStore(state))
@@ -51,7 +50,7 @@ def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url)
     # the third push hangs and is never processed: the process is killed while it waits
     sandbox.ometria.faults.add({"path": "/v2/push", "every": 3, "count": 1, "delay": 30, "drop": True})
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(staging), sandbox.ometria_url, state_url,
-                              json.dumps(plan)], env={**os.environ, "PYTHONPATH": str(PROJECT / "plugins")})
+                              json.dumps(plan)], )
     deadline = time.monotonic() + 30
     while sandbox.ometria.faults.injected == 0 and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.sandbox import Sandbox, running
+from antavo_ometria_tools.sandbox import Sandbox, running
 
 PROJECT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.airflow
@@ -17,10 +17,9 @@ pytestmark = pytest.mark.airflow
 
 def make_run(home: Path, *args: str) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AIRFLOW_CONN_", "ANTAVO_OMETRIA_STATE"))}
-    done = subprocess.run([sys.executable, "-m", "antavo_ometria.cli", "run", "--customers", "200", *args],
+    done = subprocess.run([sys.executable, "-m", "antavo_ometria_tools.cli", "run", "--customers", "200", *args],
                           capture_output=True, text=True, timeout=300,
-                          env={**env, "AIRFLOW_HOME": str(home), "ANTAVO_OMETRIA_STAGING_DIR": str(home / "staging"),
-                               "PYTHONPATH": str(PROJECT / "plugins")})
+                          env={**env, "AIRFLOW_HOME": str(home), "ANTAVO_OMETRIA_STAGING_DIR": str(home / "staging")})
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     return done.stdout
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.mapping import find_in_catalog, load_contact_mapping
 from antavo_ometria.problems import ConfigError
+from antavo_ometria.sync.mapping import find_in_catalog, load_contact_mapping
 
 HEADER = "loyalty_field,remote_field,format,overwrite_empty\n"
 
@@ -178,7 +178,7 @@ def test_version_changes_with_either_file(mappings):
 
 
 def test_validate_command_reports_every_file(mappings, capsys):
-    from antavo_ometria.cli import main
+    from antavo_ometria_tools.cli import main
 
     assert main(["validate", "--mappings", str(mappings)]) == 0
     assert "1 event trigger rule(s)" in capsys.readouterr().out
@@ -191,8 +191,8 @@ def test_validate_command_reports_every_file(mappings, capsys):
 
 
 def test_diff_says_that_removing_a_row_does_not_clear_ometria(mappings):
-    from antavo_ometria.preview import render_diff
-    from antavo_ometria.sandbox.population import make_population
+    from antavo_ometria_tools.population import make_population
+    from antavo_ometria_tools.preview import render_diff
 
     before = load_contact_mapping(mappings)
     table = mappings / "contacts.csv"
@@ -203,7 +203,7 @@ def test_diff_says_that_removing_a_row_does_not_clear_ometria(mappings):
 
 
 def test_a_trigger_table_saved_with_a_byte_order_mark_is_accepted(mappings):
-    from antavo_ometria.event_rules import load_rules
+    from antavo_ometria.sync.event_rules import load_rules
 
     rules = mappings / "triggers.csv"
     rules.write_bytes(b"\xef\xbb\xbf" + rules.read_bytes())

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.antavo import normalise_customer, normalise_event
-from antavo_ometria.mapping import load_contact_mapping
-from antavo_ometria.pipeline import (
+from antavo_ometria.antavo.client import normalise_customer, normalise_event
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.pipeline import (
     LOAD_JOURNAL,
     LoadFailed,
     RunNotDelivered,
@@ -26,8 +26,8 @@ from antavo_ometria.pipeline import (
     transform_staged,
     write_customers,
 )
-from antavo_ometria.settings import prune_staging, staging_dir
-from antavo_ometria.state import StateStore
+from antavo_ometria.sync.settings import prune_staging, staging_dir
+from antavo_ometria.sync.state import StateStore
 from antavo_ometria.transport import ApiError
 
 PROJECT = Path(__file__).resolve().parents[1]

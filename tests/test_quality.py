@@ -6,11 +6,11 @@ import json
 
 import pytest
 
-from antavo_ometria.antavo import normalise_customer
-from antavo_ometria.mapping import load_contact_mapping
-from antavo_ometria.pipeline import prepare_contacts
-from antavo_ometria.quality import batch_verdict
-from antavo_ometria.transform import customer_columns
+from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.pipeline import prepare_contacts
+from antavo_ometria.sync.quality import batch_verdict
+from antavo_ometria.sync.transform import customer_columns
 
 TABLE = """loyalty_field,remote_field,format,overwrite_empty
 email,email,,

@@ -12,13 +12,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scenarios import EXPECTED_RUNS, SCENARIOS, _repeats, bad_input_population, run, run_bad_inputs
 
-from antavo_ometria.antavo import HELD, AntavoConfig, normalise_customer
-from antavo_ometria.mapping import load_contact_mapping
-from antavo_ometria.ometria import OmetriaConfig
-from antavo_ometria.pipeline import prepare_contacts
+from antavo_ometria.antavo.client import HELD, AntavoConfig, normalise_customer
+from antavo_ometria.ometria.client import OmetriaConfig
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sandbox.ometria_app import OmetriaApp
-from antavo_ometria.transform import customer_columns
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.pipeline import prepare_contacts
+from antavo_ometria.sync.transform import customer_columns
+from antavo_ometria_tools.sandbox.ometria_app import OmetriaApp
 
 PROJECT = Path(__file__).resolve().parents[1]
 PROPERTY_EXAMPLES = int(os.environ.get("PROPERTY_EXAMPLES", "60"))  # more for a deeper search
@@ -55,10 +55,10 @@ def test_the_sandbox_judges_ometria_rules_on_its_own():
     import ast
 
     for module in ("ometria_app.py", "antavo_app.py"):
-        tree = ast.parse((PROJECT / "plugins" / "antavo_ometria" / "sandbox" / module).read_text())
+        tree = ast.parse((PROJECT / "src" / "antavo_ometria_tools" / "sandbox" / module).read_text())
         imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
         assert {m for m in imported if m and m.startswith("antavo_ometria")} <= {
-            "antavo_ometria.sandbox.server", "antavo_ometria.sandbox.population"}, module
+            "antavo_ometria_tools.sandbox.server", "antavo_ometria_tools.population"}, module
     app = OmetriaApp("k")
     assert app._check({"@type": "contact", "id": "1", "email": "0@0.0"})  # the gate once let these through
     assert app._check({"@type": "contact", "id": "1", "loyalty_points": 2**63})
@@ -111,8 +111,8 @@ def test_property_whatever_antavo_sends_is_either_held_back_or_valid_for_ometria
 
 # -- security ----------------------------------------------------------------------------------
 def test_tls_verification_is_on_by_default():
-    from antavo_ometria.antavo import AntavoClient
-    from antavo_ometria.ometria import OmetriaClient
+    from antavo_ometria.antavo.client import AntavoClient
+    from antavo_ometria.ometria.client import OmetriaClient
 
     assert AntavoClient(AntavoConfig("https://api.x.antavo.com", "k", "s", "x")).session.verify is True
     assert OmetriaClient(OmetriaConfig("k")).session.verify is True
@@ -125,5 +125,5 @@ def test_mapping_cells_are_data_never_code(mappings, tmp_path):
     with pytest.raises(ConfigError, match="unknown loyalty field"):
         load_contact_mapping(mappings)
     assert not marker.exists()
-    sources = "\n".join(p.read_text() for p in (PROJECT / "plugins").rglob("*.py"))
+    sources = "\n".join(p.read_text() for p in (PROJECT / "src").rglob("*.py"))
     assert not re.search(r"\b(eval|exec)\(", sources)

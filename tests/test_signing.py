@@ -10,7 +10,7 @@ import pytest
 import requests
 from escherauth import EscherRequestsAuth
 
-from antavo_ometria.antavo import ESCHER_OPTIONS, credential_scope
+from antavo_ometria.antavo.client import ESCHER_OPTIONS, credential_scope
 
 KEY, SECRET, ENV = "TESTKEY", "TESTSECRET", "st2"
 WHEN = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
@@ -67,7 +67,7 @@ def test_sandbox_accepts_signed_requests(antavo_client):
     ("sandbox-secret", datetime(2020, 1, 1, tzinfo=UTC), "date"),
 ])
 def test_sandbox_rejects_bad_or_stale_signatures(sandbox, secret, when, why):
-    from antavo_ometria.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY
+    from antavo_ometria_tools.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY
 
     options = {**ESCHER_OPTIONS, **({"current_time": when} if when else {})}
     auth = EscherRequestsAuth(ANTAVO_KEY, secret, credential_scope(ANTAVO_ENVIRONMENT), options)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.event_rules import load_rules
-from antavo_ometria.events import deliver
-from antavo_ometria.mapping import load_contact_mapping
-from antavo_ometria.pipeline import extract, load_staged, plan_run, report_run, transform_staged
-from antavo_ometria.state import StateStore
-from antavo_ometria.trace import format_trace, trace
+from antavo_ometria.sync.event_rules import load_rules
+from antavo_ometria.sync.events import deliver
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.pipeline import extract, load_staged, plan_run, report_run, transform_staged
+from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.trace import format_trace, trace
 
 PROJECT = Path(__file__).resolve().parents[1]
 MAPPINGS = PROJECT / "include" / "mappings"
@@ -142,7 +142,7 @@ def test_when_antavo_cannot_be_reached_the_latest_staging_file_answers(synced, s
 
 
 def test_the_dashboard_page_shows_the_same(synced, antavo_client):
-    from antavo_ometria.dashboard import render_trace
+    from antavo_ometria.airflow.dashboard import render_trace
 
     store, mapping, root, _ = synced
     page = render_trace(trace("c00000007", store, mapping, antavo_client, root))

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from antavo_ometria.antavo import normalise_customer
-from antavo_ometria.mapping import load_contact_mapping
-from antavo_ometria.preview import payloads
-from antavo_ometria.transform import customer_columns, to_date, to_datetime, to_gender, to_phone, transform
+from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.transform import customer_columns, to_date, to_datetime, to_gender, to_phone, transform
+from antavo_ometria_tools.preview import payloads
 
 TABLE = """loyalty_field,remote_field,format,overwrite_empty
 email,email,,
@@ -172,8 +172,8 @@ def test_phone_numbers_are_e164(value, expected, is_bad):
 def test_columnar_reader_matches_the_per_record_path_and_survives_mixed_types(mappings, tmp_path):
     import json as _json
 
-    from antavo_ometria.sandbox.population import make_population
-    from antavo_ometria.transform import read_customer_chunks
+    from antavo_ometria.sync.transform import read_customer_chunks
+    from antavo_ometria_tools.population import make_population
 
     mapping = mapping_for(mappings, "v2")
     customers = [normalise_customer(c) for c in make_population(120)]

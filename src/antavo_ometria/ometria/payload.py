@@ -16,7 +16,7 @@ import json
 import numpy as np
 import pandas as pd
 
-from antavo_ometria.mapping import ContactMapping
+from antavo_ometria.sync.mapping import ContactMapping
 
 
 def envelope(mapping: ContactMapping) -> dict:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import html
 from collections import defaultdict
 
-from antavo_ometria.state import StateStore
-from antavo_ometria.trace import Trace
+from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.trace import Trace
 
 CONTACTS_DAG = "antavo_ometria_contacts"
 SERIES = (("sent", "#2a7ab9"), ("changed", "#8cc0e6"), ("quarantined", "#e0a030"), ("rejected", "#c0392b"))

@@ -1,4 +1,4 @@
-"""Command line: `python -m antavo_ometria.cli COMMAND` (the Makefile wraps the common ones).
+"""Command line: `python -m antavo_ometria_tools.cli COMMAND` (the Makefile wraps the common ones).
 
     run        run the contact sync DAG once with `airflow dags test` (`--dag events` for the event
                triggers), against the local sandbox unless AIRFLOW_CONN_ANTAVO_DEFAULT and
@@ -25,9 +25,9 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
-from antavo_ometria.mapping import catalog, load_contact_mapping
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.settings import mappings_dir
+from antavo_ometria.sync.mapping import catalog, load_contact_mapping
+from antavo_ometria.sync.settings import mappings_dir
 from antavo_ometria.transport import RetryPolicy
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -87,7 +87,7 @@ def first_error(log: str) -> str | None:
 
 
 def _connection_problems(env: dict[str, str]) -> list[str]:
-    from antavo_ometria.hooks import env_connection_problem
+    from antavo_ometria.airflow.hooks import env_connection_problem
 
     with _environ(env):
         return [p for p in (env_connection_problem(c) for c in CONNECTIONS) if p]
@@ -127,7 +127,7 @@ def _accounts(env: dict[str, str], args: argparse.Namespace):
     running (`make sandbox`), or a sandbox started here, kept in $AIRFLOW_HOME between runs.
 
     Returns the sandbox started here (stopped by the caller), or None."""
-    from antavo_ometria.sandbox import Sandbox, running
+    from antavo_ometria_tools.sandbox import Sandbox, running
 
     home = Path(env["AIRFLOW_HOME"])
     stored = _stored_connections(env)
@@ -188,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reports = sorted((Path(env.get("ANTAVO_OMETRIA_STAGING_DIR") or home / "staging") / dag_id).glob("*/report.json"),
                          key=lambda p: p.stat().st_mtime)
         if reports and reports[-1].stat().st_mtime >= started:
-            from antavo_ometria.pipeline import format_report
+            from antavo_ometria.sync.pipeline import format_report
 
             print("\n" + format_report(json.loads(reports[-1].read_text())))
         if sandbox is not None:
@@ -231,10 +231,10 @@ def _connection(conn_id: str):
 def cmd_check(args: argparse.Namespace) -> int:
     """One line per check, as the first task of each DAG runs them."""
     with _session(args):
-        from antavo_ometria.antavo import AntavoClient
-        from antavo_ometria.connect import check_connections
-        from antavo_ometria.hooks import antavo_config, ometria_config
-        from antavo_ometria.ometria import OmetriaClient
+        from antavo_ometria.airflow.hooks import antavo_config, ometria_config
+        from antavo_ometria.antavo.client import AntavoClient
+        from antavo_ometria.ometria.client import OmetriaClient
+        from antavo_ometria.sync.connect import check_connections
 
         try:
             mapping = load_contact_mapping(mappings_dir())
@@ -255,11 +255,11 @@ def cmd_trace(args: argparse.Namespace) -> int:
         import logging
 
         logging.disable(logging.WARNING)  # the trace is the output, not the libraries' progress
-        from antavo_ometria.antavo import AntavoClient
-        from antavo_ometria.hooks import antavo_config
-        from antavo_ometria.settings import staging_root
-        from antavo_ometria.state import StateStore, default_url, url_from_connection
-        from antavo_ometria.trace import format_trace, trace
+        from antavo_ometria.airflow.hooks import antavo_config
+        from antavo_ometria.antavo.client import AntavoClient
+        from antavo_ometria.sync.settings import staging_root
+        from antavo_ometria.sync.state import StateStore, default_url, url_from_connection
+        from antavo_ometria.sync.trace import format_trace, trace
 
         try:
             state_url = url_from_connection(_connection(CONNECTIONS[2]))
@@ -273,7 +273,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from antavo_ometria.event_rules import load_rules
+    from antavo_ometria.sync.event_rules import load_rules
 
     directory = Path(args.mappings)
     problems = []
@@ -325,7 +325,7 @@ def _committed_mappings(directory: Path) -> Path | None:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
-    from antavo_ometria.preview import load_customers, render_preview
+    from antavo_ometria_tools.preview import load_customers, render_preview
 
     try:
         mapping = _mapping_from(Path(args.mapping))
@@ -338,7 +338,7 @@ def cmd_preview(args: argparse.Namespace) -> int:
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from antavo_ometria.preview import load_customers, render_diff
+    from antavo_ometria_tools.preview import load_customers, render_diff
 
     before_path = Path(args.before) if args.before else _committed_mappings(Path(args.after))
     if before_path is None:

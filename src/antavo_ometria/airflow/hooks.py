@@ -16,9 +16,9 @@ from contextlib import contextmanager
 
 from airflow.sdk import BaseHook
 
-from antavo_ometria.antavo import AntavoClient, AntavoConfig, api_url, read_api_url
-from antavo_ometria.ometria import DEFAULT_BASE_URL, OmetriaClient, OmetriaConfig
-from antavo_ometria.state import StateStore, default_url, url_from_connection
+from antavo_ometria.antavo.client import AntavoClient, AntavoConfig, api_url, read_api_url
+from antavo_ometria.ometria.client import DEFAULT_BASE_URL, OmetriaClient, OmetriaConfig
+from antavo_ometria.sync.state import StateStore, default_url, url_from_connection
 
 
 def _base_url(host: str | None, port: int | None, default: str) -> str:
@@ -163,7 +163,7 @@ def connect_or_fail(list_id: str) -> list[str]:
 
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from antavo_ometria.connect import ConnectionCheckFailed, check_connections
+    from antavo_ometria.sync.connect import ConnectionCheckFailed, check_connections
 
     with fail_fast_on(ValueError, AirflowNotFoundException):  # a connection that is missing or malformed
         antavo, ometria = AntavoHook().get_conn(), OmetriaHook().get_conn()

@@ -117,7 +117,7 @@ def _line_of(lines: list[str], needle: str) -> int:
 
 def mappings_dir() -> Path:
     """Where the analyst-edited files live: $ANTAVO_OMETRIA_MAPPINGS_DIR, else the project's include/mappings."""
-    default = Path(__file__).resolve().parents[2] / "include" / "mappings"
+    default = Path(__file__).resolve().parents[3] / "include" / "mappings"
     return Path(os.environ.get("ANTAVO_OMETRIA_MAPPINGS_DIR") or default)
 
 

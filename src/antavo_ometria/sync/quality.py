@@ -20,9 +20,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from antavo_ometria.mapping import ContactMapping, FieldMapping
-from antavo_ometria.ometria import MAX_RECORD_BYTES
-from antavo_ometria.transform import EMAIL, OPTIN, PHONE_E164, iso_countries
+from antavo_ometria.ometria.client import MAX_RECORD_BYTES
+from antavo_ometria.sync.mapping import ContactMapping, FieldMapping
+from antavo_ometria.sync.transform import EMAIL, OPTIN, PHONE_E164, iso_countries
 
 log = logging.getLogger(__name__)
 

@@ -30,13 +30,13 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from antavo_ometria.antavo import HELD, AntavoClient
-from antavo_ometria.mapping import ContactMapping
-from antavo_ometria.ometria import OmetriaClient, batches, split_oversized
-from antavo_ometria.payload import encode_contacts
-from antavo_ometria.quality import QualityGateFailed, batch_verdict, run_gate
-from antavo_ometria.state import StateStore, payload_hash
-from antavo_ometria.transform import read_customer_chunks, transform
+from antavo_ometria.antavo.client import HELD, AntavoClient
+from antavo_ometria.ometria.client import OmetriaClient, batches, split_oversized
+from antavo_ometria.ometria.payload import encode_contacts
+from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.quality import QualityGateFailed, batch_verdict, run_gate
+from antavo_ometria.sync.state import StateStore, payload_hash
+from antavo_ometria.sync.transform import read_customer_chunks, transform
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)

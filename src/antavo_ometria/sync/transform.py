@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.json as pajson
 
-from antavo_ometria.mapping import ContactMapping
+from antavo_ometria.sync.mapping import ContactMapping
 
 CHUNK_ROWS = 50_000  # customers transformed and checked at a time: memory stays flat as the programme grows
 PARSE_BLOCK = 8 << 20  # pyarrow parses a chunk in blocks of this many bytes, on all cores

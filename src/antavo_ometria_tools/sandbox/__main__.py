@@ -1,4 +1,4 @@
-"""Serve the sandbox until interrupted: `python -m antavo_ometria.sandbox --customers 500`."""
+"""Serve the sandbox until interrupted: `python -m antavo_ometria_tools.sandbox --customers 500`."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import signal
 import threading
 from pathlib import Path
 
-from antavo_ometria.sandbox import Sandbox
+from antavo_ometria_tools.sandbox import Sandbox
 
 
 def main() -> None:

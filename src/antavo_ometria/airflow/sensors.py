@@ -15,7 +15,7 @@ from typing import Any
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
-from antavo_ometria.triggers import AntavoEventTrigger
+from antavo_ometria.airflow.triggers import AntavoEventTrigger
 
 
 class AntavoEventSensor(BaseSensorOperator):
@@ -30,14 +30,14 @@ class AntavoEventSensor(BaseSensorOperator):
 
     def _since(self) -> datetime:
         """The rule's cursor in the state store; on a first run, the last 4 hours (Ometria's window)."""
-        from antavo_ometria.event_rules import LATE_AFTER
-        from antavo_ometria.hooks import StateStoreHook
+        from antavo_ometria.airflow.hooks import StateStoreHook
+        from antavo_ometria.sync.event_rules import LATE_AFTER
 
         return StateStoreHook().get_conn().event_cursor(self.rule) or datetime.now(UTC) - LATE_AFTER
 
     def poke(self, context: Any) -> PokeReturnValue | bool:
-        from antavo_ometria.events import new_matching_events
-        from antavo_ometria.hooks import AntavoHook
+        from antavo_ometria.airflow.hooks import AntavoHook
+        from antavo_ometria.sync.events import new_matching_events
 
         since = self._since()
         found = new_matching_events(AntavoHook(self.antavo_conn_id).get_conn(), self.action, since,

@@ -14,11 +14,11 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from antavo_ometria.antavo import HELD, NOT_FOUND, AntavoClient
-from antavo_ometria.mapping import ContactMapping
-from antavo_ometria.pipeline import CUSTOMERS, prepare_contacts
-from antavo_ometria.state import StateStore, payload_hash
-from antavo_ometria.transform import customer_columns
+from antavo_ometria.antavo.client import HELD, NOT_FOUND, AntavoClient
+from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.pipeline import CUSTOMERS, prepare_contacts
+from antavo_ometria.sync.state import StateStore, payload_hash
+from antavo_ometria.sync.transform import customer_columns
 from antavo_ometria.transport import ApiError
 
 

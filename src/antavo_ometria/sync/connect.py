@@ -12,8 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from antavo_ometria.antavo import AntavoClient
-from antavo_ometria.ometria import OmetriaClient
+from antavo_ometria.antavo.client import AntavoClient
+from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 

@@ -20,7 +20,7 @@ from datetime import date, datetime
 from functools import cache
 from importlib import resources
 
-from antavo_ometria.sandbox.server import App, Request, Response
+from antavo_ometria_tools.sandbox.server import App, Request, Response
 
 # Ometria's rules, written here from its public documentation (see the project's API reference notes), not
 # taken from the sync's own code: a sandbox that shared the sync's rules could not catch a wrong one.

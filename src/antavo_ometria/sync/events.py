@@ -13,13 +13,13 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from antavo_ometria.antavo import HELD, AntavoClient, event_time
-from antavo_ometria.event_rules import LATE_AFTER, Rule, custom_event, stagger, unsendable
-from antavo_ometria.mapping import ContactMapping
-from antavo_ometria.ometria import OmetriaClient, batches, encode_record
-from antavo_ometria.pipeline import prepare_contacts, push_isolating, record_status, remember_sent
-from antavo_ometria.state import StateStore
-from antavo_ometria.transform import customer_columns
+from antavo_ometria.antavo.client import HELD, AntavoClient, event_time
+from antavo_ometria.ometria.client import OmetriaClient, batches, encode_record
+from antavo_ometria.sync.event_rules import LATE_AFTER, Rule, custom_event, stagger, unsendable
+from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.pipeline import prepare_contacts, push_isolating, record_status, remember_sent
+from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.transform import customer_columns
 
 log = logging.getLogger(__name__)
 

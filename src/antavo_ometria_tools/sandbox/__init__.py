@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.request import urlopen
 
-from antavo_ometria.sandbox.antavo_app import AntavoApp
-from antavo_ometria.sandbox.ometria_app import OmetriaApp
-from antavo_ometria.sandbox.server import RunningServer
+from antavo_ometria_tools.sandbox.antavo_app import AntavoApp
+from antavo_ometria_tools.sandbox.ometria_app import OmetriaApp
+from antavo_ometria_tools.sandbox.server import RunningServer
 
 ANTAVO_KEY, ANTAVO_SECRET, ANTAVO_ENVIRONMENT = "sandbox-key", "sandbox-secret", "sandbox"
 OMETRIA_KEY = "sandbox-ometria-key"

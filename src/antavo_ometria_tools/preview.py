@@ -6,16 +6,16 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from antavo_ometria.antavo import normalise_customer
-from antavo_ometria.mapping import ContactMapping
-from antavo_ometria.pipeline import prepare_contacts
-from antavo_ometria.transform import customer_columns
+from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.pipeline import prepare_contacts
+from antavo_ometria.sync.transform import customer_columns
 
 
 def load_customers(path: Path | None, count: int) -> list[dict]:
     """Customers from a JSON/NDJSON file of Antavo customers, or the sandbox population."""
     if path is None:
-        from antavo_ometria.sandbox.population import make_population
+        from antavo_ometria_tools.population import make_population
 
         raw = make_population(count)
     else:

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
 
-from antavo_ometria.mapping import catalog, did_you_mean, find_in_catalog, read_csv
 from antavo_ometria.problems import ConfigError, Problem
+from antavo_ometria.sync.mapping import catalog, did_you_mean, find_in_catalog, read_csv
 
 TRIGGERS_FILE = "triggers.csv"
 COLUMNS = ("rule", "antavo_action", "ometria_event_type", "property", "source")

@@ -22,14 +22,14 @@ class AntavoEventTrigger(BaseTrigger):
         self.poll_interval, self.timeout = poll_interval, timeout
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("antavo_ometria.triggers.AntavoEventTrigger", {
+        return ("antavo_ometria.airflow.triggers.AntavoEventTrigger", {
             "action": self.action, "since": self.since, "antavo_conn_id": self.antavo_conn_id,
             "poll_interval": self.poll_interval, "timeout": self.timeout})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        from antavo_ometria.antavo import AntavoClient
-        from antavo_ometria.events import new_matching_events
-        from antavo_ometria.hooks import antavo_config
+        from antavo_ometria.airflow.hooks import antavo_config
+        from antavo_ometria.antavo.client import AntavoClient
+        from antavo_ometria.sync.events import new_matching_events
 
         client = AntavoClient(antavo_config(await BaseHook.aget_connection(self.antavo_conn_id)))
         since = datetime.fromisoformat(self.since)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from datetime import timedelta
 
-from antavo_ometria.alerts import notify_failure
+from antavo_ometria.airflow.alerts import notify_failure
 
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("ANTAVO_OMETRIA_RETRY_DELAY_SECONDS", 30)))
 DEFAULT_ARGS = {"owner": "data-engineering", "retries": 2, "retry_delay": RETRY_DELAY,

@@ -26,7 +26,7 @@ from importlib import resources
 from pathlib import Path
 
 from antavo_ometria.problems import ConfigError, Problem
-from antavo_ometria.settings import SyncSettings, load_settings
+from antavo_ometria.sync.settings import SyncSettings, load_settings
 
 CONTACTS_FILE = "contacts.csv"
 SETTINGS_FILE = "settings.toml"

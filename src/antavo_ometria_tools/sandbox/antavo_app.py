@@ -10,8 +10,8 @@ from urllib.parse import unquote
 
 from escherauth import Escher, EscherException
 
-from antavo_ometria.sandbox.population import make_population, to_classic
-from antavo_ometria.sandbox.server import App, Request, Response
+from antavo_ometria_tools.population import make_population, to_classic
+from antavo_ometria_tools.sandbox.server import App, Request, Response
 
 REWARDS = {
     "rw-10off": {"id": "rw-10off", "title": "£10 off your next order",
