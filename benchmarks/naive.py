@@ -12,10 +12,10 @@ import re
 from datetime import UTC, datetime
 from pathlib import Path
 
+from antavo_ometria.ometria.contract import CALENDAR_DATE, EMAIL, PHONE_E164, iso_countries
+from antavo_ometria.ometria.formats import GENDER_WORDS as GENDERS
 from antavo_ometria.ometria.payload import envelope
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.quality import CALENDAR_DATE
-from antavo_ometria.sync.transform import EMAIL, GENDERS, PHONE_E164, iso_countries
 
 EMAIL_RE, PHONE_RE, DATE_RE = re.compile(EMAIL), re.compile(PHONE_E164), re.compile(CALENDAR_DATE)
 
@@ -70,7 +70,7 @@ def _valid(fmt: str, value) -> bool:
 def transform_file(path: Path, mapping: ContactMapping) -> tuple[int, int, int]:
     """(customers, contacts ready, bytes of JSON batches) for the staged file."""
     fields = [(f.loyalty_field.split("."), f.remote_field, f.format, f.builtin) for f in mapping.fields]
-    head, v2, language = envelope(mapping), mapping.settings.v2, mapping.settings.language
+    head, v2, language = envelope(mapping.shape), mapping.settings.v2, mapping.settings.language
     customers = ready = size = 0
     batch: list[dict] = []
     with path.open(encoding="utf-8") as handle:

@@ -22,7 +22,7 @@ def main(count: int = 10_000) -> None:
     for name, folder in (("shipped (legacy, 16 fields)", "include/mappings"),
                          ("v2 example (22 fields)", "include/mappings/examples/v2")):
         mapping = load_contact_mapping(PROJECT / folder)
-        bodies = encode_contacts(transform(customer_columns(customers, mapping.loyalty_fields), mapping), mapping)
+        bodies = encode_contacts(transform(customer_columns(customers, mapping.loyalty_fields), mapping), mapping.shape)
         raw = sum(map(len, bodies)) / count
         packed = sum(len(zlib.compress(body)) for body in bodies) / count
         print(f"{name}: {raw:.0f} bytes a record, {packed:.0f} compressed: {packed:.0f} MB per million contacts")

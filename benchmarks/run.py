@@ -32,7 +32,7 @@ V2_MAPPING = PROJECT / "include" / "mappings" / "examples" / "v2"
 def population(size: int) -> Path:
     """bench-data/customers-<size>/customers.ndjson, in the shape extract stages (with a few malformed rows)."""
     from antavo_ometria.antavo.client import normalise_customer
-    from antavo_ometria.sync.pipeline import write_customers
+    from antavo_ometria.sync.staging import write_customers
     from antavo_ometria_tools.population import make_customer
 
     folder = DATA / f"customers-{size}"
@@ -61,7 +61,7 @@ def peak_mb() -> float:
 def measure_transform(size: int, gate: bool) -> dict:
     from antavo_ometria.ometria.payload import encode_contacts
     from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.pipeline import transform_staged
+    from antavo_ometria.sync.prepare import transform_staged
     from antavo_ometria.sync.transform import read_customer_chunks, transform
 
     mapping = load_contact_mapping(V2_MAPPING)
@@ -75,7 +75,7 @@ def measure_transform(size: int, gate: bool) -> dict:
     else:
         ready = 0
         for columns in read_customer_chunks(staging / "customers.ndjson", mapping.loyalty_fields):
-            ready += len(encode_contacts(transform(columns, mapping), mapping))
+            ready += len(encode_contacts(transform(columns, mapping), mapping.shape))
     seconds = time.perf_counter() - started
     shutil.rmtree(staging)
     return {"seconds": seconds, "rate": size / seconds, "peak_mb": peak_mb(), "ready": ready,
@@ -132,7 +132,7 @@ class SandboxProcess:
 def _encoded(count: int) -> list[tuple[str, bytes]]:
     from antavo_ometria.antavo.client import normalise_customer
     from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.pipeline import prepare_contacts
+    from antavo_ometria.sync.prepare import prepare_contacts
     from antavo_ometria.sync.transform import customer_columns
     from antavo_ometria_tools.population import make_customer
 
@@ -143,7 +143,8 @@ def _encoded(count: int) -> list[tuple[str, bytes]]:
 
 
 def measure_loader() -> dict:
-    from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig, batches
+    from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+    from antavo_ometria.ometria.push import batches
     from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
     records = _encoded(51_000)[:50_000]
@@ -168,8 +169,10 @@ def measure_loader() -> dict:
 def measure_incremental(size: int) -> dict:
     """A 1 % change after a full sync of `size` customers: what is pushed, and how long it takes."""
     from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+    from antavo_ometria.sync.load import load_staged
     from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.pipeline import load_staged, read_contacts, transform_staged, write_customers
+    from antavo_ometria.sync.prepare import transform_staged
+    from antavo_ometria.sync.staging import read_contacts, write_customers
     from antavo_ometria.sync.state import StateStore
     from antavo_ometria_tools.sandbox import OMETRIA_KEY
 

@@ -32,7 +32,7 @@ OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # update
 
 
 def _staging():
-    from antavo_ometria.sync.settings import staging_dir
+    from antavo_ometria.sync.staging import staging_dir
 
     return staging_dir(DAG_ID, get_current_context()["run_id"])
 
@@ -86,8 +86,8 @@ def antavo_ometria_contacts():
         import logging
         from datetime import UTC, datetime
 
-        from antavo_ometria.sync.pipeline import plan_run
-        from antavo_ometria.sync.settings import prune_staging, staging_retention
+        from antavo_ometria.sync.plan import plan_run
+        from antavo_ometria.sync.staging import prune_staging, staging_retention
 
         context = get_current_context()
         store = _store()
@@ -102,13 +102,13 @@ def antavo_ometria_contacts():
             run_type=getattr(context["dag_run"].run_type, "value", str(context["dag_run"].run_type)),
             full_resync=bool(context["params"]["full_resync"]),
             dry_run=bool(context["params"]["dry_run"]),
-        )
+        ).as_dict()
 
     @task
     def extract(plan: dict) -> dict:
         """Read the planned Antavo customers into the staging folder."""
         from antavo_ometria.airflow.hooks import AntavoHook, fail_fast_on
-        from antavo_ometria.sync.pipeline import extract
+        from antavo_ometria.sync.extract import extract
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(ApiError):  # e.g. refused credentials; network trouble and 5xx are retried
@@ -124,7 +124,7 @@ def antavo_ometria_contacts():
         when too many fail or a full load is far smaller than the last one.
         """
         from antavo_ometria.airflow.hooks import fail_fast_on
-        from antavo_ometria.sync.pipeline import transform_staged
+        from antavo_ometria.sync.prepare import transform_staged
         from antavo_ometria.sync.quality import QualityGateFailed
 
         with fail_fast_on(QualityGateFailed):
@@ -134,7 +134,7 @@ def antavo_ometria_contacts():
     def load(plan: dict, transformed: dict) -> dict:
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
         from antavo_ometria.airflow.hooks import OmetriaHook, fail_fast_on
-        from antavo_ometria.sync.pipeline import LoadFailed, load_staged
+        from antavo_ometria.sync.load import LoadFailed, load_staged
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(LoadFailed, ApiError):  # e.g. a refused API key; network trouble and 5xx are retried
@@ -145,7 +145,7 @@ def antavo_ometria_contacts():
         """Write and log the run report and record the run in the state store, whatever happened; fail
         the run unless every contact was delivered or held back with a reason."""
         from antavo_ometria.airflow.hooks import fail_fast_on
-        from antavo_ometria.sync.pipeline import RunNotDelivered, report_run
+        from antavo_ometria.sync.report import RunNotDelivered, report_run
 
         context = get_current_context()
         steps = {name: context["ti"].xcom_pull(task_ids=name)

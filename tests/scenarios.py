@@ -27,9 +27,13 @@ from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
 from antavo_ometria.problems import ConfigError
 from antavo_ometria.sync.event_rules import load_rules
 from antavo_ometria.sync.events import deliver
+from antavo_ometria.sync.extract import extract
+from antavo_ometria.sync.load import load_staged
 from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.pipeline import RunNotDelivered, extract, load_staged, plan_run, report_run, transform_staged
+from antavo_ometria.sync.plan import plan_run
+from antavo_ometria.sync.prepare import transform_staged
 from antavo_ometria.sync.quality import QualityGateFailed
+from antavo_ometria.sync.report import RunNotDelivered, report_run
 from antavo_ometria.sync.state import StateStore
 from antavo_ometria.transport import RetryPolicy
 from antavo_ometria_tools.population import defects_of
@@ -428,7 +432,7 @@ def bad_input_population(per_class: int = 3, valid: int = 30) -> tuple[list[dict
 
 def run_bad_inputs() -> list[tuple[str, int, int, int]]:
     """(class, held back by the expected check, delivered, lost) for each bad-input class, then the valid ones."""
-    from antavo_ometria.sync.pipeline import prepare_contacts
+    from antavo_ometria.sync.prepare import prepare_contacts
     from antavo_ometria.sync.transform import customer_columns
 
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")

@@ -10,7 +10,9 @@ import pytest
 import requests
 
 from antavo_ometria.antavo.client import normalise_customer
-from antavo_ometria.ometria.client import MAX_RECORD_BYTES, batches, encode_record, split_oversized
+from antavo_ometria.ometria.contract import MAX_RECORD_BYTES
+from antavo_ometria.ometria.payload import encode_record
+from antavo_ometria.ometria.push import batches, split_oversized
 from antavo_ometria.transport import ApiError, RateLimiter
 
 
@@ -136,17 +138,21 @@ def test_records_over_60_kb_are_refused_locally_with_a_reason():
 
 
 def test_push_keeps_ometria_answer(ometria_client, sandbox):
-    result = ometria_client.push([contact(i) for i in range(100)])
+    result = push(ometria_client, [contact(i) for i in range(100)])
     assert (result.status, result.accepted, result.rejected) == ("OK", 100, 0)
     assert len(result.request_id) == 36
     assert len(sandbox.ometria.contacts) == 100
 
 
-def test_push_refuses_mixed_record_types_before_sending(ometria_client, sandbox):
-    event = {"@type": "custom_event", "id": "e1", "event_type": "x", "timestamp": "2026-01-01T00:00:00+00:00",
-             "identity_email": "a@example.com"}
-    with pytest.raises(ValueError, match="mix"):
-        ometria_client.push([contact(1), event])
+def push(client, records: list[dict]):
+    return client.push_encoded("contact", [encode_record(r) for r in records])
+
+
+def test_push_refuses_an_unknown_record_type_or_too_many_records_before_sending(ometria_client, sandbox):
+    with pytest.raises(ValueError, match="record type"):
+        ometria_client.push_encoded("purchase", [encode_record(contact(1))])
+    with pytest.raises(ValueError, match="1..100 records"):
+        ometria_client.push_encoded("contact", [encode_record(contact(i)) for i in range(101)])
     assert sandbox.ometria.pushes == 0
 
 
@@ -170,7 +176,7 @@ def test_sandbox_enforces_the_request_contract(sandbox):
 
 
 def test_push_errors_and_lists(ometria_client, sandbox):
-    ometria_client.push([contact(1, country_id="UK")])
+    push(ometria_client, [contact(1, country_id="UK")])
     assert ometria_client.push_errors() == [{"error_message": "not a valid value", "error_path": "root > country_id"}]
     assert {row["id"] for row in ometria_client.lists()} == {"8400", "8401"}
 
@@ -180,7 +186,7 @@ def test_push_errors_and_lists(ometria_client, sandbox):
 ])
 def test_ometria_retries_transient_failures_without_losing_records(ometria_client, sandbox, fault):
     sandbox.ometria.faults.add({**fault, "path": "/v2/push", "count": 1})
-    result = ometria_client.push([contact(i) for i in range(10)])
+    result = push(ometria_client, [contact(i) for i in range(10)])
     assert result.accepted == 10
     assert len(sandbox.ometria.contacts) == 10
 
@@ -188,7 +194,7 @@ def test_ometria_retries_transient_failures_without_losing_records(ometria_clien
 def test_ometria_permanent_error_is_not_retried(ometria_client, sandbox):
     sandbox.ometria.faults.add({"status": 400, "path": "/v2/push", "count": 5})
     with pytest.raises(ApiError) as raised:
-        ometria_client.push([contact(1)])
+        push(ometria_client, [contact(1)])
     assert not raised.value.retryable
     assert sandbox.ometria.faults.injected == 1
 
@@ -200,7 +206,7 @@ def test_client_rate_limit_keeps_under_the_server_limit(sandbox):
     sandbox.ometria.rate = 10
     client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=8))
     for i in range(20):
-        client.push([contact(i)])
+        push(client, [contact(i)])
     assert sandbox.ometria.throttled == 0
     assert len(sandbox.ometria.contacts) == 20
 

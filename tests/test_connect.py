@@ -57,8 +57,11 @@ def test_an_unreachable_host_is_named(sandbox):
 
 
 def test_a_refused_ometria_key_stops_the_load_at_the_first_batch(sandbox, antavo_client, state_url, tmp_path):
+    from antavo_ometria.sync.extract import extract
+    from antavo_ometria.sync.load import load_staged
     from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.pipeline import extract, load_staged, plan_run, transform_staged
+    from antavo_ometria.sync.plan import plan_run
+    from antavo_ometria.sync.prepare import transform_staged
     from antavo_ometria.sync.state import StateStore
 
     store = StateStore(state_url)
@@ -76,12 +79,15 @@ def test_a_refused_ometria_key_stops_the_load_at_the_first_batch(sandbox, antavo
 def test_a_refused_key_with_nothing_to_push_is_an_authentication_failure(sandbox, state_url, tmp_path):
     import pyarrow.parquet as pq
 
-    from antavo_ometria.sync.pipeline import CONTACTS, CONTACTS_SCHEMA, load_staged
+    from antavo_ometria.sync.load import load_staged
+    from antavo_ometria.sync.plan import Plan
+    from antavo_ometria.sync.staging import CONTACTS, CONTACTS_SCHEMA
 
     pq.write_table(CONTACTS_SCHEMA.empty_table(), tmp_path / CONTACTS)
     _, wrong = clients(sandbox, key="wrong")
     with pytest.raises(AuthenticationFailed, match="_errors: HTTP 403"):
-        load_staged(tmp_path, wrong, {"dry_run": False, "attempt": "a", "run_id": "r", "mapping_version": "v"})
+        load_staged(tmp_path, wrong, Plan("antavo_ometria_contacts", "r", "a", "full", "first run", None, True, False,
+                                          "v", None, "2026-01-01T00:00:00+00:00", None))
 
 
 def test_the_first_error_of_a_failed_run_is_found_in_the_log():

@@ -13,8 +13,12 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+from antavo_ometria.sync.extract import extract
+from antavo_ometria.sync.load import load_staged
 from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.pipeline import LOAD_JOURNAL, extract, load_staged, plan_run, read_ndjson, transform_staged
+from antavo_ometria.sync.plan import plan_run
+from antavo_ometria.sync.prepare import transform_staged
+from antavo_ometria.sync.staging import LOAD_JOURNAL, read_ndjson
 from antavo_ometria.sync.state import StateStore, StateStoreUnavailable
 from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
@@ -23,7 +27,7 @@ CHILD = """
 import sys, json
 from pathlib import Path
 from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
-from antavo_ometria.sync.pipeline import load_staged
+from antavo_ometria.sync.load import load_staged
 from antavo_ometria_tools.sandbox import OMETRIA_KEY
 from antavo_ometria.sync.state import StateStore
 staging, url, state, plan = sys.argv[1:5]
@@ -50,7 +54,7 @@ def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url)
     # the third push hangs and is never processed: the process is killed while it waits
     sandbox.ometria.faults.add({"path": "/v2/push", "every": 3, "count": 1, "delay": 30, "drop": True})
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(staging), sandbox.ometria_url, state_url,
-                              json.dumps(plan)], )
+                              json.dumps(plan.as_dict())], )
     deadline = time.monotonic() + 30
     while sandbox.ometria.faults.injected == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -82,13 +86,13 @@ def test_plan_backfill_and_manual_runs(state_url):
     store.migrate()
     first = plan_run(store, mapping, "d", "r1", (datetime(2026, 3, 1, 11, tzinfo=UTC),
                                                   datetime(2026, 3, 1, 12, tzinfo=UTC)))
-    assert first["mode"] == "full" and first["send_unchanged"]
+    assert first.mode == "full" and first.send_unchanged
     store.finish_run("d", "r1", "success")
     backfill = plan_run(store, mapping, "d", "r2", (datetime(2026, 2, 1, 11, tzinfo=UTC),
                                                      datetime(2026, 2, 1, 12, tzinfo=UTC)), run_type="backfill")
-    assert backfill["mode"] == "incremental" and backfill["send_unchanged"]  # a backfill re-sends its interval
-    assert backfill["since"] == "2026-02-01T10:50:00+00:00" and backfill["until"] == "2026-02-01T12:00:00+00:00"
+    assert backfill.mode == "incremental" and backfill.send_unchanged  # a backfill re-sends its interval
+    assert backfill.since == "2026-02-01T10:50:00+00:00" and backfill.until == "2026-02-01T12:00:00+00:00"
     store.finish_run("d", "r2", "success")
     manual = plan_run(store, mapping, "d", "r3")  # no data interval: resume where syncing got to
-    assert manual["mode"] == "incremental" and not manual["send_unchanged"]
-    assert manual["since"] == "2026-03-01T11:50:00+00:00"
+    assert manual.mode == "incremental" and not manual.send_unchanged
+    assert manual.since == "2026-03-01T11:50:00+00:00"

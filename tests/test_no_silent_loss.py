@@ -12,21 +12,13 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.antavo.client import normalise_customer, normalise_event
+from antavo_ometria.sync.extract import extract
+from antavo_ometria.sync.load import LoadFailed, load_staged
 from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.pipeline import (
-    LOAD_JOURNAL,
-    LoadFailed,
-    RunNotDelivered,
-    check_delivered,
-    extract,
-    load_staged,
-    plan_run,
-    read_ndjson,
-    report_run,
-    transform_staged,
-    write_customers,
-)
-from antavo_ometria.sync.settings import prune_staging, staging_dir
+from antavo_ometria.sync.plan import plan_run
+from antavo_ometria.sync.prepare import transform_staged
+from antavo_ometria.sync.report import RunNotDelivered, check_delivered, report_run
+from antavo_ometria.sync.staging import LOAD_JOURNAL, prune_staging, read_ndjson, staging_dir, write_customers
 from antavo_ometria.sync.state import StateStore
 from antavo_ometria.transport import ApiError
 
@@ -99,7 +91,7 @@ def test_counts_add_up_after_isolation_and_a_5xx_then_a_retry(store, sandbox, an
         load_staged(staging, ometria_client, plan, store)
     loaded = load_staged(staging, ometria_client, plan, store)
     report = report_run(staging, {"plan": plan, "extract": extracted, "transform": transformed, "load": loaded}, store,
-                        DAG, plan["run_id"])
+                        DAG, plan.run_id)
     assert (report["sent"], report["accepted"], report["rejected"], report["failed"], report["unaccounted"]) == (
         290, 289, 1, 0, 0)
     assert [r["antavo_id"] for r in store.held_records(kind="failed")] == []
@@ -196,7 +188,7 @@ def test_a_backfill_keeps_its_own_window_and_never_jumps_a_gap(store):
     store.finish_run(DAG, "r1", "success")
     backfill = plan_run(store, mapping, DAG, "b1", (hour - timedelta(days=2), hour - timedelta(days=2, hours=-1)),
                         run_type="backfill")
-    assert backfill["resumed"] is None and backfill["since"] == "2026-02-27T11:50:00+00:00"
+    assert backfill.resumed is None and backfill.since == "2026-02-27T11:50:00+00:00"
     store.finish_run(DAG, "b1", "success")
     plan_run(store, mapping, DAG, "r2", (hour + timedelta(hours=1), hour + timedelta(hours=2)))
     store.finish_run(DAG, "r2", "failed")  # 13:00-14:00 failed
@@ -204,7 +196,7 @@ def test_a_backfill_keeps_its_own_window_and_never_jumps_a_gap(store):
     store.finish_run(DAG, "b2", "success")  # a backfill of 14:00-15:00 succeeds
     assert store.synced_until(DAG) == hour + timedelta(hours=1)  # still before the failed hour
     nxt = plan_run(store, mapping, DAG, "r3", (hour + timedelta(hours=3), hour + timedelta(hours=4)))
-    assert nxt["since"] == "2026-03-01T12:50:00+00:00" and nxt["resumed"]
+    assert nxt.since == "2026-03-01T12:50:00+00:00" and nxt.resumed
 
 
 def test_a_full_re_sync_that_failed_is_done_again(store):
@@ -214,9 +206,9 @@ def test_a_full_re_sync_that_failed_is_done_again(store):
     plan_run(store, mapping, DAG, "r2", full_resync=True)
     store.finish_run(DAG, "r2", "failed")
     again = plan_run(store, mapping, DAG, "r3")
-    assert again["mode"] == "full" and "full re-sync of run r2 did not complete" in again["full_resync_reason"]
+    assert again.mode == "full" and "full re-sync of run r2 did not complete" in again.full_resync_reason
     store.finish_run(DAG, "r3", "success")
-    assert plan_run(store, mapping, DAG, "r4")["mode"] == "incremental"
+    assert plan_run(store, mapping, DAG, "r4").mode == "incremental"
 
 
 def test_clearing_transform_without_plan_keeps_the_counts_right(store, sandbox, antavo_client, ometria_client,
@@ -233,7 +225,7 @@ def test_clearing_transform_without_plan_keeps_the_counts_right(store, sandbox, 
     transformed = transform_staged(staging, mapping, plan, store)  # Clear of transform and load, same attempt
     loaded = load_staged(staging, ometria_client, plan, store)
     report = report_run(staging, {"plan": plan, "extract": extracted, "transform": transformed, "load": loaded}, store,
-                        DAG, plan["run_id"])
+                        DAG, plan.run_id)
     assert (report["unchanged"], report["sent"], report["unaccounted"], report["status"]) == (5, 0, 0, "success")
 
 

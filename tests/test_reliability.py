@@ -16,7 +16,7 @@ from antavo_ometria.antavo.client import HELD, AntavoConfig, normalise_customer
 from antavo_ometria.ometria.client import OmetriaConfig
 from antavo_ometria.problems import ConfigError
 from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.pipeline import prepare_contacts
+from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.transform import customer_columns
 from antavo_ometria_tools.sandbox.ometria_app import OmetriaApp
 

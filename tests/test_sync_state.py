@@ -33,7 +33,7 @@ def dag():
 
 def run(dag, when, **params):
 
-    from antavo_ometria.sync.settings import staging_dir
+    from antavo_ometria.sync.staging import staging_dir
 
     dag_run = dag.test(logical_date=when, run_conf={"full_resync": False, "dry_run": False, **params})
     report_file = staging_dir("antavo_ometria_contacts", dag_run.run_id) / "report.json"

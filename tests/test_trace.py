@@ -9,8 +9,12 @@ import pytest
 
 from antavo_ometria.sync.event_rules import load_rules
 from antavo_ometria.sync.events import deliver
+from antavo_ometria.sync.extract import extract
+from antavo_ometria.sync.load import load_staged
 from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.pipeline import extract, load_staged, plan_run, report_run, transform_staged
+from antavo_ometria.sync.plan import plan_run
+from antavo_ometria.sync.prepare import transform_staged
+from antavo_ometria.sync.report import report_run
 from antavo_ometria.sync.state import StateStore
 from antavo_ometria.sync.trace import format_trace, trace
 

@@ -6,8 +6,9 @@ import pandas as pd
 import pytest
 
 from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.ometria.formats import to_date, to_datetime, to_gender, to_phone
 from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.transform import customer_columns, to_date, to_datetime, to_gender, to_phone, transform
+from antavo_ometria.sync.transform import customer_columns, transform
 from antavo_ometria_tools.preview import payloads
 
 TABLE = """loyalty_field,remote_field,format,overwrite_empty

@@ -188,7 +188,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         reports = sorted((Path(env.get("ANTAVO_OMETRIA_STAGING_DIR") or home / "staging") / dag_id).glob("*/report.json"),
                          key=lambda p: p.stat().st_mtime)
         if reports and reports[-1].stat().st_mtime >= started:
-            from antavo_ometria.sync.pipeline import format_report
+            from antavo_ometria.sync.report import format_report
 
             print("\n" + format_report(json.loads(reports[-1].read_text())))
         if sandbox is not None:
@@ -257,7 +257,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
         logging.disable(logging.WARNING)  # the trace is the output, not the libraries' progress
         from antavo_ometria.airflow.hooks import antavo_config
         from antavo_ometria.antavo.client import AntavoClient
-        from antavo_ometria.sync.settings import staging_root
+        from antavo_ometria.sync.staging import staging_root
         from antavo_ometria.sync.state import StateStore, default_url, url_from_connection
         from antavo_ometria.sync.trace import format_trace, trace
 

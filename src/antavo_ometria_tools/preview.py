@@ -8,7 +8,7 @@ from pathlib import Path
 
 from antavo_ometria.antavo.client import normalise_customer
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.pipeline import prepare_contacts
+from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.transform import customer_columns
 
 

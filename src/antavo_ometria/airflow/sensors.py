@@ -31,7 +31,7 @@ class AntavoEventSensor(BaseSensorOperator):
     def _since(self) -> datetime:
         """The rule's cursor in the state store; on a first run, the last 4 hours (Ometria's window)."""
         from antavo_ometria.airflow.hooks import StateStoreHook
-        from antavo_ometria.sync.event_rules import LATE_AFTER
+        from antavo_ometria.ometria.contract import LATE_AFTER
 
         return StateStoreHook().get_conn().event_cursor(self.rule) or datetime.now(UTC) - LATE_AFTER
 

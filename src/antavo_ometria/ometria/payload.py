@@ -11,29 +11,55 @@ pandas' JSON writer in one call, so no Python dict is built per record.
 
 from __future__ import annotations
 
+import hashlib
 import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
 
-from antavo_ometria.sync.mapping import ContactMapping
+
+class ContactField(Protocol):
+    remote_field: str  # an Ometria built-in contact field or a custom field ID
+    builtin: bool
+    overwrite_empty: bool  # an empty value is sent (and clears Ometria's) rather than left out
 
 
-def envelope(mapping: ContactMapping) -> dict:
-    settings = mapping.settings
-    head: dict = {"@type": "contact", "@collection": settings.collection, "@merge": True}
-    if settings.list_id:
-        head["@add_to_lists"] = [int(settings.list_id)]
+@dataclass(frozen=True)
+class ContactShape:
+    """What shapes a contact record: where it goes, which fields it carries, legacy or v2."""
+
+    collection: str
+    list_id: str | None
+    v2: bool
+    fields: Sequence[ContactField]
+
+
+def envelope(shape: ContactShape) -> dict:
+    head: dict = {"@type": "contact", "@collection": shape.collection, "@merge": True}
+    if shape.list_id:
+        head["@add_to_lists"] = [int(shape.list_id)]
     return head
 
 
-def encode_contacts(frame: pd.DataFrame, mapping: ContactMapping) -> list[bytes]:
+def encode_record(record: dict) -> bytes:
+    """Compact JSON; a non-finite number raises ValueError rather than becoming `NaN`, which is not JSON."""
+    return json.dumps(record, ensure_ascii=False, separators=(",", ":"), allow_nan=False).encode()
+
+
+def payload_hash(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()[:32]
+
+
+def encode_contacts(frame: pd.DataFrame, shape: ContactShape) -> list[bytes]:
     """One encoded Ometria contact per row of the payload frame, in order."""
     if frame.empty:
         return []
-    v2 = mapping.settings.v2
-    fields = list(mapping.fields)
-    prefix = json.dumps(envelope(mapping), ensure_ascii=False, separators=(",", ":"))[:-1] + ","
+    v2 = shape.v2
+    fields = list(shape.fields)
+    prefix = json.dumps(envelope(shape), ensure_ascii=False, separators=(",", ":"))[:-1] + ","
     # which fields each row carries: present, or empty but allowed to overwrite
     carried = np.column_stack([frame[f.remote_field].notna().to_numpy() | f.overwrite_empty for f in fields]) \
         if fields else np.zeros((len(frame), 0), dtype=bool)

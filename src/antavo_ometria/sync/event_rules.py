@@ -19,21 +19,25 @@ import math
 import re
 from collections import defaultdict
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime
 from pathlib import Path
 
+from antavo_ometria.ometria.contract import (
+    MAX_EVENT_TYPE,
+    MAX_EXACT_NUMBER,
+    MAX_STRING_PROPERTY,
+    STAGGER_AT,
+    STAGGER_STEP,
+)
 from antavo_ometria.problems import ConfigError, Problem
-from antavo_ometria.sync.mapping import catalog, did_you_mean, find_in_catalog, read_csv
+from antavo_ometria.sync.mapping import catalog, find_in_catalog
+from antavo_ometria.sync.tables import did_you_mean, read_csv, rows_of
+from antavo_ometria.values import is_translation, translated, walk
 
 TRIGGERS_FILE = "triggers.csv"
 COLUMNS = ("rule", "antavo_action", "ometria_event_type", "property", "source")
 REWARD_FIELDS = ("id", "title", "description", "type", "points")
 NAME = re.compile(r"^[a-z][a-z0-9_]*$")
-MAX_EVENT_TYPE = 31  # Ometria: event types must be shorter than 32 characters
-LATE_AFTER = timedelta(hours=4)  # older events cannot start an Ometria automation
-STAGGER_AT = 1000  # Ometria: more events than this with one timestamp are spread out
-STAGGER_STEP = timedelta(minutes=5)
-MAX_EXACT = 2**53 - 1  # the largest whole number a JSON number carries exactly
 
 
 @dataclass(frozen=True)
@@ -74,20 +78,14 @@ def load_rules(mappings_dir: Path) -> list[Rule]:
         raise ConfigError(problems + [Problem(file, 1, "", f"the header must be {','.join(COLUMNS)}")])
 
     rows: dict[str, list[tuple[int, dict]]] = defaultdict(list)
-    for line, row in lines:
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(COLUMNS):
-            problems.append(Problem(file, line, "", f"the row has {len(row)} cells, the header {len(COLUMNS)}"))
-            continue
-        cells = {name: cell.strip() for name, cell in zip(COLUMNS, row)}
+    for line, cells in rows_of(file, list(COLUMNS), lines, problems):
         for column in COLUMNS:
             if not cells[column]:
                 problems.append(Problem(file, line, column, f"{column} is empty; fill it in or delete the row"))
         if cells["rule"] and not NAME.match(cells["rule"]):
             problems.append(Problem(file, line, "rule", "rule names use lower-case letters, digits and _"))
         if len(cells["ometria_event_type"]) > MAX_EVENT_TYPE:
-            problems.append(Problem(file, line, "ometria_event_type", f"Ometria event types must be under 32 "
+            problems.append(Problem(file, line, "ometria_event_type", f"Ometria event types must be under {MAX_EVENT_TYPE + 1} "
                                     f"characters; {cells['ometria_event_type']!r} has {len(cells['ometria_event_type'])}"))
         if cells["property"] and not re.match(r"^[A-Za-z0-9_]+$", cells["property"]):
             problems.append(Problem(file, line, "property", "property names use letters, digits and _ (they become "
@@ -136,12 +134,6 @@ def _check_source(file: str, line: int, source: str) -> list[Problem]:
 
 
 # -- building the custom events ----------------------------------------------------------------
-def walk(value: object, path: str) -> object:
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
 def resolve(source: str, event: dict, reward: dict | None, customer: dict | None, language: str) -> object:
     kind, _, rest = source.partition(".")
     if kind == "event":
@@ -150,10 +142,10 @@ def resolve(source: str, event: dict, reward: dict | None, customer: dict | None
         value = (reward or {}).get(rest)
     else:
         value = walk(customer or {}, rest)
-    if isinstance(value, dict) and value and all(isinstance(v, str) for v in value.values()):
-        value = value.get(language) or next(iter(value.values()))  # a translated name
-    if isinstance(value, str) and len(value) > 512:
-        value = value[:512]  # Ometria keeps string properties to 512 characters
+    if is_translation(value):
+        value = translated(value, language)
+    if isinstance(value, str) and len(value) > MAX_STRING_PROPERTY:
+        value = value[:MAX_STRING_PROPERTY]
     return value
 
 
@@ -176,7 +168,7 @@ def unsendable(record: dict) -> list[str]:
     problems = []
     for name, value in record["properties"].items():
         if isinstance(value, float) and not math.isfinite(value) or (
-                isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_EXACT):
+                isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) > MAX_EXACT_NUMBER):
             problems.append(f"property {name} = {value!r} is not a number Ometria can take (finite, up to ±2^53)")
     return problems
 

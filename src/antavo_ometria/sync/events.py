@@ -14,10 +14,14 @@ import logging
 from datetime import UTC, datetime, timedelta
 
 from antavo_ometria.antavo.client import HELD, AntavoClient, event_time
-from antavo_ometria.ometria.client import OmetriaClient, batches, encode_record
-from antavo_ometria.sync.event_rules import LATE_AFTER, Rule, custom_event, stagger, unsendable
+from antavo_ometria.ometria.client import OmetriaClient
+from antavo_ometria.ometria.contract import LATE_AFTER, hours
+from antavo_ometria.ometria.payload import encode_record
+from antavo_ometria.ometria.push import batches, push_isolating, record_status
+from antavo_ometria.sync.event_rules import Rule, custom_event, stagger, unsendable
+from antavo_ometria.sync.load import remember_sent
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.pipeline import prepare_contacts, push_isolating, record_status, remember_sent
+from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.state import StateStore
 from antavo_ometria.sync.transform import customer_columns
 
@@ -113,8 +117,8 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
             sendable.append(event)
     late = sum(event_time(e) < late_cut for e in sendable)
     if late:
-        log.warning("%d %s event(s) are over 4 hours old: Ometria will not start an automation for them",
-                    late, rule.event_type)
+        log.warning("%d %s event(s) are over %s old: Ometria will not start an automation for them",
+                    late, rule.event_type, hours(LATE_AFTER))
     language = mapping.settings.language
     stamps = stagger([event_time(e) for e in sendable])
     built = []
@@ -166,11 +170,10 @@ def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple
     Returns the ids that were sent, rejected and not delivered, and the last delivery error."""
     known = store.sent_hashes([i for i, _ in contacts])
     unknown = [(i, body) for i, body in contacts if i not in known]
-    plan = {"mapping_version": mapping.version, "run_id": run_id}
     outcome: dict = {"sent": [], "rejected": [], "failed": [], "error": None}
     for ids, bodies in batches(unknown):
         entries = push_isolating(ometria, ids, bodies)
-        remember_sent(store, entries, plan, dict(zip(ids, bodies)))
+        remember_sent(store, entries, mapping.version, run_id, dict(zip(ids, bodies)))
         for entry in entries:
             outcome[record_status(entry)] += entry["ids"]
             outcome["error"] = entry.get("error") or outcome["error"]

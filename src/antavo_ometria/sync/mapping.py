@@ -25,34 +25,17 @@ from functools import cache
 from importlib import resources
 from pathlib import Path
 
+from antavo_ometria.ometria.contract import CUSTOM_FIELD_ID
+from antavo_ometria.ometria.formats import CUSTOM_FORMATS, FORMATS
+from antavo_ometria.ometria.payload import ContactShape
 from antavo_ometria.problems import ConfigError, Problem
 from antavo_ometria.sync.settings import SyncSettings, load_settings
+from antavo_ometria.sync.tables import did_you_mean, read_csv, rows_of
 
 CONTACTS_FILE = "contacts.csv"
 SETTINGS_FILE = "settings.toml"
 COLUMNS = ("loyalty_field", "remote_field", "format", "overwrite_empty")
 REQUIRED_COLUMNS = ("loyalty_field", "remote_field")
-FORMATS = (
-    "string", "email", "integer", "number", "boolean", "date", "datetime",
-    "gender", "country", "phone", "list", "optin",
-)
-CUSTOM_FORMATS = ("string", "integer", "number", "boolean", "date", "datetime", "list")
-# which value formats a loyalty field of a given format can be written as
-COMPATIBLE = {
-    "string": {"string", "email", "gender", "country", "phone", "date", "datetime", "optin", "integer", "number", "boolean"},
-    "email": {"email", "string"},
-    "gender": {"gender", "string"},
-    "country": {"country", "string"},
-    "phone": {"phone", "string"},
-    "number": {"number", "integer", "string"},
-    "integer": {"integer", "number", "string"},
-    "date": {"date", "datetime", "string"},
-    "datetime": {"datetime", "date", "string"},
-    "boolean": {"boolean", "optin", "string"},
-    "list": {"list"},
-}
-CUSTOM_FIELD_ID = re.compile(r"^[A-Za-z0-9_-]+$")  # Ometria: a field ID has no spaces (e.g. loyalty_tier)
-BOM = b"\xef\xbb\xbf"
 CUSTOMER = "customer."  # loyalty fields may be written as Antavo's module does: customer.tiers.*
 
 
@@ -89,6 +72,10 @@ class ContactMapping:
 
     def is_version(self, version: str) -> bool:
         return version == self.version or version in self.same_as
+
+    @property
+    def shape(self) -> ContactShape:
+        return ContactShape(self.settings.collection, self.settings.list_id, self.settings.v2, self.fields)
 
     @property
     def loyalty_fields(self) -> list[str]:
@@ -157,35 +144,6 @@ def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) 
                           (file_version(path, mappings_dir / SETTINGS_FILE),))
 
 
-def read_csv(path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]], list[Problem]]:
-    """An analyst-edited CSV: (header, [(line, cells)], problems). UTF-8, with or without Excel's byte-order
-    mark; a quote left open is reported on the line where it opens."""
-    file = str(path)
-    raw = path.read_bytes()
-    if raw.startswith(BOM):
-        raw = raw[len(BOM):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        return None, [], [Problem(file, line, "", f"byte {raw[exc.start]:#x} is not UTF-8; save the file as UTF-8 CSV")]
-    reader = csv.reader(io.StringIO(text, newline=""))
-    header: list[str] | None = None
-    rows: list[tuple[int, list[str]]] = []
-    problems: list[Problem] = []
-    start = 1
-    for cells in reader:
-        if any("\n" in cell or "\r" in cell for cell in cells):
-            problems.append(Problem(file, start, "", f"a quote (\") opened on line {start} is not closed before "
-                                    f"line {reader.line_num}; close it or remove it"))
-        elif header is None:
-            header = [h.strip() for h in cells]
-        else:
-            rows.append((start, cells))
-        start = reader.line_num + 1
-    return header, rows, problems
-
-
 def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMapping], list[Problem], list[Problem]]:
     """(fields, problems, warnings) of the mapping table."""
     file = str(path)
@@ -211,13 +169,7 @@ def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMappin
     fields: list[FieldMapping] = []
     warnings: list[Problem] = []
     seen_remote: dict[str, int] = {}
-    for line, row in rows:
-        if not any(cell.strip() for cell in row):
-            continue
-        if len(row) != len(header):
-            problems.append(Problem(file, line, "", f"the row has {len(row)} cells, the header {len(header)}"))
-            continue
-        cells = {name: cell.strip() for name, cell in zip(header, row)}
+    for line, cells in rows_of(file, header, rows, problems):
         remote = cells.get("remote_field", "")
         if remote in seen_remote:
             problems.append(Problem(file, line, "remote_field", f"{remote!r} is already mapped on line "
@@ -271,7 +223,7 @@ def _check_row(
         remote = ""
     elif remote and not is_builtin:
         close = difflib.get_close_matches(remote, list(builtins), n=1, cutoff=0.8)
-        if not CUSTOM_FIELD_ID.match(remote):
+        if not re.match(CUSTOM_FIELD_ID, remote):
             problem("remote_field", f"{remote!r} is not a valid custom field ID: use the field ID from "
                     "Ometria's custom field settings (letters, digits, _ and -, no spaces)")
         elif close:
@@ -292,7 +244,8 @@ def _check_row(
         problem("format", f"custom fields take one of {', '.join(CUSTOM_FORMATS)}, not {fmt!r}")
     elif not fmt and entry is not None:
         fmt = entry.format if entry.format in CUSTOM_FORMATS else "string"
-    if entry is not None and fmt and fmt not in COMPATIBLE.get(entry.format, set(FORMATS)):
+    writable = FORMATS[entry.format].writable_as if entry is not None and entry.format in FORMATS else None
+    if entry is not None and fmt and writable is not None and fmt not in writable:
         problem("format", f"{loyalty!r} holds a {entry.format} and cannot be written as {fmt} "
                 f"({remote}); map a different field or change the format")
 
@@ -303,7 +256,3 @@ def _check_row(
         return None, problems, warnings
     return FieldMapping(loyalty, remote, fmt or "string", overwrite in ("yes", "true"), is_builtin, line), [], warnings
 
-
-def did_you_mean(word: str, candidates) -> str:
-    close = difflib.get_close_matches(word, list(candidates), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]!r}?)" if close else ""

@@ -20,32 +20,16 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-from antavo_ometria.ometria.client import MAX_RECORD_BYTES
+from antavo_ometria.ometria.contract import CONTROL_CHARACTERS, MAX_EXACT_NUMBER, MAX_RECORD_BYTES
+from antavo_ometria.ometria.formats import FORMATS
 from antavo_ometria.sync.mapping import ContactMapping, FieldMapping
-from antavo_ometria.sync.transform import EMAIL, OPTIN, PHONE_E164, iso_countries
 
 log = logging.getLogger(__name__)
 
-ISO_DATETIME = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(?:\.\d+)?(?:[+-]\d{2}:\d{2}|Z)$"
-# YYYY-MM-DD that exists in the calendar (month lengths and leap years), checked as one regular expression
-CALENDAR_DATE = (r"^(?:\d{4}-(?:(?:0[13578]|1[02])-(?:0[1-9]|[12]\d|3[01])|(?:0[469]|11)-(?:0[1-9]|[12]\d|30)"
-                 r"|02-(?:0[1-9]|1\d|2[0-8]))|\d{2}(?:0[48]|[2468][048]|[13579][26])-02-29"
-                 r"|(?:[02468][048]|[13579][26])00-02-29)$")
 SHARE_MIN_ROWS = 100  # below this, one bad customer is no sign of a broken batch: it is just quarantined
-TEXT_FORMATS = ("string", "email")
 ALL_TEXT = "text:all"
-CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]"
-TYPE_NAMES = {"number": ["int", "float"], "integer": ["int"], "boolean": ["bool"], "list": ["list"]}
-NUMERIC_FORMATS = ("number", "integer")
-MAX_NUMBER = 2**53 - 1  # beyond it a JSON number loses digits (IEEE 754 doubles): corrupted, not sent
 SOURCE = "antavo_record"  # reasons found when Antavo's record was read (see antavo.HELD)
 NOT_TEXT = "text:kinds"  # per row: the first text field whose value is no text, or None
-DESCRIBE = {
-    "email": "an email address", "gender": "m or f", "country": "an ISO 3166-1 alpha-2 country code",
-    "phone": "an E.164 phone number", "date": "a YYYY-MM-DD date", "datetime": "an ISO 8601 date-time",
-    "optin": "a consent value", "number": "a number", "integer": "a whole number", "boolean": "true or false",
-    "list": "a list",
-}
 
 
 class QualityGateFailed(Exception):
@@ -101,32 +85,20 @@ def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]
          f"the record is {{value}} bytes; Ometria accepts at most {MAX_RECORD_BYTES}"),
     ]
     for f in fields:
-        col, fmt = f.remote_field, f.format
-        bad = f"{col}: {f.loyalty_field} = {{value}} is not {DESCRIBE.get(fmt, fmt)}"
-        if fmt == "email":
-            checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=EMAIL), "email_format", bad))
-        elif fmt == "gender":
-            checks.append((gxe.ExpectColumnValuesToBeInSet(column=col, value_set=["m", "f"]), "gender", bad))
-        elif fmt == "country":
-            checks.append((gxe.ExpectColumnValuesToBeInSet(column=col, value_set=sorted(iso_countries())),
-                           "country", bad))
-        elif fmt == "phone":
-            checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=PHONE_E164), "phone", bad))
-        elif fmt == "date":
-            checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=CALENDAR_DATE), "date_format", bad))
-        elif fmt == "datetime":
-            checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=ISO_DATETIME),
-                           "datetime_format", bad))
-        elif fmt == "optin":
-            checks.append((gxe.ExpectColumnValuesToBeInSet(column=col, value_set=sorted(OPTIN)), "consent", bad))
-        elif fmt in TYPE_NAMES:
-            checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{col}:type", value_set=TYPE_NAMES[fmt]),
-                           "type", bad))
-        if fmt in NUMERIC_FORMATS:
+        col, fmt = f.remote_field, FORMATS[f.format]
+        bad = f"{col}: {f.loyalty_field} = {{value}} is not {fmt.description}"
+        if fmt.pattern:
+            checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=fmt.pattern), fmt.check, bad))
+        elif fmt.values:
+            checks.append((gxe.ExpectColumnValuesToBeInSet(column=col, value_set=sorted(fmt.values())), fmt.check, bad))
+        elif fmt.types:
+            checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{col}:type", value_set=list(fmt.types)),
+                           fmt.check, bad))
+        if fmt.numeric:
             checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{col}:range", value_set=["ok"]), "number_range",
                            f"{col}: {f.loyalty_field} = {{value}} is out of range (Ometria takes finite numbers "
-                           f"up to ±{MAX_NUMBER:,}; larger ones lose digits)"))
-    if any(f.format in TEXT_FORMATS for f in fields):  # one check over all text fields, joined by tabs
+                           f"up to ±{MAX_EXACT_NUMBER:,}; larger ones lose digits)"))
+    if any(FORMATS[f.format].text for f in fields):  # one check over all text fields, joined by tabs
         checks.append((gxe.ExpectColumnValuesToNotMatchRegex(column=ALL_TEXT, regex=CONTROL_CHARACTERS),
                        "control_characters", "{field}: {loyalty} contains control characters"))
         checks.append((gxe.ExpectColumnValuesToBeNull(column=NOT_TEXT), "text_type", "{value}"))
@@ -143,13 +115,13 @@ def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequ
     checked = pd.DataFrame({"row": np.arange(len(frame)), "id": _as_text(frame["id"]).to_numpy()})
     for f in mapping.fields:
         values = frame[f.remote_field]
-        column = _type_names(values) if f.format in TYPE_NAMES else _as_text(values)
+        column = _type_names(values) if FORMATS[f.format].types else _as_text(values)
         checked[_checked_column(f)] = column.to_numpy()
-        if f.format in NUMERIC_FORMATS:
+        if FORMATS[f.format].numeric:
             checked[f"{f.remote_field}:range"] = _in_range(values).to_numpy()
     if source_problems is not None:
         checked[SOURCE] = source_problems.map(_joined).to_numpy()
-    text = [checked[f.remote_field].astype("str") for f in mapping.fields if f.format in TEXT_FORMATS]
+    text = [checked[f.remote_field].astype("str") for f in mapping.fields if FORMATS[f.format].text]
     if text:
         checked[NOT_TEXT] = _first_not_text(frame, mapping).to_numpy()
         checked[ALL_TEXT] = text[0].str.cat(text[1:], sep="\t", na_rep="") if len(text) > 1 else text[0]
@@ -158,7 +130,7 @@ def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequ
 
 
 def _checked_column(f: FieldMapping) -> str:
-    return f"{f.remote_field}:type" if f.format in TYPE_NAMES else f.remote_field
+    return f"{f.remote_field}:type" if FORMATS[f.format].types else f.remote_field
 
 
 def _as_text(values: pd.Series) -> pd.Series:
@@ -173,7 +145,7 @@ def _first_not_text(frame: pd.DataFrame, mapping: ContactMapping) -> pd.Series:
     came because it is no usable text), or None."""
     found = pd.Series(None, index=frame.index, dtype=object)
     for f in mapping.fields:
-        if f.format not in TEXT_FORMATS:
+        if not FORMATS[f.format].text:
             continue
         values = frame[f.remote_field]
         wrong = values.notna() & ~values.map(lambda v: isinstance(v, str))
@@ -187,7 +159,7 @@ def _in_range(values: pd.Series) -> pd.Series:
     """"ok" for a number JSON carries exactly, "out of range" for one it does not (inf, 1e30, 2**63), None otherwise."""
     def verdict(v):
         if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
-            return "ok" if math.isfinite(v) and abs(v) <= MAX_NUMBER else "out of range"
+            return "ok" if math.isfinite(v) and abs(v) <= MAX_EXACT_NUMBER else "out of range"
         return None
 
     return values.map(verdict)
@@ -249,7 +221,7 @@ def run_gate(
             if column == ALL_TEXT:  # which text fields hold the control characters
                 for f in mapping.fields:
                     value = frame.iloc[row][f.remote_field]
-                    if f.format in TEXT_FORMATS and isinstance(value, str) and re.search(CONTROL_CHARACTERS, value):
+                    if FORMATS[f.format].text and isinstance(value, str) and re.search(CONTROL_CHARACTERS, value):
                         failures.setdefault(row, []).append({
                             "check": name, "field": f.remote_field, "value": value,
                             "message": message.format(field=f.remote_field, loyalty=f.loyalty_field)})

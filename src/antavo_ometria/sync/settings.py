@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
-import shutil
-import time
 import tomllib
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 
 from antavo_ometria.problems import ConfigError, Problem
@@ -119,39 +115,3 @@ def mappings_dir() -> Path:
     """Where the analyst-edited files live: $ANTAVO_OMETRIA_MAPPINGS_DIR, else the project's include/mappings."""
     default = Path(__file__).resolve().parents[3] / "include" / "mappings"
     return Path(os.environ.get("ANTAVO_OMETRIA_MAPPINGS_DIR") or default)
-
-
-def staging_root() -> Path:
-    """Where runs stage their files: $ANTAVO_OMETRIA_STAGING_DIR, else $AIRFLOW_HOME/staging."""
-    airflow_home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
-    return Path(os.environ.get("ANTAVO_OMETRIA_STAGING_DIR") or Path(airflow_home) / "staging")
-
-
-def staging_dir(dag_id: str, run_id: str) -> Path:
-    """One folder per run: the run id made safe for a file name, plus a digest of the exact id, so that
-    run ids differing only in punctuation (`manual__12:00` and `manual__12_00`) never share a folder."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    return staging_root() / dag_id / f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
-
-
-def staging_retention() -> timedelta:
-    """How long run folders are kept: $ANTAVO_OMETRIA_STAGING_RETENTION_DAYS, default 7 days."""
-    return timedelta(days=float(os.environ.get("ANTAVO_OMETRIA_STAGING_RETENTION_DAYS") or 7))
-
-
-def prune_staging(dag_id: str, keep: Path, older_than: timedelta | None = None) -> list[Path]:
-    """Delete the DAG's run folders untouched for longer than the retention (never `keep`); return them.
-
-    Staged files hold full customer profiles; the state store keeps what outlives them (what was sent,
-    what is held back and why)."""
-    cutoff = time.time() - (older_than if older_than is not None else staging_retention()).total_seconds()
-    removed = []
-    for folder in sorted((staging_root() / dag_id).glob("*")):
-        if folder.is_dir() and folder.resolve() != keep.resolve() and _last_change(folder) < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder)
-    return removed
-
-
-def _last_change(folder: Path) -> float:
-    return max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.iterdir())])

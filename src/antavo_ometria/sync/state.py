@@ -8,7 +8,6 @@ The schema is managed by Alembic migrations in `migrations/`, applied by `migrat
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import zlib
@@ -29,10 +28,6 @@ _IN_CHUNK = 900  # below SQLite's bound-parameter limit
 
 class StateStoreUnavailable(Exception):
     """The state store cannot be reached; nothing has been sent."""
-
-
-def payload_hash(body: bytes) -> str:
-    return hashlib.sha256(body).hexdigest()[:32]
 
 
 def now() -> datetime:

@@ -15,9 +15,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from antavo_ometria.antavo.client import HELD, NOT_FOUND, AntavoClient
+from antavo_ometria.ometria.payload import payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.pipeline import CUSTOMERS, prepare_contacts
-from antavo_ometria.sync.state import StateStore, payload_hash
+from antavo_ometria.sync.prepare import prepare_contacts
+from antavo_ometria.sync.staging import CUSTOMERS
+from antavo_ometria.sync.state import StateStore
 from antavo_ometria.sync.transform import customer_columns
 from antavo_ometria.transport import ApiError
 
