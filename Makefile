@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install run events check trace keys test validate fields preview diff sandbox lock lint bench reliability clean
+.PHONY: install migrate run events check trace keys test validate fields preview diff sandbox lock lint bench reliability clean
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	$(BIN)/uv pip install --python $(BIN)/python --compile-bytecode --quiet -r requirements.txt
 	$(BIN)/uv pip install --python $(BIN)/python --quiet --no-deps --editable .   # the sync's own packages, from src/
 	touch $@
+
+migrate: install          ## bring the state store's schema up to date (once per deployment, e.g. after an upgrade)
+	$(BIN)/python -m antavo_ometria.airflow.migrate
 
 RUN_OPTIONS = $(if $(FRESH),--fresh) $(if $(CONF),--conf '$(CONF)')
 

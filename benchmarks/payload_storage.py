@@ -8,7 +8,7 @@ from __future__ import annotations
 import zlib
 from pathlib import Path
 
-from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.ometria.payload import encode_contacts
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.transform import customer_columns, transform

@@ -31,7 +31,7 @@ V2_MAPPING = PROJECT / "include" / "mappings" / "examples" / "v2"
 # -- data --------------------------------------------------------------------------------------
 def population(size: int) -> Path:
     """bench-data/customers-<size>/customers.ndjson, in the shape extract stages (with a few malformed rows)."""
-    from antavo_ometria.antavo.client import normalise_customer
+    from antavo_ometria.antavo.records import normalise_customer
     from antavo_ometria.sync.staging import write_customers
     from antavo_ometria_tools.population import make_customer
 
@@ -130,7 +130,7 @@ class SandboxProcess:
 
 
 def _encoded(count: int) -> list[tuple[str, bytes]]:
-    from antavo_ometria.antavo.client import normalise_customer
+    from antavo_ometria.antavo.records import normalise_customer
     from antavo_ometria.sync.mapping import load_contact_mapping
     from antavo_ometria.sync.prepare import prepare_contacts
     from antavo_ometria.sync.transform import customer_columns

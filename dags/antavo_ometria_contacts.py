@@ -24,10 +24,9 @@ from __future__ import annotations
 import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 
-from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS
+from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG as DAG_ID
+from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS, PUSH_POOL
 
-DAG_ID = "antavo_ometria_contacts"
-PUSH_POOL = "ometria_push"  # caps concurrent pushes across DAGs: Ometria's rate limit is per account
 OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # updated when contacts land in Ometria
 
 
@@ -150,8 +149,10 @@ def antavo_ometria_contacts():
         context = get_current_context()
         steps = {name: context["ti"].xcom_pull(task_ids=name)
                  for name in ("check_connections", "plan", "extract", "transform", "load")}
+        store = _store()
+        store.ensure_schema()  # the run may have stopped before its first task brought the schema up to date
         with fail_fast_on(RunNotDelivered):
-            result = report_run(_staging(), steps, _store(), DAG_ID, context["run_id"])
+            result = report_run(_staging(), steps, store, DAG_ID, context["run_id"])
         return {k: v for k, v in result.items() if k not in ("not_delivered", "async_errors", "history")} | {
             "not_delivered": len(result["not_delivered"]), "async_errors": len(result["async_errors"])}
 

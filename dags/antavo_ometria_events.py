@@ -24,12 +24,12 @@ import os
 import pendulum
 from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
 
-from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS
+from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS, PUSH_POOL
+from antavo_ometria.airflow.dag_defaults import EVENTS_DAG as DAG_ID
 from antavo_ometria.airflow.sensors import AntavoEventSensor
 from antavo_ometria.sync.event_rules import rule_actions
 from antavo_ometria.sync.settings import mappings_dir
 
-DAG_ID = "antavo_ometria_events"
 POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS", 60))
 WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60))  # less than the schedule
 
@@ -71,7 +71,7 @@ def antavo_ometria_events():
 
         # runs after the wait even when nothing new woke it (skipped): it also re-reads the last 15 minutes, so
         # an event Antavo made visible late is still sent; a failed wait (Antavo unreachable) does not run it
-        @task(task_id=f"deliver_{name}", pool="ometria_push", trigger_rule="none_failed")
+        @task(task_id=f"deliver_{name}", pool=PUSH_POOL, trigger_rule="none_failed")
         def deliver(rule_name: str = name) -> dict:
             """Push the rule's new events to Ometria as custom events, each exactly once."""
             import logging

@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 import pytest
 import requests
 
-from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES
 from antavo_ometria.ometria.payload import encode_record
 from antavo_ometria.ometria.push import batches, split_oversized
@@ -229,13 +229,15 @@ def test_connection_flags_typed_as_text():
 def test_state_store_url_from_a_connection():
     from types import SimpleNamespace
 
-    from antavo_ometria.sync.state import url_from_connection
+    from airflow.models.connection import Connection
 
-    postgres = SimpleNamespace(conn_id="s", conn_type="postgres", login="sync", password="p@ss word", host="db",
-                               port=None, schema="sync", extra_dejson={})
-    assert url_from_connection(postgres) == "postgresql+psycopg://sync:p%40ss%20word@db:5432/sync"
+    from antavo_ometria.airflow.hooks import state_store_url
+
+    postgres = Connection(conn_id="s", conn_type="postgres", login="sync", password="p@ss word", host="db",
+                          port=5432, schema="sync")
+    assert state_store_url(lambda _: postgres, "s") == "postgresql+psycopg://sync:p%40ss word@db:5432/sync"
     generic = SimpleNamespace(conn_id="s", conn_type="generic", extra_dejson={"url": "sqlite:////tmp/x.db"})
-    assert url_from_connection(generic) == "sqlite:////tmp/x.db"
+    assert state_store_url(lambda _: generic, "s") == "sqlite:////tmp/x.db"
 
 
 def test_incremental_profile_reads_ask_for_the_expiring_points_the_mapping_needs(antavo_client, sandbox):

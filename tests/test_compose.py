@@ -53,6 +53,7 @@ def test_project_files_and_shared_staging_are_mounted():
 def test_init_creates_the_push_pool_and_the_image_uses_the_pinned_requirements():
     init = " ".join(compose()["services"]["airflow-init"]["command"])
     assert "airflow db migrate" in init and "airflow pools set ometria_push" in init
+    assert "python -m antavo_ometria.airflow.migrate" in init  # the state store's schema, once per deployment
     dockerfile = (PROJECT / "Dockerfile").read_text()
     pinned = re.search(r"^apache-airflow==(\S+)", (PROJECT / "requirements.txt").read_text(), re.M).group(1)
     assert f"apache/airflow:{pinned}-python3.11" in dockerfile

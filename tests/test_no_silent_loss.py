@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.antavo.client import normalise_customer, normalise_event
+from antavo_ometria.antavo.records import normalise_customer, normalise_event
 from antavo_ometria.sync.extract import extract
 from antavo_ometria.sync.load import LoadFailed, load_staged
 from antavo_ometria.sync.mapping import load_contact_mapping

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.quality import batch_verdict

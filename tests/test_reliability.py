@@ -12,7 +12,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from scenarios import EXPECTED_RUNS, SCENARIOS, _repeats, bad_input_population, run, run_bad_inputs
 
-from antavo_ometria.antavo.client import HELD, AntavoConfig, normalise_customer
+from antavo_ometria.antavo.client import AntavoConfig
+from antavo_ometria.antavo.records import HELD, normalise_customer
 from antavo_ometria.ometria.client import OmetriaConfig
 from antavo_ometria.problems import ConfigError
 from antavo_ometria.sync.mapping import load_contact_mapping

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.ometria.formats import to_date, to_datetime, to_gender, to_phone
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.transform import customer_columns, transform

@@ -1,4 +1,4 @@
-"""HTTP plumbing shared by both API clients: a token-bucket rate limit and retries with backoff."""
+"""HTTP plumbing shared by both API clients: a token-bucket rate limit and retries with backoff (tenacity)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from email.utils import parsedate_to_datetime
 from urllib.parse import urlsplit
 
 import requests
+import tenacity
 
 log = logging.getLogger(__name__)
 
@@ -21,10 +22,12 @@ RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 class ApiError(Exception):
     """An API call failed. `retryable` tells whether trying again could help."""
 
-    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False):
+    def __init__(self, message: str, *, status: int | None = None, retryable: bool = False,
+                 retry_after: float | None = None):
         super().__init__(message)
         self.status = status
         self.retryable = retryable
+        self.retry_after = retry_after  # seconds the server asked to wait (Retry-After)
 
 
 class AuthenticationFailed(ApiError):
@@ -99,49 +102,51 @@ def request_with_retries(
     limiter: RateLimiter,
     check: Callable[[requests.Response], None] = lambda r: None,
 ) -> requests.Response:
-    """Call `send` under the rate limit; retry 429, 5xx and network errors with backoff.
+    """Call `send` under the rate limit; retry 429, 5xx and network errors with backoff (tenacity).
 
+    A `Retry-After` header sets the wait, and a 429 slows every thread of the client down as long.
     `check` may raise ApiError for a response whose status looks fine (e.g. an error body in a 200).
     Permanent errors (other 4xx) raise at once; retryable ones raise after the last attempt.
     """
-    last: ApiError | None = None
-    for attempt in range(1, policy.attempts + 1):
+
+    def attempt() -> requests.Response:
         limiter.acquire()
         try:
             response = send()
         except (requests.ConnectionError, requests.Timeout) as exc:
-            last = ApiError(f"{what}: {_network_problem(exc)}", retryable=True)
-            wait = policy.delay(attempt)
-        else:
-            if response.status_code in RETRYABLE_STATUS:
-                last = ApiError(
-                    f"{what}: HTTP {response.status_code}", status=response.status_code, retryable=True
-                )
-                hinted = retry_after_seconds(response)
-                wait = hinted if hinted is not None else policy.delay(attempt)
-                if response.status_code == 429:
-                    limiter.pause(wait)
-            elif response.status_code in AUTH_STATUS:
-                raise AuthenticationFailed(f"{what}: HTTP {response.status_code}: {_short_body(response)}",
-                                           status=response.status_code)
-            elif response.status_code >= 400:
-                raise ApiError(
-                    f"{what}: HTTP {response.status_code}: {_short_body(response)}",
-                    status=response.status_code,
-                )
-            else:
-                try:
-                    check(response)
-                    return response
-                except ApiError as exc:
-                    if not exc.retryable:
-                        raise
-                    last, wait = exc, policy.delay(attempt)
-        if attempt < policy.attempts:
-            log.warning("%s (attempt %d/%d), retrying in %.1fs", last, attempt, policy.attempts, wait)
-            time.sleep(wait)
-    assert last is not None
-    raise ApiError(f"{last} (gave up after {policy.attempts} attempts)", status=last.status, retryable=True)
+            raise ApiError(f"{what}: {_network_problem(exc)}", retryable=True) from None
+        if response.status_code in RETRYABLE_STATUS:
+            raise ApiError(f"{what}: HTTP {response.status_code}", status=response.status_code, retryable=True,
+                           retry_after=retry_after_seconds(response))
+        if response.status_code in AUTH_STATUS:
+            raise AuthenticationFailed(f"{what}: HTTP {response.status_code}: {_short_body(response)}",
+                                       status=response.status_code)
+        if response.status_code >= 400:
+            raise ApiError(f"{what}: HTTP {response.status_code}: {_short_body(response)}", status=response.status_code)
+        check(response)
+        return response
+
+    def wait(state: tenacity.RetryCallState) -> float:
+        error = state.outcome.exception()
+        seconds = error.retry_after if error.retry_after is not None else policy.delay(state.attempt_number)
+        if error.status == 429:
+            limiter.pause(seconds)
+        return seconds
+
+    def warn(state: tenacity.RetryCallState) -> None:
+        log.warning("%s (attempt %d/%d), retrying in %.1fs", state.outcome.exception(), state.attempt_number,
+                    policy.attempts, state.next_action.sleep)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(policy.attempts), wait=wait, before_sleep=warn, reraise=True,
+        retry=tenacity.retry_if_exception(lambda exc: isinstance(exc, ApiError) and exc.retryable),
+    )
+    try:
+        return retrying(attempt)
+    except ApiError as exc:
+        if not exc.retryable:
+            raise
+        raise ApiError(f"{exc} (gave up after {policy.attempts} attempts)", status=exc.status, retryable=True) from None
 
 
 def _network_problem(exc: requests.RequestException) -> str:

@@ -25,13 +25,14 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.problems import ConfigError
 from antavo_ometria.sync.mapping import catalog, load_contact_mapping
 from antavo_ometria.sync.settings import mappings_dir
 from antavo_ometria.transport import RetryPolicy
 
 PROJECT = Path(__file__).resolve().parents[2]
-DAGS = {"contacts": "antavo_ometria_contacts", "events": "antavo_ometria_events"}
+DAGS = {"contacts": CONTACTS_DAG, "events": EVENTS_DAG}
 CONNECTIONS = ("antavo_default", "ometria_default", "antavo_ometria_state")
 SANDBOX_STATE = "sandbox_state.db"  # the state store of local sandbox runs
 SANDBOX_FILE = "sandbox.json"  # the sandbox's accounts between local runs
@@ -255,17 +256,13 @@ def cmd_trace(args: argparse.Namespace) -> int:
         import logging
 
         logging.disable(logging.WARNING)  # the trace is the output, not the libraries' progress
-        from antavo_ometria.airflow.hooks import antavo_config
+        from antavo_ometria.airflow.hooks import antavo_config, state_store_url
         from antavo_ometria.antavo.client import AntavoClient
         from antavo_ometria.sync.staging import staging_root
-        from antavo_ometria.sync.state import StateStore, default_url, url_from_connection
+        from antavo_ometria.sync.state import StateStore
         from antavo_ometria.sync.trace import format_trace, trace
 
-        try:
-            state_url = url_from_connection(_connection(CONNECTIONS[2]))
-        except Exception:  # no state store connection: the default
-            state_url = default_url()
-        store = StateStore(state_url)
+        store = StateStore(state_store_url(_connection))
         store.ensure_schema()
         antavo = AntavoClient(replace(antavo_config(_connection(CONNECTIONS[0])), retry=QUICK))
         print(format_trace(trace(args.customer, store, load_contact_mapping(mappings_dir()), antavo, staging_root())))

@@ -6,7 +6,7 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from antavo_ometria.antavo.client import normalise_customer
+from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.transform import customer_columns

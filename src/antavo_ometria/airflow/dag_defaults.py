@@ -7,6 +7,10 @@ from datetime import timedelta
 
 from antavo_ometria.airflow.alerts import notify_failure
 
+CONTACTS_DAG = "antavo_ometria_contacts"
+EVENTS_DAG = "antavo_ometria_events"
+PUSH_POOL = "ometria_push"  # caps concurrent pushes across DAGs: Ometria's rate limit is per account
+
 RETRY_DELAY = timedelta(seconds=float(os.environ.get("ANTAVO_OMETRIA_RETRY_DELAY_SECONDS", 30)))
 DEFAULT_ARGS = {"owner": "data-engineering", "retries": 2, "retry_delay": RETRY_DELAY,
                 "on_failure_callback": notify_failure}

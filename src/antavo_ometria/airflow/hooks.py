@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from contextlib import contextmanager
 
 from airflow.sdk import BaseHook
 
 from antavo_ometria.antavo.client import AntavoClient, AntavoConfig, api_url, read_api_url
 from antavo_ometria.ometria.client import DEFAULT_BASE_URL, OmetriaClient, OmetriaConfig
-from antavo_ometria.sync.state import StateStore, default_url, url_from_connection
+from antavo_ometria.sync.state import StateStore, default_url
 
 
 def _base_url(host: str | None, port: int | None, default: str) -> str:
@@ -144,17 +145,34 @@ class StateStoreHook(BaseHook):
         self.state_conn_id = state_conn_id
 
     def get_url(self) -> str:
-        from airflow.sdk.exceptions import AirflowNotFoundException
-
-        try:
-            return url_from_connection(_connection(self, self.state_conn_id))
-        except AirflowNotFoundException:
-            return default_url()
+        return state_store_url(lambda conn_id: _connection(self, conn_id), self.state_conn_id)
 
     def get_conn(self) -> StateStore:
-        store = StateStore(self.get_url())
-        store.ensure_schema()
-        return store
+        """The store, not migrated: the schema is brought up to date once per deployment (`migrate.py`) and by the
+        first task of a run whose schema is behind (`connect_or_fail`), not on every connection."""
+        return StateStore(self.get_url())
+
+
+def state_store_url(get_connection: Callable[[str], object], conn_id: str = StateStoreHook.default_conn_name) -> str:
+    """The state store's SQLAlchemy URL: the connection's `extra.url`, or the URL the Postgres provider makes of a
+    postgres connection; without the connection, the default (a SQLite file in $AIRFLOW_HOME)."""
+    from airflow.sdk.exceptions import AirflowNotFoundException
+
+    try:
+        conn = get_connection(conn_id)
+    except AirflowNotFoundException:
+        problem = env_connection_problem(conn_id)
+        if problem:
+            raise ValueError(problem) from None
+        return default_url()
+    if conn.extra_dejson.get("url"):
+        return conn.extra_dejson["url"]
+    if conn.conn_type in ("postgres", "postgresql"):
+        from airflow.providers.postgres.hooks.postgres import PostgresHook
+
+        url = PostgresHook(postgres_conn_id=conn_id, connection=conn).sqlalchemy_url
+        return url.render_as_string(hide_password=False)
+    raise ValueError(f"connection {conn_id!r} needs extra.url (a SQLAlchemy URL) or type postgres")
 
 
 def connect_or_fail(list_id: str) -> list[str]:
@@ -166,7 +184,8 @@ def connect_or_fail(list_id: str) -> list[str]:
     from antavo_ometria.sync.connect import ConnectionCheckFailed, check_connections
 
     with fail_fast_on(ValueError, AirflowNotFoundException):  # a connection that is missing or malformed
-        antavo, ometria = AntavoHook().get_conn(), OmetriaHook().get_conn()
+        antavo, ometria, store = AntavoHook().get_conn(), OmetriaHook().get_conn(), StateStoreHook().get_conn()
+    store.ensure_schema()  # a run's first task brings a schema that is behind up to date (an upgrade)
     checks = check_connections(antavo, ometria, list_id)
     lines = [f"{'ok' if c.ok else 'FAILED'}  {c.name}: {c.detail}" for c in checks]
     for line in lines:

@@ -13,7 +13,8 @@ from __future__ import annotations
 import logging
 from datetime import UTC, datetime, timedelta
 
-from antavo_ometria.antavo.client import HELD, AntavoClient, event_time
+from antavo_ometria.antavo.client import AntavoClient
+from antavo_ometria.antavo.records import HELD, event_time
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.contract import LATE_AFTER, hours
 from antavo_ometria.ometria.payload import encode_record

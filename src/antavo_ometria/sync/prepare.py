@@ -15,7 +15,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from antavo_ometria.antavo.client import HELD
+from antavo_ometria.antavo.records import HELD
 from antavo_ometria.ometria.payload import encode_contacts, payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.plan import Plan

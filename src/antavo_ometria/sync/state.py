@@ -347,15 +347,3 @@ def default_url() -> str:
 
     home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
     return os.environ.get("ANTAVO_OMETRIA_STATE_URL") or f"sqlite:///{Path(home) / 'antavo_ometria_state.db'}"
-
-
-def url_from_connection(conn) -> str:
-    """The `antavo_ometria_state` Airflow Connection → a SQLAlchemy URL (`extra.url`, or a postgres connection)."""
-    from urllib.parse import quote
-
-    if conn.extra_dejson.get("url"):
-        return conn.extra_dejson["url"]
-    if conn.conn_type in ("postgres", "postgresql"):
-        auth = f"{quote(conn.login or '', safe='')}:{quote(conn.password or '', safe='')}@" if conn.login else ""
-        return f"postgresql+psycopg://{auth}{conn.host}:{conn.port or 5432}/{conn.schema or 'postgres'}"
-    raise ValueError(f"connection {conn.conn_id!r} needs extra.url (a SQLAlchemy URL) or type postgres")

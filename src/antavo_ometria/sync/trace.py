@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
-from antavo_ometria.antavo.client import HELD, NOT_FOUND, AntavoClient
+from antavo_ometria.antavo.client import AntavoClient
+from antavo_ometria.antavo.records import HELD, NOT_FOUND
 from antavo_ometria.ometria.payload import payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.prepare import prepare_contacts
