@@ -113,7 +113,7 @@ def antavo_ometria_contacts():
         with fail_fast_on(ApiError):  # e.g. refused credentials; network trouble and 5xx are retried
             mapping = _mapping()
             return extract(AntavoHook().get_conn(), _staging(), plan, mapping.settings.customer_status,
-                           mapping.loyalty_fields)
+                           mapping.loyalty_fields).as_dict()
 
     @task
     def transform(plan: dict, extracted: dict) -> dict:
@@ -127,7 +127,7 @@ def antavo_ometria_contacts():
         from antavo_ometria.sync.quality import QualityGateFailed
 
         with fail_fast_on(QualityGateFailed):
-            return transform_staged(_staging(), _mapping(), plan, _store())
+            return transform_staged(_staging(), _mapping(), plan, _store()).as_dict()
 
     @task(pool=PUSH_POOL, outlets=[OMETRIA_CONTACTS])
     def load(plan: dict, transformed: dict) -> dict:
@@ -137,7 +137,7 @@ def antavo_ometria_contacts():
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(LoadFailed, ApiError):  # e.g. a refused API key; network trouble and 5xx are retried
-            return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store())
+            return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store()).as_dict()
 
     @task(trigger_rule="all_done")
     def report() -> dict:

@@ -186,8 +186,9 @@ def test_unreachable_state_store_fails_the_run_before_anything_is_sent(airflow_d
     monkeypatch.setenv("ANTAVO_OMETRIA_STATE_URL", "postgresql+psycopg://nobody@127.0.0.1:1/none")
     run = dagbag.get_dag("antavo_ometria_contacts").test()
     assert run.state == DagRunState.FAILED
-    assert {ti.task_id: ti.state for ti in run.get_task_instances()}["plan"] == "failed"
-    assert connections.antavo.requests == 2 and connections.ometria.pushes == 0  # the connection check only
+    states = {ti.task_id: ti.state for ti in run.get_task_instances()}
+    assert (states["check_connections"], states["plan"]) == ("failed", "upstream_failed")  # the first task's check
+    assert connections.antavo.requests == 0 and connections.ometria.pushes == 0  # not one request
 
 
 def test_secrets_never_reach_logs_xcom_reports_or_errors(airflow_db, dagbag, sandbox, monkeypatch, tmp_path,

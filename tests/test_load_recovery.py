@@ -45,7 +45,7 @@ def staged(tmp_path, antavo_client, state_url):
     staging = tmp_path / "staging"
     extract(antavo_client, staging, plan)
     transformed = transform_staged(staging, mapping, plan, store)
-    assert transformed["changed"] == 290
+    assert transformed.changed == 290
     return staging, plan, store
 
 
@@ -67,7 +67,7 @@ def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url)
 
     client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=0))
     loaded = load_staged(staging, client, plan, store)
-    assert loaded["sent"] == loaded["accepted"] == 290
+    assert loaded.sent == loaded.accepted == 290
     assert len(sandbox.ometria.contacts) == 290
     assert set(sandbox.ometria.received.values()) == {1}  # no contact was sent twice
     assert store.contact_count() == 290

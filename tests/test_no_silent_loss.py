@@ -71,7 +71,7 @@ def test_a_retry_of_the_same_attempt_sends_only_what_is_left(store, sandbox, ant
     with pytest.raises(LoadFailed):
         load_staged(staging, ometria_client, plan, store)
     loaded = load_staged(staging, ometria_client, plan, store)  # Airflow's retry
-    assert (loaded["sent"], loaded["failed"]) == (290, 0)
+    assert (loaded.sent, loaded.failed) == (290, 0)
     assert set(sandbox.ometria.received.values()) == {1}
 
 
@@ -160,7 +160,7 @@ def test_the_state_store_is_repaired_from_the_journal_on_retry(store, sandbox, a
     monkeypatch.undo()
     assert store.contact_count() == 200 and len(sandbox.ometria.contacts) == 290  # batch 3 pushed, not recorded
     loaded = load_staged(staging, ometria_client, plan, store)
-    assert store.contact_count() == 290 and loaded["sent"] == 290
+    assert store.contact_count() == 290 and loaded.sent == 290
     assert set(sandbox.ometria.received.values()) == {1}
 
 
@@ -220,7 +220,7 @@ def test_clearing_transform_without_plan_keeps_the_counts_right(store, sandbox, 
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     plan = plan_run(store, mapping, DAG, "run-2")
     extracted = extract(antavo_client, staging, plan)
-    assert transform_staged(staging, mapping, plan, store)["changed"] == 5
+    assert transform_staged(staging, mapping, plan, store).changed == 5
     load_staged(staging, ometria_client, plan, store)
     transformed = transform_staged(staging, mapping, plan, store)  # Clear of transform and load, same attempt
     loaded = load_staged(staging, ometria_client, plan, store)

@@ -8,7 +8,7 @@ from datetime import datetime
 from pathlib import Path
 
 from antavo_ometria.antavo.client import AntavoClient
-from antavo_ometria.sync.plan import Plan
+from antavo_ometria.sync.records import Extracted, Plan
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
     CONTACTS,
@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 PROFILE_CHUNK = 1000  # increments fetch full profiles this many at a time
 
 def extract(client: AntavoClient, staging: Path, plan: Plan | dict, status: str = "active",
-            paths: Iterable[str] = ()) -> dict:
+            paths: Iterable[str] = ()) -> Extracted:
     """Every customer (full), or those updated in the plan's window (incremental), staged as NDJSON.
 
     `paths` are the loyalty fields the mapping reads: incremental profile reads ask Antavo for them."""
@@ -41,8 +41,7 @@ def extract(client: AntavoClient, staging: Path, plan: Plan | dict, status: str 
     if duplicates:
         log.warning("%d customer(s) came twice from Antavo (a page boundary moved); kept the copy updated last: %s",
                     len(duplicates), ", ".join(duplicates[:10]))
-    return {"path": str(staging / CUSTOMERS), "customers": count, "mode": plan.mode,
-            "duplicate_ids": len(duplicates)}
+    return Extracted(str(staging / CUSTOMERS), count, plan.mode, len(duplicates))
 
 
 def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[str]):

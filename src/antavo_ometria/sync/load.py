@@ -8,7 +8,7 @@ from pathlib import Path
 
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.push import batches, push_isolating, record_status, split_oversized
-from antavo_ometria.sync.plan import Plan
+from antavo_ometria.sync.records import Loaded, Plan
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
     LOAD_JOURNAL,
@@ -35,7 +35,7 @@ class LoadFailed(Exception):
         self.retryable = retryable
 
 
-def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None) -> dict:
+def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None) -> Loaded:
     """Push the staged contacts in batches of 100; a retry of this attempt skips what it already delivered.
 
     What counts as delivered is an (id, payload hash) pair that this attempt of the run pushed and Ometria
@@ -47,8 +47,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     contacts = read_contacts(staging)
     if plan.dry_run:
         log.info("dry run: %d contacts would be sent; nothing was sent", len(contacts))
-        return {"batches": 0, "sent": 0, "accepted": 0, "rejected": 0, "failed": 0, "refused_oversized": 0,
-                "dry_run": True, "would_send": len(contacts)}
+        return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=len(contacts))
     journal = staging / LOAD_JOURNAL
     earlier = journal_entries(staging, plan)
     if store is not None and earlier:  # a retry: the store may have missed what was delivered before a crash
@@ -82,7 +81,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         retryable = any(e.get("retryable", True) for e in failures)
         raise LoadFailed(f"{summary['failed']} contact(s) were not delivered ({failures[-1].get('error')}); see "
                          f"{journal}. A retry re-sends only those.", retryable=retryable)
-    return {k: v for k, v in summary.items() if not k.endswith("_ids")} | {"async_errors": len(errors)}
+    return Loaded(**{k: v for k, v in summary.items() if not k.endswith("_ids")}, async_errors=len(errors))
 
 
 def remember_sent(store: StateStore, entries: list[dict], mapping_version: str, run_id: str,

@@ -4,40 +4,13 @@ from __future__ import annotations
 
 import logging
 import uuid
-from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 
 from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.records import Plan
 from antavo_ometria.sync.state import StateStore
 
 log = logging.getLogger(__name__)
-
-@dataclass(frozen=True)
-class Plan:
-    """What a run does: full or incremental, over which window, and why. Crosses tasks as a dict (XCom)."""
-
-    dag_id: str
-    run_id: str
-    # a new attempt each time the run is planned (a Clear, a backfill that reprocesses the run): its load
-    # sends what its own transform produced, whatever an earlier attempt's journal says
-    attempt: str
-    mode: str  # "full" or "incremental"
-    full_resync_reason: str | None
-    resumed: str | None  # why an incremental run starts before its data interval
-    send_unchanged: bool  # unchanged contacts are skipped, except when everything must be re-sent
-    dry_run: bool
-    mapping_version: str
-    since: str | None  # ISO 8601; incremental runs only
-    until: str
-    previous_full_count: int | None  # customers in the last full load, for the quality gate's batch check
-
-    def as_dict(self) -> Plan:
-        return asdict(self)
-
-    @classmethod
-    def of(cls, value: Plan | dict) -> Plan:
-        return value if isinstance(value, Plan) else cls(**value)
-
 
 def plan_run(
     store: StateStore,

@@ -18,8 +18,8 @@ import pyarrow.parquet as pq
 from antavo_ometria.antavo.records import HELD
 from antavo_ometria.ometria.payload import encode_contacts, payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.plan import Plan
 from antavo_ometria.sync.quality import QualityGateFailed, batch_verdict, run_gate
+from antavo_ometria.sync.records import Plan, Transformed
 from antavo_ometria.sync.staging import (
     CONTACTS,
     CONTACTS_SCHEMA,
@@ -43,7 +43,7 @@ def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, duplicate_i
 
 
 def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, store: StateStore | None = None
-                     ) -> dict:
+                     ) -> Transformed:
     """Staged customers → checked, encoded Ometria contacts that differ from what was last sent.
 
     Streams the staged customers in chunks, so memory does not grow with the programme. Quarantined
@@ -105,6 +105,6 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
         raise QualityGateFailed("; ".join(blocking) + f". Nothing was sent. Quarantined customers and "
                                 f"reasons: {staging / QUARANTINE}; GX results: {staging / GX_RESULT}")
     log.info("%d contacts to send, %d unchanged since they were last sent", changed, valid - changed)
-    return {"customers": checked, "valid": valid, "changed": changed, "unchanged": valid - changed,
-            "quarantined": quarantined, "quarantine_reasons": dict(reasons), "quality": summary,
-            "mapping_version": mapping.version, "payload_mode": mapping.settings.payload_mode}
+    return Transformed(customers=checked, valid=valid, changed=changed, unchanged=valid - changed,
+                       quarantined=quarantined, quarantine_reasons=dict(reasons), quality=summary,
+                       mapping_version=mapping.version, payload_mode=mapping.settings.payload_mode)

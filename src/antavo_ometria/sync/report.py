@@ -10,7 +10,7 @@ from pathlib import Path
 
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES, kilobytes
 from antavo_ometria.sync.load import journal_entries, summarise_load
-from antavo_ometria.sync.plan import Plan
+from antavo_ometria.sync.records import Extracted, Loaded, Plan, Transformed
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
     DUPLICATES,
@@ -30,14 +30,16 @@ class RunNotDelivered(Exception):
     """The run's report does not add up, or some contacts were not delivered: the run must not count as synced."""
 
 
-def build_report(staging: Path, plan: Plan | dict, extracted: dict, transformed: dict, loaded: dict | None,
+def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, transformed: Transformed | dict,
+                 loaded: Loaded | dict | None,
                  store: StateStore | None = None) -> dict:
     """Every extracted customer is accounted for: sent, unchanged, or held back with its reason.
 
     `loaded` is None when the load step failed: the report then says what it delivered before it
     stopped, and the run is recorded as failed (so the next run starts from before it).
     """
-    plan = Plan.of(plan)
+    plan, extracted, transformed = Plan.of(plan), Extracted.of(extracted), Transformed.of(transformed)
+    loaded = Loaded.of(loaded) if loaded is not None else None
     staged = read_contacts(staging)
     journal = summarise_load(staging, plan, {i for i, _, _ in staged})
     if not plan.dry_run:  # what the load never reached, e.g. it was stopped for good mid-way
@@ -56,7 +58,6 @@ def build_report(staging: Path, plan: Plan | dict, extracted: dict, transformed:
         {"id": r["id"], "reasons": r["reasons"]} for r in rejected + failed]
     async_errors = json.loads((staging / ASYNC_ERRORS).read_text()) if (staging / ASYNC_ERRORS).exists() else []
     duplicates = json.loads((staging / DUPLICATES).read_text()) if (staging / DUPLICATES).exists() else []
-    loaded = loaded or {}
     report = {
         "run_id": plan.run_id,
         "status": "dry_run" if plan.dry_run else "success",
@@ -64,16 +65,16 @@ def build_report(staging: Path, plan: Plan | dict, extracted: dict, transformed:
         "full_resync_reason": plan.full_resync_reason,
         "resumed": plan.resumed,
         "window": [plan.since, plan.until] if plan.mode == "incremental" else None,
-        "mapping_version": transformed["mapping_version"],
-        "payload_mode": transformed["payload_mode"],
-        "extracted": extracted["customers"],
+        "mapping_version": transformed.mapping_version,
+        "payload_mode": transformed.payload_mode,
+        "extracted": extracted.customers,
         "duplicates": duplicates,
-        "changed": transformed["changed"],
-        "unchanged": transformed["unchanged"],
-        "quarantined": transformed["quarantined"],
-        "quarantine_reasons": transformed["quarantine_reasons"],
-        "quality_warnings": transformed.get("quality", {}).get("warnings", []),
-        "would_send": loaded.get("would_send", 0),
+        "changed": transformed.changed,
+        "unchanged": transformed.unchanged,
+        "quarantined": transformed.quarantined,
+        "quarantine_reasons": transformed.quarantine_reasons,
+        "quality_warnings": transformed.quality.get("warnings", []),
+        "would_send": loaded.would_send if loaded else 0,
         "sent": journal["sent"],
         "accepted": journal["accepted"],
         "rejected": journal["rejected"],
@@ -84,7 +85,7 @@ def build_report(staging: Path, plan: Plan | dict, extracted: dict, transformed:
         "not_delivered": not_delivered,
         "staging": str(staging),
     }
-    unsent = transformed["changed"] if plan.dry_run else report["sent"] + report["failed"] + report["refused_oversized"]
+    unsent = transformed.changed if plan.dry_run else report["sent"] + report["failed"] + report["refused_oversized"]
     report["unaccounted"] = report["extracted"] - unsent - report["unchanged"] - report["quarantined"]
     if report["failed"] or report["unaccounted"]:
         report["status"] = "failed"

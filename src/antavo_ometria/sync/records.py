@@ -1,0 +1,80 @@
+"""The records a run's steps hand on: the plan and each step's result.
+
+They cross task boundaries through XCom as plain dicts (`as_dict`); a step takes either (`of`), so that the
+DAG, the CLI and the tests call the steps the same way. The run report is a JSON document (`report.py`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Self
+
+
+class Record:
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, value: Self | dict) -> Self:
+        return value if isinstance(value, cls) else cls(**value)
+
+
+@dataclass(frozen=True)
+class Plan(Record):
+    """What a run does: full or incremental, over which window, and why. Crosses tasks as a dict (XCom)."""
+
+    dag_id: str
+    run_id: str
+    # a new attempt each time the run is planned (a Clear, a backfill that reprocesses the run): its load
+    # sends what its own transform produced, whatever an earlier attempt's journal says
+    attempt: str
+    mode: str  # "full" or "incremental"
+    full_resync_reason: str | None
+    resumed: str | None  # why an incremental run starts before its data interval
+    send_unchanged: bool  # unchanged contacts are skipped, except when everything must be re-sent
+    dry_run: bool
+    mapping_version: str
+    since: str | None  # ISO 8601; incremental runs only
+    until: str
+    previous_full_count: int | None  # customers in the last full load, for the quality gate's batch check
+
+    def as_dict(self) -> Plan:
+        return asdict(self)
+
+    @classmethod
+    def of(cls, value: Plan | dict) -> Plan:
+        return value if isinstance(value, Plan) else cls(**value)
+
+
+@dataclass(frozen=True)
+class Extracted(Record):
+    path: str  # the staged customers (NDJSON)
+    customers: int
+    mode: str
+    duplicate_ids: int  # customers Antavo listed twice (kept once: the copy updated last)
+
+
+@dataclass(frozen=True)
+class Transformed(Record):
+    customers: int  # checked by the quality gate
+    valid: int
+    changed: int  # to send: their payload differs from what Ometria last received from us
+    unchanged: int
+    quarantined: int
+    quarantine_reasons: dict[str, int]  # check → customers held back by it
+    quality: dict  # the gate's summary: counts, warnings, empty share per field
+    mapping_version: str
+    payload_mode: str
+
+
+@dataclass(frozen=True)
+class Loaded(Record):
+    batches: int
+    sent: int
+    accepted: int
+    rejected: int
+    failed: int
+    refused_oversized: int
+    async_errors: int = 0  # validation errors Ometria listed at /v2/push/_errors
+    dry_run: bool = False
+    would_send: int = 0  # dry runs: the contacts that would have been sent
