@@ -21,11 +21,10 @@ run report, and the run history is kept in the state store.
 
 from __future__ import annotations
 
-import pendulum
 from airflow.sdk import Asset, CronDataIntervalTimetable, Param, dag, get_current_context, task
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG as DAG_ID
-from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS, PUSH_POOL
+from antavo_ometria.airflow.dag_defaults import DAG_ARGS, PUSH_POOL
 
 OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # updated when contacts land in Ometria
 
@@ -57,12 +56,9 @@ def _store():
 @dag(
     dag_id=DAG_ID,
     schedule=CronDataIntervalTimetable("0 * * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     doc_md=__doc__,
     tags=["antavo", "ometria", "contacts"],
-    default_args=DEFAULT_ARGS,
+    **DAG_ARGS,
     params={
         "full_resync": Param(False, type="boolean", description="Read and send every customer, changed or not."),
         "dry_run": Param(False, type="boolean", description="Compute and report what would be sent; send nothing."),

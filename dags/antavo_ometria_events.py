@@ -21,10 +21,9 @@ from __future__ import annotations
 
 import os
 
-import pendulum
 from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
 
-from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS, PUSH_POOL
+from antavo_ometria.airflow.dag_defaults import DAG_ARGS, PUSH_POOL
 from antavo_ometria.airflow.dag_defaults import EVENTS_DAG as DAG_ID
 from antavo_ometria.airflow.sensors import AntavoEventSensor
 from antavo_ometria.sync.event_rules import rule_actions
@@ -37,12 +36,9 @@ WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60
 @dag(
     dag_id=DAG_ID,
     schedule=CronDataIntervalTimetable("*/15 * * * *", timezone="UTC"),
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
-    max_active_runs=1,
     doc_md=__doc__,
     tags=["antavo", "ometria", "events"],
-    default_args=DEFAULT_ARGS,
+    **DAG_ARGS,
 )
 def antavo_ometria_events():
     @task

@@ -14,7 +14,7 @@ from collections import defaultdict
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
-from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG
+from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.sync.state import StateStore
 from antavo_ometria.sync.trace import Trace
 
@@ -159,31 +159,22 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
 
 
 # -- the app the plugin serves at /sync-dashboard/ -------------------------------------------
-DAG_IDS = ("antavo_ometria_contacts", "antavo_ometria_events")
+DAG_IDS = (CONTACTS_DAG, EVENTS_DAG)
+
 
 def _state_url() -> str:
     """The `antavo_ometria_state` connection when there is one, as the DAGs use it; else the default."""
-    from airflow.exceptions import AirflowNotFoundException
     from airflow.models.connection import Connection
 
-    from antavo_ometria.airflow.hooks import env_connection_problem
-    from antavo_ometria.sync.state import default_url, url_from_connection
+    from antavo_ometria.airflow.hooks import state_store_url
 
-    try:
-        return url_from_connection(Connection.get_connection_from_secrets("antavo_ometria_state"))
-    except AirflowNotFoundException:
-        problem = env_connection_problem("antavo_ometria_state")
-        if problem:
-            raise ValueError(problem) from None
-        return default_url()
+    return state_store_url(Connection.get_connection_from_secrets)
 
 
 _STORES: dict = {}  # one state store (and one schema check) per URL for the life of the API server
 
 
 def _store():
-    from antavo_ometria.sync.state import StateStore
-
     url = _state_url()
     if url not in _STORES:
         store = StateStore(url)

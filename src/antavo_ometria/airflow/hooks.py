@@ -96,38 +96,37 @@ def _connection(hook: BaseHook, conn_id: str):
         raise
 
 
-class AntavoHook(BaseHook):
-    conn_name_attr = "antavo_conn_id"
+class _ClientHook(BaseHook):
+    """Reads one Connection into a client's settings (`config_from`) and builds the client (`client`)."""
+
+    conn_name_attr = "conn_id"
+    conn_type = "http"
+    config_from: Callable
+    client: type
+
+    def __init__(self, conn_id: str | None = None):
+        super().__init__()
+        self.conn_id = conn_id or self.default_conn_name
+
+    def get_config(self):
+        return type(self).config_from(_connection(self, self.conn_id))
+
+    def get_conn(self):
+        return self.client(self.get_config())
+
+
+class AntavoHook(_ClientHook):
     default_conn_name = "antavo_default"
-    conn_type = "http"
     hook_name = "Antavo"
-
-    def __init__(self, antavo_conn_id: str = default_conn_name):
-        super().__init__()
-        self.antavo_conn_id = antavo_conn_id
-
-    def get_config(self) -> AntavoConfig:
-        return antavo_config(_connection(self, self.antavo_conn_id))
-
-    def get_conn(self) -> AntavoClient:
-        return AntavoClient(self.get_config())
+    config_from = staticmethod(antavo_config)
+    client = AntavoClient
 
 
-class OmetriaHook(BaseHook):
-    conn_name_attr = "ometria_conn_id"
+class OmetriaHook(_ClientHook):
     default_conn_name = "ometria_default"
-    conn_type = "http"
     hook_name = "Ometria"
-
-    def __init__(self, ometria_conn_id: str = default_conn_name):
-        super().__init__()
-        self.ometria_conn_id = ometria_conn_id
-
-    def get_config(self) -> OmetriaConfig:
-        return ometria_config(_connection(self, self.ometria_conn_id))
-
-    def get_conn(self) -> OmetriaClient:
-        return OmetriaClient(self.get_config())
+    config_from = staticmethod(ometria_config)
+    client = OmetriaClient
 
 
 class StateStoreHook(BaseHook):

@@ -38,13 +38,6 @@ class Plan(Record):
     until: str
     previous_full_count: int | None  # customers in the last full load, for the quality gate's batch check
 
-    def as_dict(self) -> Plan:
-        return asdict(self)
-
-    @classmethod
-    def of(cls, value: Plan | dict) -> Plan:
-        return value if isinstance(value, Plan) else cls(**value)
-
 
 @dataclass(frozen=True)
 class Extracted(Record):

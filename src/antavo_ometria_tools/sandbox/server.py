@@ -1,4 +1,10 @@
-"""A small threaded HTTP/1.1 server on loopback for the sandbox apps, with fault injection."""
+"""A small threaded HTTP/1.1 server on loopback for the sandbox apps, with fault injection.
+
+Hand-written on the standard library's ThreadingHTTPServer rather than Starlette: fault scenarios need to
+close a connection without answering (a dropped connection), hold an answer past the client's timeout and
+know nobody read it, and send bytes that are not valid UTF-8; an ASGI server answers 500 where the app
+fails instead of dropping the connection, so it cannot play those faults.
+"""
 
 from __future__ import annotations
 
