@@ -17,7 +17,7 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 	touch $@
 
 migrate: install          ## bring the state store's schema up to date (once per deployment, e.g. after an upgrade)
-	$(BIN)/python -m antavo_ometria.airflow.migrate
+	AIRFLOW_HOME=$(or $(AIRFLOW_HOME),$(CURDIR)/.airflow) $(BIN)/python -m antavo_ometria.airflow.migrate
 
 RUN_OPTIONS = $(if $(FRESH),--fresh) $(if $(CONF),--conf '$(CONF)')
 

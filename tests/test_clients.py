@@ -236,6 +236,8 @@ def test_state_store_url_from_a_connection():
     postgres = Connection(conn_id="s", conn_type="postgres", login="sync", password="p@ss word", host="db",
                           port=5432, schema="sync")
     assert state_store_url(lambda _: postgres, "s") == "postgresql+psycopg://sync:p%40ss word@db:5432/sync"
+    bare = Connection(conn_id="s", conn_type="postgres", login="sync", host="db")  # no port, no database
+    assert state_store_url(lambda _: bare, "s") == "postgresql+psycopg://sync@db/postgres"
     generic = SimpleNamespace(conn_id="s", conn_type="generic", extra_dejson={"url": "sqlite:////tmp/x.db"})
     assert state_store_url(lambda _: generic, "s") == "sqlite:////tmp/x.db"
 

@@ -35,11 +35,13 @@ def layer(module: str) -> str | None:
 
 
 def imports(path: Path) -> set[str]:
-    """Every module a file imports, at the top or inside a function."""
+    """Every module a file imports, at the top or inside a function (`from a import b` counts as a and a.b)."""
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+        if isinstance(node, ast.ImportFrom):
+            assert not node.level, f"{path.name}: relative import; the layers are checked on absolute ones"
             found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)
         elif isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
     return found
@@ -64,6 +66,11 @@ def test_each_layer_imports_only_from_the_layers_below_it():
             elif re.match(r"(airflow|fastapi)\b", imported) and own != "airflow":
                 wrong.append(f"{module_name(path)} ({own}) imports {imported}: only the airflow layer may")
     assert not wrong, "\n".join(sorted(wrong))
+
+
+def test_dags_and_plugins_use_the_package_and_never_the_tools():
+    for path in [*(PROJECT / "dags").glob("*.py"), *(PROJECT / "plugins").glob("*.py")]:
+        assert not {m for m in imports(path) if m.startswith("antavo_ometria_tools")}, path.name
 
 
 def test_the_sandbox_shares_no_rule_with_the_code_it_checks():

@@ -218,3 +218,14 @@ def test_a_quality_threshold_is_no_mapping_change_and_an_upgrade_keeps_the_versi
     assert load_contact_mapping(mappings).version == first.version
     shipped = load_contact_mapping(Path(__file__).resolve().parents[1] / "include" / "mappings")
     assert shipped.is_version("7ea83d3e5a85")  # what runs before the content hash recorded: no re-send on upgrade
+
+
+def test_the_mappings_are_found_beside_the_dags_folder_when_the_package_is_installed(tmp_path, monkeypatch):
+    from antavo_ometria.sync.settings import mappings_dir
+
+    (tmp_path / "include" / "mappings").mkdir(parents=True)
+    monkeypatch.delenv("ANTAVO_OMETRIA_MAPPINGS_DIR", raising=False)
+    monkeypatch.setenv("AIRFLOW__CORE__DAGS_FOLDER", str(tmp_path / "dags"))
+    assert mappings_dir() == tmp_path / "include" / "mappings"
+    monkeypatch.setenv("ANTAVO_OMETRIA_MAPPINGS_DIR", str(tmp_path / "elsewhere"))
+    assert mappings_dir() == tmp_path / "elsewhere"

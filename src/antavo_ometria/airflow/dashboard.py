@@ -10,13 +10,16 @@ from __future__ import annotations
 import asyncio
 import html
 from collections import defaultdict
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
-from antavo_ometria.sync.state import StateStore
-from antavo_ometria.sync.trace import Trace
+
+if TYPE_CHECKING:  # the plugin is loaded by every Airflow process: pandas and the clients load with the first page
+    from antavo_ometria.sync.state import StateStore
+    from antavo_ometria.sync.trace import Trace
 
 SERIES = (("sent", "#2a7ab9"), ("changed", "#8cc0e6"), ("quarantined", "#e0a030"), ("rejected", "#c0392b"))
 STYLE = """
@@ -177,6 +180,8 @@ _STORES: dict = {}  # one state store (and one schema check) per URL for the lif
 def _store():
     url = _state_url()
     if url not in _STORES:
+        from antavo_ometria.sync.state import StateStore
+
         store = StateStore(url)
         store.ensure_schema()
         _STORES[url] = store

@@ -169,7 +169,8 @@ def state_store_url(get_connection: Callable[[str], object], conn_id: str = Stat
     if conn.conn_type in ("postgres", "postgresql"):
         from airflow.providers.postgres.hooks.postgres import PostgresHook
 
-        url = PostgresHook(postgres_conn_id=conn_id, connection=conn).sqlalchemy_url
+        # the database is the connection's schema, and `postgres` without one (not the login's name)
+        url = PostgresHook(postgres_conn_id=conn_id, connection=conn, database=conn.schema or "postgres").sqlalchemy_url
         return url.render_as_string(hide_password=False)
     raise ValueError(f"connection {conn_id!r} needs extra.url (a SQLAlchemy URL) or type postgres")
 

@@ -30,7 +30,6 @@ from antavo_ometria.ometria.contract import (
     STAGGER_STEP,
 )
 from antavo_ometria.problems import ConfigError, Problem
-from antavo_ometria.sync.mapping import catalog, find_in_catalog
 from antavo_ometria.sync.tables import did_you_mean, read_csv, rows_of
 from antavo_ometria.values import is_translation, translated, walk
 
@@ -115,6 +114,8 @@ def load_rules(mappings_dir: Path) -> list[Rule]:
 
 
 def _check_source(file: str, line: int, source: str) -> list[Problem]:
+    from antavo_ometria.sync.mapping import catalog, find_in_catalog  # not at import: DAG parsing reads rule_actions
+
     kind, _, rest = source.partition(".")
     if not source:
         return []

@@ -112,6 +112,10 @@ def _line_of(lines: list[str], needle: str) -> int:
 
 
 def mappings_dir() -> Path:
-    """Where the analyst-edited files live: $ANTAVO_OMETRIA_MAPPINGS_DIR, else the project's include/mappings."""
-    default = Path(__file__).resolve().parents[3] / "include" / "mappings"
-    return Path(os.environ.get("ANTAVO_OMETRIA_MAPPINGS_DIR") or default)
+    """Where the analyst-edited files live: $ANTAVO_OMETRIA_MAPPINGS_DIR; else `include/mappings` beside the DAGs
+    folder (the Airflow project layout: dags/, include/, plugins/); else the source checkout's."""
+    if os.environ.get("ANTAVO_OMETRIA_MAPPINGS_DIR"):
+        return Path(os.environ["ANTAVO_OMETRIA_MAPPINGS_DIR"])
+    home = Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow")
+    beside = Path(os.environ.get("AIRFLOW__CORE__DAGS_FOLDER") or home / "dags").parent / "include" / "mappings"
+    return beside if beside.is_dir() else Path(__file__).resolve().parents[3] / "include" / "mappings"
