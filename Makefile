@@ -36,15 +36,16 @@ KEYS_FILE ?= .env
 trace: install           ## one customer: make trace ID=<Antavo customer id or email>
 	$(BIN)/python -m antavo_ometria_tools.cli trace "$(ID)"
 
-keys:                    ## secrets for docker-compose, written once to .env (compose reads it)
-	@if [ -e "$(KEYS_FILE)" ]; then \
-	    echo "$(KEYS_FILE) exists: keeping its keys (a new Fernet key could not read the secrets stored with the old one)"; \
-	else \
-	    $(PYTHON) -c "import base64, os, secrets; \
-	print(f'AIRFLOW_JWT_SECRET={secrets.token_hex(32)}'); \
-	print(f'AIRFLOW_FERNET_KEY={base64.urlsafe_b64encode(os.urandom(32)).decode()}')" > "$(KEYS_FILE)" \
-	    && echo "wrote $(KEYS_FILE): docker compose reads it"; \
-	fi
+keys:                    ## secrets for docker-compose, written once to .env (compose reads it); a key missing is added
+	@$(PYTHON) -c "import base64, os, secrets, sys; path = sys.argv[1]; \
+	text = open(path).read() if os.path.exists(path) else ''; \
+	old = dict(line.split('=', 1) for line in text.splitlines() if '=' in line); \
+	new = {'AIRFLOW_JWT_SECRET': secrets.token_hex(32), 'AIRFLOW_FERNET_KEY': base64.urlsafe_b64encode(os.urandom(32)).decode(), \
+	       'MINIO_ROOT_PASSWORD': secrets.token_urlsafe(24)}; \
+	added = [k for k in new if k not in old]; \
+	lines = ''.join(k + '=' + new[k] + chr(10) for k in added); \
+	open(path, 'a').write((chr(10) if lines and text and not text.endswith(chr(10)) else '') + lines); \
+	print('wrote ' + path + ': docker compose reads it' if not old else path + ' exists: keeping its keys (a new Fernet key could not read the secrets stored with the old one)' + ('; added ' + ', '.join(added) if added else ''))" "$(KEYS_FILE)"
 
 test: install            ## every test
 	$(BIN)/python -m pytest

@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -209,8 +210,7 @@ def measure_incremental(size: int) -> dict:
     write_customers(staging, [picked])
     sandbox = SandboxProcess()
     try:
-        plan = {"run_id": "incremental", "attempt": "bench", "mode": "incremental", "send_unchanged": False, "dry_run": False,
-                "mapping_version": mapping.version}
+        plan = replace(full_plan("incremental", mapping), mode="incremental", send_unchanged=False)
         started = time.perf_counter()
         transformed = transform_staged(staging, mapping, plan, store)
         loaded = load_staged(staging, OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.url, requests_per_second=0)),

@@ -30,9 +30,10 @@ OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # update
 
 
 def _staging():
+    from antavo_ometria.airflow.staging import staging_root
     from antavo_ometria.sync.staging import staging_dir
 
-    return staging_dir(DAG_ID, get_current_context()["run_id"])
+    return staging_dir(staging_root(), DAG_ID, get_current_context()["run_id"])
 
 
 def _mapping():
@@ -81,12 +82,13 @@ def antavo_ometria_contacts():
         import logging
         from datetime import UTC, datetime
 
+        from antavo_ometria.airflow.staging import staging_root
         from antavo_ometria.sync.plan import plan_run
         from antavo_ometria.sync.staging import prune_staging, staging_retention
 
         context = get_current_context()
         store = _store()
-        removed = prune_staging(DAG_ID, keep=_staging())
+        removed = prune_staging(staging_root(), DAG_ID, keep=_staging())
         forgotten = store.prune_released(datetime.now(UTC) - staging_retention())
         if removed or forgotten:
             logging.getLogger(__name__).info("retention: removed %d staging folder(s) and %d released held record(s)",

@@ -46,8 +46,29 @@ def test_project_files_and_shared_staging_are_mounted():
         for folder in ("dags", "plugins", "include"):
             assert f"./{folder}:/opt/airflow/{folder}" in volumes
         assert "staging:/opt/airflow/staging" in volumes
-    assert services["airflow-worker"]["environment"]["ANTAVO_OMETRIA_STAGING_DIR"] == "/opt/airflow/staging"
+    assert services["airflow-worker"]["environment"]["ANTAVO_OMETRIA_STAGING_DIR"] == "${STAGING_URL:-/opt/airflow/staging}"
     assert "staging" in compose()["volumes"]
+
+
+def test_the_object_storage_variant_stages_in_a_bucket_its_init_creates():
+    """`STAGING_URL=s3://minio_staging@antavo-ometria-staging/runs docker compose --profile object-storage up`
+    (the README's command): the URL's connection reaches the MinIO service, whose init creates that bucket."""
+    import json
+
+    services = compose()["services"]
+    readme = (PROJECT / "README.md").read_text()
+    url = re.search(r"STAGING_URL=(s3://(\w+)@([\w-]+)/\S*) docker compose --profile object-storage up", readme)
+    assert url, "the README shows how to start the object-storage variant"
+    conn_id, bucket = url.group(2), url.group(3)
+    env = compose()["x-airflow-common"]["environment"]
+    conn = json.loads(env[f"AIRFLOW_CONN_{conn_id.upper()}"].replace(
+        "${MINIO_ROOT_PASSWORD:?set MINIO_ROOT_PASSWORD (it guards the staging bucket) - run make keys}", "pw"))
+    assert conn["conn_type"] == "aws" and conn["login"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
+    assert conn["extra"]["endpoint_url"] == "http://minio:9000"  # the service name, MinIO's API port
+    for name in ("minio", "minio-init"):
+        assert services[name]["profiles"] == ["object-storage"]
+    init = " ".join(services["minio-init"]["command"])
+    assert f"mc mb --ignore-existing staging/{bucket}" in init and "http://minio:9000" in init
 
 
 def test_init_creates_the_push_pool_and_the_image_uses_the_pinned_requirements():

@@ -58,11 +58,12 @@ def expected_contact(customer: dict) -> dict:
 def run_contacts_dag(dagbag):
     from airflow.utils.state import DagRunState
 
+    from antavo_ometria.airflow.staging import staging_root
     from antavo_ometria.sync.staging import staging_dir
 
     run = dagbag.get_dag("antavo_ometria_contacts").test()
     assert run.state == DagRunState.SUCCESS
-    return json.loads((staging_dir("antavo_ometria_contacts", run.run_id) / "report.json").read_text())
+    return json.loads((staging_dir(staging_root(), "antavo_ometria_contacts", run.run_id) / "report.json").read_text())
 
 
 def test_contact_sync_end_to_end(airflow_db, dagbag, connections):
@@ -197,6 +198,7 @@ def test_secrets_never_reach_logs_xcom_reports_or_errors(airflow_db, dagbag, san
 
     from airflow.models.renderedtifields import RenderedTaskInstanceFields
 
+    from antavo_ometria.airflow.staging import staging_root
     from antavo_ometria.sync.staging import staging_dir
     from antavo_ometria_tools.sandbox import ANTAVO_KEY
 
@@ -220,7 +222,7 @@ def test_secrets_never_reach_logs_xcom_reports_or_errors(airflow_db, dagbag, san
         for ti in run.get_task_instances():
             seen.append(json.dumps(ti.xcom_pull(task_ids=ti.task_id), default=str))
             seen.append(json.dumps(RenderedTaskInstanceFields.get_templated_fields(ti), default=str))
-        staging = staging_dir("antavo_ometria_contacts", run.run_id)
+        staging = staging_dir(staging_root(), "antavo_ometria_contacts", run.run_id)
         seen += [p.read_text(errors="replace") for p in staging.glob("*.json*")]
     assert sandbox.ometria.pushes > 0  # the first run did deliver
     assert run.state == "failed"  # the second did not, and said why

@@ -4,15 +4,17 @@ dag-processor and an api-server in their own processes."""
 
 from __future__ import annotations
 
+import json
 import os
 import time
 import uuid
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from conftest import reachable
-from stack import AirflowStack
+from stack import AirflowStack, free_port
 
 from antavo_ometria_tools.population import defects_of
 from antavo_ometria_tools.sandbox import Sandbox
@@ -49,11 +51,44 @@ def stack(request, tmp_path_factory):
         with admin.connect() as conn:
             conn.execute(sa.text(f'CREATE DATABASE "{database}"'))
         url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}"
-        running = AirflowStack.celery(tmp, {**env, "ANTAVO_OMETRIA_STATE_URL": url.replace("psycopg2", "psycopg")},
-                                      url, f"redis://127.0.0.1:6379/{int(uuid.uuid4()) % 8 + 8}")
-        yield from _serve(running, sandbox)
+        with s3_bucket() as staging:  # the workers share no disk: runs stage in a bucket
+            running = AirflowStack.celery(tmp, {**env, **staging, "ANTAVO_OMETRIA_STATE_URL": url.replace("psycopg2", "psycopg")},
+                                          url, f"redis://127.0.0.1:6379/{int(uuid.uuid4()) % 8 + 8}")
+            yield from _serve(running, sandbox)
         with admin.connect() as conn:
             conn.execute(sa.text(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)'))
+
+
+@contextmanager
+def s3_bucket():
+    """An S3-compatible server on loopback (moto) with a bucket; yields the environment that stages runs in it."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
+                 aws_secret_access_key="s").create_bucket(Bucket="deployment-staging")
+    try:
+        yield {"ANTAVO_OMETRIA_STAGING_DIR": "s3://aws_staging@deployment-staging/runs",
+               "AIRFLOW_CONN_AWS_STAGING": json.dumps({"conn_type": "aws", "login": "k", "password": "s",
+                                                       "extra": {"endpoint_url": endpoint, "region_name": "us-east-1"}})}
+    finally:
+        server.stop()
+
+
+def staged_objects(airflow: AirflowStack) -> list[str]:
+    """The keys staged in the deployment's bucket (none when it stages on disk)."""
+    import boto3
+
+    if not airflow.env["ANTAVO_OMETRIA_STAGING_DIR"].startswith("s3://"):
+        return []
+    endpoint = json.loads(airflow.env["AIRFLOW_CONN_AWS_STAGING"])["extra"]["endpoint_url"]
+    listed = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="k",
+                          aws_secret_access_key="s").list_objects_v2(Bucket="deployment-staging", Prefix="runs/")
+    return [o["Key"] for o in listed.get("Contents", [])]
 
 
 def _serve(running: AirflowStack, sandbox: Sandbox):
@@ -70,6 +105,10 @@ def test_contact_sync_runs_on_the_deployment(stack):
         "antavo_ometria_contacts", run_id)
     valid = {c["_id"] for i, c in enumerate(sandbox.antavo.customers) if not defects_of(i)}
     assert {cid for _, cid in sandbox.ometria.contacts} == valid
+    if airflow.env["ANTAVO_OMETRIA_STAGING_DIR"].startswith("s3://"):  # the CeleryExecutor variant
+        assert {k.rsplit("/", 1)[-1] for k in staged_objects(airflow)} >= {"customers.ndjson", "contacts.parquet",
+                                                                            "report.json"}
+        assert not (airflow.home / "staging").exists()
 
 
 def test_backfill_resends_the_customers_updated_in_its_intervals(stack):

@@ -18,7 +18,7 @@ from antavo_ometria.sync.load import load_staged
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.plan import plan_run
 from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.staging import LOAD_JOURNAL, read_ndjson
+from antavo_ometria.sync.staging import read_journal
 from antavo_ometria.sync.state import StateStore, StateStoreUnavailable
 from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
@@ -62,7 +62,7 @@ def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url)
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=10)
     assert child.returncode == -signal.SIGKILL
-    assert [len(e["ids"]) for e in read_ndjson(staging / LOAD_JOURNAL)] == [100, 100]
+    assert [len(e["ids"]) for e in read_journal(staging)] == [100, 100]
     assert len(sandbox.ometria.contacts) == 200
 
     client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=0))

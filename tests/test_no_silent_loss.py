@@ -18,7 +18,7 @@ from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.plan import plan_run
 from antavo_ometria.sync.prepare import transform_staged
 from antavo_ometria.sync.report import RunNotDelivered, check_delivered, report_run
-from antavo_ometria.sync.staging import LOAD_JOURNAL, prune_staging, read_ndjson, staging_dir, write_customers
+from antavo_ometria.sync.staging import REPORT, prune_staging, read_ndjson, staging_dir, write_customers
 from antavo_ometria.sync.state import StateStore
 from antavo_ometria.transport import ApiError
 
@@ -292,23 +292,21 @@ def test_a_repeated_customer_keeps_the_copy_updated_last(tmp_path):
 
 
 # -- staging -------------------------------------------------------------------------------------
-def test_run_ids_that_differ_only_in_punctuation_get_their_own_folders(monkeypatch, tmp_path):
-    monkeypatch.setenv("ANTAVO_OMETRIA_STAGING_DIR", str(tmp_path))
-    assert staging_dir(DAG, "manual__2026-03-01T12:00") != staging_dir(DAG, "manual__2026-03-01T12_00")
-    assert staging_dir(DAG, "r1") == staging_dir(DAG, "r1")
+def test_run_ids_that_differ_only_in_punctuation_get_their_own_folders(tmp_path):
+    assert staging_dir(tmp_path, DAG, "manual__2026-03-01T12:00") != staging_dir(tmp_path, DAG, "manual__2026-03-01T12_00")
+    assert staging_dir(tmp_path, DAG, "r1") == staging_dir(tmp_path, DAG, "r1")
 
 
 def test_staging_older_than_the_retention_is_removed(monkeypatch, tmp_path):
-    monkeypatch.setenv("ANTAVO_OMETRIA_STAGING_DIR", str(tmp_path))
     monkeypatch.setenv("ANTAVO_OMETRIA_STAGING_RETENTION_DAYS", "7")
-    old, recent, current = (staging_dir(DAG, r) for r in ("old", "recent", "current"))
+    old, recent, current = (staging_dir(tmp_path, DAG, r) for r in ("old", "recent", "current"))
     for folder in (old, recent, current):
         folder.mkdir(parents=True)
-        (folder / LOAD_JOURNAL).write_text("{}\n")
+        (folder / REPORT).write_text("{}\n")
     eight_days_ago = time.time() - 8 * 86400
-    for path in (old / LOAD_JOURNAL, old, current / LOAD_JOURNAL, current):
+    for path in (old / REPORT, old, current / REPORT, current):
         os.utime(path, (eight_days_ago, eight_days_ago))
-    assert prune_staging(DAG, keep=current) == [old]
+    assert prune_staging(tmp_path, DAG, keep=current) == [old]
     assert not old.exists() and recent.exists() and current.exists()
 
 

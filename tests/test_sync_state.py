@@ -33,10 +33,11 @@ def dag():
 
 def run(dag, when, **params):
 
+    from antavo_ometria.airflow.staging import staging_root
     from antavo_ometria.sync.staging import staging_dir
 
     dag_run = dag.test(logical_date=when, run_conf={"full_resync": False, "dry_run": False, **params})
-    report_file = staging_dir("antavo_ometria_contacts", dag_run.run_id) / "report.json"
+    report_file = staging_dir(staging_root(), "antavo_ometria_contacts", dag_run.run_id) / "report.json"
     report = json.loads(report_file.read_text()) if report_file.exists() else None
     return dag_run, report
 

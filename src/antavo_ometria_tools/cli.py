@@ -186,8 +186,9 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"Running {dag_id} with `airflow dags test`{waits} …", flush=True)
         conf = ["-c", args.conf] if args.conf else []
         code = _airflow(["dags", "test", *conf, dag_id], env, log_file)
-        reports = sorted((Path(env.get("ANTAVO_OMETRIA_STAGING_DIR") or home / "staging") / dag_id).glob("*/report.json"),
-                         key=lambda p: p.stat().st_mtime)
+        staged = env.get("ANTAVO_OMETRIA_STAGING_DIR") or str(home / "staging")
+        reports = [] if "://" in staged else sorted((Path(staged) / dag_id).glob("*/report.json"),
+                                                    key=lambda p: p.stat().st_mtime)
         if reports and reports[-1].stat().st_mtime >= started:
             from antavo_ometria.sync.report import format_report
 
@@ -257,8 +258,8 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
         logging.disable(logging.WARNING)  # the trace is the output, not the libraries' progress
         from antavo_ometria.airflow.hooks import antavo_config, state_store_url
+        from antavo_ometria.airflow.staging import staging_root
         from antavo_ometria.antavo.client import AntavoClient
-        from antavo_ometria.sync.staging import staging_root
         from antavo_ometria.sync.state import StateStore
         from antavo_ometria.sync.trace import format_trace, trace
 

@@ -199,10 +199,10 @@ def _trace_page(query: str) -> str:
     from airflow.models.connection import Connection
 
     from antavo_ometria.airflow.hooks import antavo_config
+    from antavo_ometria.airflow.staging import staging_root
     from antavo_ometria.antavo.client import AntavoClient
     from antavo_ometria.sync.mapping import load_contact_mapping
     from antavo_ometria.sync.settings import mappings_dir
-    from antavo_ometria.sync.staging import staging_root
     from antavo_ometria.sync.trace import trace
     from antavo_ometria.transport import RetryPolicy
 

@@ -181,13 +181,15 @@ def connect_or_fail(list_id: str) -> list[str]:
 
     from airflow.sdk.exceptions import AirflowNotFoundException
 
+    from antavo_ometria.airflow.staging import StagingUnusable, check_staging, staging_root
     from antavo_ometria.sync.connect import ConnectionCheckFailed, check_connections
 
-    with fail_fast_on(ValueError, AirflowNotFoundException):  # a connection that is missing or malformed
+    with fail_fast_on(ValueError, AirflowNotFoundException, StagingUnusable):  # a connection missing or malformed,
         antavo, ometria, store = AntavoHook().get_conn(), OmetriaHook().get_conn(), StateStoreHook().get_conn()
+        staged = check_staging(staging_root())  # a missing bucket or refused credentials: before any request
     store.ensure_schema()  # a run's first task brings a schema that is behind up to date (an upgrade)
     checks = check_connections(antavo, ometria, list_id)
-    lines = [f"{'ok' if c.ok else 'FAILED'}  {c.name}: {c.detail}" for c in checks]
+    lines = [f"ok  staging: {staged}"] + [f"{'ok' if c.ok else 'FAILED'}  {c.name}: {c.detail}" for c in checks]
     for line in lines:
         logging.getLogger(__name__).info("%s", line)
     with fail_fast_on(ConnectionCheckFailed):

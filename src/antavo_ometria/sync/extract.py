@@ -18,6 +18,7 @@ from antavo_ometria.sync.staging import (
     QUARANTINE,
     REPORT,
     Progress,
+    make_folder,
     write_customers,
 )
 
@@ -32,7 +33,7 @@ def extract(client: AntavoClient, staging: Path, plan: Plan | dict, status: str 
 
     `paths` are the loyalty fields the mapping reads: incremental profile reads ask Antavo for them."""
     plan = Plan.of(plan)
-    staging.mkdir(parents=True, exist_ok=True)
+    make_folder(staging)
     for name in (CONTACTS, QUARANTINE, OVERSIZED, ASYNC_ERRORS, GX_RESULT, REPORT):  # an earlier try's results
         (staging / name).unlink(missing_ok=True)
     progress = Progress("extract", "customers")

@@ -14,7 +14,9 @@ from antavo_ometria.sync.staging import (
     LOAD_JOURNAL,
     OVERSIZED,
     Progress,
+    append_journal,
     read_contacts,
+    read_journal,
     read_ndjson,
     write_ndjson,
 )
@@ -62,7 +64,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     progress = Progress("load", "contacts", total=len(fits))
     for ids, bodies in batches(fits):
         entries = push_isolating(client, ids, bodies, [hashes[i] for i in ids])
-        write_ndjson(journal, ({"attempt": plan.attempt, **e} for e in entries), mode="a")
+        append_journal(staging, [{"attempt": plan.attempt, **e} for e in entries])
         if store is not None:
             remember_sent(store, entries, plan.mapping_version, plan.run_id, dict(zip(ids, bodies)))
         progress.advance(len(ids))
@@ -99,7 +101,7 @@ def remember_sent(store: StateStore, entries: list[dict], mapping_version: str, 
 
 def journal_entries(staging: Path, plan: Plan) -> list[dict]:
     """This attempt's entries of the load journal (earlier attempts of the same run id are ignored)."""
-    return [e for e in read_ndjson(staging / LOAD_JOURNAL) if e.get("attempt") == plan.attempt]
+    return [e for e in read_journal(staging) if e.get("attempt") == plan.attempt]
 
 
 def summarise_load(staging: Path, plan: Plan, staged: set[str]) -> dict:

@@ -60,7 +60,7 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     validations = []
     progress = Progress("transform and check", "customers")
     with (staging / QUARANTINE).open("w", encoding="utf-8") as held, \
-            pq.ParquetWriter(staging / CONTACTS, CONTACTS_SCHEMA) as writer:
+            (staging / CONTACTS).open("wb") as sink, pq.ParquetWriter(sink, CONTACTS_SCHEMA) as writer:
         for columns in read_customer_chunks(staging / CUSTOMERS, [*mapping.loyalty_fields, HELD]):
             frame, encoded, gate = prepare_contacts(columns, mapping)
             ids = frame["id"].tolist()

@@ -1,9 +1,12 @@
 """The staging folder of a run: the files its steps pass on, and how they are written and read.
 
+The folder is a `pathlib.Path` or, for object storage, an Airflow `ObjectStoragePath`: only operations both
+support are used, and every file is streamed.
+
     customers.ndjson    normalised Antavo customers, one a line (extract)
     contacts.parquet    (id, encoded record, hash) of the contacts to send (transform)
     quarantine.ndjson   customers held back by the quality gate, with every reason; gx_validation.json
-    load.ndjson         one line per push: ids, payload hashes and Ometria's answer, tagged with the run attempt
+    load/*.ndjson       the load journal: per push, ids, payload hashes and Ometria's answer, tagged with the attempt
     report.json         the run report
 """
 
@@ -15,6 +18,7 @@ import logging
 import os
 import shutil
 import time
+import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -27,7 +31,7 @@ log = logging.getLogger(__name__)
 CUSTOMERS = "customers.ndjson"
 CONTACTS = "contacts.parquet"
 QUARANTINE = "quarantine.ndjson"
-LOAD_JOURNAL = "load.ndjson"
+LOAD_JOURNAL = "load"  # a folder of NDJSON parts, one per push
 REPORT = "report.json"
 GX_RESULT = "gx_validation.json"
 DUPLICATES = "duplicate_ids.json"
@@ -76,36 +80,39 @@ def read_ndjson(path: Path) -> list[dict]:
 def write_customers(staging: Path, pages: Iterable[list[dict]], progress: Progress | None = None
                     ) -> tuple[int, list[str]]:
     """Stage customers as NDJSON, each once: of a customer that comes twice (Antavo's pages shifted while
-    they were read), the copy updated last is kept. Returns the count staged and the repeated ids."""
+    they were read), the copy updated last is kept. Returns the count staged and the repeated ids.
+
+    Written in one pass (object storage cannot read back what is still being written); a second pass
+    drops the superseded copies, only when there are any."""
     path = staging / CUSTOMERS
-    offsets: dict[str, int] = {}  # id → where its kept copy starts
+    kept: dict[str, tuple[int, object]] = {}  # id → (line of its kept copy, its updated_at)
     dropped: set[int] = set()
     duplicates: list[str] = []
+    line = 0
     with path.open("wb") as handle:
         for page in pages:
             for customer in page:
-                line = (json.dumps(customer, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
                 customer_id = customer.get("id")
-                if customer_id is not None and customer_id in offsets:
+                if customer_id is not None and customer_id in kept:
                     duplicates.append(customer_id)
-                    handle.flush()
-                    earlier = offsets[customer_id]
-                    if _updated(customer) >= _updated(_read_line(path, earlier)):
-                        dropped.add(earlier)
+                    earlier, updated = kept[customer_id]
+                    if _updated(customer) < _updated({"updated_at": updated}):
+                        dropped.add(line)  # the copy already staged is newer
                     else:
-                        dropped.add(handle.tell())
-                        handle.write(line)
-                        continue
-                if customer_id is not None:
-                    offsets[customer_id] = handle.tell()
-                handle.write(line)
+                        dropped.add(earlier)
+                        kept[customer_id] = (line, customer.get("updated_at"))
+                elif customer_id is not None:
+                    kept[customer_id] = (line, customer.get("updated_at"))
+                handle.write((json.dumps(customer, ensure_ascii=False, separators=(",", ":")) + "\n").encode())
+                line += 1
             if progress:
                 progress.advance(len(page))
     if progress:
         progress.advance(0, force=True)
-    count = _drop_lines(path, dropped)
+    if dropped:
+        _drop_lines(path, dropped)
     (staging / DUPLICATES).write_text(json.dumps(sorted(set(duplicates))), encoding="utf-8")
-    return count, sorted(set(duplicates))
+    return line - len(dropped), sorted(set(duplicates))
 
 
 def _updated(customer: dict) -> datetime:
@@ -116,45 +123,29 @@ def _updated(customer: dict) -> datetime:
     return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
-def _read_line(path: Path, offset: int) -> dict:
-    with path.open("rb") as handle:
-        handle.seek(offset)
-        return json.loads(handle.readline())
-
-
-def _drop_lines(path: Path, offsets: set[int]) -> int:
-    """Rewrite `path` without the lines starting at `offsets`; return the lines kept."""
-    kept = 0
-    with path.open("rb") as source, path.with_suffix(".tmp").open("wb") as target:
-        while True:
-            offset = source.tell()
-            line = source.readline()
-            if not line:
-                break
-            if offset not in offsets:
+def _drop_lines(path: Path, lines: set[int]) -> None:
+    """Rewrite `path` without the given lines (0-based)."""
+    rewritten = path.with_name(path.name + ".tmp")
+    with path.open("rb") as source, rewritten.open("wb") as target:
+        for number, line in enumerate(source):
+            if number not in lines:
                 target.write(line)
-                kept += 1
-    path.with_suffix(".tmp").replace(path)
-    return kept
+    path.unlink()
+    rewritten.rename(path)
 
 
 def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
-    table = pq.read_table(staging / CONTACTS)
+    with (staging / CONTACTS).open("rb") as handle:
+        table = pq.read_table(handle)
     return list(zip(table.column("id").to_pylist(), table.column("body").to_pylist(),
                     table.column("hash").to_pylist()))
 
 
-def staging_root() -> Path:
-    """Where runs stage their files: $ANTAVO_OMETRIA_STAGING_DIR, else $AIRFLOW_HOME/staging."""
-    airflow_home = os.environ.get("AIRFLOW_HOME") or str(Path.home() / "airflow")
-    return Path(os.environ.get("ANTAVO_OMETRIA_STAGING_DIR") or Path(airflow_home) / "staging")
-
-
-def staging_dir(dag_id: str, run_id: str) -> Path:
+def staging_dir(root: Path, dag_id: str, run_id: str) -> Path:
     """One folder per run: the run id made safe for a file name, plus a digest of the exact id, so that
     run ids differing only in punctuation (`manual__12:00` and `manual__12_00`) never share a folder."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run_id)
-    return staging_root() / dag_id / f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
+    return root / dag_id / f"{safe}-{hashlib.sha256(run_id.encode()).hexdigest()[:8]}"
 
 
 def staging_retention() -> timedelta:
@@ -162,19 +153,57 @@ def staging_retention() -> timedelta:
     return timedelta(days=float(os.environ.get("ANTAVO_OMETRIA_STAGING_RETENTION_DAYS") or 7))
 
 
-def prune_staging(dag_id: str, keep: Path, older_than: timedelta | None = None) -> list[Path]:
+def prune_staging(root: Path, dag_id: str, keep: Path, older_than: timedelta | None = None) -> list[Path]:
     """Delete the DAG's run folders untouched for longer than the retention (never `keep`); return them.
 
     Staged files hold full customer profiles; the state store keeps what outlives them (what was sent,
-    what is held back and why)."""
+    what is held back and why). Works the same on a local folder and on object storage."""
     cutoff = time.time() - (older_than if older_than is not None else staging_retention()).total_seconds()
     removed = []
-    for folder in sorted((staging_root() / dag_id).glob("*")):
-        if folder.is_dir() and folder.resolve() != keep.resolve() and _last_change(folder) < cutoff:
-            shutil.rmtree(folder, ignore_errors=True)
+    folder_of_dag = root / dag_id
+    if not folder_of_dag.exists():
+        return removed
+    for folder in sorted(folder_of_dag.iterdir(), key=str):
+        if folder.is_dir() and str(folder) != str(keep) and _last_change(folder) < cutoff:
+            if isinstance(folder, Path):
+                shutil.rmtree(folder, ignore_errors=True)
+            else:  # object storage
+                folder.rmdir(recursive=True)
             removed.append(folder)
     return removed
 
 
 def _last_change(folder: Path) -> float:
-    return max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.iterdir())])
+    """When anything in the folder last changed (object storage keeps a time per object, not per folder)."""
+    times = [f.stat().st_mtime for f in folder.iterdir() if f.is_file()]
+    return max(times + ([folder.stat().st_mtime] if isinstance(folder, Path) else []), default=0.0)
+
+
+def make_folder(folder: Path) -> None:
+    """A folder on a local disk (a path, or a `file://` URL) is created; on object storage a folder is only a
+    key prefix (and creating one could create a bucket that should be reported missing)."""
+    if isinstance(folder, Path) or getattr(folder, "protocol", None) in ("file", "local"):
+        folder.mkdir(parents=True, exist_ok=True)
+
+
+def append_journal(staging: Path, entries: list[dict]) -> None:
+    """Add entries to the load journal as a new part: object storage cannot append to an object, and each
+    push must be on record before the next one is made."""
+    if entries:
+        part = staging / LOAD_JOURNAL / f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.ndjson"
+        make_folder(part.parent)
+        write_ndjson(part, entries)
+
+
+def read_journal(staging: Path) -> list[dict]:
+    """Every entry of the load journal, in the order they were written."""
+    folder = staging / LOAD_JOURNAL
+    if not folder.exists():
+        return []
+    parts = sorted(folder.iterdir(), key=lambda p: p.name)
+    if hasattr(folder, "fs"):  # object storage: fetch the parts concurrently
+        blobs = folder.fs.cat([p.path for p in parts])
+        texts = [blobs[key] for key in sorted(blobs)]
+    else:
+        texts = [p.read_bytes() for p in parts]
+    return [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
