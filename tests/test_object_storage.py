@@ -183,3 +183,21 @@ def test_wrong_credentials_are_named_in_the_staging_check(tmp_path, monkeypatch)
             check_staging(staging_root())
     finally:
         server.stop()
+
+
+def test_the_retention_removes_old_run_folders_from_the_bucket_too(s3, s3_staging):
+    from datetime import timedelta
+
+    from antavo_ometria.airflow.staging import staging_root
+    from antavo_ometria.sync.staging import REPORT, prune_staging, staging_dir
+
+    root = staging_root()
+    old, current = staging_dir(root, DAG, "old"), staging_dir(root, DAG, "current")
+    for folder in (old, current):
+        (folder / REPORT).write_text("{}")
+        (folder / "load" / "part.ndjson").write_text("{}\n")
+    # every object counts as older than a retention that ends in the future
+    removed = prune_staging(root, DAG, keep=current, older_than=timedelta(seconds=-60))
+    assert [str(f) for f in removed] == [str(old)]
+    keys = objects(s3, s3_staging.rsplit("/", 1)[-1])
+    assert keys and all("/current-" in key for key in keys)
