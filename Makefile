@@ -39,7 +39,7 @@ trace: install           ## one customer: make trace ID=<Antavo customer id or e
 keys:                    ## secrets for docker-compose, written once to .env (compose reads it); a key missing is added
 	@$(PYTHON) -c "import base64, os, secrets, sys; path = sys.argv[1]; \
 	text = open(path).read() if os.path.exists(path) else ''; \
-	old = dict(line.split('=', 1) for line in text.splitlines() if '=' in line); \
+	old = [line.split('=', 1)[0].strip().removeprefix('export ').strip() for line in text.splitlines() if '=' in line]; \
 	new = {'AIRFLOW_JWT_SECRET': secrets.token_hex(32), 'AIRFLOW_FERNET_KEY': base64.urlsafe_b64encode(os.urandom(32)).decode(), \
 	       'MINIO_ROOT_PASSWORD': secrets.token_urlsafe(24)}; \
 	added = [k for k in new if k not in old]; \

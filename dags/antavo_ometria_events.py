@@ -50,7 +50,7 @@ def antavo_ometria_events():
 
         with fail_fast_on(ConfigError):
             list_id = load_contact_mapping(mappings_dir()).settings.list_id
-        return connect_or_fail(list_id)
+        return connect_or_fail(list_id, staging=False)
 
     @task
     def check_rules() -> list[str]:

@@ -40,5 +40,16 @@ def test_the_second_run_is_incremental_and_picks_up_a_change_made_in_the_sandbox
         assert "(incremental load," in second and "  sent                1" in second
         assert sandbox.ometria.contacts[("antavo", "c00000001")]["firstname"] == "Anneliese"
 
-    fresh = make_run(tmp_path, "--fresh")
-    assert "(full load;" in fresh and "FULL RE-SYNC: first run" in fresh
+    # `make run FRESH=1` starts the sandbox and its state store over (checked without a fourth run)
+    from argparse import Namespace
+
+    from antavo_ometria_tools.cli import SANDBOX_STATE, _accounts, airflow_env
+
+    assert (tmp_path / SANDBOX_STATE).exists()
+    env = {**airflow_env(), "AIRFLOW_HOME": str(tmp_path)}
+    fresh = _accounts({k: v for k, v in env.items() if not k.startswith("AIRFLOW_CONN_")},
+                      Namespace(fresh=True, customers=200))
+    try:
+        assert not (tmp_path / SANDBOX_STATE).exists() and not fresh.ometria.contacts  # new accounts, no history
+    finally:
+        fresh.stop()

@@ -175,7 +175,7 @@ def state_store_url(get_connection: Callable[[str], object], conn_id: str = Stat
     raise ValueError(f"connection {conn_id!r} needs extra.url (a SQLAlchemy URL) or type postgres")
 
 
-def connect_or_fail(list_id: str) -> list[str]:
+def connect_or_fail(list_id: str, staging: bool = True) -> list[str]:
     """The connection check as a task: log one line per check; fail at once when a retry cannot help."""
     import logging
 
@@ -186,10 +186,11 @@ def connect_or_fail(list_id: str) -> list[str]:
 
     with fail_fast_on(ValueError, AirflowNotFoundException, StagingUnusable):  # a connection missing or malformed,
         antavo, ometria, store = AntavoHook().get_conn(), OmetriaHook().get_conn(), StateStoreHook().get_conn()
-        staged = check_staging(staging_root())  # a missing bucket or refused credentials: before any request
+        # a missing bucket or refused credentials stop the run before any request (the event triggers stage nothing)
+        staged = [f"ok  staging: {check_staging(staging_root())}"] if staging else []
     store.ensure_schema()  # a run's first task brings a schema that is behind up to date (an upgrade)
     checks = check_connections(antavo, ometria, list_id)
-    lines = [f"ok  staging: {staged}"] + [f"{'ok' if c.ok else 'FAILED'}  {c.name}: {c.detail}" for c in checks]
+    lines = staged + [f"{'ok' if c.ok else 'FAILED'}  {c.name}: {c.detail}" for c in checks]
     for line in lines:
         logging.getLogger(__name__).info("%s", line)
     with fail_fast_on(ConnectionCheckFailed):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from antavo_ometria.sync.staging import make_folder
 
@@ -18,9 +19,12 @@ VARIABLE = "ANTAVO_OMETRIA_STAGING_DIR"
 
 
 class StagingUnusable(Exception):
-    """The staging location cannot be written (a missing bucket, refused credentials): no run can stage its files."""
+    """The staging location cannot be written: no run can stage its files. Not `retryable` when a retry cannot
+    help (a missing bucket, refused credentials); a network error or an outage is retried."""
 
-    retryable = False
+    def __init__(self, message: str, retryable: bool):
+        super().__init__(message)
+        self.retryable = retryable
 
 
 def staging_root():
@@ -28,6 +32,13 @@ def staging_root():
     value = os.environ.get(VARIABLE) or str(Path(os.environ.get("AIRFLOW_HOME") or Path.home() / "airflow") / "staging")
     if "://" not in value:
         return Path(value)
+    url = urlsplit(value)
+    if url.password is not None:  # it would be shown in logs, reports and alerts
+        raise ValueError(f"{VARIABLE} must not hold credentials: put them in an Airflow Connection and name its id "
+                         "in the URL (s3://<connection id>@bucket/prefix)")
+    if url.scheme == "file" and url.netloc:
+        raise ValueError(f"{VARIABLE}: a file URL takes an absolute path, file:///path (three slashes), "
+                         f"not {value!r}")
     from airflow.sdk import ObjectStoragePath
 
     return ObjectStoragePath(value)
@@ -42,9 +53,11 @@ def check_staging(root) -> str:
         if probe.read_text() != "antavo-ometria-sync":
             raise OSError("what was written could not be read back")
         probe.unlink()
-    except Exception as exc:  # fsspec backends raise their own kinds (botocore, google-auth, OSError)
-        raise StagingUnusable(f"staging {shown(root)} is not usable: {type(exc).__name__}: {str(exc).rstrip('.')}. Check the bucket "
-                              f"and the connection named in {VARIABLE}") from None
+    except Exception as exc:  # fsspec backends raise their own kinds (botocore, OSError)
+        # a missing bucket or folder, or refused credentials, stay so; anything else (the network) may pass
+        lasting = isinstance(exc, (FileNotFoundError, PermissionError, NotADirectoryError))
+        raise StagingUnusable(f"staging {shown(root)} is not usable: {type(exc).__name__}: {str(exc).rstrip('.')}. "
+                              f"Check the bucket and the connection named in {VARIABLE}", retryable=not lasting) from None
     return f"files can be staged at {shown(root)}"
 
 

@@ -11,10 +11,9 @@ from antavo_ometria.ometria.push import batches, push_isolating, record_status, 
 from antavo_ometria.sync.records import Loaded, Plan
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
-    LOAD_JOURNAL,
     OVERSIZED,
+    Journal,
     Progress,
-    append_journal,
     read_contacts,
     read_journal,
     read_ndjson,
@@ -50,7 +49,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     if plan.dry_run:
         log.info("dry run: %d contacts would be sent; nothing was sent", len(contacts))
         return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=len(contacts))
-    journal = staging / LOAD_JOURNAL
+    journal = Journal(staging)
     earlier = journal_entries(staging, plan)
     if store is not None and earlier:  # a retry: the store may have missed what was delivered before a crash
         remember_sent(store, earlier, plan.mapping_version, plan.run_id, {i: b for i, b, _ in contacts})
@@ -64,7 +63,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     progress = Progress("load", "contacts", total=len(fits))
     for ids, bodies in batches(fits):
         entries = push_isolating(client, ids, bodies, [hashes[i] for i in ids])
-        append_journal(staging, [{"attempt": plan.attempt, **e} for e in entries])
+        journal.append([{"attempt": plan.attempt, **e} for e in entries])
         if store is not None:
             remember_sent(store, entries, plan.mapping_version, plan.run_id, dict(zip(ids, bodies)))
         progress.advance(len(ids))
@@ -82,7 +81,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         failures = [e for e in journal_entries(staging, plan) if e["status"] != "OK"]
         retryable = any(e.get("retryable", True) for e in failures)
         raise LoadFailed(f"{summary['failed']} contact(s) were not delivered ({failures[-1].get('error')}); see "
-                         f"{journal}. A retry re-sends only those.", retryable=retryable)
+                         f"{journal.folder}. A retry re-sends only those.", retryable=retryable)
     return Loaded(**{k: v for k, v in summary.items() if not k.endswith("_ids")}, async_errors=len(errors))
 
 

@@ -13,13 +13,15 @@ support are used, and every file is streamed.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
 import shutil
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -32,6 +34,8 @@ CUSTOMERS = "customers.ndjson"
 CONTACTS = "contacts.parquet"
 QUARANTINE = "quarantine.ndjson"
 LOAD_JOURNAL = "load"  # a folder of NDJSON parts, one per push
+LEGACY_JOURNAL = "load.ndjson"
+READ_BUFFER = 8 << 20
 REPORT = "report.json"
 GX_RESULT = "gx_validation.json"
 DUPLICATES = "duplicate_ids.json"
@@ -126,12 +130,14 @@ def _updated(customer: dict) -> datetime:
 def _drop_lines(path: Path, lines: set[int]) -> None:
     """Rewrite `path` without the given lines (0-based)."""
     rewritten = path.with_name(path.name + ".tmp")
-    with path.open("rb") as source, rewritten.open("wb") as target:
+    with lines_of(path) as source, rewritten.open("wb") as target:
         for number, line in enumerate(source):
             if number not in lines:
                 target.write(line)
-    path.unlink()
-    rewritten.rename(path)
+    if isinstance(path, Path):
+        rewritten.replace(path)  # atomic on a local disk
+    else:
+        rewritten.rename(path)  # object storage: copied over the old object
 
 
 def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
@@ -174,8 +180,9 @@ def prune_staging(root: Path, dag_id: str, keep: Path, older_than: timedelta | N
 
 
 def _last_change(folder: Path) -> float:
-    """When anything in the folder last changed (object storage keeps a time per object, not per folder)."""
-    times = [f.stat().st_mtime for f in folder.iterdir() if f.is_file()]
+    """When anything in the folder, or below it (the load journal), last changed; object storage keeps a time per
+    object, not per folder."""
+    times = [f.stat().st_mtime for f in folder.rglob("*") if f.is_file()]
     return max(times + ([folder.stat().st_mtime] if isinstance(folder, Path) else []), default=0.0)
 
 
@@ -186,24 +193,43 @@ def make_folder(folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
 
 
-def append_journal(staging: Path, entries: list[dict]) -> None:
-    """Add entries to the load journal as a new part: object storage cannot append to an object, and each
-    push must be on record before the next one is made."""
-    if entries:
-        part = staging / LOAD_JOURNAL / f"{time.time_ns():020d}-{uuid.uuid4().hex[:6]}.ndjson"
-        make_folder(part.parent)
-        write_ndjson(part, entries)
+class Journal:
+    """The load journal: one NDJSON part per push (object storage cannot append to an object, and each push
+    must be on record before the next is made). Parts are numbered in the order they are written, whatever
+    the clocks of the workers that wrote them; one try of a task runs at a time."""
+
+    def __init__(self, staging: Path):
+        self.folder = staging / LOAD_JOURNAL
+        self.next = len(_parts(self.folder))
+
+    def append(self, entries: list[dict]) -> None:
+        if entries:
+            make_folder(self.folder)
+            write_ndjson(self.folder / f"{self.next:07d}-{uuid.uuid4().hex[:6]}.ndjson", entries)
+            self.next += 1
+
+
+def _parts(folder: Path) -> list[Path]:
+    return sorted((p for p in folder.iterdir() if p.name.endswith(".ndjson")), key=lambda p: p.name) \
+        if folder.exists() else []
 
 
 def read_journal(staging: Path) -> list[dict]:
-    """Every entry of the load journal, in the order they were written."""
-    folder = staging / LOAD_JOURNAL
-    if not folder.exists():
-        return []
-    parts = sorted(folder.iterdir(), key=lambda p: p.name)
-    if hasattr(folder, "fs"):  # object storage: fetch the parts concurrently
-        blobs = folder.fs.cat([p.path for p in parts])
+    """Every entry of the load journal, in the order they were written (after those of a journal kept in one
+    file, as releases before the parts did)."""
+    parts = _parts(staging / LOAD_JOURNAL)
+    if parts and hasattr(parts[0], "fs"):  # object storage: fetch the parts concurrently
+        blobs = parts[0].fs.cat([p.path for p in parts])
         texts = [blobs[key] for key in sorted(blobs)]
     else:
         texts = [p.read_bytes() for p in parts]
-    return [json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
+    return read_ndjson(staging / LEGACY_JOURNAL) + [
+        json.loads(line) for text in texts for line in text.splitlines() if line.strip()]
+
+
+@contextmanager
+def lines_of(path: Path) -> Iterator[Iterator[bytes]]:
+    """The lines of a staged file, read through a large buffer: on object storage a file read line by line
+    would fetch (and copy) a whole block for every line."""
+    with path.open("rb") as raw, io.BufferedReader(raw, buffer_size=READ_BUFFER) as buffered:
+        yield iter(buffered)

@@ -21,6 +21,7 @@ import pyarrow.json as pajson
 
 from antavo_ometria.ometria.formats import FORMATS, as_text, plain
 from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.staging import lines_of
 from antavo_ometria.values import walk
 
 CHUNK_ROWS = 50_000  # customers transformed and checked at a time: memory stays flat as the programme grows
@@ -42,7 +43,7 @@ def read_customer_chunks(path: Path, paths: list[str], rows: int = CHUNK_ROWS) -
     chunk whose values change type between customers (which pyarrow refuses) is parsed line by line.
     """
     wanted = ["id"] + [p for p in paths if p != "id"]
-    with path.open("rb") as handle:
+    with lines_of(path) as handle:
         lines = (line for line in handle if line.strip())
         while chunk := list(itertools.islice(lines, rows)):
             data = b"".join(chunk)
