@@ -225,6 +225,7 @@ def test_the_retention_removes_old_run_folders_from_the_bucket_too(s3, s3_stagin
     for folder in (old, current):
         (folder / REPORT).write_text("{}")
         (folder / "load" / "part.ndjson").write_text("{}\n")
+    assert prune_staging(root, DAG, keep=current) == []  # just written: younger than the 7 days kept
     # every object counts as older than a retention that ends in the future
     removed = prune_staging(root, DAG, keep=current, older_than=timedelta(seconds=-60))
     assert [str(f) for f in removed] == [str(old)]

@@ -180,10 +180,17 @@ def prune_staging(root: Path, dag_id: str, keep: Path, older_than: timedelta | N
 
 
 def _last_change(folder: Path) -> float:
-    """When anything in the folder, or below it (the load journal), last changed; object storage keeps a time per
-    object, not per folder."""
-    times = [f.stat().st_mtime for f in folder.rglob("*") if f.is_file()]
-    return max(times + ([folder.stat().st_mtime] if isinstance(folder, Path) else []), default=0.0)
+    """When anything in the folder, or below it (the load journal), last changed."""
+    if isinstance(folder, Path):
+        return max([folder.stat().st_mtime, *(f.stat().st_mtime for f in folder.rglob("*") if f.is_file())])
+    # object storage keeps a time per object, not per folder: one listing gives them all
+    found = folder.fs.find(folder.path, detail=True)
+    return max((_seconds(info) for info in found.values()), default=0.0)
+
+
+def _seconds(info: dict) -> float:
+    moment = info.get("LastModified") or info.get("mtime") or info.get("created") or 0.0
+    return moment.timestamp() if hasattr(moment, "timestamp") else float(moment)
 
 
 def make_folder(folder: Path) -> None:
