@@ -1,7 +1,7 @@
 """The staging folder of a run: the files its steps pass on, and how they are written and read.
 
 The folder is a `pathlib.Path` or, for object storage, an Airflow `ObjectStoragePath`: only operations both
-support are used, and every file is streamed.
+support are used. Customers and the journal are streamed line by line through large buffers.
 
     customers.ndjson    normalised Antavo customers, one a line (extract)
     contacts.parquet    (id, encoded record, hash) of the contacts to send (transform)
@@ -65,9 +65,9 @@ class Progress:
             log.info("%s: %d %s (%.0f/s)", self.what, self.done, self.unit, rate)
 
 
-def write_ndjson(path: Path, rows, mode: str = "w") -> int:
+def write_ndjson(path: Path, rows) -> int:
     count = 0
-    with path.open(mode, encoding="utf-8") as handle:
+    with path.open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False, separators=(",", ":"), default=str) + "\n")
             count += 1
