@@ -105,6 +105,7 @@ def test_sent_before_but_deleted_since_and_not_sent_yet(synced, antavo_client, s
     new = dict(sandbox.antavo.by_id["c00000001"], _id="c00009999", email="new.9999@example.com")
     sandbox.antavo.customers.append(new)
     sandbox.antavo.by_id["c00009999"] = new
+    sandbox.antavo.changed()
     assert trace("c00009999", store, mapping, antavo_client, root).verdict.startswith("not sent yet: ")
 
 

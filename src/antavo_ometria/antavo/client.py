@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -106,29 +106,52 @@ class AntavoClient:
                  "GET /customers (connection check)")
 
     # -- customers -----------------------------------------------------------------------------
-    def iter_customer_pages(self, status: str = "active") -> Iterator[list[dict]]:
-        """Every customer, a page at a time, oldest first (Loyalty Read API), until `next` is null.
+    def iter_customer_pages(self, status: str = "active", only: Collection[str] | None = None
+                            ) -> Iterator[list[dict]]:
+        """Every customer (or those of them whose id is in `only`), a page at a time, oldest first (Loyalty
+        Read API), until `next` is null.
 
-        Pages overlap by PAGE_OVERLAP records; a customer already read on the page before is not repeated."""
-        offset = 0
+        Pages overlap by PAGE_OVERLAP records; a customer already read on the page before is not repeated.
+        Once a full page announced more, up to `concurrency` pages are requested ahead, at the offsets that full
+        pages lead to (at the end, up to `concurrency - 1` requests find nothing); a page that came back short
+        while more are announced (the list changed) is read again from its real offset."""
+        query = f"limit={READ_API_PAGE_LIMIT}&{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
+        if status:
+            query += f"&{quote('filter[status][eq]')}={status}"
+
+        def page(offset: int) -> dict:
+            return self.get(f"{self.read_api}/v1/customers?{query}&offset={offset}",
+                            f"GET /v1/customers offset={offset}", check=_check_customer_page)
+
+        step = READ_API_PAGE_LIMIT - PAGE_OVERLAP
+        offset, width = 0, 1
         previous: set = set()
-        while True:
-            query = (
-                f"limit={READ_API_PAGE_LIMIT}&offset={offset}"
-                f"&{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
-            )
-            if status:
-                query += f"&{quote('filter[status][eq]')}={status}"
-            body = self.get(f"{self.read_api}/v1/customers?{query}", f"GET /v1/customers offset={offset}",
-                            check=_check_customer_page)
-            customers = [normalise_customer(c) for c in body["payload"]["customers"]]
-            page = [c for c in customers if c["id"] is None or c["id"] not in previous]
-            if page:
-                yield page
-            if not ((body.get("metadata") or {}).get("pagination") or {}).get("next"):
-                return
-            previous = {c["id"] for c in customers}
-            offset += len(customers) - PAGE_OVERLAP if len(customers) > PAGE_OVERLAP else len(customers)
+        with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
+            ahead: dict[int, Any] = {}
+            try:
+                while True:
+                    window = [offset + k * step for k in range(width)]  # full pages ahead
+                    for guess in [o for o in ahead if o not in window]:  # guessed before a page came back short
+                        ahead.pop(guess).cancel()
+                    for o in window:
+                        ahead[o] = ahead.get(o) or pool.submit(page, o)
+                    body = ahead.pop(offset).result()
+                    listed = body["payload"]["customers"]
+                    if only is not None:
+                        listed = [c for c in listed if isinstance(c, dict) and str(c.get("_id")) in only]
+                    customers = [normalise_customer(c) for c in listed]
+                    chunk = [c for c in customers if c["id"] is None or c["id"] not in previous]
+                    if chunk:
+                        yield chunk
+                    if not ((body.get("metadata") or {}).get("pagination") or {}).get("next"):
+                        return
+                    previous = {c["id"] for c in customers}
+                    size = len(body["payload"]["customers"])
+                    width = self.config.concurrency if size == READ_API_PAGE_LIMIT else 1
+                    offset += size - PAGE_OVERLAP if size > PAGE_OVERLAP else size
+            finally:
+                for future in ahead.values():
+                    future.cancel()
 
     def changed_customer_ids(self, since: datetime, until: datetime | None = None) -> list[str]:
         """IDs of customers updated after `since` (classic search, `updated_at.gt`)."""

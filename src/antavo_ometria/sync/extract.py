@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 
-from antavo_ometria.antavo.client import AntavoClient
+from antavo_ometria.antavo.client import PAGE_OVERLAP, READ_API_PAGE_LIMIT, AntavoClient
 from antavo_ometria.sync.records import Extracted, Plan
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
@@ -37,19 +38,43 @@ def extract(client: AntavoClient, staging: Path, plan: Plan | dict, status: str 
     for name in (CONTACTS, QUARANTINE, OVERSIZED, ASYNC_ERRORS, GX_RESULT, REPORT):  # an earlier try's results
         (staging / name).unlink(missing_ok=True)
     progress = Progress("extract", "customers")
-    count, duplicates = write_customers(staging, _customer_pages(client, plan, status, list(paths)), progress)
+    reads: dict = {}
+    count, duplicates = write_customers(staging, _customer_pages(client, plan, status, list(paths), reads), progress)
     log.info("extracted %d customers (%s, %d requests)", count, plan.mode, client.requests_made)
     if duplicates:
         log.warning("%d customer(s) came twice from Antavo (a page boundary moved); kept the copy updated last: %s",
                     len(duplicates), ", ".join(duplicates[:10]))
-    return Extracted(str(staging / CUSTOMERS), count, plan.mode, len(duplicates))
+    return Extracted(str(staging / CUSTOMERS), count, plan.mode, len(duplicates), **reads)
 
 
-def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[str]):
+def choose_reads(changed: int, population: int | None) -> tuple[str, str]:
+    """("profiles" or "scan", why): the cheaper way, in requests, to read `changed` customers out of `population`.
+
+    Profile reads cost a request per customer; a Read API scan a request per page of customers."""
+    if not population:
+        return "profiles", f"{changed:,} profile reads (no full load yet tells how large a scan would be)"
+    scan = math.ceil(population / (READ_API_PAGE_LIMIT - PAGE_OVERLAP))
+    costs = f"{changed:,} profile reads against a Read API scan of ~{scan:,} pages ({population:,} customers)"
+    return ("scan", f"scan: {costs}") if scan < changed else ("profiles", f"profile reads: {costs}")
+
+
+def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[str], reads: dict):
     if plan.mode == "full":
+        reads.update(reads="scan", reads_reason="full load: every customer, a Read API page at a time")
         yield from client.iter_customer_pages(status)
         return
     ids = client.changed_customer_ids(datetime.fromisoformat(plan.since), datetime.fromisoformat(plan.until))
-    log.info("%d customers changed since %s", len(ids), plan.since)
+    way, why = choose_reads(len(ids), plan.previous_full_count)
+    reads.update(reads=way, reads_reason=why)
+    log.info("%d customers changed since %s; reading them by %s", len(ids), plan.since, why)
+    if way == "scan":  # the changed ones out of every page; any the scan does not list are read one by one
+        wanted, seen = set(ids), set()
+        for page in client.iter_customer_pages(status, only=wanted):
+            seen.update(c["id"] for c in page)
+            yield page
+        ids = [i for i in ids if i not in seen]
+        if ids:
+            log.info("%d changed customers were not in the scan (%s status filter): read one by one",
+                     len(ids), status or "no")
     for start in range(0, len(ids), PROFILE_CHUNK):
         yield client.get_customers(ids[start: start + PROFILE_CHUNK], paths)

@@ -45,6 +45,8 @@ class Extracted(Record):
     customers: int
     mode: str
     duplicate_ids: int  # customers Antavo listed twice (kept once: the copy updated last)
+    reads: str = ""  # how they were read: "scan" (Read API pages) or "profiles" (a request per changed customer)
+    reads_reason: str = ""  # why: the requests each way would cost
 
 
 @dataclass(frozen=True)

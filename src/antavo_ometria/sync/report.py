@@ -68,6 +68,7 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
         "mapping_version": transformed.mapping_version,
         "payload_mode": transformed.payload_mode,
         "extracted": extracted.customers,
+        "reads": extracted.reads_reason,
         "duplicates": duplicates,
         "changed": transformed.changed,
         "unchanged": transformed.unchanged,
@@ -149,6 +150,8 @@ def format_report(report: dict, limit: int = 20) -> str:
         f"  extracted    {report['extracted']:>8}   ({report['mode']} load{window}; {report['payload_mode']} payloads, "
         f"mapping {report['mapping_version']})",
     ]
+    if report.get("reads") and report["mode"] == "incremental":
+        lines.append(f"  read by      {report['reads']}")
     if report.get("full_resync_reason"):
         lines.append(f"  FULL RE-SYNC: {report['full_resync_reason']}")
     if report.get("resumed"):

@@ -25,9 +25,11 @@ class Sandbox:
     antavo_port: int = 0
     ometria_port: int = 0
     state_file: Path | None = None  # keeps both accounts (customers, events, contacts) from one start to the next
+    antavo_latency: float = 0.0  # seconds each Antavo request takes (about 0.15 over the internet)
 
     def __post_init__(self) -> None:
-        self.antavo = AntavoApp(ANTAVO_KEY, ANTAVO_SECRET, ANTAVO_ENVIRONMENT, self.customers, self.seed)
+        self.antavo = AntavoApp(ANTAVO_KEY, ANTAVO_SECRET, ANTAVO_ENVIRONMENT, self.customers, self.seed,
+                                self.antavo_latency)
         self.ometria = OmetriaApp(OMETRIA_KEY, requests_per_second=self.ometria_rate)
         if self.state_file is not None and self.state_file.exists():
             saved = json.loads(self.state_file.read_text(encoding="utf-8"))

@@ -17,10 +17,12 @@ def main() -> None:
     parser.add_argument("--antavo-port", type=int, default=8701)
     parser.add_argument("--ometria-port", type=int, default=8702)
     parser.add_argument("--ometria-rate", type=float, default=0.0, help="push requests/s before 429 (0: none)")
+    parser.add_argument("--antavo-latency", type=float, default=0.0,
+                        help="seconds each Antavo request takes before it is answered (0.15 is realistic)")
     parser.add_argument("--state-file", type=Path, help="keep both accounts here between starts (make run does)")
     args = parser.parse_args()
     with Sandbox(args.customers, args.seed, args.ometria_rate, args.antavo_port, args.ometria_port,
-                 args.state_file) as sandbox:
+                 args.state_file, args.antavo_latency) as sandbox:
         print(f"Antavo sandbox:  {sandbox.antavo_url}  ({args.customers} customers)")
         print(f"Ometria sandbox: {sandbox.ometria_url}  (inspect {sandbox.ometria_url}/_sandbox/contacts)")
         print("Connections for Airflow:")

@@ -32,10 +32,11 @@ def _when(value: str) -> datetime:
 
 class AntavoApp(App):
     def __init__(self, api_key: str, api_secret: str, environment: str = "sandbox",
-                 customers: int = 200, seed: int = 7):
+                 customers: int = 200, seed: int = 7, latency: float = 0.0):
         super().__init__()
         self.keys = {api_key: api_secret}
         self.escher = Escher("", "", f"{environment}/api/antavo_request", SIGNING)
+        self.latency = latency
         self.customers = make_population(customers, seed)
         self.by_id = {c["_id"]: c for c in self.customers}
         self.events: list[dict] = []
@@ -43,13 +44,32 @@ class AntavoApp(App):
         self.requests = 0
 
     # -- control -----------------------------------------------------------------------------
+    @property
+    def customers(self) -> list[dict]:
+        return self._customers
+
+    @customers.setter
+    def customers(self, customers: list[dict]) -> None:
+        self._customers = customers
+        self.changed()
+
+    def changed(self) -> None:
+        """Forget the listings and searches answered so far: call after changing `customers` in place."""
+        self._answers: dict = {}
+
+    def _answer(self, key: tuple, compute):
+        """A listing or search over the whole population, computed once until the population changes."""
+        if key not in self._answers:
+            self._answers[key] = compute()
+        return self._answers[key]
+
     def snapshot(self) -> dict:
         with self.lock:
             return {"customers": self.customers, "events": self.events}
 
     def restore(self, saved: dict) -> None:
         with self.lock:
-            self.customers, self.events = saved["customers"], saved["events"]
+            self.customers, self.events = saved["customers"], saved["events"]  # (forgets the answers)
             self.by_id = {c["_id"]: c for c in self.customers}
 
     def touch(self, customer_id: str, changes: dict, at: datetime | None = None) -> None:
@@ -58,6 +78,7 @@ class AntavoApp(App):
             customer = self.by_id[customer_id]
             customer.update(changes)
             customer["updated_at"] = (at or datetime.now(UTC)).isoformat()
+            self.changed()
 
     def add_event(self, customer_id: str, action: str, properties: dict, at: datetime | None = None,
                   event_id: str | None = None) -> dict:
@@ -147,10 +168,12 @@ class AntavoApp(App):
             return page
         limit, offset = page
         status = request.query.get("filter[status][eq]")
-        rows = [c for c in self.customers if status is None or c.get("status") == status]
-        rows.sort(key=lambda c: c["created_at"])
-        for position in sorted(self.listed_extras):
-            rows.insert(position, self.listed_extras[position])
+        rows = self._answer(("list", status), lambda: sorted(
+            (c for c in self.customers if status is None or c.get("status") == status), key=lambda c: c["created_at"]))
+        if self.listed_extras:
+            rows = list(rows)
+            for position in sorted(self.listed_extras):
+                rows.insert(position, self.listed_extras[position])
         chunk = rows[offset: offset + limit]
         more = offset + limit < len(rows)
         return Response(200, {
@@ -175,11 +198,10 @@ class AntavoApp(App):
                                             "message": "Empty search criteria"}})
         after = _when(request.query["updated_at.gt"])
         before = _when(request.query["updated_at.lt"]) if "updated_at.lt" in request.query else None
-        rows = [c for c in self.customers
-                if datetime.fromisoformat(c["updated_at"]) > after
-                and (before is None or datetime.fromisoformat(c["updated_at"]) < before)]
-        rows.sort(key=lambda c: c["_id"])
-        return Response(200, {"data": [{"id": c["_id"]} for c in rows[offset: offset + limit]]})
+        ids = self._answer(("updated", after, before), lambda: sorted(
+            c["_id"] for c in self.customers if datetime.fromisoformat(c["updated_at"]) > after
+            and (before is None or datetime.fromisoformat(c["updated_at"]) < before)))
+        return Response(200, {"data": [{"id": i} for i in ids[offset: offset + limit]]})
 
     def _events(self, request: Request) -> Response:
         page = self._page(request, 100, 1000)

@@ -118,6 +118,7 @@ class App:
         self.faults = Faults()
         self.lock = threading.RLock()
         self.in_flight = 0  # requests being answered (a delayed one may outlive the client that sent it)
+        self.latency = 0.0  # seconds an API request (not a `/_sandbox/` control) waits before it is answered
 
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until no request is being answered, so that counts include the late ones."""
@@ -129,6 +130,8 @@ class App:
         with self.lock:
             self.in_flight += 1
         try:
+            if self.latency and not request.path.startswith("/_sandbox/"):
+                time.sleep(self.latency)  # outside the lock: requests in flight overlap, as over a network
             return self._dispatch(request)
         finally:
             with self.lock:

@@ -1,0 +1,102 @@
+"""Incremental runs read the changed customers the cheaper way: a request per profile, or a Read API scan.
+
+Either way the same customers are staged and the same contacts come out; the report says which way and why."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+import requests
+
+from antavo_ometria.sync.extract import choose_reads, extract
+from antavo_ometria.sync.mapping import load_contact_mapping
+from antavo_ometria.sync.prepare import transform_staged
+from antavo_ometria.sync.records import Plan
+from antavo_ometria.sync.staging import read_contacts
+
+PROJECT = Path(__file__).resolve().parents[1]
+SINCE = datetime(2026, 6, 1, tzinfo=UTC)
+
+
+def test_the_cheaper_way_is_chosen_from_the_counts():
+    assert choose_reads(12_000, 1_000_000)[0] == "scan"  # ~1,021 pages against 12,000 profile requests
+    assert choose_reads(500, 1_000_000)[0] == "profiles"
+    assert choose_reads(1_021, 1_000_000)[0] == "profiles"  # a tie is no reason to read every page
+    assert choose_reads(1_022, 1_000_000)[0] == "scan"
+    way, why = choose_reads(50, None)
+    assert way == "profiles" and "no full load yet" in why
+    assert "12,000 profile reads against a Read API scan of ~1,021 pages (1,000,000 customers)" in \
+        choose_reads(12_000, 1_000_000)[1]
+
+
+def plan(previous_full_count: int | None) -> Plan:
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    return Plan("dag", "run", "attempt", "incremental", None, None, True, False, mapping.version,
+                SINCE.isoformat(), (SINCE + timedelta(hours=1)).isoformat(), previous_full_count)
+
+
+@pytest.fixture
+def changed(sandbox):
+    """40 customers changed in the window; one of them was deactivated, so a scan of active customers misses it."""
+    at = SINCE + timedelta(minutes=10)
+    ids = [f"c{i:08d}" for i in range(3, 300, 7)][:40]
+    for i in ids:
+        sandbox.antavo.touch(i, {"first_name": f"Changed {i}"}, at=at)
+    sandbox.antavo.touch(ids[-1], {"status": "inactive"}, at=at)
+    return ids
+
+
+def test_a_scan_and_profile_reads_stage_the_same_customers_and_contacts(sandbox, antavo_client, changed, tmp_path):
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    staged = {}
+    for name, population in (("profiles", None), ("scan", 300)):
+        staging = tmp_path / name
+        before = sandbox.antavo.requests
+        extracted = extract(antavo_client, staging, plan(population), paths=mapping.loyalty_fields)
+        staged[name] = {"requests": sandbox.antavo.requests - before, "extracted": extracted}
+        transform_staged(staging, mapping, plan(population))
+        staged[name]["contacts"] = {i: body for i, body, _ in read_contacts(staging)}
+    profiles, scan = staged["profiles"], staged["scan"]
+    assert profiles["extracted"].reads == "profiles" and scan["extracted"].reads == "scan"
+    assert profiles["extracted"].customers == scan["extracted"].customers == len(changed)  # the inactive one too
+    # one search page, then 40 profiles; or the search page, one Read API page, and the one the scan did not list
+    assert profiles["requests"] == 1 + 40
+    assert scan["requests"] == 1 + 1 + 1
+    assert scan["contacts"] == profiles["contacts"]  # byte for byte
+    assert len(scan["contacts"]) >= 35 and all(b"Changed" in body for body in scan["contacts"].values())
+    assert "scan" in scan["extracted"].reads_reason and "40 profile reads" in scan["extracted"].reads_reason
+
+
+def test_the_report_says_how_the_changed_customers_were_read(sandbox, antavo_client, changed, tmp_path):
+    from antavo_ometria.sync.report import build_report, format_report
+
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    planned = replace(plan(300), dry_run=True)
+    extracted = extract(antavo_client, tmp_path, planned, paths=mapping.loyalty_fields)
+    transformed = transform_staged(tmp_path, mapping, planned)
+    report = build_report(tmp_path, planned, extracted, transformed, None)
+    assert report["reads"] == extracted.reads_reason
+    assert "read by      scan: 40 profile reads against a Read API scan of ~1 pages" in format_report(report)
+    assert json.loads((tmp_path / "report.json").read_text())["reads"] == report["reads"]
+
+
+def test_the_sandbox_answers_after_its_latency_and_requests_overlap():
+    from antavo_ometria_tools.sandbox import Sandbox
+
+    with Sandbox(customers=10, antavo_latency=0.3) as slow:
+        url = f"{slow.antavo_url}/customers?updated_at.gt=2026-01-01T00:00:00Z"  # unsigned: refused, after the wait
+        started = time.monotonic()
+        threads = [threading.Thread(target=requests.get, args=(url,)) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.monotonic() - started
+        assert requests.get(url).status_code == 401
+    assert 0.3 <= elapsed < 1.2  # four requests of 0.3 s each, in flight together
