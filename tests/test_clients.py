@@ -249,3 +249,28 @@ def test_incremental_profile_reads_ask_for_the_expiring_points_the_mapping_needs
     (asked,) = antavo_client.get_customers(["c00000001"], ["email", "extensions.expiring_points.total"])
     assert "extensions" not in plain  # a classic profile leaves them out unless asked
     assert asked["extensions"]["expiring_points"]["total"] == expected
+
+
+def test_pages_read_ahead_recover_from_a_page_that_came_back_short(antavo_client):
+    """A page shorter than the limit while more are announced (the list shrank): the pages guessed beyond it
+    are dropped and reading goes on from its real offset, skipping no one."""
+    listing = list(range(1000))
+    asked = []
+
+    def fetch(offset: int) -> list:
+        asked.append(offset)
+        if offset == 160:  # the third page comes back short, yet announces more
+            return [("page", offset, listing[offset: offset + 50])]
+        return [("page", offset, listing[offset: offset + 100])]
+
+    def size(body):
+        return len(body[0][2])
+
+    def more(body):  # a full page, or the short one that announces more anyway
+        return size(body) == 100 or body[0][1] == 160
+
+    seen = [x for body in antavo_client._overlapping_pages(fetch, 100, size, more) for x in body[0][2]]
+    assert set(seen) == set(range(1000))
+    assert asked[:2] == [0, 80] and 160 in asked and 190 in asked  # 160 + 50 - 20: read again from where it ended
+    assert all(o % 80 == 0 or (o - 190) % 80 == 0 for o in asked), asked  # full pages' grid, before and after
+    assert len(asked) < 1000 / 80 + 2 * 4

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Collection, Iterable, Iterator
+from collections.abc import Callable, Collection, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -109,12 +109,7 @@ class AntavoClient:
     def iter_customer_pages(self, status: str = "active", only: Collection[str] | None = None
                             ) -> Iterator[list[dict]]:
         """Every customer (or those of them whose id is in `only`), a page at a time, oldest first (Loyalty
-        Read API), until `next` is null.
-
-        Pages overlap by PAGE_OVERLAP records; a customer already read on the page before is not repeated.
-        Once a full page announced more, up to `concurrency` pages are requested ahead, at the offsets that full
-        pages lead to (at the end, up to `concurrency - 1` requests find nothing); a page that came back short
-        while more are announced (the list changed) is read again from its real offset."""
+        Read API), until `next` is null. A customer already read on the page before is not repeated."""
         query = f"limit={READ_API_PAGE_LIMIT}&{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
         if status:
             query += f"&{quote('filter[status][eq]')}={status}"
@@ -123,53 +118,64 @@ class AntavoClient:
             return self.get(f"{self.read_api}/v1/customers?{query}&offset={offset}",
                             f"GET /v1/customers offset={offset}", check=_check_customer_page)
 
-        step = READ_API_PAGE_LIMIT - PAGE_OVERLAP
-        offset, width = 0, 1
         previous: set = set()
+        for body in self._overlapping_pages(page, READ_API_PAGE_LIMIT, lambda body: len(body["payload"]["customers"]),
+                                            _next_page):
+            listed = body["payload"]["customers"]
+            if only is not None:
+                listed = [c for c in listed if isinstance(c, dict) and str(c.get("_id")) in only]
+            customers = [normalise_customer(c) for c in listed]
+            chunk = [c for c in customers if c["id"] is None or c["id"] not in previous]
+            if chunk:
+                yield chunk
+            previous = {c["id"] for c in customers}
+
+    def changed_customer_ids(self, since: datetime, until: datetime | None = None) -> list[str]:
+        """IDs of customers updated after `since` (classic search, `updated_at.gt`)."""
+        stamp = quote(_iso(since))
+        bound = f"&updated_at.lt={quote(_iso(until, up=True))}" if until is not None else ""
+
+        def page(offset: int) -> list:
+            body = self.get(f"{self.base}/customers?updated_at.gt={stamp}&limit={CLASSIC_PAGE_LIMIT}&offset={offset}"
+                            + bound, f"GET /customers?updated_at.gt offset={offset}")
+            rows = body.get("data") if isinstance(body, dict) else body
+            if not isinstance(rows, list):
+                raise ApiError("GET /customers: response has no data list", retryable=True)
+            return rows
+
+        ids = [str(row["id"]) for rows in self._overlapping_pages(page, CLASSIC_PAGE_LIMIT, len,
+                                                                  lambda rows: len(rows) == CLASSIC_PAGE_LIMIT)
+               for row in rows if isinstance(row, dict) and row.get("id")]
+        return list(dict.fromkeys(ids))
+
+    def _overlapping_pages(self, fetch: Callable[[int], Any], limit: int, size: Callable[[Any], int],
+                           more: Callable[[Any], Any]) -> Iterator[Any]:
+        """The pages `fetch(offset)` returns, in order, until one says there are no `more`.
+
+        Each page after the first starts PAGE_OVERLAP records back. Once a full page announced more, up to `concurrency` pages are requested ahead, at
+        the offsets that full pages lead to (at the end, up to `concurrency - 1` requests find nothing); a
+        page that came back short while more are announced is read again from its real offset."""
+        step = limit - PAGE_OVERLAP
+        offset, width = 0, 1
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:
             ahead: dict[int, Any] = {}
             try:
                 while True:
-                    window = [offset + k * step for k in range(width)]  # full pages ahead
+                    window = [offset + k * step for k in range(width)]
                     for guess in [o for o in ahead if o not in window]:  # guessed before a page came back short
                         ahead.pop(guess).cancel()
                     for o in window:
-                        ahead[o] = ahead.get(o) or pool.submit(page, o)
+                        ahead[o] = ahead.get(o) or pool.submit(fetch, o)
                     body = ahead.pop(offset).result()
-                    listed = body["payload"]["customers"]
-                    if only is not None:
-                        listed = [c for c in listed if isinstance(c, dict) and str(c.get("_id")) in only]
-                    customers = [normalise_customer(c) for c in listed]
-                    chunk = [c for c in customers if c["id"] is None or c["id"] not in previous]
-                    if chunk:
-                        yield chunk
-                    if not ((body.get("metadata") or {}).get("pagination") or {}).get("next"):
+                    yield body
+                    if not more(body):
                         return
-                    previous = {c["id"] for c in customers}
-                    size = len(body["payload"]["customers"])
-                    width = self.config.concurrency if size == READ_API_PAGE_LIMIT else 1
-                    offset += size - PAGE_OVERLAP if size > PAGE_OVERLAP else size
+                    count = size(body)
+                    width = self.config.concurrency if count == limit else 1
+                    offset += count - PAGE_OVERLAP if count > PAGE_OVERLAP else count
             finally:
                 for future in ahead.values():
                     future.cancel()
-
-    def changed_customer_ids(self, since: datetime, until: datetime | None = None) -> list[str]:
-        """IDs of customers updated after `since` (classic search, `updated_at.gt`)."""
-        ids: list[str] = []
-        offset = 0
-        stamp = quote(_iso(since))
-        while True:
-            url = f"{self.base}/customers?updated_at.gt={stamp}&limit={CLASSIC_PAGE_LIMIT}&offset={offset}"
-            if until is not None:
-                url += f"&updated_at.lt={quote(_iso(until, up=True))}"
-            body = self.get(url, f"GET /customers?updated_at.gt offset={offset}")
-            rows = body.get("data") if isinstance(body, dict) else body
-            if not isinstance(rows, list):
-                raise ApiError("GET /customers: response has no data list", retryable=True)
-            ids.extend(str(row["id"]) for row in rows if isinstance(row, dict) and row.get("id"))
-            if len(rows) < CLASSIC_PAGE_LIMIT:
-                return list(dict.fromkeys(ids))
-            offset += len(rows) - PAGE_OVERLAP
 
     def ids_by_email(self, email: str) -> list[str]:
         """The customers with this email (classic search, exact match)."""
@@ -252,13 +258,17 @@ def _check_body(response: requests.Response) -> Any:
     return body
 
 
+def _next_page(body: dict) -> str | None:
+    return ((body.get("metadata") or {}).get("pagination") or {}).get("next")
+
+
 def _check_customer_page(body: Any) -> None:
     """A Read API page must hold a customer list, and cannot be empty while another page is announced."""
     payload = body.get("payload") if isinstance(body, dict) else None
     customers = payload.get("customers") if isinstance(payload, dict) else None
     if not isinstance(customers, list):
         raise ApiError("GET /v1/customers: the response has no payload.customers list", retryable=True)
-    if not customers and ((body.get("metadata") or {}).get("pagination") or {}).get("next"):
+    if not customers and _next_page(body):
         raise ApiError("GET /v1/customers: an empty page although a next page is announced", retryable=True)
 
 

@@ -4,10 +4,15 @@ Maps (transform.py), checks (quality.py), quarantines with every reason, and ski
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-from collections import Counter
-from collections.abc import Collection
+import multiprocessing
+import os
+from collections import Counter, deque
+from collections.abc import Collection, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +23,7 @@ import pyarrow.parquet as pq
 from antavo_ometria.antavo.records import HELD
 from antavo_ometria.ometria.payload import encode_contacts, payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.quality import QualityGateFailed, batch_verdict, run_gate
+from antavo_ometria.sync.quality import GateResult, QualityGateFailed, batch_verdict, run_gate
 from antavo_ometria.sync.records import Plan, Transformed
 from antavo_ometria.sync.staging import (
     CONTACTS,
@@ -29,9 +34,16 @@ from antavo_ometria.sync.staging import (
     Progress,
 )
 from antavo_ometria.sync.state import StateStore
-from antavo_ometria.sync.transform import read_customer_chunks, transform
+from antavo_ometria.sync.transform import CHUNK_ROWS, customer_frame, staged_chunks, transform
 
 log = logging.getLogger(__name__)
+
+WORKERS = "ANTAVO_OMETRIA_TRANSFORM_WORKERS"  # processes that transform and check chunks side by side
+
+
+def transform_workers() -> int:
+    """How many processes transform: $ANTAVO_OMETRIA_TRANSFORM_WORKERS, or one per core (at most four)."""
+    return max(1, int(os.environ.get(WORKERS) or min(os.cpu_count() or 1, 4)))
 
 
 def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, duplicate_ids: Collection[str] = ()):
@@ -42,13 +54,60 @@ def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, duplicate_i
     return frame, encoded, run_gate(frame, mapping, [len(body) for body in encoded], duplicate_ids, problems)
 
 
-def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, store: StateStore | None = None
-                     ) -> Transformed:
+@dataclass
+class PreparedChunk:
+    """One chunk of staged customers, mapped, encoded and checked: row for row."""
+
+    ids: list
+    encoded: list[bytes]
+    hashes: list[str]
+    gate: GateResult | None  # None when only transformed (benchmarks)
+
+
+def prepare_chunk(data: bytes, mapping: ContactMapping, gate: bool = True) -> PreparedChunk:
+    """A block of staged NDJSON → its contacts (runs in a worker process, or in this one)."""
+    columns = customer_frame(data, [*mapping.loyalty_fields, HELD])
+    if gate:
+        frame, encoded, result = prepare_contacts(columns, mapping)
+    else:
+        frame = transform(columns, mapping)
+        encoded, result = encode_contacts(frame, mapping.shape), None
+    return PreparedChunk(frame["id"].tolist(), encoded, [payload_hash(body) for body in encoded], result)
+
+
+def prepared_chunks(path: Path, mapping: ContactMapping, gate: bool = True, rows: int = CHUNK_ROWS,
+                    workers: int | None = None) -> Iterator[PreparedChunk]:
+    """The staged customers, prepared chunk by chunk, in order. With more than one chunk, `workers` processes
+    (default: transform_workers()) prepare them side by side; a few chunks at most are in flight at a time,
+    so memory does not grow with the programme."""
+    chunks = staged_chunks(path, rows)
+    head = list(itertools.islice(chunks, 2))
+    workers = transform_workers() if workers is None else workers
+    if len(head) < 2 or workers < 2:
+        for data in itertools.chain(head, chunks):
+            yield prepare_chunk(data, mapping, gate)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        pending: deque = deque()
+        for data in itertools.chain(head, chunks):
+            pending.append(pool.submit(prepare_chunk, data, mapping, gate))
+            if len(pending) > workers:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(cancel_futures=True)
+
+
+def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, store: StateStore | None = None,
+                     rows: int = CHUNK_ROWS, workers: int | None = None) -> Transformed:
     """Staged customers → checked, encoded Ometria contacts that differ from what was last sent.
 
-    Streams the staged customers in chunks, so memory does not grow with the programme. Quarantined
-    customers go to quarantine.ndjson (and the state store) with every reason. Raises
-    QualityGateFailed, after writing the quarantine and GX's results, when the run as a whole fails.
+    Streams the staged customers in chunks of `rows`, prepared by `workers` processes side by side (see
+    prepared_chunks), so memory does not grow with the programme. Quarantined customers go to
+    quarantine.ndjson (and the state store) with every reason. Raises QualityGateFailed, after writing the
+    quarantine and GX's results, when the run as a whole fails.
     """
     plan = Plan.of(plan)
     if store is not None:
@@ -61,25 +120,23 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     progress = Progress("transform and check", "customers")
     with (staging / QUARANTINE).open("w", encoding="utf-8") as held, \
             (staging / CONTACTS).open("wb") as sink, pq.ParquetWriter(sink, CONTACTS_SCHEMA) as writer:
-        for columns in read_customer_chunks(staging / CUSTOMERS, [*mapping.loyalty_fields, HELD]):
-            frame, encoded, gate = prepare_contacts(columns, mapping)
-            ids = frame["id"].tolist()
-            rows = [{"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails,
-                     "payload": json.loads(encoded[row])} for row, fails in sorted(gate.failures.items())]
-            held.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows)
+        for chunk in prepared_chunks(staging / CUSTOMERS, mapping, rows=rows, workers=workers):
+            ids, encoded, gate = chunk.ids, chunk.encoded, chunk.gate
+            rows_held = [{"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails,
+                          "payload": json.loads(encoded[row])} for row, fails in sorted(gate.failures.items())]
+            held.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows_held)
             if store is not None:
-                store.record_held(plan.run_id, "quarantined", rows)
-            ok = [(ids[row], encoded[row]) for row in np.flatnonzero(gate.valid.to_numpy())]
-            passing_again = [i for i, _ in ok if i in held_before]
+                store.record_held(plan.run_id, "quarantined", rows_held)
+            ok = np.flatnonzero(gate.valid.to_numpy())
+            passing_again = [ids[k] for k in ok if ids[k] in held_before]
             if passing_again:
                 store.release_held(passing_again, ("quarantined",))
-            hashes = [payload_hash(body) for _, body in ok]
-            known = {} if plan.send_unchanged or store is None else store.sent_hashes([i for i, _ in ok])
-            keep = [k for k, ((i, _), h) in enumerate(zip(ok, hashes)) if known.get(i) != h]
+            known = {} if plan.send_unchanged or store is None else store.sent_hashes([ids[k] for k in ok])
+            keep = [k for k in ok if known.get(ids[k]) != chunk.hashes[k]]
             writer.write_table(pa.table({
-                "id": pa.array([ok[k][0] for k in keep], pa.string()),
-                "body": pa.array([ok[k][1] for k in keep], pa.binary()),
-                "hash": pa.array([hashes[k] for k in keep], pa.string()),
+                "id": pa.array([ids[k] for k in keep], pa.string()),
+                "body": pa.array([encoded[k] for k in keep], pa.binary()),
+                "hash": pa.array([chunk.hashes[k] for k in keep], pa.string()),
             }, schema=CONTACTS_SCHEMA))
             checked += gate.checked
             quarantined += gate.quarantined

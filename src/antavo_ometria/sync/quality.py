@@ -115,12 +115,14 @@ def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequ
     checked = pd.DataFrame({"row": np.arange(len(frame)), "id": _as_text(frame["id"]).to_numpy()})
     for f in mapping.fields:
         values = frame[f.remote_field]
-        column = _type_names(values) if FORMATS[f.format].types else _as_text(values)
+        types = values.map(type)
+        column = _type_names(types) if FORMATS[f.format].types else _as_text(values)
         checked[_checked_column(f)] = column.to_numpy()
         if FORMATS[f.format].numeric:
-            checked[f"{f.remote_field}:range"] = _in_range(values).to_numpy()
+            checked[f"{f.remote_field}:range"] = _in_range(values, types).to_numpy()
     if source_problems is not None:
-        checked[SOURCE] = source_problems.map(_joined).to_numpy()
+        present = source_problems.notna()
+        checked[SOURCE] = source_problems.where(~present, source_problems[present].map(_joined)).to_numpy()
     text = [checked[f.remote_field].astype("str") for f in mapping.fields if FORMATS[f.format].text]
     if text:
         checked[NOT_TEXT] = _first_not_text(frame, mapping).to_numpy()
@@ -148,21 +150,22 @@ def _first_not_text(frame: pd.DataFrame, mapping: ContactMapping) -> pd.Series:
         if not FORMATS[f.format].text:
             continue
         values = frame[f.remote_field]
-        wrong = values.notna() & ~values.map(lambda v: isinstance(v, str))
+        types = values.map(type)
+        wrong = values.notna() & ~types.map({t: issubclass(t, str) for t in types.unique()}).astype(bool)
         if wrong.any():
             message = values[wrong].map(lambda v, f=f: f"{f.remote_field}: {f.loyalty_field} = {_show(v)} is not text")
             found = found.where(found.notna() | ~wrong, message)
     return found
 
 
-def _in_range(values: pd.Series) -> pd.Series:
+def _in_range(values: pd.Series, types: pd.Series) -> pd.Series:
     """"ok" for a number JSON carries exactly, "out of range" for one it does not (inf, 1e30, 2**63), None otherwise."""
-    def verdict(v):
-        if isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_)):
-            return "ok" if math.isfinite(v) and abs(v) <= MAX_EXACT_NUMBER else "out of range"
-        return None
-
-    return values.map(verdict)
+    numeric = {t: issubclass(t, (int, float, np.integer, np.floating)) and not issubclass(t, (bool, np.bool_))
+               for t in types.unique()}
+    numbers = values[types.map(numeric).to_numpy(dtype=bool)].astype(float)
+    verdict = pd.Series(None, index=values.index, dtype=object)
+    verdict[numbers.index] = np.where(np.isfinite(numbers) & (numbers.abs() <= MAX_EXACT_NUMBER), "ok", "out of range")
+    return verdict
 
 
 def _joined(reasons: object) -> str | None:
@@ -172,8 +175,7 @@ def _joined(reasons: object) -> str | None:
     return "; ".join(str(r) for r in items) or None
 
 
-def _type_names(values: pd.Series) -> pd.Series:
-    types = values.map(type)
+def _type_names(types: pd.Series) -> pd.Series:
     return types.map({t: None if t is type(None) else t.__name__ for t in types.unique()})
 
 

@@ -36,23 +36,31 @@ def customer_columns(customers: Iterable[dict], paths: list[str]) -> pd.DataFram
                         dtype=object)
 
 
-def read_customer_chunks(path: Path, paths: list[str], rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
-    """The staged customers (NDJSON) as column frames of at most `rows` customers: one pass, bounded memory.
-
-    Each chunk is parsed by pyarrow's JSON reader and only the wanted paths are taken out of it; a
-    chunk whose values change type between customers (which pyarrow refuses) is parsed line by line.
-    """
-    wanted = ["id"] + [p for p in paths if p != "id"]
+def staged_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[bytes]:
+    """The staged customers (NDJSON) in blocks of at most `rows` lines: one pass, bounded memory."""
     with lines_of(path) as handle:
         lines = (line for line in handle if line.strip())
         while chunk := list(itertools.islice(lines, rows)):
-            data = b"".join(chunk)
-            try:
-                table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(block_size=PARSE_BLOCK))
-            except pa.ArrowInvalid:
-                yield customer_columns((json.loads(line) for line in chunk), wanted)
-                continue
-            yield pd.DataFrame({p: _arrow_path(table, p) for p in wanted})
+            yield b"".join(line if line.endswith(b"\n") else line + b"\n" for line in chunk)
+
+
+def customer_frame(data: bytes, paths: list[str]) -> pd.DataFrame:
+    """A block of staged customers as a column frame (`id` and the wanted paths).
+
+    pyarrow's JSON reader parses the block and only the wanted paths are taken out of it; a block whose values
+    change type between customers (which pyarrow refuses) is parsed line by line."""
+    wanted = ["id"] + [p for p in paths if p != "id"]
+    try:
+        table = pajson.read_json(io.BytesIO(data), read_options=pajson.ReadOptions(block_size=PARSE_BLOCK))
+    except pa.ArrowInvalid:
+        return customer_columns((json.loads(line) for line in data.splitlines() if line.strip()), wanted)
+    return pd.DataFrame({p: _arrow_path(table, p) for p in wanted})
+
+
+def read_customer_chunks(path: Path, paths: list[str], rows: int = CHUNK_ROWS) -> Iterator[pd.DataFrame]:
+    """The staged customers as column frames of at most `rows` customers."""
+    for data in staged_chunks(path, rows):
+        yield customer_frame(data, paths)
 
 
 def _arrow_path(table: pa.Table, path: str) -> pd.Series:
