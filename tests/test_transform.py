@@ -188,3 +188,26 @@ def test_columnar_reader_matches_the_per_record_path_and_survives_mixed_types(ma
     path.write_text("".join(_json.dumps(c) + "\n" for c in customers))
     chunks = list(read_customer_chunks(path, mapping.loyalty_fields, rows=50))
     assert [len(c) for c in chunks] == [50, 50, 20] and chunks[0]["score"][3] == "lots"
+
+
+def test_staged_chunks_cut_whole_lines_skipping_blank_ones(tmp_path, monkeypatch):
+    """`rows` non-blank lines at a time, whatever the read buffer's size, the last one with its line end."""
+    import random
+
+    import antavo_ometria.sync.staging as staging
+    import antavo_ometria.sync.transform as engine
+
+    def line_by_line(data: bytes, rows: int) -> list[bytes]:
+        lines = [line + b"\n" for line in data.split(b"\n") if line.strip()]
+        return [b"".join(lines[i: i + rows]) for i in range(0, len(lines), rows)]
+
+    rng = random.Random(7)
+    path = tmp_path / "customers.ndjson"
+    for _ in range(200):
+        pieces = [rng.choice([b'{"id":"%d"}' % i, b"  ", b"", b"\t", b' {"x":1}', b'{"y":"\xc3\xa9"}\r'])
+                  for i in range(rng.randint(0, 40))]
+        data = b"\n".join(pieces) + rng.choice([b"", b"\n", b"\n\n", b"  "])
+        path.write_bytes(data)
+        monkeypatch.setattr(staging, "READ_BUFFER", rng.choice([1, 5, 64, 1 << 20]))
+        for rows in (1, 3, 50):
+            assert list(engine.staged_chunks(path, rows)) == line_by_line(data, rows), (data, rows)

@@ -87,7 +87,9 @@ def prepared_chunks(path: Path, mapping: ContactMapping, gate: bool = True, rows
         for data in itertools.chain(head, chunks):
             yield prepare_chunk(data, mapping, gate)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+    # forked where the system can (workers start at once, with the modules already imported), spawned elsewhere
+    start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start))
     try:
         pending: deque = deque()
         for data in itertools.chain(head, chunks):

@@ -37,7 +37,8 @@ def customer_columns(customers: Iterable[dict], paths: list[str]) -> pd.DataFram
 
 
 def staged_chunks(path: Path, rows: int = CHUNK_ROWS) -> Iterator[bytes]:
-    """The staged customers (NDJSON) in blocks of at most `rows` lines: one pass, bounded memory."""
+    """The staged customers (NDJSON) in blocks of at most `rows` lines (blank lines skipped): one pass,
+    bounded memory."""
     with lines_of(path) as handle:
         lines = (line for line in handle if line.strip())
         while chunk := list(itertools.islice(lines, rows)):
