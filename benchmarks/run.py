@@ -57,9 +57,10 @@ def staging_copy(source: Path) -> Path:
 class Memory:
     """The peak memory of this process and its workers, sampled every 0.2 s while a measurement runs."""
 
-    def __init__(self) -> None:
+    def __init__(self, leave_out: tuple[int, ...] = ()) -> None:
         import threading
 
+        self.leave_out = set(leave_out)  # processes that are not the sync's (a sandbox server)
         self.rss = self.pss = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
@@ -79,6 +80,8 @@ class Memory:
         while True:
             rss = pss = 0
             for process in [me, *me.children(recursive=True)]:
+                if process.pid in self.leave_out:
+                    continue
                 try:
                     info = process.memory_full_info()
                 except psutil.Error:  # a worker that just ended
@@ -301,7 +304,7 @@ def measure_incremental(size: int) -> dict:
         plan = Plan("benchmark", "hour", "hour", "incremental", None, None, False, False, mapping.version,
                     WINDOW.isoformat(), (WINDOW + timedelta(hours=1)).isoformat(), size)
         staging = work / "hour"
-        with Memory() as memory:
+        with Memory(leave_out=(server.pid,)) as memory:
             started = time.perf_counter()
             extracted = extract(client, staging, plan, paths=mapping.loyalty_fields)
             transformed = transform_staged(staging, mapping, plan, store)
@@ -314,7 +317,7 @@ def measure_incremental(size: int) -> dict:
         profile_rate = len(sample) / (time.perf_counter() - sampled)
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        server.wait()
         shutil.rmtree(work)
     return {"population": size, "changed_in_antavo": changed, "extracted": extracted.customers,
             "reads": extracted.reads, "reads_reason": extracted.reads_reason, "requests": requests_made,

@@ -274,3 +274,18 @@ def test_pages_read_ahead_recover_from_a_page_that_came_back_short(antavo_client
     assert asked[:2] == [0, 80] and 160 in asked and 190 in asked  # 160 + 50 - 20: read again from where it ended
     assert all(o % 80 == 0 or (o - 190) % 80 == 0 for o in asked), asked  # full pages' grid, before and after
     assert len(asked) < 1000 / 80 + 2 * 4
+
+
+def test_a_list_that_moved_more_than_the_overlap_is_read_again_not_skipped(sandbox, antavo_client):
+    """More customers left the list between two pages than the pages overlap: some would be skipped, so the
+    read fails (retryably) instead of going on."""
+    from antavo_ometria_tools.population import make_population
+
+    sandbox.antavo.customers = make_population(2100)
+    pages = antavo_client.iter_customer_pages()
+    next(pages)
+    for i in range(100, 130):
+        sandbox.antavo.touch(f"c{i:08d}", {"status": "inactive"})
+    with pytest.raises(ApiError, match="moved by more than 20") as raised:
+        list(pages)
+    assert raised.value.retryable

@@ -119,9 +119,15 @@ class AntavoClient:
                             f"GET /v1/customers offset={offset}", check=_check_customer_page)
 
         previous: set = set()
+        listed_before: set = set()  # every id on the page before, kept or not
         for body in self._overlapping_pages(page, READ_API_PAGE_LIMIT, lambda body: len(body["payload"]["customers"]),
                                             _next_page):
             listed = body["payload"]["customers"]
+            ids = [str(c.get("_id")) for c in listed if isinstance(c, dict)]
+            if listed_before and ids and not listed_before.intersection(ids[:PAGE_OVERLAP]):
+                raise ApiError(f"GET /v1/customers: the list moved by more than {PAGE_OVERLAP} customers between two "
+                               "pages (customers left it while it was read); it is read again", retryable=True)
+            listed_before = set(ids[-PAGE_OVERLAP:]) if len(listed) > PAGE_OVERLAP else set()
             if only is not None:
                 listed = [c for c in listed if isinstance(c, dict) and str(c.get("_id")) in only]
             customers = [normalise_customer(c) for c in listed]
@@ -144,7 +150,7 @@ class AntavoClient:
             return rows
 
         ids = [str(row["id"]) for rows in self._overlapping_pages(page, CLASSIC_PAGE_LIMIT, len,
-                                                                  lambda rows: len(rows) == CLASSIC_PAGE_LIMIT)
+                                                                  lambda rows: len(rows) >= CLASSIC_PAGE_LIMIT)
                for row in rows if isinstance(row, dict) and row.get("id")]
         return list(dict.fromkeys(ids))
 

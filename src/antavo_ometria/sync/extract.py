@@ -76,5 +76,6 @@ def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[s
         if ids:
             log.info("%d changed customers were not in the scan (%s status filter): read one by one",
                      len(ids), status or "no")
+            reads["reads_reason"] += f"; {len(ids):,} the scan did not list ({status or 'any'} status), read one by one"
     for start in range(0, len(ids), PROFILE_CHUNK):
         yield client.get_customers(ids[start: start + PROFILE_CHUNK], paths)

@@ -4,11 +4,14 @@ Maps (transform.py), checks (quality.py), quarantines with every reason, and ski
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 import json
 import logging
 import multiprocessing
 import os
+import signal
+import sys
 from collections import Counter, deque
 from collections.abc import Collection, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -39,11 +42,17 @@ from antavo_ometria.sync.transform import CHUNK_ROWS, customer_frame, staged_chu
 log = logging.getLogger(__name__)
 
 WORKERS = "ANTAVO_OMETRIA_TRANSFORM_WORKERS"  # processes that transform and check chunks side by side
+PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for this process when its parent ends
 
 
 def transform_workers() -> int:
-    """How many processes transform: $ANTAVO_OMETRIA_TRANSFORM_WORKERS, or one per core (at most four)."""
-    return max(1, int(os.environ.get(WORKERS) or min(os.cpu_count() or 1, 4)))
+    """How many processes transform: $ANTAVO_OMETRIA_TRANSFORM_WORKERS, or one per core this process may use
+    (at most four)."""
+    value = os.environ.get(WORKERS, "").strip()
+    if value and not (value.isdigit() and int(value) >= 1):
+        raise ValueError(f"{WORKERS} must be a whole number of processes, at least 1; it is {value!r}")
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return int(value) if value else min(cores, 4)
 
 
 def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, duplicate_ids: Collection[str] = ()):
@@ -83,13 +92,15 @@ def prepared_chunks(path: Path, mapping: ContactMapping, gate: bool = True, rows
     chunks = staged_chunks(path, rows)
     head = list(itertools.islice(chunks, 2))
     workers = transform_workers() if workers is None else workers
+    if workers > 1 and multiprocessing.current_process().daemon:
+        log.info("transforming in this process: it is a daemon (a Celery pool process, or forked from one), "
+                 "which may not start worker processes")
+        workers = 1
     if len(head) < 2 or workers < 2:
         for data in itertools.chain(head, chunks):
             yield prepare_chunk(data, mapping, gate)
         return
-    # forked where the system can (workers start at once, with the modules already imported), spawned elsewhere
-    start = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start))
+    pool = worker_pool(workers)
     try:
         pending: deque = deque()
         for data in itertools.chain(head, chunks):
@@ -100,6 +111,23 @@ def prepared_chunks(path: Path, mapping: ContactMapping, gate: bool = True, rows
             yield pending.popleft().result()
     finally:
         pool.shutdown(cancel_futures=True)
+
+
+def worker_pool(workers: int) -> ProcessPoolExecutor:
+    """Processes that prepare chunks: forked on Linux (they start at once, with the modules already imported),
+    spawned elsewhere. Each ends when the process that started it ends, even when that one is killed."""
+    start = "fork" if sys.platform == "linux" else "spawn"
+    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start), initializer=_worker_started,
+                               initargs=(os.getpid(),))
+
+
+def _worker_started(parent: int) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the task runner's handler, inherited by the fork
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform == "linux":
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != parent:  # the parent ended before that was set
+            os._exit(1)
 
 
 def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, store: StateStore | None = None,

@@ -38,7 +38,6 @@ class AntavoApp(App):
         self.escher = Escher("", "", f"{environment}/api/antavo_request", SIGNING)
         self.latency = latency
         self.customers = make_population(customers, seed)
-        self.by_id = {c["_id"]: c for c in self.customers}
         self.events: list[dict] = []
         self.listed_extras: dict[int, object] = {}  # position → a raw item the Read API lists there (a null, a repeat)
         self.requests = 0
@@ -51,6 +50,7 @@ class AntavoApp(App):
     @customers.setter
     def customers(self, customers: list[dict]) -> None:
         self._customers = customers
+        self.by_id = {c["_id"]: c for c in customers}
         self.changed()
 
     def changed(self) -> None:
@@ -70,7 +70,6 @@ class AntavoApp(App):
     def restore(self, saved: dict) -> None:
         with self.lock:
             self.customers, self.events = saved["customers"], saved["events"]  # (forgets the answers)
-            self.by_id = {c["_id"]: c for c in self.customers}
 
     def touch(self, customer_id: str, changes: dict, at: datetime | None = None) -> None:
         """Change a customer as Antavo would: the fields given, and `updated_at`."""
