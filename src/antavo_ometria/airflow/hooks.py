@@ -45,7 +45,7 @@ def antavo_config(conn) -> AntavoConfig:
         environment=environment,
         read_api_url=extra.get("read_api_url") or read_api_url(environment),
         requests_per_second=float(extra.get("requests_per_second", 20)),
-        concurrency=int(extra.get("concurrency", 4)),
+        concurrency=int(extra.get("concurrency", 8)),
         timeout=float(extra.get("timeout", 30)),
         verify_tls=_flag(extra.get("verify_tls", True)),
     )

@@ -61,7 +61,7 @@ class AntavoConfig:
     environment: str
     read_api_url: str = ""
     requests_per_second: float = 20.0
-    concurrency: int = 4
+    concurrency: int = 8  # requests in flight at once (profile reads, pages read ahead), under the rate limit
     timeout: float = 30.0
     verify_tls: bool = True
     retry: RetryPolicy = RetryPolicy()
@@ -75,7 +75,7 @@ class AntavoClient:
         self.config = config
         self.read_api = (config.read_api_url or read_api_url(config.environment)).rstrip("/")
         self.base = config.base_url.rstrip("/")
-        self.limiter = RateLimiter(config.requests_per_second, burst=config.concurrency)
+        self.limiter = RateLimiter(config.requests_per_second, burst=min(config.concurrency, 4))
         self.session = requests.Session()
         self.session.verify = config.verify_tls
         self.session.auth = EscherRequestsAuth(
@@ -158,9 +158,10 @@ class AntavoClient:
                            more: Callable[[Any], Any]) -> Iterator[Any]:
         """The pages `fetch(offset)` returns, in order, until one says there are no `more`.
 
-        Each page after the first starts PAGE_OVERLAP records back. Once a full page announced more, up to `concurrency` pages are requested ahead, at
-        the offsets that full pages lead to (at the end, up to `concurrency - 1` requests find nothing); a
-        page that came back short while more are announced is read again from its real offset."""
+        Each page after the first starts PAGE_OVERLAP records back. Once a full page announced more, up to
+        `concurrency` pages are requested ahead, at the offsets that full pages lead to (at the end, up to
+        `concurrency - 1` requests find nothing); a page that came back short while more are announced is read
+        again from its real offset."""
         step = limit - PAGE_OVERLAP
         offset, width = 0, 1
         with ThreadPoolExecutor(max_workers=self.config.concurrency) as pool:

@@ -101,14 +101,12 @@ class StateStore:
                     conn.execute(table.delete().where(table.c[keys[0]].in_([r[keys[0]] for r in chunk])))
                     conn.execute(table.insert(), chunk)
             return
+        statement = insert(table)  # one statement, executed for many rows (compiled once)
+        statement = statement.on_conflict_do_update(
+            index_elements=keys, set_={c: statement.excluded[c] for c in rows[0] if c not in keys})
         with self.engine.begin() as conn:
-            for chunk in _chunks(rows, 500):
-                statement = insert(table).values(chunk)
-                statement = statement.on_conflict_do_update(
-                    index_elements=keys,
-                    set_={c: statement.excluded[c] for c in chunk[0] if c not in keys},
-                )
-                conn.execute(statement)
+            for chunk in _chunks(rows, 10_000):
+                conn.execute(statement, chunk)
 
     # -- runs --------------------------------------------------------------------------------
     def start_run(self, dag_id: str, run_id: str, **fields) -> None:
