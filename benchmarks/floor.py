@@ -11,7 +11,17 @@ from __future__ import annotations
 from pathlib import Path
 
 TIMESTAMP = "strftime(TRY_CAST({} AS TIMESTAMPTZ) AT TIME ZONE 'UTC', '%Y-%m-%dT%H:%M:%S+00:00')"
-TRANSLATED = "coalesce(TRY(json_extract_string({0}::JSON, '$.en')), TRY_CAST({0} AS VARCHAR))"
+# the staged customers' types, declared (as a compiled engine would know them) rather than guessed from the data
+COLUMNS = {
+    "id": "VARCHAR", "email": "VARCHAR", "external_ids": "STRUCT(crm_id VARCHAR)", "first_name": "VARCHAR",
+    "last_name": "VARCHAR", "gender": "VARCHAR", "birth_date": "VARCHAR", "country": "VARCHAR",
+    "mobile_phone": "VARCHAR", "created_at": "VARCHAR", "language": "VARCHAR", "score": "DOUBLE", "spent": "DOUBLE",
+    "tiers": "STRUCT(basic_structure STRUCT(_id VARCHAR, name STRUCT(en VARCHAR, de VARCHAR), since VARCHAR, "
+             "next STRUCT(name VARCHAR, points DOUBLE)))",
+    "extensions": "STRUCT(expiring_points STRUCT(total DOUBLE))",
+    "accounts": "STRUCT(prestige_balance STRUCT(earned DOUBLE))",
+    "properties": "STRUCT(city VARCHAR, newsletter BOOLEAN)", "labels": "VARCHAR[]",
+}
 
 QUERY = f"""
 COPY (
@@ -33,18 +43,18 @@ COPY (
       'loyalty_points': TRY_CAST(score AS BIGINT),
       'loyalty_points_spent': TRY_CAST(spent AS BIGINT),
       'loyalty_tier_id': trim(tiers.basic_structure._id),
-      'loyalty_tier': {TRANSLATED.format("tiers.basic_structure.name")},
+      'loyalty_tier': trim(tiers.basic_structure.name.en),
       'tier_since': {TIMESTAMP.format("tiers.basic_structure.since")},
-      'next_tier': {TRANSLATED.format("tiers.basic_structure.next.name")},
+      'next_tier': trim(tiers.basic_structure.next.name),
       'points_to_next_tier': TRY_CAST(tiers.basic_structure.next.points AS BIGINT),
       'expiring_points': TRY_CAST(extensions.expiring_points.total AS BIGINT),
       'prestige_earned': TRY_CAST(accounts.prestige_balance.earned AS BIGINT),
       'city': trim(properties.city),
-      'newsletter': TRY_CAST(properties.newsletter AS BOOLEAN),
-      'labels': TRY_CAST(labels AS VARCHAR[])
+      'newsletter': properties.newsletter,
+      'labels': labels
     }}
   }})
-  FROM read_json('{{source}}', format = 'newline_delimited', sample_size = -1, ignore_errors = true)
+  FROM read_json('{{source}}', format = 'newline_delimited', columns = {{columns}}, ignore_errors = true)
 ) TO '{{target}}' (FORMAT json)
 """
 
@@ -54,6 +64,8 @@ def transform_file(source: Path, target: Path, threads: int = 2) -> int:
     import duckdb
 
     with duckdb.connect(config={"threads": threads}) as db:
-        db.execute(QUERY.replace("{source}", str(source)).replace("{target}", str(target)))
+        db.execute("SET enable_progress_bar = false")
+        db.execute(QUERY.replace("{source}", str(source)).replace("{target}", str(target))
+                   .replace("{columns}", "{" + ", ".join(f"'{k}': '{v}'" for k, v in COLUMNS.items()) + "}"))
     with target.open("rb") as written:
         return sum(1 for _ in written)

@@ -109,12 +109,13 @@ def test_the_sandbox_answers_after_its_latency_and_requests_overlap():
 
     with Sandbox(customers=10, antavo_latency=0.3) as slow:
         url = f"{slow.antavo_url}/customers?updated_at.gt=2026-01-01T00:00:00Z"  # unsigned: refused, after the wait
+        answers: list[int] = []
         started = time.monotonic()
-        threads = [threading.Thread(target=requests.get, args=(url,)) for _ in range(4)]
+        threads = [threading.Thread(target=lambda: answers.append(requests.get(url).status_code)) for _ in range(4)]
         for t in threads:
             t.start()
         for t in threads:
             t.join()
         elapsed = time.monotonic() - started
-        assert requests.get(url).status_code == 401
+    assert answers == [401] * 4
     assert 0.3 <= elapsed < 1.2  # four requests of 0.3 s each, in flight together
