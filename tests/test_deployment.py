@@ -29,18 +29,23 @@ def stack_env(sandbox, tmp) -> dict[str, str]:
             "ANTAVO_OMETRIA_RETRY_DELAY_SECONDS": "2"}
 
 
-@pytest.fixture(scope="module", params=["local", "celery"])
-def stack(request, tmp_path_factory):
-    """(running Airflow, its own sandbox)"""
-    if request.param == "celery":
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    """(running Airflow, its own sandbox): the embedded default here, the distributed one in
+    test_deployment_celery.py (a file of its own, so that the two run side by side)."""
+    yield from deployment("local", tmp_path_factory)
+
+
+def deployment(topology: str, tmp_path_factory):
+    if topology == "celery":
         for name, address in (("PostgreSQL", ("127.0.0.1", 5432)), ("Redis", REDIS)):
             if not reachable(*address):
                 pytest.skip(f"{name} is not reachable on {address[0]}:{address[1]}; the CeleryExecutor topology "
                             "needs it")
-    tmp = tmp_path_factory.mktemp(f"airflow-{request.param}")
+    tmp = tmp_path_factory.mktemp(f"airflow-{topology}")
     with Sandbox(customers=300) as sandbox:
         env = stack_env(sandbox, tmp)
-        if request.param == "local":
+        if topology == "local":
             running = AirflowStack.local(tmp, {**env, "ANTAVO_OMETRIA_STATE_URL": f"sqlite:///{tmp / 'state.db'}"})
             yield from _serve(running, sandbox)
             return
