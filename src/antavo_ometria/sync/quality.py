@@ -115,7 +115,7 @@ def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequ
     checked = pd.DataFrame({"row": np.arange(len(frame)), "id": _as_text(frame["id"]).to_numpy()})
     for f in mapping.fields:
         values = frame[f.remote_field]
-        types = values.map(type)
+        types = values.map(type) if FORMATS[f.format].types or FORMATS[f.format].numeric else None
         column = _type_names(types) if FORMATS[f.format].types else _as_text(values)
         checked[_checked_column(f)] = column.to_numpy()
         if FORMATS[f.format].numeric:
@@ -150,19 +150,21 @@ def _first_not_text(frame: pd.DataFrame, mapping: ContactMapping) -> pd.Series:
         if not FORMATS[f.format].text:
             continue
         values = frame[f.remote_field]
-        types = values.map(type)
-        wrong = values.notna() & ~types.map({t: issubclass(t, str) for t in types.unique()}).astype(bool)
+        wrong = values.notna() & ~_of_kind(values.map(type), str)
         if wrong.any():
             message = values[wrong].map(lambda v, f=f: f"{f.remote_field}: {f.loyalty_field} = {_show(v)} is not text")
             found = found.where(found.notna() | ~wrong, message)
     return found
 
 
+def _of_kind(types: pd.Series, kinds, but=()) -> np.ndarray:
+    """Per value (given its type), whether it is one of `kinds` and none of `but`: decided once per type."""
+    return types.map({t: issubclass(t, kinds) and not issubclass(t, but) for t in types.unique()}).to_numpy(dtype=bool)
+
+
 def _in_range(values: pd.Series, types: pd.Series) -> pd.Series:
     """"ok" for a number JSON carries exactly, "out of range" for one it does not (inf, 1e30, 2**63), None otherwise."""
-    numeric = {t: issubclass(t, (int, float, np.integer, np.floating)) and not issubclass(t, (bool, np.bool_))
-               for t in types.unique()}
-    numbers = values[types.map(numeric).to_numpy(dtype=bool)].astype(float)
+    numbers = values[_of_kind(types, (int, float, np.integer, np.floating), but=(bool, np.bool_))].astype(float)
     verdict = pd.Series(None, index=values.index, dtype=object)
     verdict[numbers.index] = np.where(np.isfinite(numbers) & (numbers.abs() <= MAX_EXACT_NUMBER), "ok", "out of range")
     return verdict
