@@ -9,10 +9,13 @@ comes from (`event.*`, `reward.*`, `customer.*`).
 
 **Per rule:** a deferrable sensor waits in the triggerer for new matching events (skipped when none
 arrive before the next run; failed when Antavo cannot be read), then `deliver_<rule>` pushes each new
-event once: the contact first if Ometria does not have it yet, then the custom event (`id` = the
-Antavo event ID). Events that cannot be pushed fail the task, and the next run sends them.
+event once: the contact first if Ometria does not have it yet, then the custom event (`id` =
+`<rule>:<Antavo event ID>`, so two rules on one action each deliver). Events that cannot be pushed
+fail the task, and the next run sends them; an event Ometria rejects is held with the reason and
+retried by every run while it can still start an automation, then held as expired.
 
-**Timing:** runs every 15 minutes, well inside Ometria's 4-hour window; older events cannot start an
+**Timing:** runs every 15 minutes and re-reads Ometria's whole 4-hour window each time, so an event
+Antavo lists late is still sent (once: pushed ids are skipped); older events cannot start an
 automation and follow `events.late_event_policy` (send and warn, or skip). More than 1,000 events on
 one timestamp are staggered in 5-minute steps.
 """
@@ -65,8 +68,8 @@ def antavo_ometria_events():
     checked = check_connections() >> check_rules()
     for name, action in rule_actions(mappings_dir()).items():
 
-        # runs after the wait even when nothing new woke it (skipped): it also re-reads the last 15 minutes, so
-        # an event Antavo made visible late is still sent; a failed wait (Antavo unreachable) does not run it
+        # runs after the wait even when nothing new woke it (skipped): it re-reads the last 4 hours, so an event
+        # Antavo made visible late is still sent and a rejected one retried; a failed wait does not run it
         @task(task_id=f"deliver_{name}", pool=PUSH_POOL, trigger_rule="none_failed")
         def deliver(rule_name: str = name) -> dict:
             """Push the rule's new events to Ometria as custom events, each exactly once."""

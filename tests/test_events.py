@@ -8,13 +8,18 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sync.event_rules import load_rules, stagger
+from antavo_ometria.sync.event_rules import load_rules, ometria_event_id, stagger
 from antavo_ometria.sync.events import deliver
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.state import StateStore
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEADER = "rule,antavo_action,ometria_event_type,property,source\n"
+
+
+def oid(event: dict, rule: str = "reward_claimed") -> str:
+    """The Ometria custom event id a rule gives an Antavo event."""
+    return ometria_event_id(rule, event["id"])
 
 
 def test_shipped_reward_claim_rule():
@@ -67,8 +72,8 @@ def test_reward_claim_becomes_one_custom_event_and_the_contact_comes_first(parts
     summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
     assert (summary["matched"], summary["sent"], summary["accepted"], summary["contacts_pushed_first"]) == (1, 1, 1, 1)
     customer = sandbox.antavo.by_id["c00000001"]
-    assert sandbox.ometria.events == {claim["id"]: {
-        "@type": "custom_event", "id": claim["id"], "event_type": "loyalty_reward_claimed",
+    assert sandbox.ometria.events == {oid(claim): {
+        "@type": "custom_event", "id": oid(claim), "event_type": "loyalty_reward_claimed",
         "timestamp": (now - timedelta(minutes=3)).replace(microsecond=0).isoformat(),
         "identity_email": customer["email"], "identity_account_id": customer["external_ids"]["crm_id"],
         "properties": {"reward_id": "rw-10off", "reward_name": "£10 off your next order",
@@ -79,7 +84,7 @@ def test_reward_claim_becomes_one_custom_event_and_the_contact_comes_first(parts
     pushes = sandbox.ometria.pushes
     again = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2")
     assert (again["matched"], again["already_pushed"], again["sent"]) == (1, 1, 0)  # re-read in the overlap
-    assert sandbox.ometria.pushes == pushes and sandbox.ometria.received[("custom_event", claim["id"])] == 1
+    assert sandbox.ometria.pushes == pushes and sandbox.ometria.received[("custom_event", oid(claim))] == 1
 
 
 @pytest.mark.parametrize("policy, sent, skipped", [("send", 1, 0), ("skip", 0, 1)])
@@ -116,13 +121,13 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
     assert states == {"check_connections": "success", "check_rules": "success", "wait_for_reward_claimed": "success",
                       "deliver_reward_claimed": "success"}
-    assert list(connections.ometria.events) == [claim["id"]]
-    assert connections.ometria.events[claim["id"]]["properties"]["reward_name"] == "£10 off your next order"
+    assert list(connections.ometria.events) == [oid(claim)]
+    assert connections.ometria.events[oid(claim)]["properties"]["reward_name"] == "£10 off your next order"
 
     quiet = dag.test()  # nothing new: the sensor gives up after its wait; the delivery still re-reads the overlap
     states = {ti.task_id: ti.state for ti in quiet.get_task_instances()}
     assert states["wait_for_reward_claimed"] == "skipped" and states["deliver_reward_claimed"] == "success"
-    assert connections.ometria.received[("custom_event", claim["id"])] == 1
+    assert connections.ometria.received[("custom_event", oid(claim))] == 1
 
 
 # -- no silent loss ------------------------------------------------------------------------------
@@ -140,12 +145,12 @@ def test_an_ometria_outage_fails_the_delivery_and_keeps_the_cursor_before_the_cl
         deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
     assert sandbox.ometria.events == {} and sandbox.ometria.contacts == {}
     assert store.event_cursor(rule.name) < now - timedelta(minutes=49)  # before the first undelivered claim
-    assert store.pushed_event_ids([c["id"] for c in claims]) == set()
+    assert store.pushed_event_ids([oid(c) for c in claims]) == set()
 
     sandbox.ometria.faults.clear()  # Ometria is back, an hour later: nothing was lost
     later = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=now + timedelta(hours=1))
     assert (later["sent"], later["contacts_pushed_first"]) == (3, 3)
-    assert [sandbox.ometria.received[("custom_event", c["id"])] for c in claims] == [1, 1, 1]
+    assert [sandbox.ometria.received[("custom_event", oid(c))] for c in claims] == [1, 1, 1]
 
 
 def test_events_of_a_contact_that_could_not_be_pushed_first_wait_for_it(parts, sandbox, antavo_client, ometria_client):
@@ -159,7 +164,7 @@ def test_events_of_a_contact_that_could_not_be_pushed_first_wait_for_it(parts, s
     assert sandbox.ometria.events == {}  # the event did not go ahead of its contact
     summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2")
     assert (summary["sent"], summary["contacts_pushed_first"]) == (1, 1)
-    assert list(sandbox.ometria.events) == [claim["id"]]
+    assert list(sandbox.ometria.events) == [oid(claim)]
 
 
 def test_poison_events_are_held_and_the_rest_delivered(parts, sandbox, antavo_client, ometria_client):
@@ -171,10 +176,10 @@ def test_poison_events_are_held_and_the_rest_delivered(parts, sandbox, antavo_cl
     orphan["Customer"] = None
     summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
     assert (summary["sent"], summary["held"]) == (1, 2)
-    assert list(sandbox.ometria.events) == [good["id"]]
+    assert list(sandbox.ometria.events) == [oid(good)]
     reasons = {r["antavo_id"]: r["reasons"] for r in store.held_records(kind="event_held")}
-    assert reasons == {deleted["id"]: ["customer c09999999: Antavo has no customer c09999999 (404 Not Found)"],
-                       orphan["id"]: ["the event names no customer"]}
+    assert reasons == {oid(deleted): ["customer c09999999: Antavo has no customer c09999999 (404 Not Found)"],
+                       oid(orphan): ["the event names no customer"]}
 
 
 def test_a_crash_between_push_and_record_re_pushes_the_same_event_id(parts, sandbox, antavo_client, ometria_client,
@@ -190,8 +195,8 @@ def test_a_crash_between_push_and_record_re_pushes_the_same_event_id(parts, sand
         deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
     monkeypatch.undo()
     deliver(rule, antavo_client, ometria_client, store, mapping, "run-2")
-    assert sandbox.ometria.received[("custom_event", claim["id"])] == 2  # pushed again, under the same id
-    assert list(sandbox.ometria.events) == [claim["id"]]  # which Ometria upserts: one event
+    assert sandbox.ometria.received[("custom_event", oid(claim))] == 2  # pushed again, under the same id
+    assert list(sandbox.ometria.events) == [oid(claim)]  # which Ometria upserts: one event
 
 
 @pytest.mark.airflow
@@ -218,9 +223,9 @@ def test_an_event_with_a_number_json_cannot_carry_is_held_not_sent_as_infinity(p
                                "mangle": [['"points": 300', '"points": 1e400']]})  # inf once parsed
     summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
     assert (summary["sent"], summary["held"]) == (1, 1)
-    assert list(sandbox.ometria.events) == [good["id"]]
+    assert list(sandbox.ometria.events) == [oid(good)]
     (held,) = store.held_records(kind="event_held")
-    assert held["antavo_id"] == bad["id"] and "points_spent = inf" in held["reasons"][0]
+    assert held["antavo_id"] == oid(bad) and "points_spent = inf" in held["reasons"][0]
 
 
 def test_a_rejected_event_does_not_push_the_others_of_its_batch_again(parts, sandbox, antavo_client, ometria_client):
@@ -228,10 +233,10 @@ def test_a_rejected_event_does_not_push_the_others_of_its_batch_again(parts, san
     now = datetime.now(UTC)
     claims = [sandbox.antavo.claim_reward(f"c0000007{i}", "rw-coffee", at=now - timedelta(minutes=9 - i))
               for i in range(1, 7)]
-    sandbox.ometria.reject_ids.add(claims[2]["id"])
+    sandbox.ometria.reject_ids.add(oid(claims[2]))
     summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
     assert (summary["sent"], summary["accepted"], summary["rejected"]) == (6, 5, 1)
-    assert [sandbox.ometria.received[("custom_event", c["id"])] for c in claims] == [1, 1, 0, 1, 1, 1]
+    assert [sandbox.ometria.received[("custom_event", oid(c))] for c in claims] == [1, 1, 0, 1, 1, 1]
 
 
 def test_an_event_listed_twice_and_a_held_event_re_read_count_once(parts, sandbox, antavo_client, ometria_client):
@@ -243,8 +248,8 @@ def test_an_event_listed_twice_and_a_held_event_re_read_count_once(parts, sandbo
     summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
     assert (summary["matched"], summary["sent"], summary["held"]) == (2, 1, 1)
     deliver(rule, antavo_client, ometria_client, store, mapping, "run-2")  # re-reads both in the overlap
-    assert sandbox.ometria.received[("custom_event", claim["id"])] == 1
-    assert [r["antavo_id"] for r in store.held_records(kind="event_held")] == [held["id"]]
+    assert sandbox.ometria.received[("custom_event", oid(claim))] == 1
+    assert [r["antavo_id"] for r in store.held_records(kind="event_held")] == [oid(held)]
 
 
 def test_an_event_listed_twice_on_postgresql(sandbox, antavo_client, ometria_client, postgres_state_url):
@@ -255,5 +260,90 @@ def test_an_event_listed_twice_on_postgresql(sandbox, antavo_client, ometria_cli
     sandbox.antavo.events.append(dict(claim))
     summary = deliver(rule, antavo_client, ometria_client, store, load_contact_mapping(PROJECT / "include" / "mappings"),
                       "run-1")
-    assert summary["sent"] == 1 and store.pushed_event_ids([claim["id"]]) == {claim["id"]}
+    assert summary["sent"] == 1 and store.pushed_event_ids([oid(claim)]) == {oid(claim)}
     store.engine.dispose()
+
+
+# -- owed until Ometria accepts it ---------------------------------------------------------------
+def _sandbox_control(url: str, path: str, body: dict) -> dict:
+    import json
+    from urllib.request import Request, urlopen
+
+    request = Request(f"{url}/_sandbox/{path}", data=json.dumps(body).encode(), method="POST",
+                      headers={"Content-Type": "application/json"})
+    with urlopen(request, timeout=5) as answer:
+        return json.load(answer)
+
+
+def test_a_rejected_event_is_held_with_its_reason_and_retried_until_ometria_accepts_it(
+        parts, sandbox, antavo_client, ometria_client):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    claims = [sandbox.antavo.claim_reward(f"c0000009{i}", "rw-coffee", at=now - timedelta(minutes=20 - i))
+              for i in range(1, 4)]
+    _sandbox_control(sandbox.ometria_url, "reject", {"ids": [oid(claims[1])]})
+    first = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (first["accepted"], first["rejected"]) == (2, 1)
+    assert store.pushed_event_ids([oid(c) for c in claims]) == {oid(claims[0]), oid(claims[2])}  # not "sent"
+    (held,) = store.held_records(kind="event_rejected")
+    assert held["antavo_id"] == oid(claims[1]) and "Ometria rejected it" in held["reasons"][0]
+    assert "retried on each run until" in held["reasons"][0]
+
+    _sandbox_control(sandbox.ometria_url, "reject", {"ids": []})  # e.g. the identity conflict was resolved
+    later = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=now + timedelta(minutes=15))
+    assert (later["retried"], later["retried_accepted"], later["sent"]) == (1, 1, 1)
+    assert [sandbox.ometria.received[("custom_event", oid(c))] for c in claims] == [1, 1, 1]
+    assert store.held_records(kind="event_rejected") == []
+
+
+def test_a_rejected_event_whose_window_passed_is_held_as_expired_and_not_retried(
+        parts, sandbox, antavo_client, ometria_client):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    claim = sandbox.antavo.claim_reward("c00000095", "rw-coffee", at=now - timedelta(hours=3, minutes=50))
+    _sandbox_control(sandbox.ometria_url, "reject", {"ids": [oid(claim)]})
+    assert deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")["rejected"] == 1
+    _sandbox_control(sandbox.ometria_url, "reject", {"ids": []})
+    later = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=now + timedelta(minutes=20))
+    assert later["expired"] == 1 and later["sent"] == 0
+    assert sandbox.ometria.received[("custom_event", oid(claim))] == 0
+    assert store.held_records(kind="event_rejected") == []
+    (expired,) = store.held_records(kind="event_expired")
+    assert expired["antavo_id"] == oid(claim) and "window has passed" in expired["reasons"][0]
+    assert [e["status"] for e in store.events_of("c00000095")] == ["expired"]
+    # catching up from an old cursor re-reads it: still not sent
+    store.set_event_cursor(rule.name, now - timedelta(hours=5))
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-3", now=now + timedelta(minutes=35))
+    assert sandbox.ometria.received[("custom_event", oid(claim))] == 0
+
+
+def test_two_rules_on_the_same_antavo_action_both_deliver(sandbox, antavo_client, ometria_client, state_url, tmp_path):
+    store = StateStore(state_url)
+    store.migrate()
+    shipped = (PROJECT / "include" / "mappings" / "triggers.csv").read_text(encoding="utf-8")
+    (tmp_path / "triggers.csv").write_text(shipped + "reward_points,reward,loyalty_points_spent,points,event.points\n",
+                                           encoding="utf-8")
+    rules = load_rules(tmp_path)
+    assert [r.action for r in rules] == ["reward", "reward"]
+    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    claim = sandbox.antavo.claim_reward("c00000096", "rw-10off", at=datetime.now(UTC) - timedelta(minutes=2))
+    for run in ("run-1", "run-2"):  # the second run re-reads the claim: neither rule sends it again
+        for rule in rules:
+            deliver(rule, antavo_client, ometria_client, store, mapping, run)
+    assert {i: e["event_type"] for i, e in sandbox.ometria.events.items()} == {
+        oid(claim, "reward_claimed"): "loyalty_reward_claimed", oid(claim, "reward_points"): "loyalty_points_spent"}
+    assert [sandbox.ometria.received[("custom_event", oid(claim, r.name))] for r in rules] == [1, 1]
+
+
+def test_an_event_antavo_lists_late_but_within_the_window_is_still_sent_once(
+        parts, sandbox, antavo_client, ometria_client):
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    assert deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")["matched"] == 0
+    store.set_event_cursor(rule.name, now)  # the feed was read up to now
+    late = sandbox.antavo.claim_reward("c00000097", "rw-coffee", at=now - timedelta(hours=1))  # listed only now
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=now + timedelta(minutes=15))
+    assert (summary["sent"], summary["late"]) == (1, 0)
+    again = deliver(rule, antavo_client, ometria_client, store, mapping, "run-3", now=now + timedelta(minutes=30))
+    assert (again["already_pushed"], again["sent"]) == (1, 0)
+    assert sandbox.ometria.received[("custom_event", oid(late))] == 1

@@ -150,10 +150,18 @@ def resolve(source: str, event: dict, reward: dict | None, customer: dict | None
     return value
 
 
+def ometria_event_id(rule: str, antavo_event_id: str) -> str:
+    """The Ometria custom event id of one rule's event: `<rule>:<Antavo event id>`.
+
+    Deterministic, so pushing it again cannot duplicate it; per rule, so that two rules on one Antavo action
+    each deliver their own event instead of the second overwriting (or being skipped for) the first."""
+    return f"{rule}:{antavo_event_id}"
+
+
 def custom_event(rule: Rule, event: dict, customer: dict, reward: dict | None, identity: dict,
                  language: str, timestamp: datetime) -> dict:
-    """One Ometria custom event: `id` is the Antavo event ID, so pushing it again cannot duplicate it."""
-    record = {"@type": "custom_event", "id": event["id"], "event_type": rule.event_type,
+    """One Ometria custom event, with the rule's own id for the Antavo event (`ometria_event_id`)."""
+    record = {"@type": "custom_event", "id": ometria_event_id(rule.name, event["id"]), "event_type": rule.event_type,
               "timestamp": timestamp.isoformat(timespec="seconds"), **identity}
     properties = {}
     for name, source in rule.properties:

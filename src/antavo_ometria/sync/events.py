@@ -1,25 +1,30 @@
 """Event triggers: matching Antavo events → Ometria custom events, each pushed exactly once.
 
-For one rule: read the Antavo events of its action since the rule's cursor (with an overlap), drop
-those already pushed (state store), look up each customer and, where the rule needs it, the claimed
-reward; push the contact first for a customer Ometria has not received yet; apply Ometria's timing
-rules (an event over 4 hours old cannot start an automation: send and warn, or skip; more than 1,000
-events on one timestamp are staggered in 5-minute steps); push the events in batches of custom
-events only; remember them and move the cursor.
+For one rule: read the Antavo events of its action over Ometria's 4-hour window (or from the rule's
+cursor, when catching up from further back), drop those the rule already pushed (state store, by the
+rule's own id `<rule>:<Antavo event id>`), look up each customer and, where the rule needs it, the
+claimed reward; push the contact first for a customer Ometria has not received yet; apply Ometria's
+timing rules (an event over 4 hours old cannot start an automation: send and warn, or skip; more than
+1,000 events on one timestamp are staggered in 5-minute steps); push each event on its own, record
+the accepted ones, hold the rejected ones (retried while they can still start an automation, then
+held as expired) and move the cursor.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
 from antavo_ometria.antavo.client import AntavoClient
-from antavo_ometria.antavo.records import HELD, event_time
+from antavo_ometria.antavo.records import HELD as HELD_REASONS
+from antavo_ometria.antavo.records import event_time
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.contract import LATE_AFTER, hours
 from antavo_ometria.ometria.payload import encode_record
 from antavo_ometria.ometria.push import batches, push_isolating, record_status
-from antavo_ometria.sync.event_rules import Rule, custom_event, stagger, unsendable
+from antavo_ometria.sync.event_rules import Rule, custom_event, ometria_event_id, stagger, unsendable
 from antavo_ometria.sync.load import remember_sent
 from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.prepare import prepare_contacts
@@ -28,7 +33,12 @@ from antavo_ometria.sync.transform import customer_columns
 
 log = logging.getLogger(__name__)
 
-OVERLAP = timedelta(minutes=15)  # re-read this much before the cursor; pushed events are skipped by ID
+OVERLAP = timedelta(minutes=15)  # catching up from an old cursor re-reads this much before it
+# every run re-reads Ometria's whole window: an event Antavo lists late is still sent while it can start an
+# automation, and a rejected one is retried; pushed events are skipped by their per-rule id
+LOOKBACK = LATE_AFTER
+HELD, REJECTED, EXPIRED = "event_held", "event_rejected", "event_expired"  # kinds of held-back events
+RETRIED_KINDS = (HELD, REJECTED)  # held again (or delivered) each time the event is re-read
 
 
 class EventsNotDelivered(Exception):
@@ -37,12 +47,40 @@ class EventsNotDelivered(Exception):
     retryable = True
 
 
+@dataclass
+class Pushed:
+    """What pushing one rule's built events did, event by event."""
+
+    accepted: list[dict] = field(default_factory=list)
+    rejected: list[tuple[dict, str]] = field(default_factory=list)  # (event, Ometria's answer)
+    failed: list[dict] = field(default_factory=list)  # not delivered: sent again by the next try
+    failure: str | None = None
+
+
+def event_key(rule: Rule, event: dict) -> str | None:
+    """The rule's id for an Antavo event: its Ometria custom event id and its key in the state store."""
+    return ometria_event_id(rule.name, event["id"]) if event["id"] else None
+
+
+def read_start(cursor: datetime, now: datetime) -> datetime:
+    """Ometria's whole window back from now, or from just before the cursor when catching up from further back."""
+    return min(cursor - OVERLAP, now - LOOKBACK)
+
+
 def new_matching_events(client: AntavoClient, action: str, since: datetime, until: datetime) -> list[dict]:
     """Events of `action` with a timestamp after `since` and before `until` (and those of `action` too broken
     to have a timestamp: they are held back with the reason)."""
     matching = [e for page in client.iter_events(since, until) for e in page
                 if e["action"] == action and (e["timestamp"] is None or event_time(e) > since)]
     return list({e["id"] or id(e): e for e in matching}.values())  # an event listed twice is one event
+
+
+def not_pushed(store: StateStore, rule: Rule, events: list[dict]) -> list[dict]:
+    """The events this rule has not pushed (or decided on) yet."""
+    ids = [e["id"] for e in events if e["id"]]
+    # an event pushed before ids were per rule is recorded under its bare Antavo id: it is not sent again
+    done = store.pushed_event_ids([ometria_event_id(rule.name, i) for i in ids] + ids)
+    return [e for e in events if not e["id"] or (event_key(rule, e) not in done and e["id"] not in done)]
 
 
 def deliver(
@@ -60,18 +98,21 @@ def deliver(
     some could not be pushed; the cursor never moves past an event that was neither delivered nor held."""
     now = now or datetime.now(UTC)
     until = until or now
-    cursor = store.event_cursor(rule.name) or now - LATE_AFTER
-    events = new_matching_events(antavo, rule.action, cursor - OVERLAP, until)
-    done = store.pushed_event_ids([e["id"] for e in events if e["id"]])
-    fresh = [e for e in events if e["id"] not in done or not e["id"]]
+    expired = expire_rejected(store, rule, now - LATE_AFTER, run_id)
+    since = read_start(store.event_cursor(rule.name) or now - LATE_AFTER, now)
+    events = new_matching_events(antavo, rule.action, since, until)
+    fresh = not_pushed(store, rule, events)
+    retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh)
     summary = {"rule": rule.name, "event_type": rule.event_type, "matched": len(events),
                "already_pushed": len(events) - len(fresh), "sent": 0, "accepted": 0, "rejected": 0,
+               "retried": len(retried), "retried_accepted": 0, "expired": expired,
                "late": 0, "skipped_late": 0, "held": 0, "failed": 0, "failure": None, "contacts_pushed_first": 0,
-               "since": (cursor - OVERLAP).isoformat(), "until": until.isoformat()}
+               "since": since.isoformat(), "until": until.isoformat()}
     undelivered: list[dict] = []
     if fresh:
         outcome, undelivered = _deliver_fresh(rule, fresh, antavo, ometria, store, mapping, run_id, late_policy, now)
         summary |= outcome
+        summary["retried_accepted"] = len(retried.intersection(outcome.pop("accepted_keys")))
     moments = [event_time(e) for e in (undelivered or events) if e["timestamp"] is not None]
     if moments:
         # past every event when all were delivered or held; otherwise just before the first undelivered one
@@ -83,10 +124,29 @@ def deliver(
     return summary
 
 
+def expire_rejected(store: StateStore, rule: Rule, late_cut: datetime, run_id: str) -> int:
+    """Held as expired: the rule's rejected events whose window has passed (they can no longer start an
+    automation, so they are not retried); recorded `expired`, so that a catch-up read never sends them."""
+    rows = [r for r in store.held_records(kind=REJECTED, limit=100_000) if r["run_id"].endswith(f":{rule.name}")]
+    stale = [(r, json.loads(r["payload"])) for r in rows if r.get("payload")]
+    stale = [(r, e) for r, e in stale if e.get("timestamp") and event_time(e) < late_cut]
+    if not stale:
+        return 0
+    store.release_held([r["antavo_id"] for r, _ in stale], (REJECTED,))
+    store.record_held(f"{run_id}:{rule.name}", EXPIRED, [
+        {"id": r["antavo_id"], "customer_id": r["customer_id"], "payload": e,
+         "reasons": [f"{r['reasons'][-1]}; its {hours(LATE_AFTER)} window has passed: it can no longer start "
+                     "an automation, so it is not retried"]} for r, e in stale])
+    store.record_events([_event_row(rule, e, "expired", late_cut, None, run_id) for _, e in stale])
+    log.warning("%d rejected %s event(s) expired (over %s old): held as expired, no longer retried",
+                len(stale), rule.event_type, hours(LATE_AFTER))
+    return len(stale)
+
+
 def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> tuple[dict, list]:
     """Deliver events not pushed yet: (summary, the events that could not be delivered)."""
-    customer_ids = sorted({e["customer_id"] for e in events if HELD not in e})
-    paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD})
+    customer_ids = sorted({e["customer_id"] for e in events if HELD_REASONS not in e})
+    paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD_REASONS})
     customers = {c["id"]: c for c in antavo.get_customers(customer_ids, paths)}
     frame, encoded, gate = prepare_contacts(customer_columns(list(customers.values()), paths), mapping)
     ids = frame["id"].tolist()
@@ -98,7 +158,7 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
                                                  ("identity_account_id", row.get("customer_id"))) if v}
                   for row in frame.to_dict("records")}
     deliverable = {e["customer_id"] for e in events
-                   if HELD not in e and e["customer_id"] in customers and e["customer_id"] not in reasons}
+                   if HELD_REASONS not in e and e["customer_id"] in customers and e["customer_id"] not in reasons}
     rewards = {cid: {r.get("id"): r for r in antavo.get_claimed_rewards(cid)}
                for cid in sorted(deliverable)} if rule.needs_rewards else {}
 
@@ -106,8 +166,8 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
     sendable, held, skipped, failed = [], [], [], []
     for event in events:
         cid = event["customer_id"]
-        if HELD in event:
-            held.append((event, "; ".join(event[HELD])))
+        if HELD_REASONS in event:
+            held.append((event, "; ".join(event[HELD_REASONS])))
         elif cid in contacts["failed"]:
             failed.append(event)  # its contact could not be pushed first: sent with it on the next try
         elif cid not in deliverable:
@@ -120,10 +180,22 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
     if late:
         log.warning("%d %s event(s) are over %s old: Ometria will not start an automation for them",
                     late, rule.event_type, hours(LATE_AFTER))
-    language = mapping.settings.language
-    stamps = stagger([event_time(e) for e in sendable])
-    built = []
-    for event, stamp in zip(sendable, stamps):
+    built, unsendable_ = _build(rule, sendable, customers, rewards, identities, mapping.settings.language)
+    pushed = push_events(rule, built, ometria, store, late_cut, run_id)
+    store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in skipped])
+    _record_held(store, rule, run_id, events, held + unsendable_, pushed.rejected, late_cut)
+    failed += pushed.failed
+    return {"sent": len(pushed.accepted) + len(pushed.rejected), "accepted": len(pushed.accepted),
+            "rejected": len(pushed.rejected), "late": late, "skipped_late": len(skipped),
+            "held": len(held) + len(unsendable_), "failed": len(failed), "failure": pushed.failure or contacts["error"],
+            "contacts_pushed_first": len(contacts["sent"]),
+            "accepted_keys": [event_key(rule, e) for e in pushed.accepted]}, failed
+
+
+def _build(rule, events, customers, rewards, identities, language) -> tuple[list, list]:
+    """(event, encoded custom event) for each event, and (event, why) for those that cannot be sent as they are."""
+    built, held = [], []
+    for event, stamp in zip(events, stagger([event_time(e) for e in events])):
         props = event.get("properties", {})
         reward = rewards.get(event["customer_id"], {}).get(props.get("reward") or props.get("reward_id"))
         record = custom_event(rule, event, customers[event["customer_id"]], reward, identities[event["customer_id"]],
@@ -133,36 +205,59 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
             held.append((event, "; ".join(problems)))
         else:
             built.append((event, encode_record(record)))
-    sent = accepted = rejected = 0
-    failure = contacts["error"]
-    by_id = {e["id"]: e for e, _ in built}
-    for ids_, bodies in batches((e["id"], body) for e, body in built):
-        # not isolated by halving: that would push the accepted events of the batch again
-        for entry in push_isolating(ometria, ids_, bodies, record_type="custom_event", isolate=False):
-            status = record_status(entry)
-            if status == "failed":  # left unrecorded (and the cursor before it) so that the next try sends it
-                failed += [by_id[i] for i in entry["ids"]]
-                failure = entry.get("error")
-                continue
-            sent += len(entry["ids"])
-            accepted += entry["accepted"]
-            rejected += entry["rejected"]
-            if entry["rejected"]:
-                log.warning("Ometria rejected %d of %d %s event(s) (%s); its reasons are at /v2/push/_errors",
-                            entry["rejected"], len(entry["ids"]), rule.event_type, entry.get("error") or "")
-            store.record_events([_event_row(rule, by_id[i], status, late_cut, entry["request_id"], run_id)
-                                 for i in entry["ids"]])
-    store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in skipped])
-    store.clear_held(f"{run_id}:{rule.name}", "event_held")
-    store.release_held([e["id"] for e in events], ("event_held",))  # held again below if they still must be
-    if held:
-        log.warning("%d %s event(s) held back: %s", len(held), rule.event_type,
-                    "; ".join(f"{e['id'] or '?'}: {why}" for e, why in held[:5]))
-        store.record_held(f"{run_id}:{rule.name}", "event_held", [
-            {"id": e["id"], "customer_id": e["customer_id"], "reasons": [why], "payload": e} for e, why in held])
-    return {"sent": sent, "accepted": accepted, "rejected": rejected, "late": late, "skipped_late": len(skipped),
-            "held": len(held), "failed": len(failed), "failure": failure,
-            "contacts_pushed_first": len(contacts["sent"])}, failed
+    return built, held
+
+
+def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaClient, store: StateStore,
+                late_cut: datetime, run_id: str) -> Pushed:
+    """Push each custom event in a request of its own and record the accepted ones as they go.
+
+    One event a request, so that Ometria's answer names the event it rejected: finding it by halving a batch
+    would push the accepted events again, and whether a repeated id starts an automation again is not
+    documented. Custom events are few (one per reward claim), so the extra requests are cheap."""
+    out = Pushed()
+    for event, body in built:
+        (entry,) = push_isolating(ometria, [event_key(rule, event)], [body], record_type="custom_event",
+                                  isolate=False)
+        status = record_status(entry)
+        if status == "failed":  # left unrecorded (and the cursor before it) so that the next try sends it
+            out.failed.append(event)
+            out.failure = entry.get("error")
+        elif status == "rejected":  # not recorded as pushed: held, and retried while it can start an automation
+            out.rejected.append((event, entry.get("error") or f"request {entry.get('request_id')}"))
+        else:
+            out.accepted.append(event)
+            store.record_events([_event_row(rule, event, "sent", late_cut, entry["request_id"], run_id)])
+    if out.rejected:
+        log.warning("Ometria rejected %d %s event(s): %s; its reasons are at /v2/push/_errors", len(out.rejected),
+                    rule.event_type, ", ".join(event_key(rule, e) or "?" for e, _ in out.rejected[:10]))
+    return out
+
+
+def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict], held: list[tuple[dict, str]],
+                 rejected: list[tuple[dict, str]], late_cut: datetime) -> None:
+    """Hold back what could not be delivered, each with its reason; a rejected event past its window as expired."""
+    tag = f"{run_id}:{rule.name}"
+    for kind in RETRIED_KINDS:
+        store.clear_held(tag, kind)  # a retry of this task records them again
+    store.release_held([k for e in events if (k := event_key(rule, e))], RETRIED_KINDS)  # held again below
+    retry = [(e, why) for e, why in rejected if event_time(e) >= late_cut]
+    expired = [(e, why) for e, why in rejected if event_time(e) < late_cut]
+    deadline = {id(e): (event_time(e) + LATE_AFTER).isoformat(timespec="minutes") for e, _ in rejected}
+    groups = {
+        HELD: [(e, why) for e, why in held],
+        REJECTED: [(e, f"Ometria rejected it ({why}); retried on each run until {deadline[id(e)]}")
+                   for e, why in retry],
+        EXPIRED: [(e, f"Ometria rejected it ({why}); its {hours(LATE_AFTER)} window passed at {deadline[id(e)]}: "
+                      "it can no longer start an automation, so it is not retried") for e, why in expired],
+    }
+    for kind, rows in groups.items():
+        if rows:
+            log.warning("%d %s event(s) held back (%s): %s", len(rows), rule.event_type, kind,
+                        "; ".join(f"{event_key(rule, e) or '?'}: {why}" for e, why in rows[:5]))
+            store.record_held(tag, kind, [{"id": event_key(rule, e), "customer_id": e["customer_id"],
+                                           "reasons": [why], "payload": e} for e, why in rows])
+    store.record_events([_event_row(rule, e, "expired", late_cut, None, run_id) for e, _ in expired])
 
 
 def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple[str, bytes]]) -> dict:
@@ -186,7 +281,7 @@ def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple
 
 def _event_row(rule: Rule, event: dict, status: str, late_cut: datetime, request_id, run_id: str) -> dict:
     moment = event_time(event)
-    return {"event_id": event["id"], "rule": rule.name, "event_type": rule.event_type,
+    return {"event_id": event_key(rule, event), "rule": rule.name, "event_type": rule.event_type,
             "customer_id": event["customer_id"], "event_time": moment, "late": moment < late_cut,
             "status": status, "request_id": request_id, "run_id": run_id}
 
@@ -194,7 +289,9 @@ def _event_row(rule: Rule, event: dict, status: str, late_cut: datetime, request
 def format_summary(summary: dict) -> str:
     return (f"{summary['rule']} → {summary['event_type']}: {summary['matched']} matching event(s), "
             f"{summary['already_pushed']} already pushed, {summary['sent']} sent ({summary['accepted']} accepted, "
-            f"{summary['rejected']} rejected), {summary['late']} late, {summary['skipped_late']} skipped as late, "
+            f"{summary['rejected']} rejected: held, retried while in Ometria's window), retried "
+            f"{summary.get('retried', 0)} previously rejected ({summary.get('retried_accepted', 0)} accepted now), "
+            f"{summary.get('expired', 0)} expired, {summary['late']} late, {summary['skipped_late']} skipped as late, "
             f"{summary['held']} held back, {summary['failed']} not delivered, "
             f"{summary['contacts_pushed_first']} contact(s) pushed first")
 

@@ -4,7 +4,8 @@ Whole-request problems (not an array, over 100 records, mixed types) answer 400.
 checked on its own: one that breaks the contract counts as `rejected` and its reason is listed at
 `GET /v2/push/_errors` as `{error_message, error_path}`; the others are stored (upsert by collection
 and id, merged when `@merge` is true). Over the configured rate the answer is 429. What was accepted
-can be read back at `/_sandbox/contacts` and `/_sandbox/events`.
+can be read back at `/_sandbox/contacts` and `/_sandbox/events`; `POST /_sandbox/reject {"ids": [...]}`
+makes Ometria reject those records (by `id`) until it is called again.
 """
 
 from __future__ import annotations
@@ -287,6 +288,10 @@ class OmetriaApp(App):
                 return Response(200, {"pushes": self.pushes, "contacts": len(self.contacts),
                                       "events": len(self.events), "throttled": self.throttled,
                                       "records_received_more_than_once": duplicates})
+            if request.path == "/_sandbox/reject" and request.method == "POST":
+                # the records Ometria refuses from now on (e.g. an identity owned by another contact); [] ends it
+                self.reject_ids = {str(i) for i in (request.json() or {}).get("ids", [])}
+                return Response(200, {"reject_ids": sorted(self.reject_ids)})
             if request.path == "/_sandbox/reset" and request.method == "POST":
                 self.contacts.clear(), self.events.clear(), self.received.clear(), self.errors.clear()
                 self.deliveries.clear()
