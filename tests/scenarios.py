@@ -152,9 +152,10 @@ class Deployment:
         stale = [cid for cid, values in self.expected_values.items() if cid in stored
                  and any(stored[cid][0].get(k) != v for k, v in values.items())]
         expected_events = {e["id"] for e in self.claims} - self.poison_events
-        events = set(self.sandbox.ometria.events)
+        events = {i.split(":", 1)[-1] for i in self.sandbox.ometria.events}  # `<rule>:<Antavo event id>`
         stored_twice, resent = _repeats(self.sandbox.ometria.deliveries)
-        held = {r["antavo_id"] for r in self.store.held_records(limit=100_000) if r["reasons"]}
+        held = {r["antavo_id"].split(":", 1)[-1] if r["kind"].startswith("event_") else r["antavo_id"]
+                for r in self.store.held_records(limit=100_000) if r["reasons"] and r["antavo_id"]}
         poison = self.poison_customers | self.poison_events
         return Outcome(
             scenario=name, runs=runs,

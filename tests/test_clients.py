@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import time
-from datetime import UTC, datetime
+from collections import Counter
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
@@ -67,6 +68,48 @@ def test_a_customer_leaving_the_list_while_it_is_read_skips_no_one(sandbox, anta
     rest = [c for page in pages for c in page]
     read = {c["id"] for c in first + rest}
     assert read == {c["_id"] for c in sandbox.antavo.customers}  # c00001000 included
+
+
+def _changed_in(sandbox, since: datetime, until: datetime) -> list[str]:
+    return sorted(c["_id"] for c in sandbox.antavo.customers
+                  if since < datetime.fromisoformat(c["updated_at"]) < until)
+
+
+def _post(url: str, body: dict) -> dict:
+    return requests.post(url, json=body, timeout=5).json()
+
+
+def test_customers_changing_while_the_change_list_is_paged_skip_no_one(sandbox, antavo_client):
+    since, until = datetime(2026, 1, 15, tzinfo=UTC), datetime.now(UTC) - timedelta(minutes=1)
+    listed = _changed_in(sandbox, since, until)
+    assert len(listed) > 150  # two full classic pages and more
+    moving = listed[:30]  # they change after the first page: everyone behind them moves 30 places forward
+    _post(f"{sandbox.antavo_url}/_sandbox/change-during-search", {"customers": moving, "search": 1})
+    change_list = antavo_client.read_change_list(since, until)
+    read = Counter(change_list.ids)
+    # per id: each customer still in the window is listed once; those that moved out are in the next window
+    assert [i for i in listed if i not in moving and read[i] != 1] == []
+    following = set(antavo_client.changed_customer_ids(until - timedelta(minutes=10)))
+    assert [i for i in moving if i not in read and i not in following] == []
+    assert change_list.suspect_missed and change_list.rereads == 1
+    assert "read again 1 time(s)" in change_list.reason
+
+
+def test_a_change_list_that_keeps_moving_fails_the_step_as_retryable(sandbox, antavo_client):
+    from antavo_ometria.antavo.client import SHIFT_REREADS, ListShifted
+
+    since, until = datetime(2026, 1, 15, tzinfo=UTC), datetime.now(UTC) - timedelta(minutes=1)
+    listed = _changed_in(sandbox, since, until)
+    for read in range(SHIFT_REREADS + 1):  # a bulk job in Antavo keeps changing customers
+        sandbox.antavo.change_during_search(listed[30 * read: 30 * read + 30], search=read + 1)
+    with pytest.raises(ListShifted, match="kept moving") as raised:
+        antavo_client.read_change_list(since, until)
+    assert raised.value.retryable
+
+
+def test_a_quiet_change_list_is_not_suspect(sandbox, antavo_client):
+    change_list = antavo_client.read_change_list(datetime(2026, 1, 15, tzinfo=UTC))
+    assert len(change_list.ids) > 100 and not change_list.suspect_missed and change_list.reason == ""
 
 
 def test_classic_and_read_api_shapes_normalise_to_one(antavo_client, sandbox):

@@ -189,7 +189,7 @@ def test_event_sensor_defers_to_the_triggerer_and_resumes(stack):
     assert airflow.wait_for_state("antavo_ometria_events", run_id) == "success"
     states = airflow.task_states("antavo_ometria_events", run_id)
     assert states["wait_for_reward_claimed"] == "success" and states["deliver_reward_claimed"] == "success"
-    assert sandbox.ometria.events[claim["id"]]["properties"]["reward_name"] == "Free coffee"
+    assert sandbox.ometria.events[f"reward_claimed:{claim['id']}"]["properties"]["reward_name"] == "Free coffee"
     assert sandbox.ometria.received[("custom_event", claim["id"])] == 1
 
 

@@ -131,10 +131,10 @@ def test_an_event_held_because_its_customer_failed_the_gate(synced, sandbox, ant
     sent = sandbox.antavo.claim_reward("c00000001", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
     deliver(rule, antavo_client, ometria_client, store, mapping, "ev-1")
     held = trace("c00000007", store, mapping, antavo_client, root)
-    assert [(e["event_id"], e["status"].split(":")[0]) for e in held.events] == [(claim["id"], "held")]
+    assert [(e["event_id"], e["status"].split(":")[0]) for e in held.events] == [(f"reward_claimed:{claim['id']}", "held")]
     assert "is not an email address" in held.events[0]["status"]
     delivered = trace("c00000001", store, mapping, antavo_client, root)
-    assert [(e["event_id"], e["status"]) for e in delivered.events] == [(sent["id"], "sent")]
+    assert [(e["event_id"], e["status"]) for e in delivered.events] == [(f"reward_claimed:{sent['id']}", "sent")]
 
 
 def test_when_antavo_cannot_be_reached_the_latest_staging_file_answers(synced, sandbox, antavo_client):

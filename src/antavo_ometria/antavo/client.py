@@ -37,6 +37,9 @@ CLASSIC_PAGE_LIMIT = 100
 # each page after the first starts this many records back: a record that leaves (or joins) the list while it
 # is read shifts the offsets, and the overlap keeps the record at the shifted boundary from being skipped
 PAGE_OVERLAP = 20
+# a change list that moved past the overlap while it was paged is read again from its start this many times,
+# then the step fails (retryable): a page boundary may have skipped customers, and they would never be read again
+SHIFT_REREADS = 2
 # loyalty fields a classic profile carries only when asked for with `fields=` (path prefix → extra)
 PROFILE_EXTRAS = {"extensions.expiring_points": "expiring_points"}
 
@@ -68,6 +71,40 @@ class AntavoConfig:
 
     def __repr__(self) -> str:  # never show the secret
         return f"AntavoConfig(base_url={self.base_url!r}, environment={self.environment!r})"
+
+
+class ListShifted(ApiError):
+    """A paged list moved by more than the page overlap while it was read: records may have been skipped."""
+
+    def __init__(self, message: str):
+        super().__init__(message, retryable=True)
+
+
+@dataclass(frozen=True)
+class ChangeList:
+    """The customers the classic search lists as changed in a window, and whether to suspect it missed some.
+
+    `suspect_missed` is set when the list moved past the page overlap while it was paged (customers changed in
+    bulk during the read) and was only read whole on a re-read: what the search lists was then read completely,
+    but a bulk change in Antavo is the likeliest to change customers without bumping `updated_at`, which no
+    change list shows. A run that gets it should schedule a reconciliation (`reason` says why)."""
+
+    ids: list[str]
+    rereads: int = 0  # reads from the start again, after a shift
+    suspect_missed: bool = False
+    reason: str = ""
+
+
+def moved_past_overlap(tail: Collection[str], ids: list[str]) -> bool:
+    """True when a page shares no id with the overlap that the page before it ended on (`tail`): the list moved
+    by more than the overlap while it was read, so a page boundary may have skipped records. (A shared id shows
+    that nothing between the two pages was skipped, as long as the order is stable.)"""
+    return bool(tail) and bool(ids) and not set(tail).intersection(ids[:PAGE_OVERLAP])
+
+
+def overlap_tail(ids: list[str]) -> set[str]:
+    """The ids a page ends on that the next page is read to overlap (none when the page is no longer)."""
+    return set(ids[-PAGE_OVERLAP:]) if len(ids) > PAGE_OVERLAP else set()
 
 
 class AntavoClient:
@@ -124,10 +161,10 @@ class AntavoClient:
                                             _next_page):
             listed = body["payload"]["customers"]
             ids = [str(c.get("_id")) for c in listed if isinstance(c, dict)]
-            if listed_before and ids and not listed_before.intersection(ids[:PAGE_OVERLAP]):
-                raise ApiError(f"GET /v1/customers: the list moved by more than {PAGE_OVERLAP} customers between two "
-                               "pages (customers left it while it was read); it is read again", retryable=True)
-            listed_before = set(ids[-PAGE_OVERLAP:]) if len(listed) > PAGE_OVERLAP else set()
+            if moved_past_overlap(listed_before, ids):
+                raise ListShifted(f"GET /v1/customers: the list moved by more than {PAGE_OVERLAP} customers between "
+                                  "two pages (customers left it while it was read); it is read again")
+            listed_before = overlap_tail(ids) if len(listed) > PAGE_OVERLAP else set()
             if only is not None:
                 listed = [c for c in listed if isinstance(c, dict) and str(c.get("_id")) in only]
             customers = [normalise_customer(c) for c in listed]
@@ -137,7 +174,33 @@ class AntavoClient:
             previous = {c["id"] for c in customers}
 
     def changed_customer_ids(self, since: datetime, until: datetime | None = None) -> list[str]:
-        """IDs of customers updated after `since` (classic search, `updated_at.gt`)."""
+        """IDs of customers updated after `since` (classic search, `updated_at.gt`); see `read_change_list`."""
+        return self.read_change_list(since, until).ids
+
+    def read_change_list(self, since: datetime, until: datetime | None = None) -> ChangeList:
+        """The customers updated after `since` (and before `until`), by the classic search, paged with overlap.
+
+        A list that moves past the overlap while it is paged (customers changed during the read leave the window,
+        and a page boundary skips the ones behind them) is read again from the start, up to SHIFT_REREADS times;
+        then ListShifted (retryable) fails the step: never a silently short list."""
+        for attempt in range(SHIFT_REREADS + 1):
+            try:
+                ids = self._search_changed(since, until)
+            except ListShifted as exc:
+                log.warning("%s (read %d of %d)", exc, attempt + 1, SHIFT_REREADS + 1)
+                continue
+            if not attempt:
+                return ChangeList(ids)
+            reason = (f"the change list moved by more than {PAGE_OVERLAP} customers while it was paged and was read "
+                      f"again {attempt} time(s): customers were changing in bulk, and a bulk change may not bump "
+                      "updated_at (which no change list shows); a reconciliation finds such changes")
+            log.warning("suspect missed changes: %s", reason)
+            return ChangeList(ids, attempt, suspect_missed=True, reason=reason)
+        raise ListShifted(f"GET /customers?updated_at.gt: the change list kept moving by more than {PAGE_OVERLAP} "
+                          f"customers while it was paged ({SHIFT_REREADS + 1} reads); the step is retried")
+
+    def _search_changed(self, since: datetime, until: datetime | None) -> list[str]:
+        """One read of the change list; ListShifted when it moved past the overlap between two pages."""
         stamp = quote(_iso(since))
         bound = f"&updated_at.lt={quote(_iso(until, up=True))}" if until is not None else ""
 
@@ -149,9 +212,15 @@ class AntavoClient:
                 raise ApiError("GET /customers: response has no data list", retryable=True)
             return rows
 
-        ids = [str(row["id"]) for rows in self._overlapping_pages(page, CLASSIC_PAGE_LIMIT, len,
-                                                                  lambda rows: len(rows) >= CLASSIC_PAGE_LIMIT)
-               for row in rows if isinstance(row, dict) and row.get("id")]
+        ids: list[str] = []
+        tail: set[str] = set()
+        for rows in self._overlapping_pages(page, CLASSIC_PAGE_LIMIT, len, lambda rows: len(rows) >= CLASSIC_PAGE_LIMIT):
+            listed = [str(row["id"]) for row in rows if isinstance(row, dict) and row.get("id")]
+            if moved_past_overlap(tail, listed):
+                raise ListShifted(f"GET /customers?updated_at.gt: the list moved by more than {PAGE_OVERLAP} "
+                                  "customers between two pages (customers changed while it was read)")
+            tail = overlap_tail(listed)
+            ids += listed
         return list(dict.fromkeys(ids))
 
     def _overlapping_pages(self, fetch: Callable[[int], Any], limit: int, size: Callable[[Any], int],

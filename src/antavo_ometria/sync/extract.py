@@ -63,7 +63,10 @@ def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[s
         reads.update(reads="scan", reads_reason="full load: every customer, a Read API page at a time")
         yield from client.iter_customer_pages(status)
         return
-    ids = client.changed_customer_ids(datetime.fromisoformat(plan.since), datetime.fromisoformat(plan.until))
+    change_list = client.read_change_list(datetime.fromisoformat(plan.since), datetime.fromisoformat(plan.until))
+    ids = change_list.ids
+    if change_list.suspect_missed:
+        reads.update(suspect_missed=True, suspect_reason=change_list.reason)
     way, why = choose_reads(len(ids), plan.previous_full_count)
     reads.update(reads=way, reads_reason=why)
     log.info("%d customers changed since %s; reading them by %s", len(ids), plan.since, why)

@@ -47,6 +47,9 @@ class Extracted(Record):
     duplicate_ids: int  # customers Antavo listed twice (kept once: the copy updated last)
     reads: str = ""  # how they were read: "scan" (Read API pages) or "profiles" (a request per changed customer)
     reads_reason: str = ""  # why: the requests each way would cost
+    # the change list may have missed changes (see `antavo.client.ChangeList`): schedule a reconciliation
+    suspect_missed: bool = False
+    suspect_reason: str = ""
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,7 @@
 """The Antavo side of the sandbox: signed requests only, the documented envelopes, a synthetic population.
 
-Control endpoints under `/_sandbox/` (unsigned) let tests change a customer or add events.
+Control endpoints under `/_sandbox/` (unsigned) let tests change a customer or add events, and make
+customers change while a client pages the `updated_at` search (`POST /_sandbox/change-during-search`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,8 @@ class AntavoApp(App):
         self.events: list[dict] = []
         self.listed_extras: dict[int, object] = {}  # position → a raw item the Read API lists there (a null, a repeat)
         self.requests = 0
+        self.searches = 0  # `updated_at` searches started (first pages answered)
+        self.search_changes: list[tuple[int, list[str]]] = []  # (search number, customers to change after its page)
 
     # -- control -----------------------------------------------------------------------------
     @property
@@ -77,6 +80,21 @@ class AntavoApp(App):
             customer = self.by_id[customer_id]
             customer.update(changes)
             customer["updated_at"] = (at or datetime.now(UTC)).isoformat()
+            self.changed()
+
+    def change_during_search(self, customer_ids: list[str], search: int = 1) -> None:
+        """Change these customers (`updated_at` becomes now, as any change does) right after the first page of
+        the `search`-th `updated_at` search has been answered: the list a client is paging shifts under it."""
+        with self.lock:
+            self.search_changes.append((self.searches + search, list(customer_ids)))
+
+    def _apply_search_changes(self) -> None:
+        due = [ids for at, ids in self.search_changes if at == self.searches]
+        self.search_changes = [(at, ids) for at, ids in self.search_changes if at != self.searches]
+        moment = datetime.now(UTC).isoformat()
+        for customer_id in (i for ids in due for i in ids):
+            self.by_id[customer_id]["updated_at"] = moment
+        if due:
             self.changed()
 
     def add_event(self, customer_id: str, action: str, properties: dict, at: datetime | None = None,
@@ -200,7 +218,11 @@ class AntavoApp(App):
         ids = self._answer(("updated", after, before), lambda: sorted(
             c["_id"] for c in self.customers if datetime.fromisoformat(c["updated_at"]) > after
             and (before is None or datetime.fromisoformat(c["updated_at"]) < before)))
-        return Response(200, {"data": [{"id": i} for i in ids[offset: offset + limit]]})
+        answer = Response(200, {"data": [{"id": i} for i in ids[offset: offset + limit]]})
+        if offset == 0:  # a search starts
+            self.searches += 1
+            self._apply_search_changes()
+        return answer
 
     def _events(self, request: Request) -> Response:
         page = self._page(request, 100, 1000)
@@ -227,6 +249,12 @@ class AntavoApp(App):
                 return Response(404, {"error": "no such customer"})
             self.touch(parts[2], body)
             return Response(200, self.by_id[parts[2]])
+        if parts[1:] == ["change-during-search"] and request.method == "POST":
+            unknown = [i for i in body.get("customers", []) if i not in self.by_id]
+            if unknown:
+                return Response(404, {"error": f"no such customer: {', '.join(unknown)}"})
+            self.change_during_search(body["customers"], int(body.get("search", 1)))
+            return Response(200, {"pending": len(self.search_changes)})
         if parts[1:] == ["rewards", "claim"] and request.method == "POST":
             return Response(200, self.claim_reward(body["customer"], body["reward"]))
         if parts[1:] == ["stats"]:
