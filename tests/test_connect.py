@@ -99,6 +99,19 @@ def test_the_first_error_of_a_failed_run_is_found_in_the_log():
     assert first_error("all fine\n") is None
 
 
+def test_every_problem_of_a_broken_mapping_is_in_the_error_not_only_its_first_line():
+    log = ("2026-03-01T12:00:00Z [error    ] Task failed with exception\nTraceback (most recent call last):\n"
+           '  File "hooks.py", line 214, in fail_fast_on\n    raise AirflowFailException(str(exc)) from None\n'
+           "airflow.sdk.exceptions.AirflowFailException: 2 problem(s) in the sync configuration:\n"
+           "  contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae' (did you mean 'first_name'?)\n"
+           "  contacts.csv:5: the row has 2 cells, the header 4\n"
+           "2026-03-01T12:00:01Z [info     ] ::group::Post Execute\n")
+    assert first_error(log).splitlines() == [
+        "2 problem(s) in the sync configuration:",
+        "  contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae' (did you mean 'first_name'?)",
+        "  contacts.csv:5: the row has 2 cells, the header 4"]
+
+
 def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "antavo_ometria_tools.cli", *args], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env})
@@ -125,6 +138,21 @@ def test_make_run_with_a_wrong_secret_ends_at_once_with_the_cause_on_screen(sand
     assert done.returncode != 0
     assert "The run FAILED: Antavo: the credentials were refused" in done.stderr
     assert sandbox.antavo.requests == 1  # the connection check's first request, not retried
+    assert sandbox.ometria.pushes == 0
+
+
+@pytest.mark.airflow
+def test_make_run_with_a_broken_mapping_prints_every_problem(sandbox, mappings, tmp_path):
+    table = mappings / "contacts.csv"
+    table.write_text(table.read_text().replace("first_name,firstname,,", "first_nmae,firstname,,")
+                     .replace("last_name,lastname,,", "last_name,lastname"))
+    done = run_cli("run", env={"AIRFLOW_HOME": str(tmp_path), **sandbox.connections(),
+                               "ANTAVO_OMETRIA_MAPPINGS_DIR": str(mappings),
+                               "ANTAVO_OMETRIA_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}"})
+    assert done.returncode != 0
+    assert "The run FAILED: 2 problem(s) in the sync configuration:" in done.stderr
+    assert "contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae'" in done.stderr
+    assert "contacts.csv:5: the row has 2 cells, the header 4" in done.stderr
     assert sandbox.ometria.pushes == 0
 
 

@@ -68,23 +68,30 @@ def _airflow(args: list[str], env: dict[str, str], log_file: Path) -> int:
 
 
 def first_error(log: str) -> str | None:
-    """The message of the first exception a task failed with, from an Airflow log: the last exception line of
-    the first traceback (with chained exceptions, the one raised last), without its module path."""
+    """The message of the first exception a task failed with, from an Airflow log: the last exception of the
+    first traceback (with chained exceptions, the one raised last), without its module path, and with every
+    line of a message that has several (a ConfigError lists each problem on a line of its own)."""
     lines = log.splitlines()
     start = next((n for n, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")), None)
     if start is None:
         return None
-    found, chained = None, False
+    found: list[str] = []
+    chained = continued = False
     for line in lines[start + 1:]:
         if LOG_LINE.match(line) or (line.startswith("Traceback") and not chained):
             break  # the next log record, or another failure
+        if continued and line.strip() and line[0].isspace():
+            found.append(line.rstrip())  # the exception's message goes on
+            continue
+        continued = False
         chained = line.startswith(CHAINING[1:]) or (chained and not line.startswith("Traceback"))
         if line and not line[0].isspace() and not line.startswith(CHAINING):
-            found = line
-    if found is None:
+            found, continued = [line.rstrip()], True
+    if not found:
         return None
-    name, _, message = found.partition(": ")
-    return message if message and re.fullmatch(r"[\w.]+", name) else found
+    name, _, message = found[0].partition(": ")
+    first = message if message and re.fullmatch(r"[\w.]+", name) else found[0]
+    return "\n".join([first, *found[1:]])
 
 
 def _connection_problems(env: dict[str, str]) -> list[str]:
