@@ -168,6 +168,29 @@ def test_settings_types_and_values(mappings):
     assert any("[max_invalid_share] max_invalid_share must be between 0 and 1" in p for p in found)
 
 
+def test_a_bad_setting_is_reported_alone_not_with_the_rows_judged_by_its_default(tmp_path):
+    v2 = Path(__file__).resolve().parents[1] / "include" / "mappings" / "examples" / "v2"
+    for source in v2.glob("*.*"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    settings = (tmp_path / "settings.toml").read_text()
+    (tmp_path / "settings.toml").write_text(settings.replace('list_id = "8400"', 'list_id = "Loyalty members"'))
+    found = problems_for(tmp_path, (tmp_path / "contacts.csv").read_bytes())
+    assert len(found) == 1 and "[list_id] list_id must be the numeric ID of an Ometria list" in found[0]
+    assert "'Loyalty members'" in found[0]
+    # a payload mode that is wrong itself cannot make v2 rows wrong, and a row's own problem still shows
+    (tmp_path / "settings.toml").write_text(settings.replace('payload_mode = "v2"', 'payload_mode = "v3"'))
+    table = (tmp_path / "contacts.csv").read_text() + "first_nmae,nickname,,\n"
+    found = problems_for(tmp_path, table)
+    assert len(found) == 2, found
+    assert "[payload_mode] payload_mode must be one of" in found[0] and "unknown loyalty field 'first_nmae'" in found[1]
+
+
+def test_consent_rows_are_not_judged_by_a_consent_setting_of_the_wrong_type(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\nproperties.newsletter,marketing_optin,,\n",
+                         settings='[consent]\nauthoritative = "yes"\n')
+    assert len(found) == 1 and "consent.authoritative has the wrong type" in found[0]
+
+
 def test_version_changes_with_either_file(mappings):
     first = load_contact_mapping(mappings).version
     (mappings / "settings.toml").write_text((mappings / "settings.toml").read_text().replace('"en"', '"de"'))
