@@ -78,6 +78,35 @@ def test_saving_the_same_mapping_differently_keeps_its_version(mappings):
     assert load_contact_mapping(mappings).version != first
 
 
+@pytest.mark.parametrize("saved_as", ["semicolons", "tabs", "unicode text"])
+def test_a_table_excel_saved_with_semicolons_or_tabs_is_the_same_mapping(mappings, saved_as):
+    table = (mappings / "contacts.csv").read_text()
+    first = load_contact_mapping(mappings)
+    separator = ";" if saved_as == "semicolons" else "\t"
+    excel = table.replace(",", separator).replace("\n", "\r\n")
+    raw = (b"\xef\xbb\xbf" + excel.encode()) if saved_as != "unicode text" else excel.encode("utf-16")  # with its BOM
+    (mappings / "contacts.csv").write_bytes(raw)
+    again = load_contact_mapping(mappings)
+    assert again.version == first.version and again.fields == first.fields
+
+
+def test_a_semicolon_table_keeps_a_quoted_cell_and_reports_a_short_row(mappings):
+    found = problems_for(mappings, b"\xef\xbb\xbfloyalty_field;remote_field;format;overwrite_empty\r\n"
+                                   b"email;email;;\r\n\"first_nmae\";firstname;;\r\nlast_name;lastname\r\n")
+    assert found == [f"{mappings}/contacts.csv:3: [loyalty_field] unknown loyalty field 'first_nmae' (did you mean "
+                     "'first_name'?); `make fields` lists the loyalty fields",
+                     f"{mappings}/contacts.csv:4: the row has 2 cells, the header 4"]
+
+
+def test_a_trigger_table_saved_with_semicolons_is_accepted(mappings):
+    from antavo_ometria.sync.event_rules import load_rules
+
+    comma = load_rules(mappings)
+    triggers = mappings / "triggers.csv"
+    triggers.write_bytes(b"\xef\xbb\xbf" + triggers.read_text().replace(",", ";").replace("\n", "\r\n").encode())
+    assert load_rules(mappings) == comma
+
+
 def test_an_unterminated_quote_is_reported_where_it_opens(mappings):
     found = problems_for(mappings, HEADER + 'email,email,,\n"first_name,firstname,,\nlast_name,lastname,,\n')
     assert found[0] == (f"{mappings}/contacts.csv:3: a quote (\") opened on line 3 is not closed before line 4; "
