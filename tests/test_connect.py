@@ -105,11 +105,13 @@ def test_every_problem_of_a_broken_mapping_is_in_the_error_not_only_its_first_li
            "airflow.sdk.exceptions.AirflowFailException: 2 problem(s) in the sync configuration:\n"
            "  contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae' (did you mean 'first_name'?)\n"
            "  contacts.csv:5: the row has 2 cells, the header 4\n"
+           "  warning: contacts.csv:6: [remote_field] 'gendre' is sent as a custom field ID\n"
            "2026-03-01T12:00:01Z [info     ] ::group::Post Execute\n")
     assert first_error(log).splitlines() == [
         "2 problem(s) in the sync configuration:",
         "  contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae' (did you mean 'first_name'?)",
-        "  contacts.csv:5: the row has 2 cells, the header 4"]
+        "  contacts.csv:5: the row has 2 cells, the header 4",
+        "  warning: contacts.csv:6: [remote_field] 'gendre' is sent as a custom field ID"]
 
 
 def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
@@ -142,15 +144,16 @@ def test_make_run_with_a_wrong_secret_ends_at_once_with_the_cause_on_screen(sand
 
 
 @pytest.mark.airflow
-def test_make_run_with_a_broken_mapping_prints_every_problem(sandbox, mappings, tmp_path):
+def test_make_run_with_a_broken_mapping_prints_every_problem_and_warning(sandbox, mappings, tmp_path):
     table = mappings / "contacts.csv"
     table.write_text(table.read_text().replace("first_name,firstname,,", "first_nmae,firstname,,")
-                     .replace("last_name,lastname,,", "last_name,lastname"))
+                     .replace("last_name,lastname,,", "last_name,lastname").replace("gender,gender,,", "gender,gendre,,"))
     done = run_cli("run", env={"AIRFLOW_HOME": str(tmp_path), **sandbox.connections(),
                                "ANTAVO_OMETRIA_MAPPINGS_DIR": str(mappings),
                                "ANTAVO_OMETRIA_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}"})
     assert done.returncode != 0
-    assert "The run FAILED: 2 problem(s) in the sync configuration:" in done.stderr
+    assert "The run FAILED: 2 problem(s) in the sync configuration, and 1 warning(s):" in done.stderr
+    assert "warning: " in done.stderr and "contacts.csv:6: [remote_field] 'gendre' is sent as a custom" in done.stderr
     assert "contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae'" in done.stderr
     assert "contacts.csv:5: the row has 2 cells, the header 4" in done.stderr
     assert sandbox.ometria.pushes == 0

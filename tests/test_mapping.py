@@ -242,6 +242,18 @@ def test_validate_command_reports_every_file(mappings, capsys):
     assert "2 problem(s)" in err and "contacts.csv:3" in err and "triggers.csv:2" in err
 
 
+def test_validate_shows_the_warnings_together_with_the_errors(mappings, capsys):
+    from antavo_ometria_tools.cli import main
+
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\ngender,gendre,,\nfirst_nmae,firstname,,\n")
+    assert main(["validate", "--mappings", str(mappings)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "1 problem(s) in the sync configuration, and 1 warning(s):"
+    assert err[1].startswith(f"  {mappings}/contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae'")
+    assert err[2] == (f"  warning: {mappings}/contacts.csv:3: [remote_field] 'gendre' is sent as a custom field ID; "
+                      "if you meant Ometria's built-in field 'gender', fix the spelling")
+
+
 def test_diff_says_that_removing_a_row_does_not_clear_ometria(mappings):
     from antavo_ometria_tools.population import make_population
     from antavo_ometria_tools.preview import render_diff

@@ -281,17 +281,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from antavo_ometria.sync.event_rules import load_rules
 
     directory = Path(args.mappings)
-    problems = []
+    problems, warnings = [], []
     try:
         mapping = load_contact_mapping(directory, Path(args.file) if args.file else None)
     except ConfigError as exc:
-        problems += exc.problems
+        problems, warnings = exc.problems, exc.warnings
     try:
         rules = load_rules(directory)
     except ConfigError as exc:
         problems += exc.problems
     if problems:
-        print(ConfigError(problems), file=sys.stderr)
+        print(ConfigError(problems, warnings), file=sys.stderr)
         return 1
     for warning in mapping.warnings:
         print(f"warning: {warning}")

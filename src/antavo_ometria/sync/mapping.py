@@ -136,7 +136,7 @@ def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) 
     fields, table_problems, warnings = parse_contacts(path, settings, read.failed)
     problems = [*read.problems, *table_problems]
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, warnings)
     return ContactMapping(tuple(fields), settings, mapping_version(fields, settings), tuple(warnings),
                           (file_version(path, mappings_dir / SETTINGS_FILE),))
 
