@@ -49,6 +49,31 @@ def test_a_wrong_ometria_key_and_an_unknown_list(sandbox):
     assert not missing[2].ok and "did you mean 8401 'Lapsed loyalty members'?" in missing[2].detail
 
 
+def test_a_refused_credential_names_the_connection_and_the_field_to_fix(sandbox):
+    from antavo_ometria.airflow.hooks import credential_fixes
+
+    checks = check_connections(*clients(sandbox, secret="wrong", key="wrong"), "8400", credential_fixes())
+    assert checks[0].detail.startswith("the credentials were refused (") and "HTTP 401" in checks[0].detail
+    assert "check connection antavo_default: login = the API key, password = the API secret" in checks[0].detail
+    assert checks[1].detail.startswith("the API key was refused (") and "HTTP 403" in checks[1].detail
+    assert "check connection ometria_default: password = the Ometria API key" in checks[1].detail
+    assert checks[2].detail == "not checked: Ometria refused the key" and not checks[2].retryable
+
+
+@pytest.mark.parametrize(("conn_id", "field", "meaning"), [("antavo_default", "login", "the Antavo API key"),
+                                                           ("antavo_default", "password", "the Antavo API secret"),
+                                                           ("ometria_default", "password", "the Ometria API key")])
+def test_a_connection_without_its_key_says_which_field_to_set(conn_id, field, meaning):
+    from airflow.models.connection import Connection
+
+    from antavo_ometria.airflow.hooks import antavo_config, ometria_config
+
+    values = {"login": "key", "password": "secret", field: None}
+    conn = Connection(conn_id=conn_id, conn_type="http", extra=json.dumps({"environment": "st2"}), **values)
+    with pytest.raises(ValueError, match=f"connection '{conn_id}' has no {field}: set it to {meaning}"):
+        (antavo_config if conn_id == "antavo_default" else ometria_config)(conn)
+
+
 def test_an_unreachable_host_is_named(sandbox):
     antavo, _ = clients(sandbox)
     ometria = OmetriaClient(OmetriaConfig(OMETRIA_KEY, "http://127.0.0.1:9", requests_per_second=0, retry=QUICK))
@@ -165,6 +190,18 @@ def test_make_check_prints_one_line_per_check(sandbox, tmp_path):
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()[-3:]
     assert [line.split()[:2] for line in lines] == [["✓", "Antavo"], ["✓", "Ometria"], ["✓", "list"]]
+
+
+@pytest.mark.airflow
+def test_make_check_with_a_refused_ometria_key_says_so_and_names_the_fix(sandbox, tmp_path):
+    conns = sandbox.connections()
+    ometria = json.loads(conns["AIRFLOW_CONN_OMETRIA_DEFAULT"])
+    ometria["password"] = "not-the-key"
+    done = run_cli("check", env={"AIRFLOW_HOME": str(tmp_path), **conns, "AIRFLOW_CONN_OMETRIA_DEFAULT": json.dumps(ometria)})
+    assert done.returncode == 1
+    lines = done.stdout.strip().splitlines()[-2:]
+    assert lines[0].startswith("✗ Ometria     the API key was refused (") and "ometria_default: password" in lines[0]
+    assert lines[1] == "✗ list        not checked: Ometria refused the key"
 
 
 def test_the_first_error_is_the_exception_raised_last_without_its_module():

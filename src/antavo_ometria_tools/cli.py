@@ -240,7 +240,7 @@ def _connection(conn_id: str):
 def cmd_check(args: argparse.Namespace) -> int:
     """One line per check, as the first task of each DAG runs them."""
     with _session(args):
-        from antavo_ometria.airflow.hooks import antavo_config, ometria_config
+        from antavo_ometria.airflow.hooks import antavo_config, credential_fixes, ometria_config
         from antavo_ometria.antavo.client import AntavoClient
         from antavo_ometria.ometria.client import OmetriaClient
         from antavo_ometria.sync.connect import check_connections
@@ -249,7 +249,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             mapping = load_contact_mapping(mappings_dir())
             checks = check_connections(AntavoClient(replace(antavo_config(_connection(CONNECTIONS[0])), retry=QUICK)),
                                        OmetriaClient(replace(ometria_config(_connection(CONNECTIONS[1])), retry=QUICK)),
-                                       mapping.settings.list_id)
+                                       mapping.settings.list_id, credential_fixes())
         except (ConfigError, ValueError, LookupError) as exc:
             print(f"✗ setup       {exc}")
             return 2
