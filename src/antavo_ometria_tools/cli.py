@@ -258,8 +258,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+TRACE_USAGE = "usage: make trace ID=<Antavo customer id or email>   (e.g. make trace ID=c00000001)"
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """Did Ometria get her, when, with what, and if not, why: read live from Antavo and the state store."""
+    if not args.customer.strip():  # `make trace` without ID= passes ""
+        print(TRACE_USAGE, file=sys.stderr)
+        return 2
     with _session(args):
         import logging
 
