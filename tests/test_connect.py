@@ -45,8 +45,14 @@ def test_a_wrong_ometria_key_and_an_unknown_list(sandbox):
     wrong = check_connections(*clients(sandbox, key="wrong"), "8400")
     assert [(c.name, c.ok) for c in wrong] == [("Antavo", True), ("Ometria", False), ("list", False)]
     assert "HTTP 403" in wrong[1].detail
-    missing = check_connections(*clients(sandbox), "8410")
-    assert not missing[2].ok and "did you mean 8401 'Lapsed loyalty members'?" in missing[2].detail
+
+
+def test_an_unknown_list_suggests_only_lists_a_contact_can_be_added_to_by_id_and_name(sandbox):
+    missing = check_connections(*clients(sandbox), "8410")  # as close to the DYNAMIC 8401 as to the STATIC 8400
+    assert not missing[2].ok and "did you mean 8400 'Loyalty members'?" in missing[2].detail
+    assert "(lists a contact can be added to, by ID and name: 8400 'Loyalty members'; 1 DYNAMIC list(s) left out" \
+        in missing[2].detail
+    assert "8401" not in missing[2].detail
 
 
 def test_a_refused_credential_names_the_connection_and_the_field_to_fix(sandbox):

@@ -84,8 +84,12 @@ def _list_check(list_id: str, lists: list[dict]) -> Check:
             "; it is a DYNAMIC list, which Ometria fills by its own rules: contacts may not stay in it")
         return Check("list", True, f"{list_id} '{found.get('title')}' ({found.get('type')}, {found.get('status')})"
                                    f"{note}")
-    close = difflib.get_close_matches(str(list_id), list(by_id), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]} '{by_id[close[0]].get('title')}'?" if close else ""
-    known = ", ".join(f"{i} '{row.get('title')}'" for i, row in list(by_id.items())[:10])
+    # only a list that is not DYNAMIC keeps the contacts the sync adds: Ometria fills a DYNAMIC one by its rules
+    addable = {i: row for i, row in by_id.items() if row.get("type") != "DYNAMIC"}
+    close = difflib.get_close_matches(str(list_id), list(addable), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]} '{addable[close[0]].get('title')}'?" if close else ""
+    known = ", ".join(f"{i} '{row.get('title')}'" for i, row in list(addable.items())[:10])
+    left_out = len(by_id) - len(addable)
+    dynamic = f"; {left_out} DYNAMIC list(s) left out: Ometria fills them by their rules" if left_out else ""
     return Check("list", False, f"list {list_id} is not among this account's active lists{hint} "
-                                f"(lists: {known or 'none'})")
+                                f"(lists a contact can be added to, by ID and name: {known or 'none'}{dynamic})")
