@@ -5,6 +5,7 @@
                AIRFLOW_CONN_OMETRIA_DEFAULT are set
     check      check the connections: a signed Antavo request, the Ometria API key, the configured list
     trace      one customer (Antavo id or email): what the mapping makes of her, what Ometria got, and why
+    ui         the Airflow UI on this machine (`airflow standalone`), against the same accounts as `run`
     validate   check the mapping table, settings and trigger rules; list every problem with file, line, column
     fields     list the loyalty fields that can be mapped
     preview    show sample customers next to the Ometria records they become
@@ -213,6 +214,106 @@ def cmd_run(args: argparse.Namespace) -> int:
             sandbox.stop()
 
 
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"  # where SimpleAuthManager writes the login
+UI_STARTUP_SECONDS = 180  # standalone answers after about 25 s on two cores; a slow machine gets longer
+
+
+def ui_command(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """`airflow standalone` with Airflow's embedded default in the project's folder (as `run` prepares it): the
+    virtualenv's bin first on PATH, because standalone starts its components as `airflow …` by name."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
+    return [str(Path(bin_dir) / "airflow"), "standalone"], env
+
+
+def ui_login(env: dict[str, str]) -> tuple[str, Path]:
+    """(URL, the file SimpleAuthManager writes the generated password to)."""
+    port = env.get("AIRFLOW__API__PORT", "8080")
+    passwords = env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE") or str(Path(env["AIRFLOW_HOME"]) /
+                                                                                    PASSWORDS_FILE)
+    return f"http://localhost:{port}", Path(passwords)
+
+
+def _wait_for_ui(url: str, process: subprocess.Popen, passwords: Path) -> str | None:
+    """The login line once the UI answers; None when standalone ended or did not answer in time."""
+    import requests
+
+    deadline = time.monotonic() + UI_STARTUP_SECONDS
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if requests.get(f"{url}/api/v2/monitor/health", timeout=2).ok and passwords.exists():
+                logins = json.loads(passwords.read_text())
+                return ", ".join(f"user {user!r} password {password!r}" for user, password in logins.items())
+        except (requests.RequestException, ValueError):
+            pass  # not up yet, or the password file is being written
+        time.sleep(1)
+    return None
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Standalone's whole process group: its scheduler, dag-processor, triggerer and API server."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if process.poll() is not None:
+            return
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a SIGTERM stops the UI as Ctrl-C does: standalone and the sandbox with it
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The Airflow UI on this machine (`airflow standalone`), against the accounts `run` would use."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    env = airflow_env()
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    problems = _connection_problems(env)
+    if problems:
+        print("\n".join(f"✗ {p}" for p in problems), file=sys.stderr)
+        return 2
+    log_file = home / "ui.log"
+    log_file.write_text("")
+    sandbox = _accounts(env, args)
+    command, env = ui_command(env)
+    url, passwords = ui_login(env)
+    try:
+        print("Preparing Airflow's database (SQLite) …", flush=True)
+        if _airflow(["db", "migrate"], env, log_file) or _airflow(["pools", "set", "ometria_push", "1",
+                                                                   "Ometria push API: account-wide rate limit"],
+                                                                  env, log_file):
+            print(f"Preparing Airflow failed; see {log_file}", file=sys.stderr)
+            return 1
+        print(f"Starting Airflow (standalone; its log: {log_file}) …", flush=True)
+        with log_file.open("a", encoding="utf-8") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            login = _wait_for_ui(url, process, passwords)
+            if login is None:
+                print(f"Airflow did not start; see {log_file}", file=sys.stderr)
+                return 1
+            print(f"\nAirflow UI: {url}  (login: {login}; kept in {passwords})\n"
+                  f"DAGs from {env['AIRFLOW__CORE__DAGS_FOLDER']}; Browse → Antavo → Ometria sync opens the dashboard.\n"
+                  "Ctrl-C stops it.", flush=True)
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            _stop(process)
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+
+
 @contextmanager
 def _session(args: argparse.Namespace) -> Iterator[None]:
     """os.environ pointed at the accounts for one command: the real ones, or the sandbox (stopped afterwards)."""
@@ -382,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     traced.add_argument("customer", help="Antavo customer id or email")
     traced.add_argument("--customers", type=int, default=1000, help="sandbox population size")
     traced.set_defaults(func=cmd_trace)
+    ui = commands.add_parser("ui", help="the Airflow UI on this machine (airflow standalone), with the sandbox "
+                                        "unless connections are set")
+    ui.add_argument("--customers", type=int, default=1000, help="sandbox population size")
+    ui.set_defaults(func=cmd_ui)
     validate = commands.add_parser("validate", help="check the mapping files")
     validate.add_argument("--mappings", default=str(mappings_dir()))
     validate.add_argument("--file", help="a contacts mapping CSV other than <mappings>/contacts.csv")
