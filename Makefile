@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install migrate run events check trace keys test validate fields preview diff sandbox lock lint bench reliability clean
+.PHONY: install migrate run events check trace ui keys test validate fields preview diff sandbox lock lint bench reliability clean
 
 install: $(VENV)/.installed
 
@@ -31,6 +31,9 @@ events: install          ## the event-trigger DAG once, the same way
 
 check: install           ## connect: a signed Antavo request, the Ometria API key, the configured list
 	$(BIN)/python -m antavo_ometria_tools.cli check
+
+ui: install              ## the Airflow UI on http://localhost:8080 (airflow standalone; the sandbox unless connections are set)
+	$(BIN)/python -m antavo_ometria_tools.cli ui
 
 KEYS_FILE ?= .env
 trace: install           ## one customer: make trace ID=<Antavo customer id or email>

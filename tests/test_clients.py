@@ -178,7 +178,18 @@ def test_records_over_60_kb_are_refused_locally_with_a_reason():
     small, big = encode_record(contact(1)), encode_record(contact(2, note="x" * MAX_RECORD_BYTES))
     fits, refused = split_oversized([("c1", small), ("c2", big)])
     assert [i for i, _ in fits] == ["c1"]
-    assert refused[0].id == "c2" and "at most 61440" in refused[0].reason
+    assert refused[0].id == "c2" and f"at most {MAX_RECORD_BYTES}" in refused[0].reason
+
+
+def test_the_60_kb_limit_is_read_as_60000_bytes_so_that_a_record_fits_either_reading():
+    # Ometria's documentation says "60KB" without saying which kilobyte: the smaller reading is the safe one
+    empty = len(encode_record(contact(1, note="")))
+    exact = encode_record(contact(1, note="x" * (60_000 - empty)))
+    over = encode_record(contact(2, note="x" * (60_001 - empty)))
+    assert (len(exact), len(over)) == (60_000, 60_001)
+    fits, refused = split_oversized([("c1", exact), ("c2", over)])
+    assert [i for i, _ in fits] == ["c1"] and [r.id for r in refused] == ["c2"]
+    assert refused[0].reason == "record is 60001 bytes; Ometria accepts at most 60000"
 
 
 def test_push_keeps_ometria_answer(ometria_client, sandbox):

@@ -45,8 +45,39 @@ def test_a_wrong_ometria_key_and_an_unknown_list(sandbox):
     wrong = check_connections(*clients(sandbox, key="wrong"), "8400")
     assert [(c.name, c.ok) for c in wrong] == [("Antavo", True), ("Ometria", False), ("list", False)]
     assert "HTTP 403" in wrong[1].detail
-    missing = check_connections(*clients(sandbox), "8410")
-    assert not missing[2].ok and "did you mean 8401 'Lapsed loyalty members'?" in missing[2].detail
+
+
+def test_an_unknown_list_suggests_only_lists_a_contact_can_be_added_to_by_id_and_name(sandbox):
+    missing = check_connections(*clients(sandbox), "8410")  # as close to the DYNAMIC 8401 as to the STATIC 8400
+    assert not missing[2].ok and "did you mean 8400 'Loyalty members'?" in missing[2].detail
+    assert "(lists a contact can be added to, by ID and name: 8400 'Loyalty members'; 1 DYNAMIC list(s) left out" \
+        in missing[2].detail
+    assert "8401" not in missing[2].detail
+
+
+def test_a_refused_credential_names_the_connection_and_the_field_to_fix(sandbox):
+    from antavo_ometria.airflow.hooks import credential_fixes
+
+    checks = check_connections(*clients(sandbox, secret="wrong", key="wrong"), "8400", credential_fixes())
+    assert checks[0].detail.startswith("the credentials were refused (") and "HTTP 401" in checks[0].detail
+    assert "check connection antavo_default: login = the API key, password = the API secret" in checks[0].detail
+    assert checks[1].detail.startswith("the API key was refused (") and "HTTP 403" in checks[1].detail
+    assert "check connection ometria_default: password = the Ometria API key" in checks[1].detail
+    assert checks[2].detail == "not checked: Ometria refused the key" and not checks[2].retryable
+
+
+@pytest.mark.parametrize(("conn_id", "field", "meaning"), [("antavo_default", "login", "the Antavo API key"),
+                                                           ("antavo_default", "password", "the Antavo API secret"),
+                                                           ("ometria_default", "password", "the Ometria API key")])
+def test_a_connection_without_its_key_says_which_field_to_set(conn_id, field, meaning):
+    from airflow.models.connection import Connection
+
+    from antavo_ometria.airflow.hooks import antavo_config, ometria_config
+
+    values = {"login": "key", "password": "secret", field: None}
+    conn = Connection(conn_id=conn_id, conn_type="http", extra=json.dumps({"environment": "st2"}), **values)
+    with pytest.raises(ValueError, match=f"connection '{conn_id}' has no {field}: set it to {meaning}"):
+        (antavo_config if conn_id == "antavo_default" else ometria_config)(conn)
 
 
 def test_an_unreachable_host_is_named(sandbox):
@@ -99,6 +130,21 @@ def test_the_first_error_of_a_failed_run_is_found_in_the_log():
     assert first_error("all fine\n") is None
 
 
+def test_every_problem_of_a_broken_mapping_is_in_the_error_not_only_its_first_line():
+    log = ("2026-03-01T12:00:00Z [error    ] Task failed with exception\nTraceback (most recent call last):\n"
+           '  File "hooks.py", line 214, in fail_fast_on\n    raise AirflowFailException(str(exc)) from None\n'
+           "airflow.sdk.exceptions.AirflowFailException: 2 problem(s) in the sync configuration:\n"
+           "  contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae' (did you mean 'first_name'?)\n"
+           "  contacts.csv:5: the row has 2 cells, the header 4\n"
+           "  warning: contacts.csv:6: [remote_field] 'gendre' is sent as a custom field ID\n"
+           "2026-03-01T12:00:01Z [info     ] ::group::Post Execute\n")
+    assert first_error(log).splitlines() == [
+        "2 problem(s) in the sync configuration:",
+        "  contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae' (did you mean 'first_name'?)",
+        "  contacts.csv:5: the row has 2 cells, the header 4",
+        "  warning: contacts.csv:6: [remote_field] 'gendre' is sent as a custom field ID"]
+
+
 def run_cli(*args: str, env: dict) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "antavo_ometria_tools.cli", *args], capture_output=True, text=True,
                           timeout=300, env={**os.environ, **env})
@@ -129,11 +175,39 @@ def test_make_run_with_a_wrong_secret_ends_at_once_with_the_cause_on_screen(sand
 
 
 @pytest.mark.airflow
+def test_make_run_with_a_broken_mapping_prints_every_problem_and_warning(sandbox, mappings, tmp_path):
+    table = mappings / "contacts.csv"
+    table.write_text(table.read_text().replace("first_name,firstname,,", "first_nmae,firstname,,")
+                     .replace("last_name,lastname,,", "last_name,lastname").replace("gender,gender,,", "gender,gendre,,"))
+    done = run_cli("run", env={"AIRFLOW_HOME": str(tmp_path), **sandbox.connections(),
+                               "ANTAVO_OMETRIA_MAPPINGS_DIR": str(mappings),
+                               "ANTAVO_OMETRIA_STATE_URL": f"sqlite:///{tmp_path / 'state.db'}"})
+    assert done.returncode != 0
+    assert "The run FAILED: 2 problem(s) in the sync configuration, and 1 warning(s):" in done.stderr
+    assert "warning: " in done.stderr and "contacts.csv:6: [remote_field] 'gendre' is sent as a custom" in done.stderr
+    assert "contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae'" in done.stderr
+    assert "contacts.csv:5: the row has 2 cells, the header 4" in done.stderr
+    assert sandbox.ometria.pushes == 0
+
+
+@pytest.mark.airflow
 def test_make_check_prints_one_line_per_check(sandbox, tmp_path):
     done = run_cli("check", env={"AIRFLOW_HOME": str(tmp_path), **sandbox.connections()})
     assert done.returncode == 0, done.stdout + done.stderr
     lines = done.stdout.strip().splitlines()[-3:]
     assert [line.split()[:2] for line in lines] == [["✓", "Antavo"], ["✓", "Ometria"], ["✓", "list"]]
+
+
+@pytest.mark.airflow
+def test_make_check_with_a_refused_ometria_key_says_so_and_names_the_fix(sandbox, tmp_path):
+    conns = sandbox.connections()
+    ometria = json.loads(conns["AIRFLOW_CONN_OMETRIA_DEFAULT"])
+    ometria["password"] = "not-the-key"
+    done = run_cli("check", env={"AIRFLOW_HOME": str(tmp_path), **conns, "AIRFLOW_CONN_OMETRIA_DEFAULT": json.dumps(ometria)})
+    assert done.returncode == 1
+    lines = done.stdout.strip().splitlines()[-2:]
+    assert lines[0].startswith("✗ Ometria     the API key was refused (") and "ometria_default: password" in lines[0]
+    assert lines[1] == "✗ list        not checked: Ometria refused the key"
 
 
 def test_the_first_error_is_the_exception_raised_last_without_its_module():

@@ -78,6 +78,35 @@ def test_saving_the_same_mapping_differently_keeps_its_version(mappings):
     assert load_contact_mapping(mappings).version != first
 
 
+@pytest.mark.parametrize("saved_as", ["semicolons", "tabs", "unicode text"])
+def test_a_table_excel_saved_with_semicolons_or_tabs_is_the_same_mapping(mappings, saved_as):
+    table = (mappings / "contacts.csv").read_text()
+    first = load_contact_mapping(mappings)
+    separator = ";" if saved_as == "semicolons" else "\t"
+    excel = table.replace(",", separator).replace("\n", "\r\n")
+    raw = (b"\xef\xbb\xbf" + excel.encode()) if saved_as != "unicode text" else excel.encode("utf-16")  # with its BOM
+    (mappings / "contacts.csv").write_bytes(raw)
+    again = load_contact_mapping(mappings)
+    assert again.version == first.version and again.fields == first.fields
+
+
+def test_a_semicolon_table_keeps_a_quoted_cell_and_reports_a_short_row(mappings):
+    found = problems_for(mappings, b"\xef\xbb\xbfloyalty_field;remote_field;format;overwrite_empty\r\n"
+                                   b"email;email;;\r\n\"first_nmae\";firstname;;\r\nlast_name;lastname\r\n")
+    assert found == [f"{mappings}/contacts.csv:3: [loyalty_field] unknown loyalty field 'first_nmae' (did you mean "
+                     "'first_name'?); `make fields` lists the loyalty fields",
+                     f"{mappings}/contacts.csv:4: the row has 2 cells, the header 4"]
+
+
+def test_a_trigger_table_saved_with_semicolons_is_accepted(mappings):
+    from antavo_ometria.sync.event_rules import load_rules
+
+    comma = load_rules(mappings)
+    triggers = mappings / "triggers.csv"
+    triggers.write_bytes(b"\xef\xbb\xbf" + triggers.read_text().replace(",", ";").replace("\n", "\r\n").encode())
+    assert load_rules(mappings) == comma
+
+
 def test_an_unterminated_quote_is_reported_where_it_opens(mappings):
     found = problems_for(mappings, HEADER + 'email,email,,\n"first_name,firstname,,\nlast_name,lastname,,\n')
     assert found[0] == (f"{mappings}/contacts.csv:3: a quote (\") opened on line 3 is not closed before line 4; "
@@ -168,6 +197,29 @@ def test_settings_types_and_values(mappings):
     assert any("[max_invalid_share] max_invalid_share must be between 0 and 1" in p for p in found)
 
 
+def test_a_bad_setting_is_reported_alone_not_with_the_rows_judged_by_its_default(tmp_path):
+    v2 = Path(__file__).resolve().parents[1] / "include" / "mappings" / "examples" / "v2"
+    for source in v2.glob("*.*"):
+        (tmp_path / source.name).write_bytes(source.read_bytes())
+    settings = (tmp_path / "settings.toml").read_text()
+    (tmp_path / "settings.toml").write_text(settings.replace('list_id = "8400"', 'list_id = "Loyalty members"'))
+    found = problems_for(tmp_path, (tmp_path / "contacts.csv").read_bytes())
+    assert len(found) == 1 and "[list_id] list_id must be the numeric ID of an Ometria list" in found[0]
+    assert "'Loyalty members'" in found[0]
+    # a payload mode that is wrong itself cannot make v2 rows wrong, and a row's own problem still shows
+    (tmp_path / "settings.toml").write_text(settings.replace('payload_mode = "v2"', 'payload_mode = "v3"'))
+    table = (tmp_path / "contacts.csv").read_text() + "first_nmae,nickname,,\n"
+    found = problems_for(tmp_path, table)
+    assert len(found) == 2, found
+    assert "[payload_mode] payload_mode must be one of" in found[0] and "unknown loyalty field 'first_nmae'" in found[1]
+
+
+def test_consent_rows_are_not_judged_by_a_consent_setting_of_the_wrong_type(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\nproperties.newsletter,marketing_optin,,\n",
+                         settings='[consent]\nauthoritative = "yes"\n')
+    assert len(found) == 1 and "consent.authoritative has the wrong type" in found[0]
+
+
 def test_version_changes_with_either_file(mappings):
     first = load_contact_mapping(mappings).version
     (mappings / "settings.toml").write_text((mappings / "settings.toml").read_text().replace('"en"', '"de"'))
@@ -188,6 +240,18 @@ def test_validate_command_reports_every_file(mappings, capsys):
     assert main(["validate", "--mappings", str(mappings)]) == 1
     err = capsys.readouterr().err
     assert "2 problem(s)" in err and "contacts.csv:3" in err and "triggers.csv:2" in err
+
+
+def test_validate_shows_the_warnings_together_with_the_errors(mappings, capsys):
+    from antavo_ometria_tools.cli import main
+
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\ngender,gendre,,\nfirst_nmae,firstname,,\n")
+    assert main(["validate", "--mappings", str(mappings)]) == 1
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "1 problem(s) in the sync configuration, and 1 warning(s):"
+    assert err[1].startswith(f"  {mappings}/contacts.csv:4: [loyalty_field] unknown loyalty field 'first_nmae'")
+    assert err[2] == (f"  warning: {mappings}/contacts.csv:3: [remote_field] 'gendre' is sent as a custom field ID; "
+                      "if you meant Ometria's built-in field 'gender', fix the spelling")
 
 
 def test_diff_says_that_removing_a_row_does_not_clear_ometria(mappings):

@@ -7,6 +7,7 @@ import json
 import pytest
 
 from antavo_ometria.antavo.records import normalise_customer
+from antavo_ometria.ometria.contract import MAX_RECORD_BYTES
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.quality import batch_verdict
@@ -87,7 +88,7 @@ def test_each_failure_class_is_quarantined_with_its_reason_and_value(mapping):
     failure = result.failures[43][0]  # the impossible date, with its value
     assert failure == {"check": "date_format", "field": "date_of_birth", "value": "1990-02-30",
                        "message": "date_of_birth: birth_date = '1990-02-30' is not a YYYY-MM-DD date"}
-    assert result.failures[51][0]["value"] > 61440
+    assert result.failures[51][0]["value"] > MAX_RECORD_BYTES
     json.dumps(result.failures)  # reasons are plain JSON for the quarantine file and the state store
     assert result.validation["success"] is False and len(result.validation["results"]) > 10
 

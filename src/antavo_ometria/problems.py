@@ -20,7 +20,9 @@ class Problem:
 class ConfigError(Exception):
     """One or more problems in an analyst-edited file; nothing has been sent."""
 
-    def __init__(self, problems: list[Problem]):
+    def __init__(self, problems: list[Problem], warnings: list[Problem] | tuple[Problem, ...] = ()):
         self.problems = problems
-        lines = "\n".join(f"  {p}" for p in problems)
-        super().__init__(f"{len(problems)} problem(s) in the sync configuration:\n{lines}")
+        self.warnings = list(warnings)  # shown with the problems: a typo warned about may be their cause
+        lines = "\n".join([*(f"  {p}" for p in problems), *(f"  warning: {w}" for w in self.warnings)])
+        also = f", and {len(self.warnings)} warning(s)" if self.warnings else ""
+        super().__init__(f"{len(problems)} problem(s) in the sync configuration{also}:\n{lines}")

@@ -5,6 +5,7 @@
                AIRFLOW_CONN_OMETRIA_DEFAULT are set
     check      check the connections: a signed Antavo request, the Ometria API key, the configured list
     trace      one customer (Antavo id or email): what the mapping makes of her, what Ometria got, and why
+    ui         the Airflow UI on this machine (`airflow standalone`), against the same accounts as `run`
     validate   check the mapping table, settings and trigger rules; list every problem with file, line, column
     fields     list the loyalty fields that can be mapped
     preview    show sample customers next to the Ometria records they become
@@ -68,23 +69,30 @@ def _airflow(args: list[str], env: dict[str, str], log_file: Path) -> int:
 
 
 def first_error(log: str) -> str | None:
-    """The message of the first exception a task failed with, from an Airflow log: the last exception line of
-    the first traceback (with chained exceptions, the one raised last), without its module path."""
+    """The message of the first exception a task failed with, from an Airflow log: the last exception of the
+    first traceback (with chained exceptions, the one raised last), without its module path, and with every
+    line of a message that has several (a ConfigError lists each problem on a line of its own)."""
     lines = log.splitlines()
     start = next((n for n, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")), None)
     if start is None:
         return None
-    found, chained = None, False
+    found: list[str] = []
+    chained = continued = False
     for line in lines[start + 1:]:
         if LOG_LINE.match(line) or (line.startswith("Traceback") and not chained):
             break  # the next log record, or another failure
+        if continued and line.strip() and line[0].isspace():
+            found.append(line.rstrip())  # the exception's message goes on
+            continue
+        continued = False
         chained = line.startswith(CHAINING[1:]) or (chained and not line.startswith("Traceback"))
         if line and not line[0].isspace() and not line.startswith(CHAINING):
-            found = line
-    if found is None:
+            found, continued = [line.rstrip()], True
+    if not found:
         return None
-    name, _, message = found.partition(": ")
-    return message if message and re.fullmatch(r"[\w.]+", name) else found
+    name, _, message = found[0].partition(": ")
+    first = message if message and re.fullmatch(r"[\w.]+", name) else found[0]
+    return "\n".join([first, *found[1:]])
 
 
 def _connection_problems(env: dict[str, str]) -> list[str]:
@@ -206,6 +214,106 @@ def cmd_run(args: argparse.Namespace) -> int:
             sandbox.stop()
 
 
+PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"  # where SimpleAuthManager writes the login
+UI_STARTUP_SECONDS = 180  # standalone answers after about 25 s on two cores; a slow machine gets longer
+
+
+def ui_command(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+    """`airflow standalone` with Airflow's embedded default in the project's folder (as `run` prepares it): the
+    virtualenv's bin first on PATH, because standalone starts its components as `airflow …` by name."""
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
+    return [str(Path(bin_dir) / "airflow"), "standalone"], env
+
+
+def ui_login(env: dict[str, str]) -> tuple[str, Path]:
+    """(URL, the file SimpleAuthManager writes the generated password to)."""
+    port = env.get("AIRFLOW__API__PORT", "8080")
+    passwords = env.get("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE") or str(Path(env["AIRFLOW_HOME"]) /
+                                                                                    PASSWORDS_FILE)
+    return f"http://localhost:{port}", Path(passwords)
+
+
+def _wait_for_ui(url: str, process: subprocess.Popen, passwords: Path) -> str | None:
+    """The login line once the UI answers; None when standalone ended or did not answer in time."""
+    import requests
+
+    deadline = time.monotonic() + UI_STARTUP_SECONDS
+    while time.monotonic() < deadline and process.poll() is None:
+        try:
+            if requests.get(f"{url}/api/v2/monitor/health", timeout=2).ok and passwords.exists():
+                logins = json.loads(passwords.read_text())
+                return ", ".join(f"user {user!r} password {password!r}" for user, password in logins.items())
+        except (requests.RequestException, ValueError):
+            pass  # not up yet, or the password file is being written
+        time.sleep(1)
+    return None
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """Standalone's whole process group: its scheduler, dag-processor, triggerer and API server."""
+    import signal
+
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 10)):
+        if process.poll() is not None:
+            return
+        os.killpg(process.pid, sig)
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # a SIGTERM stops the UI as Ctrl-C does: standalone and the sandbox with it
+
+
+def cmd_ui(args: argparse.Namespace) -> int:
+    """The Airflow UI on this machine (`airflow standalone`), against the accounts `run` would use."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _interrupt)
+    env = airflow_env()
+    home = Path(env["AIRFLOW_HOME"])
+    home.mkdir(parents=True, exist_ok=True)
+    problems = _connection_problems(env)
+    if problems:
+        print("\n".join(f"✗ {p}" for p in problems), file=sys.stderr)
+        return 2
+    log_file = home / "ui.log"
+    log_file.write_text("")
+    sandbox = _accounts(env, args)
+    command, env = ui_command(env)
+    url, passwords = ui_login(env)
+    try:
+        print("Preparing Airflow's database (SQLite) …", flush=True)
+        if _airflow(["db", "migrate"], env, log_file) or _airflow(["pools", "set", "ometria_push", "1",
+                                                                   "Ometria push API: account-wide rate limit"],
+                                                                  env, log_file):
+            print(f"Preparing Airflow failed; see {log_file}", file=sys.stderr)
+            return 1
+        print(f"Starting Airflow (standalone; its log: {log_file}) …", flush=True)
+        with log_file.open("a", encoding="utf-8") as log:
+            process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                       stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            login = _wait_for_ui(url, process, passwords)
+            if login is None:
+                print(f"Airflow did not start; see {log_file}", file=sys.stderr)
+                return 1
+            print(f"\nAirflow UI: {url}  (login: {login}; kept in {passwords})\n"
+                  f"DAGs from {env['AIRFLOW__CORE__DAGS_FOLDER']}; Browse → Antavo → Ometria sync opens the dashboard.\n"
+                  "Ctrl-C stops it.", flush=True)
+            return process.wait()
+        except KeyboardInterrupt:
+            return 0
+        finally:
+            _stop(process)
+    finally:
+        if sandbox is not None:
+            sandbox.stop()
+
+
 @contextmanager
 def _session(args: argparse.Namespace) -> Iterator[None]:
     """os.environ pointed at the accounts for one command: the real ones, or the sandbox (stopped afterwards)."""
@@ -233,7 +341,7 @@ def _connection(conn_id: str):
 def cmd_check(args: argparse.Namespace) -> int:
     """One line per check, as the first task of each DAG runs them."""
     with _session(args):
-        from antavo_ometria.airflow.hooks import antavo_config, ometria_config
+        from antavo_ometria.airflow.hooks import antavo_config, credential_fixes, ometria_config
         from antavo_ometria.antavo.client import AntavoClient
         from antavo_ometria.ometria.client import OmetriaClient
         from antavo_ometria.sync.connect import check_connections
@@ -242,7 +350,7 @@ def cmd_check(args: argparse.Namespace) -> int:
             mapping = load_contact_mapping(mappings_dir())
             checks = check_connections(AntavoClient(replace(antavo_config(_connection(CONNECTIONS[0])), retry=QUICK)),
                                        OmetriaClient(replace(ometria_config(_connection(CONNECTIONS[1])), retry=QUICK)),
-                                       mapping.settings.list_id)
+                                       mapping.settings.list_id, credential_fixes())
         except (ConfigError, ValueError, LookupError) as exc:
             print(f"✗ setup       {exc}")
             return 2
@@ -251,8 +359,14 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+TRACE_USAGE = "usage: make trace ID=<Antavo customer id or email>   (e.g. make trace ID=c00000001)"
+
+
 def cmd_trace(args: argparse.Namespace) -> int:
     """Did Ometria get her, when, with what, and if not, why: read live from Antavo and the state store."""
+    if not args.customer.strip():  # `make trace` without ID= passes ""
+        print(TRACE_USAGE, file=sys.stderr)
+        return 2
     with _session(args):
         import logging
 
@@ -274,17 +388,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from antavo_ometria.sync.event_rules import load_rules
 
     directory = Path(args.mappings)
-    problems = []
+    problems, warnings = [], []
     try:
         mapping = load_contact_mapping(directory, Path(args.file) if args.file else None)
     except ConfigError as exc:
-        problems += exc.problems
+        problems, warnings = exc.problems, exc.warnings
     try:
         rules = load_rules(directory)
     except ConfigError as exc:
         problems += exc.problems
     if problems:
-        print(ConfigError(problems), file=sys.stderr)
+        print(ConfigError(problems, warnings), file=sys.stderr)
         return 1
     for warning in mapping.warnings:
         print(f"warning: {warning}")
@@ -369,6 +483,10 @@ def main(argv: list[str] | None = None) -> int:
     traced.add_argument("customer", help="Antavo customer id or email")
     traced.add_argument("--customers", type=int, default=1000, help="sandbox population size")
     traced.set_defaults(func=cmd_trace)
+    ui = commands.add_parser("ui", help="the Airflow UI on this machine (airflow standalone), with the sandbox "
+                                        "unless connections are set")
+    ui.add_argument("--customers", type=int, default=1000, help="sandbox population size")
+    ui.set_defaults(func=cmd_ui)
     validate = commands.add_parser("validate", help="check the mapping files")
     validate.add_argument("--mappings", default=str(mappings_dir()))
     validate.add_argument("--file", help="a contacts mapping CSV other than <mappings>/contacts.csv")

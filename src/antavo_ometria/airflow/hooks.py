@@ -21,6 +21,18 @@ from antavo_ometria.antavo.client import AntavoClient, AntavoConfig, api_url, re
 from antavo_ometria.ometria.client import DEFAULT_BASE_URL, OmetriaClient, OmetriaConfig
 from antavo_ometria.sync.state import StateStore, default_url
 
+ANTAVO_KEYS_PAGE = "Antavo Management UI → Settings → API"
+OMETRIA_KEYS_PAGE = "Ometria → Settings → API keys; a new key can take up to 10 minutes to become active"
+
+
+def credential_fixes(antavo_conn_id: str = "antavo_default", ometria_conn_id: str = "ometria_default") -> dict[str, str]:
+    """What to change when a service refuses its credentials: the connection and its field."""
+    return {
+        "Antavo": f"check connection {antavo_conn_id}: login = the API key, password = the API secret "
+                  f"({ANTAVO_KEYS_PAGE}), extra.environment = the stack they belong to",
+        "Ometria": f"check connection {ometria_conn_id}: password = the Ometria API key ({OMETRIA_KEYS_PAGE})",
+    }
+
 
 def _base_url(host: str | None, port: int | None, default: str) -> str:
     if not host:
@@ -36,8 +48,10 @@ def antavo_config(conn) -> AntavoConfig:
     if not environment:
         raise ValueError(f"connection {conn.conn_id!r} needs extra.environment (the Antavo stack, e.g. st2); "
                          "it is part of the request-signing scope")
-    if not conn.login or not conn.password:
-        raise ValueError(f"connection {conn.conn_id!r} needs login (API key) and password (API secret)")
+    for field, meaning in (("login", "the Antavo API key"), ("password", "the Antavo API secret")):
+        if not getattr(conn, field):
+            raise ValueError(f"connection {conn.conn_id!r} has no {field}: set it to {meaning} "
+                             f"({ANTAVO_KEYS_PAGE})")
     return AntavoConfig(
         base_url=_base_url(conn.host, conn.port, api_url(environment)),
         api_key=conn.login,
@@ -60,7 +74,8 @@ def ometria_config(conn) -> OmetriaConfig:
     """An Airflow Connection → the Ometria client's settings."""
     extra = conn.extra_dejson
     if not conn.password:
-        raise ValueError(f"connection {conn.conn_id!r} needs password (the Ometria API key)")
+        raise ValueError(f"connection {conn.conn_id!r} has no password: set it to the Ometria API key "
+                         f"({OMETRIA_KEYS_PAGE})")
     return OmetriaConfig(
         api_key=conn.password,
         base_url=_base_url(conn.host, conn.port, DEFAULT_BASE_URL),
@@ -189,7 +204,7 @@ def connect_or_fail(list_id: str, staging: bool = True) -> list[str]:
         # a missing bucket or refused credentials stop the run before any request (the event triggers stage nothing)
         staged = [f"ok  staging: {check_staging(staging_root())}"] if staging else []
     store.ensure_schema()  # a run's first task brings a schema that is behind up to date (an upgrade)
-    checks = check_connections(antavo, ometria, list_id)
+    checks = check_connections(antavo, ometria, list_id, credential_fixes())
     lines = staged + [f"{'ok' if c.ok else 'FAILED'}  {c.name}: {c.detail}" for c in checks]
     for line in lines:
         logging.getLogger(__name__).info("%s", line)

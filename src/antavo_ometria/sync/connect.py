@@ -8,7 +8,7 @@ runs the same checks and fails at once when credentials are refused or the list 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -23,6 +23,7 @@ class Check:
     ok: bool
     detail: str
     retryable: bool = False  # a failure that trying again later could mend (the network, a 5xx)
+    refused: bool = False  # the service refused the credentials: only changing them helps
 
 
 class ConnectionCheckFailed(Exception):
@@ -35,29 +36,40 @@ class ConnectionCheckFailed(Exception):
         super().__init__("; ".join(f"{c.name}: {c.detail}" for c in failed))
 
 
-def check_connections(antavo: AntavoClient, ometria: OmetriaClient, list_id: str) -> list[Check]:
-    """Every check, in order; a check that cannot run because an earlier one failed is reported as such."""
+REFUSED = {"Antavo": "the credentials were refused", "Ometria": "the API key was refused"}
+
+
+def check_connections(antavo: AntavoClient, ometria: OmetriaClient, list_id: str,
+                      fixes: Mapping[str, str] | None = None) -> list[Check]:
+    """Every check, in order; a check that cannot run because an earlier one failed is reported as such.
+    `fixes` says, per service, what to change when it refuses the credentials (the caller knows where they are
+    set: the Airflow layer names the connection and its field)."""
+    fixes = fixes or {}
     hosts = f"{urlsplit(antavo.read_api).netloc} and {urlsplit(antavo.base).netloc}"
-    checks = [_attempt("Antavo", lambda: (antavo.ping(), f"signed requests accepted by {hosts}")[1])]
+    checks = [_attempt("Antavo", lambda: (antavo.ping(), f"signed requests accepted by {hosts}")[1], fixes)]
     lists: list[dict] = []
 
     def read_lists() -> str:
         lists.extend(ometria.lists())
         return f"API key accepted by {urlsplit(ometria.base).netloc} ({len(lists)} active list(s))"
 
-    checks.append(_attempt("Ometria", read_lists))
-    if not checks[-1].ok:
-        checks.append(Check("list", False, "not checked: Ometria did not answer", checks[-1].retryable))
+    checks.append(_attempt("Ometria", read_lists, fixes))
+    ometria_check = checks[-1]
+    if ometria_check.refused:
+        checks.append(Check("list", False, "not checked: Ometria refused the key"))
+    elif not ometria_check.ok:
+        checks.append(Check("list", False, "not checked: Ometria did not answer", ometria_check.retryable))
     else:
         checks.append(_list_check(list_id, lists))
     return checks
 
 
-def _attempt(name: str, probe: Callable[[], str]) -> Check:
+def _attempt(name: str, probe: Callable[[], str], fixes: Mapping[str, str]) -> Check:
     try:
         return Check(name, True, probe())
     except AuthenticationFailed as exc:
-        return Check(name, False, f"the credentials were refused ({exc})")  # no retry: they stay refused
+        fix = f"; {fixes[name]}" if name in fixes else ""
+        return Check(name, False, f"{REFUSED[name]} ({exc}){fix}", refused=True)  # no retry: they stay refused
     except ApiError as exc:
         return Check(name, False, str(exc), exc.retryable)
 
@@ -72,8 +84,12 @@ def _list_check(list_id: str, lists: list[dict]) -> Check:
             "; it is a DYNAMIC list, which Ometria fills by its own rules: contacts may not stay in it")
         return Check("list", True, f"{list_id} '{found.get('title')}' ({found.get('type')}, {found.get('status')})"
                                    f"{note}")
-    close = difflib.get_close_matches(str(list_id), list(by_id), n=1, cutoff=0.5)
-    hint = f"; did you mean {close[0]} '{by_id[close[0]].get('title')}'?" if close else ""
-    known = ", ".join(f"{i} '{row.get('title')}'" for i, row in list(by_id.items())[:10])
+    # only a list that is not DYNAMIC keeps the contacts the sync adds: Ometria fills a DYNAMIC one by its rules
+    addable = {i: row for i, row in by_id.items() if row.get("type") != "DYNAMIC"}
+    close = difflib.get_close_matches(str(list_id), list(addable), n=1, cutoff=0.5)
+    hint = f"; did you mean {close[0]} '{addable[close[0]].get('title')}'?" if close else ""
+    known = ", ".join(f"{i} '{row.get('title')}'" for i, row in list(addable.items())[:10])
+    left_out = len(by_id) - len(addable)
+    dynamic = f"; {left_out} DYNAMIC list(s) left out: Ometria fills them by their rules" if left_out else ""
     return Check("list", False, f"list {list_id} is not among this account's active lists{hint} "
-                                f"(lists: {known or 'none'})")
+                                f"(lists a contact can be added to, by ID and name: {known or 'none'}{dynamic})")

@@ -29,7 +29,7 @@ from antavo_ometria.ometria.contract import CUSTOM_FIELD_ID
 from antavo_ometria.ometria.formats import CUSTOM_FORMATS, FORMATS
 from antavo_ometria.ometria.payload import ContactShape
 from antavo_ometria.problems import ConfigError, Problem
-from antavo_ometria.sync.settings import SyncSettings, load_settings
+from antavo_ometria.sync.settings import SyncSettings, read_settings
 from antavo_ometria.sync.tables import did_you_mean, read_csv, rows_of
 
 CONTACTS_FILE = "contacts.csv"
@@ -129,23 +129,22 @@ def file_version(contacts_file: Path, settings_file: Path) -> str:
 
 def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) -> ContactMapping:
     """Read and check the mapping table and settings; raise ConfigError listing every problem."""
-    problems: list[Problem] = []
-    try:
-        settings = load_settings(mappings_dir / SETTINGS_FILE)
-    except ConfigError as exc:
-        problems += exc.problems
-        settings = SyncSettings()
+    read = read_settings(mappings_dir / SETTINGS_FILE)
+    settings = read.settings
     path = contacts_file or mappings_dir / CONTACTS_FILE
-    fields, table_problems, warnings = parse_contacts(path, settings)
-    problems += table_problems
+    # a row is not judged by a setting that failed: its default is not what the analyst chose
+    fields, table_problems, warnings = parse_contacts(path, settings, read.failed)
+    problems = [*read.problems, *table_problems]
     if problems:
-        raise ConfigError(problems)
+        raise ConfigError(problems, warnings)
     return ContactMapping(tuple(fields), settings, mapping_version(fields, settings), tuple(warnings),
                           (file_version(path, mappings_dir / SETTINGS_FILE),))
 
 
-def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMapping], list[Problem], list[Problem]]:
-    """(fields, problems, warnings) of the mapping table."""
+def parse_contacts(path: Path, settings: SyncSettings, unsure: frozenset[str] = frozenset()
+                   ) -> tuple[list[FieldMapping], list[Problem], list[Problem]]:
+    """(fields, problems, warnings) of the mapping table. `unsure` names the settings that failed their own
+    check (`*`: the settings file could not be read): no row is found wrong because of their defaults."""
     file = str(path)
     if not path.exists():
         return [], [Problem(file, 0, "", "mapping file not found")], []
@@ -176,7 +175,7 @@ def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMappin
                                     f"{seen_remote[remote]}; map each remote field once"))
         elif remote:
             seen_remote[remote] = line
-        field, row_problems, row_warnings = _check_row(file, line, cells, settings)
+        field, row_problems, row_warnings = _check_row(file, line, cells, settings, unsure)
         problems += row_problems
         warnings += row_warnings
         if field is not None:
@@ -187,72 +186,84 @@ def parse_contacts(path: Path, settings: SyncSettings) -> tuple[list[FieldMappin
     return fields, problems, warnings
 
 
+Found = list[tuple[str, str]]  # (column, message) of one row
+
+
 def _check_row(
-    file: str, line: int, cells: dict[str, str], settings: SyncSettings
+    file: str, line: int, cells: dict[str, str], settings: SyncSettings, unsure: frozenset[str] = frozenset()
 ) -> tuple[FieldMapping | None, list[Problem], list[Problem]]:
-    problems: list[Problem] = []
-    warnings: list[Problem] = []
-
-    def problem(column: str, message: str) -> None:
-        problems.append(Problem(file, line, column, message))
-
-    loyalty, remote = cells.get("loyalty_field", ""), cells.get("remote_field", "")
-    if loyalty.startswith(CUSTOMER):
-        loyalty = loyalty[len(CUSTOMER):]
+    loyalty = cells.get("loyalty_field", "").removeprefix(CUSTOMER)
+    remote = cells.get("remote_field", "")
     fmt, overwrite = cells.get("format", "").lower(), cells.get("overwrite_empty", "").lower()
-    for column, value in (("loyalty_field", loyalty), ("remote_field", remote)):
-        if not value:
-            problem(column, f"{column} is empty; fill it in or delete the row")
+    found: Found = [(column, f"{column} is empty; fill it in or delete the row")
+                    for column, value in (("loyalty_field", loyalty), ("remote_field", remote)) if not value]
+    entry = _check_loyalty(loyalty, settings, unsure, found)
+    remote, warnings = _check_remote(remote, settings, unsure, found)
+    fmt = _check_format(fmt, loyalty, remote, entry, found)
+    if overwrite not in ("", "yes", "no", "true", "false"):
+        found.append(("overwrite_empty", f"overwrite_empty must be yes or no, not {overwrite!r}"))
+    problems = [Problem(file, line, column, message) for column, message in found]
+    warned = [Problem(file, line, "remote_field", message) for message in warnings]
+    if problems or entry is None:
+        return None, problems, warned
+    field = FieldMapping(loyalty, remote, fmt or "string", overwrite in ("yes", "true"), remote in builtin_fields(), line)
+    return field, [], warned
 
-    entry = None
-    if loyalty:
-        entry = find_in_catalog(loyalty)
-        if entry is None:
-            names = [f.path for f in catalog()]
-            problem("loyalty_field", f"unknown loyalty field {loyalty!r}{did_you_mean(loyalty, names)}; "
-                    "`make fields` lists the loyalty fields")
-        elif settings.payload_mode not in entry.modes:
-            problem("loyalty_field", f"{loyalty!r} comes from the {entry.module} module and is only "
-                    "available in v2 mode: set payload_mode = \"v2\" in settings.toml or remove the row")
 
+def _check_loyalty(loyalty: str, settings: SyncSettings, unsure: frozenset[str], found: Found) -> CatalogField | None:
+    """The catalog entry of the row's loyalty field, or None (a problem is added when it is unknown)."""
+    if not loyalty:
+        return None
+    entry = find_in_catalog(loyalty)
+    if entry is None:
+        names = [f.path for f in catalog()]
+        found.append(("loyalty_field", f"unknown loyalty field {loyalty!r}{did_you_mean(loyalty, names)}; "
+                      "`make fields` lists the loyalty fields"))
+    elif settings.payload_mode not in entry.modes and not {"payload_mode", "*"} & unsure:
+        found.append(("loyalty_field", f"{loyalty!r} comes from the {entry.module} module and is only "
+                      "available in v2 mode: set payload_mode = \"v2\" in settings.toml or remove the row"))
+    return entry
+
+
+def _check_remote(remote: str, settings: SyncSettings, unsure: frozenset[str], found: Found) -> tuple[str, list[str]]:
+    """(the remote field, "" when the sync sets it itself; warnings) of the row."""
     builtins = builtin_fields()
-    is_builtin = remote in builtins
+    warnings: list[str] = []
     if remote == "id" or remote.startswith("@"):
-        problem("remote_field", f"{remote!r} is set by the sync itself (id is always the Antavo "
-                "customer ID); remove this row")
-        remote = ""
-    elif remote and not is_builtin:
+        found.append(("remote_field", f"{remote!r} is set by the sync itself (id is always the Antavo "
+                      "customer ID); remove this row"))
+        return "", warnings
+    if remote and remote not in builtins:
         close = difflib.get_close_matches(remote, list(builtins), n=1, cutoff=0.8)
         if not re.match(CUSTOM_FIELD_ID, remote):
-            problem("remote_field", f"{remote!r} is not a valid custom field ID: use the field ID from "
-                    "Ometria's custom field settings (letters, digits, _ and -, no spaces)")
+            found.append(("remote_field", f"{remote!r} is not a valid custom field ID: use the field ID from "
+                          "Ometria's custom field settings (letters, digits, _ and -, no spaces)"))
         elif close:
-            warnings.append(Problem(file, line, "remote_field", f"{remote!r} is sent as a custom field ID; if you "
-                                    f"meant Ometria's built-in field {close[0]!r}, fix the spelling"))
-    if remote == "marketing_optin" and not settings.consent_authoritative:
-        problem("remote_field", "marketing_optin is only sent when Antavo is the consent authority: "
-                "set [consent] authoritative = true in settings.toml, or remove the row")
+            warnings.append(f"{remote!r} is sent as a custom field ID; if you meant Ometria's built-in field "
+                            f"{close[0]!r}, fix the spelling")
+    consent_known = not {"consent_authoritative", "*"} & unsure
+    if remote == "marketing_optin" and not settings.consent_authoritative and consent_known:
+        found.append(("remote_field", "marketing_optin is only sent when Antavo is the consent authority: "
+                      "set [consent] authoritative = true in settings.toml, or remove the row"))
+    return remote, warnings
 
+
+def _check_format(fmt: str, loyalty: str, remote: str, entry: CatalogField | None, found: Found) -> str:
+    """The format the row's value is written in ("" when it cannot be told)."""
+    builtins = builtin_fields()
     if fmt and fmt not in FORMATS:
-        problem("format", f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; formats: {', '.join(FORMATS)}")
+        found.append(("format", f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; formats: {', '.join(FORMATS)}"))
         fmt = ""
-    if is_builtin:
+    if remote in builtins:
         if fmt and fmt != builtins[remote]:
-            problem("format", f"{remote} is always written as {builtins[remote]}; leave format empty")
+            found.append(("format", f"{remote} is always written as {builtins[remote]}; leave format empty"))
         fmt = builtins[remote]
     elif fmt and fmt not in CUSTOM_FORMATS:
-        problem("format", f"custom fields take one of {', '.join(CUSTOM_FORMATS)}, not {fmt!r}")
+        found.append(("format", f"custom fields take one of {', '.join(CUSTOM_FORMATS)}, not {fmt!r}"))
     elif not fmt and entry is not None:
         fmt = entry.format if entry.format in CUSTOM_FORMATS else "string"
     writable = FORMATS[entry.format].writable_as if entry is not None and entry.format in FORMATS else None
     if entry is not None and fmt and writable is not None and fmt not in writable:
-        problem("format", f"{loyalty!r} holds a {entry.format} and cannot be written as {fmt} "
-                f"({remote}); map a different field or change the format")
-
-    if overwrite not in ("", "yes", "no", "true", "false"):
-        problem("overwrite_empty", f"overwrite_empty must be yes or no, not {overwrite!r}")
-
-    if problems or entry is None:
-        return None, problems, warnings
-    return FieldMapping(loyalty, remote, fmt or "string", overwrite in ("yes", "true"), is_builtin, line), [], warnings
-
+        found.append(("format", f"{loyalty!r} holds a {entry.format} and cannot be written as {fmt} "
+                      f"({remote}); map a different field or change the format"))
+    return fmt

@@ -54,8 +54,11 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
                                     "the next run sends it"], "payload": payloads.get(i)}
               for i in journal["failed_ids"]]
     quarantined = [{"id": q["id"], "reasons": q["reasons"]} for q in read_ndjson(staging / QUARANTINE)]
-    not_delivered = quarantined + read_ndjson(staging / OVERSIZED) + [
-        {"id": r["id"], "reasons": r["reasons"]} for r in rejected + failed]
+    oversized = read_ndjson(staging / OVERSIZED)
+    not_delivered = quarantined + oversized + [{"id": r["id"], "reasons": r["reasons"]} for r in rejected + failed]
+    # how many of each kind, in the order of not_delivered: each kind is kept in a different place
+    held_kinds = {"quarantined": len(quarantined), "oversized": len(oversized), "rejected": len(rejected),
+                  "failed": len(failed)}
     async_errors = json.loads((staging / ASYNC_ERRORS).read_text()) if (staging / ASYNC_ERRORS).exists() else []
     duplicates = json.loads((staging / DUPLICATES).read_text()) if (staging / DUPLICATES).exists() else []
     report = {
@@ -84,6 +87,7 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
         "batches": journal["batches"],
         "async_errors": async_errors,
         "not_delivered": not_delivered,
+        "held_kinds": held_kinds,
         "staging": str(staging),
     }
     unsent = transformed.changed if plan.dry_run else report["sent"] + report["failed"] + report["refused_oversized"]
@@ -142,6 +146,27 @@ def _history_row(run: dict) -> dict:
     return {k: (run[k].isoformat() if isinstance(run[k], datetime) else run[k]) for k in keys}
 
 
+def _more_held(report: dict, limit: int) -> list[str]:
+    """Where the held records not listed are: each kind is kept in its own place."""
+    staging, more = report["staging"], len(report["not_delivered"]) - limit
+    if more <= 0:
+        return []
+    kinds = report.get("held_kinds")
+    if not kinds:  # a report written before the kinds were counted
+        return [f"    … {more} more: {staging}/{QUARANTINE}, {staging}/{OVERSIZED} and the state store (sync_held_records)"]
+    places = {"quarantined": f"quarantined, in {staging}/{QUARANTINE}",
+              "oversized": f"over {kilobytes(MAX_RECORD_BYTES)}, in {staging}/{OVERSIZED}",
+              "rejected": "rejected by Ometria, in the state store (sync_held_records, with their payloads)",
+              "failed": "not delivered (the next run sends them), in the state store (sync_held_records)"}
+    lines, shown = [], limit
+    for kind, count in kinds.items():
+        hidden = count - min(count, shown)
+        shown -= min(count, shown)
+        if hidden:
+            lines.append(f"    … {hidden} more {places[kind]}")
+    return lines
+
+
 def format_report(report: dict, limit: int = 20) -> str:
     window = f", window {report['window'][0]} → {report['window'][1]}" if report.get("window") else ""
     lines = [
@@ -177,8 +202,7 @@ def format_report(report: dict, limit: int = 20) -> str:
         lines.append("  not delivered, with reasons:")
         for row in report["not_delivered"][:limit]:
             lines.append(f"    {row['id']}: {'; '.join(row['reasons'])}")
-        if len(report["not_delivered"]) > limit:
-            lines.append(f"    … {len(report['not_delivered']) - limit} more in {report['staging']}/{QUARANTINE}")
+        lines += _more_held(report, limit)
     if report["async_errors"]:
         lines.append(f"  Ometria reported {len(report['async_errors'])} validation error(s) at /v2/push/_errors:")
         lines += [f"    {e.get('error_path')}: {e.get('error_message')}" for e in report["async_errors"][:limit]]

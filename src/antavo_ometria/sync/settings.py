@@ -46,31 +46,76 @@ _FIELDS = {
 }
 
 
+@dataclass(frozen=True)
+class SettingsRead:
+    """What `settings.toml` says: the settings (a value that failed its check is left at its default), the
+    problems, and which settings failed, so that nothing is judged against a default nobody chose."""
+
+    settings: SyncSettings
+    problems: tuple[Problem, ...] = ()
+    failed: frozenset[str] = frozenset()  # SyncSettings attributes whose value was wrong; "*": all, unreadable
+
+
+_CHECKS = {
+    # attribute: (is the value acceptable, the rule it breaks)
+    "payload_mode": (lambda v: v in PAYLOAD_MODES, f"payload_mode must be one of {PAYLOAD_MODES}"),
+    "late_event_policy": (lambda v: v in LATE_EVENT_POLICIES, f"late_event_policy must be one of {LATE_EVENT_POLICIES}"),
+    "collection": (lambda v: bool(v.strip()), "collection must not be empty"),
+    "list_id": (lambda v: v == "" or v.isdigit(),
+                "list_id must be the numeric ID of an Ometria list (`make check` names the account's lists), or empty"),
+    "max_invalid_share": (lambda v: 0 <= v <= 1, "max_invalid_share must be between 0 and 1"),
+    "min_rows_vs_last_run": (lambda v: 0 <= v <= 1, "min_rows_vs_last_run must be between 0 and 1"),
+    "overlap_minutes": (lambda v: v >= 0, "overlap_minutes must not be negative"),
+}
+
+
 def load_settings(path: Path) -> SyncSettings:
     """Read `settings.toml`; every problem is reported at once as a ConfigError."""
+    read = read_settings(path)
+    if read.problems:
+        raise ConfigError(list(read.problems))
+    return read.settings
+
+
+def read_settings(path: Path) -> SettingsRead:
+    """Read `settings.toml` without raising: every problem, and the settings that are right."""
     file = str(path)
     try:
-        raw = path.read_bytes()
+        raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # an editor's byte-order mark
     except FileNotFoundError:
-        return SyncSettings()
-    raw = raw.removeprefix(b"\xef\xbb\xbf")  # an editor's byte-order mark
+        return SettingsRead(SyncSettings())
+    unreadable = frozenset({"*"})
     try:
-        data = tomllib.loads(raw.decode("utf-8"))
+        text = raw.decode("utf-8")
+        data = tomllib.loads(text)
     except UnicodeDecodeError:
-        raise ConfigError([Problem(file, 1, "", "the file is not UTF-8; save it as UTF-8")]) from None
+        return SettingsRead(SyncSettings(), (Problem(file, 1, "", "the file is not UTF-8; save it as UTF-8"),),
+                            unreadable)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([Problem(file, getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}")]) from None
+        problem = Problem(file, getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}")
+        return SettingsRead(SyncSettings(), (problem,), unreadable)
+    lines = text.splitlines()
+    values, problems, failed = _typed_values(file, lines, data)
+    for attribute, value in list(values.items()):
+        accepted, message = _CHECKS.get(attribute, (lambda v: True, ""))
+        if not accepted(value):
+            key = next(k for (_, k), (a, _) in _FIELDS.items() if a == attribute)
+            problems.append(Problem(file, _line_of(lines, key), key, f"{message}, not {value!r}"))
+            del values[attribute]
+            failed.add(attribute)
+    return SettingsRead(SyncSettings(**values), tuple(problems), frozenset(failed))
 
-    lines = raw.decode("utf-8").splitlines()
+
+def _typed_values(file: str, lines: list[str], data: dict) -> tuple[dict, list[Problem], set[str]]:
+    """{attribute: value} of the settings of the right type, the problems, and the attributes of the wrong type."""
     problems: list[Problem] = []
     values: dict = {}
+    failed: set[str] = set()
     known_sections = {section for section, _ in _FIELDS}
     for section, table in data.items():
         if section not in known_sections or not isinstance(table, dict):
-            problems.append(
-                Problem(file, _line_of(lines, f"[{section}]"), section,
-                        f"unknown section [{section}]; known: {', '.join(sorted(known_sections))}")
-            )
+            problems.append(Problem(file, _line_of(lines, f"[{section}]"), section,
+                                    f"unknown section [{section}]; known: {', '.join(sorted(known_sections))}"))
             continue
         for key, value in table.items():
             spec = _FIELDS.get((section, key))
@@ -82,25 +127,10 @@ def load_settings(path: Path) -> SyncSettings:
             attribute, kind = spec
             if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
                 problems.append(Problem(file, line, key, f"{section}.{key} has the wrong type ({value!r})"))
+                failed.add(attribute)
                 continue
             values[attribute] = str(value) if attribute == "list_id" else value
-    settings = SyncSettings(**values)
-    checks = [
-        (settings.payload_mode in PAYLOAD_MODES, "payload_mode", f"payload_mode must be one of {PAYLOAD_MODES}"),
-        (settings.late_event_policy in LATE_EVENT_POLICIES, "late_event_policy",
-         f"late_event_policy must be one of {LATE_EVENT_POLICIES}"),
-        (bool(settings.collection.strip()), "collection", "collection must not be empty"),
-        (settings.list_id == "" or settings.list_id.isdigit(), "list_id",
-         "list_id must be the numeric ID of an Ometria list (see GET /v2/lists), or empty"),
-        (0 <= settings.max_invalid_share <= 1, "max_invalid_share", "max_invalid_share must be between 0 and 1"),
-        (0 <= settings.min_rows_vs_last_run <= 1, "min_rows_vs_last_run",
-         "min_rows_vs_last_run must be between 0 and 1"),
-        (settings.overlap_minutes >= 0, "overlap_minutes", "overlap_minutes must not be negative"),
-    ]
-    problems += [Problem(file, _line_of(lines, key), key, msg) for ok, key, msg in checks if not ok]
-    if problems:
-        raise ConfigError(problems)
-    return settings
+    return values, problems, failed
 
 
 def _line_of(lines: list[str], needle: str) -> int:

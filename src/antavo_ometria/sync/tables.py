@@ -11,21 +11,19 @@ from pathlib import Path
 from antavo_ometria.problems import Problem
 
 BOM = b"\xef\xbb\xbf"
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # Excel's "Unicode Text" (tab-separated) starts with one
+DELIMITERS = ",;\t"  # comma; semicolon (Excel's CSV where the decimal sign is a comma); tab
 
 
 def read_csv(path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]], list[Problem]]:
     """An analyst-edited CSV: (header, [(line, cells)], problems). UTF-8, with or without Excel's byte-order
-    mark; a quote left open is reported on the line where it opens."""
+    mark (or UTF-16 with its mark, as Excel's "Unicode Text" saves), separated by commas, semicolons or tabs
+    as the header row shows; a quote left open is reported on the line where it opens."""
     file = str(path)
-    raw = path.read_bytes()
-    if raw.startswith(BOM):
-        raw = raw[len(BOM):]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        line = raw[: exc.start].count(b"\n") + 1
-        return None, [], [Problem(file, line, "", f"byte {raw[exc.start]:#x} is not UTF-8; save the file as UTF-8 CSV")]
-    reader = csv.reader(io.StringIO(text, newline=""))
+    text, problem = _decoded(file, path.read_bytes())
+    if problem is not None:
+        return None, [], [problem]
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter_of(text))
     header: list[str] | None = None
     rows: list[tuple[int, list[str]]] = []
     problems: list[Problem] = []
@@ -40,6 +38,29 @@ def read_csv(path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]],
             rows.append((start, cells))
         start = reader.line_num + 1
     return header, rows, problems
+
+
+def _decoded(file: str, raw: bytes) -> tuple[str, Problem | None]:
+    if raw.startswith(UTF16_BOMS):
+        try:
+            return raw.decode("utf-16"), None
+        except UnicodeDecodeError:
+            return "", Problem(file, 1, "", "the file starts like UTF-16 but is not; save it as CSV UTF-8")
+    raw = raw.removeprefix(BOM)
+    try:
+        return raw.decode("utf-8"), None
+    except UnicodeDecodeError as exc:
+        line = raw[: exc.start].count(b"\n") + 1
+        return "", Problem(file, line, "", f"byte {raw[exc.start]:#x} is not UTF-8; save the file as UTF-8 CSV")
+
+
+def delimiter_of(text: str) -> str:
+    """The separator the header row uses: the one of DELIMITERS it has most of (column names hold none of
+    them); a comma when it has none."""
+    header = next((line for line in text.splitlines() if line.strip()), "")
+    counts = {d: header.count(d) for d in DELIMITERS}
+    best = max(DELIMITERS, key=lambda d: counts[d])
+    return best if counts[best] else ","
 
 
 def rows_of(file: str, header: list[str], rows: list[tuple[int, list[str]]], problems: list[Problem]

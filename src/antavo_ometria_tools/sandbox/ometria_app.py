@@ -26,7 +26,7 @@ from antavo_ometria_tools.sandbox.server import App, Request, Response
 # Ometria's rules, written here from its public documentation (see the project's API reference notes), not
 # taken from the sync's own code: a sandbox that shared the sync's rules could not catch a wrong one.
 MAX_RECORDS = 100  # records per push request
-MAX_RECORD_BYTES = 60 * 1024  # "60 KB" per record
+MAX_RECORD_BYTES = 60 * 1024  # "60 KB" per record, read as 1024-byte kilobytes: the sync keeps to 60,000 bytes
 RECORD_TYPES = {"contact", "order", "product", "custom_event"}
 OPTIN = {"EXPLICITLY_OPTEDIN", "EXPLICITLY_OPTEDOUT", "NOT_SPECIFIED"}
 # built-in contact fields (top level) and the kind of value each takes
