@@ -10,7 +10,9 @@ Ometria's push API in batches of 100.
 as files; XCom carries only paths and counts.
 
 **Runs.** Each scheduled run reads the customers Antavo updated in its hourly data interval (plus a
-small overlap). The first run, a run after the mapping or settings changed, and a run triggered with
+small overlap), and the contacts still owed (rejected or not delivered before) that are due a retry. Every
+`reconcile_every_hours` (and when triggered with `reconcile`) a run reads every customer and sends only
+what differs from what Ometria accepted; members no longer active leave the configured list. The first run, a run after the mapping or settings changed, and a run triggered with
 `full_resync` read and send every customer. A backfill re-sends the customers updated in its
 intervals. `dry_run` computes and reports what would be sent, and sends nothing.
 
@@ -63,6 +65,8 @@ def _store():
     params={
         "full_resync": Param(False, type="boolean", description="Read and send every customer, changed or not."),
         "dry_run": Param(False, type="boolean", description="Compute and report what would be sent; send nothing."),
+        "reconcile": Param(False, type="boolean", description="Read every customer and send only what differs from "
+                           "what Ometria accepted (runs by itself every reconcile_every_hours)."),
     },
 )
 def antavo_ometria_contacts():
@@ -99,6 +103,7 @@ def antavo_ometria_contacts():
             run_type=getattr(context["dag_run"].run_type, "value", str(context["dag_run"].run_type)),
             full_resync=bool(context["params"]["full_resync"]),
             dry_run=bool(context["params"]["dry_run"]),
+            reconcile=bool(context["params"].get("reconcile", False)),
         ).as_dict()
 
     @task
@@ -135,7 +140,7 @@ def antavo_ometria_contacts():
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(LoadFailed, ApiError):  # e.g. a refused API key; network trouble and 5xx are retried
-            return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store()).as_dict()
+            return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store(), _mapping().settings).as_dict()
 
     @task(trigger_rule="all_done")
     def report() -> dict:

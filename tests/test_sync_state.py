@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pendulum
 import pytest
@@ -103,7 +103,7 @@ def test_full_resync_parameter(airflow_db, dag, connections):
     assert again["sent"] == first["sent"]
 
 
-def test_rejected_records_are_kept_and_not_retried(airflow_db, dag, connections):
+def test_rejected_records_stay_owed_and_are_retried_until_ometria_accepts_them(airflow_db, dag, connections):
     sandbox = connections
     sandbox.ometria.reject_ids = {"c00000003", "c00000150", "c00000151"}  # e.g. emails owned by other contacts
     _, report = run(dag, FIRST)
@@ -112,13 +112,32 @@ def test_rejected_records_are_kept_and_not_retried(airflow_db, dag, connections)
     assert rejected == sandbox.ometria.reject_ids
     assert {"error_message": "identifier is already owned by another contact",
             "error_path": "root > email"} in report["async_errors"]
-    held = StateStore(_state_url()).held_records(kind="rejected")
+    store = StateStore(_state_url())
+    held = store.held_records(kind="rejected")
     assert {h["antavo_id"] for h in held} == rejected
     assert all(json.loads(h["payload"])["id"] == h["antavo_id"] for h in held)
-    pushes = sandbox.ometria.pushes
-    sandbox.antavo.touch("c00000003", {}, at=FIRST)  # updated in the next window, but the payload is the same
-    _, again = run(dag, FIRST + timedelta(hours=1))
-    assert again["extracted"] == 1 and again["sent"] == 0 and sandbox.ometria.pushes == pushes
+    assert store.contact_count() == report["accepted"]  # a rejected contact is not known to Ometria
+
+    _, again = run(dag, FIRST + timedelta(hours=1))  # nothing changed in Antavo: the owed ones are tried again
+    assert again["retried"] == 3 and again["retried_accepted"] == 0 and again["rejected"] == 3
+    assert len(again["async_errors"]) == 3  # the three new entries, not Ometria's whole list again (6 by now)
+    assert len(sandbox.ometria.errors) > 3
+    owed = {i: store.contact(i) for i in rejected}
+    assert {c["status"] for c in owed.values()} == {"rejected"} and {c["attempts"] for c in owed.values()} == {2}
+    assert all(c["retry_at"] > datetime.now(UTC) + timedelta(minutes=50) for c in owed.values())  # then 1 h later
+
+    _, waiting = run(dag, FIRST + timedelta(hours=2))  # not due yet: left alone, still owed
+    assert waiting["retried"] == 0 and store.owed_count() == 3
+
+    sandbox.ometria.reject_ids = set()  # the owner of those emails fixed them; an hour passes
+    contacts = store.table("sync_contacts")
+    with store.engine.begin() as conn:
+        conn.execute(contacts.update().values(retry_at=datetime.now(UTC) - timedelta(seconds=1)))
+    _, fixed = run(dag, FIRST + timedelta(hours=3))
+    assert fixed["retried"] == 3 and fixed["retried_accepted"] == 3 and fixed["status"] == "success"
+    assert store.owed_count() == 0 and not store.held_records(kind="rejected")
+    assert {i for (_, i) in sandbox.ometria.contacts} >= rejected  # what the sandbox stored, per id
+    assert all(sandbox.ometria.received[("contact", i)] == 1 for i in rejected)  # accepted exactly once
 
 
 def _state_url() -> str:

@@ -64,32 +64,23 @@ def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes], h
     """Push one batch; journal entries (ids, hashes, Ometria's answer) for it and for any halves it was split into.
 
     With `isolate`, a batch in which Ometria rejected some records is halved until each rejected record stands
-    alone (accepted records are pushed again on the way: an upsert for contacts). A batch refused whole (HTTP
-    400, e.g. one record Ometria cannot parse) is halved the same way, and a record refused on its own is kept
-    as rejected with Ometria's answer, so that one bad record never blocks the others.
+    alone (accepted records are pushed again on the way: an upsert for contacts). A request refused whole
+    (HTTP 400 with no word on which record) is a failed batch, not a rejection of each record: a proxy or a
+    bad minute answers 400 to every batch alike, and those records stay owed until a later push is accepted.
     """
     hashes = hashes or [payload_hash(body) for body in bodies]
     halves = len(ids) // 2
-
-    def split() -> list[dict]:
-        return (push_isolating(client, ids[:halves], bodies[:halves], hashes[:halves], record_type, isolate)
-                + push_isolating(client, ids[halves:], bodies[halves:], hashes[halves:], record_type, isolate))
-
     try:
         result = client.push_encoded(record_type, bodies)
     except AuthenticationFailed:
         raise  # a refused API key is refused for every batch: stop at the first
     except ApiError as exc:
-        if exc.status == 400 and len(ids) > 1:
-            return split()
-        if exc.status == 400:
-            return [{"ids": ids, "hashes": hashes, "status": "OK", "request_id": None, "accepted": 0,
-                     "rejected": 1, "error": f"refused by Ometria: {exc}"}]
         log.error("batch of %d records not delivered: %s", len(ids), exc)
-        return [{"ids": ids, "hashes": hashes, "status": "FAILED", "error": str(exc), "retryable": exc.retryable,
-                 "accepted": 0, "rejected": 0}]
+        return [{"ids": ids, "hashes": hashes, "status": "FAILED", "error": str(exc),
+                 "retryable": exc.retryable or exc.status == 400, "accepted": 0, "rejected": 0}]
     if isolate and 0 < result.rejected < len(ids):  # find the rejected records
-        return split()
+        return (push_isolating(client, ids[:halves], bodies[:halves], hashes[:halves], record_type, isolate)
+                + push_isolating(client, ids[halves:], bodies[halves:], hashes[halves:], record_type, isolate))
     return [{"ids": ids, "hashes": hashes, "status": result.status, "request_id": result.request_id,
              "accepted": result.accepted, "rejected": result.rejected}]
 

@@ -264,7 +264,7 @@ def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple
     """Push the contacts Ometria has not received from us yet, so their events find a profile.
 
     Returns the ids that were sent, rejected and not delivered, and the last delivery error."""
-    known = store.sent_hashes([i for i, _ in contacts])
+    known = store.accepted_hashes([i for i, _ in contacts])
     unknown = [(i, body) for i, body in contacts if i not in known]
     outcome: dict = {"sent": [], "rejected": [], "failed": [], "error": None}
     for ids, bodies in batches(unknown):

@@ -15,6 +15,7 @@ from antavo_ometria.sync.staging import (
     CONTACTS,
     CUSTOMERS,
     GX_RESULT,
+    LEAVERS,
     OVERSIZED,
     QUARANTINE,
     REPORT,
@@ -35,7 +36,7 @@ def extract(client: AntavoClient, staging: Path, plan: Plan | dict, status: str 
     `paths` are the loyalty fields the mapping reads: incremental profile reads ask Antavo for them."""
     plan = Plan.of(plan)
     make_folder(staging)
-    for name in (CONTACTS, QUARANTINE, OVERSIZED, ASYNC_ERRORS, GX_RESULT, REPORT):  # an earlier try's results
+    for name in (CONTACTS, QUARANTINE, OVERSIZED, LEAVERS, ASYNC_ERRORS, GX_RESULT, REPORT):  # an earlier try's results
         (staging / name).unlink(missing_ok=True)
     progress = Progress("extract", "customers")
     reads: dict = {}
@@ -64,7 +65,10 @@ def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[s
         yield from client.iter_customer_pages(status)
         return
     change_list = client.read_change_list(datetime.fromisoformat(plan.since), datetime.fromisoformat(plan.until))
-    ids = change_list.ids
+    ids = list(dict.fromkeys([*change_list.ids, *plan.retry_ids]))  # and the owed contacts due a retry
+    if plan.retry_ids:
+        log.info("%d owed contacts (rejected or not delivered before) are read again to be retried",
+                 len(plan.retry_ids))
     if change_list.suspect_missed:
         reads.update(suspect_missed=True, suspect_reason=change_list.reason)
     way, why = choose_reads(len(ids), plan.previous_full_count)

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from pathlib import Path
 
 from antavo_ometria.ometria.client import OmetriaClient
+from antavo_ometria.ometria.payload import encode_record
 from antavo_ometria.ometria.push import batches, push_isolating, record_status, split_oversized
 from antavo_ometria.sync.records import Loaded, Plan
+from antavo_ometria.sync.settings import SyncSettings
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
+    LEAVERS,
     OVERSIZED,
     Journal,
     Progress,
@@ -19,10 +23,12 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
     write_ndjson,
 )
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.state import FAILED, REJECTED, Backoff, StateStore
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)
+
+MIN_SHARED_CAUSE = 10  # a batch with at least this many new records, all rejected, stops the load
 
 
 class LoadFailed(Exception):
@@ -36,24 +42,31 @@ class LoadFailed(Exception):
         self.retryable = retryable
 
 
-def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None) -> Loaded:
+def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None,
+                settings: SyncSettings = SyncSettings()) -> Loaded:
     """Push the staged contacts in batches of 100; a retry of this attempt skips what it already delivered.
 
     What counts as delivered is an (id, payload hash) pair that this attempt of the run pushed and Ometria
-    acknowledged, so a re-planned run (Clear, backfill) sends again, and a changed payload is always sent.
-    A batch with records Ometria rejected is split until each rejected record stands alone; those are
-    kept (state store) with their payload and not sent again until their payload changes.
+    accepted, so a re-planned run (Clear, backfill) sends again, and a changed payload is always sent.
+    A batch with records Ometria rejected is split until each rejected record stands alone. A rejected or
+    undelivered contact stays owed in the state store and is tried again by later runs (settings' backoff).
+    The load fails, and stops sending, when Ometria refuses a whole batch of records (most likely a field
+    missing in the account) or more than `max_rejected_share` of the run's contacts.
     """
     plan = Plan.of(plan)
     contacts = read_contacts(staging)
+    leavers = read_ndjson(staging / LEAVERS)
     if plan.dry_run:
-        log.info("dry run: %d contacts would be sent; nothing was sent", len(contacts))
+        log.info("dry run: %d contacts would be sent and %d removed from the list; nothing was sent",
+                 len(contacts), len(leavers))
         return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=len(contacts))
     journal = Journal(staging)
     earlier = journal_entries(staging, plan)
-    if store is not None and earlier:  # a retry: the store may have missed what was delivered before a crash
-        remember_sent(store, earlier, plan.mapping_version, plan.run_id, {i: b for i, b, _ in contacts})
-    delivered = {(i, h) for e in earlier if e["status"] == "OK" for i, h in zip(e["ids"], e["hashes"])}
+    record = Recorder(store, plan.mapping_version, plan.run_id,
+                      Backoff(settings.retry_first_hours, settings.retry_max_hours), {i: b for i, b, _ in contacts})
+    if earlier:  # a retry: the store may have missed what was delivered before a crash
+        record([e for e in earlier if accepted(e)])
+    delivered = {(i, h) for e in earlier if accepted(e) for i, h in zip(e["ids"], e["hashes"])}
     pending = [(i, b, h) for i, b, h in contacts if (i, h) not in delivered]
     hashes = {i: h for i, _, h in pending}
     fits, oversized = split_oversized((i, b) for i, b, _ in pending)
@@ -61,22 +74,27 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         log.info("resuming: %d contacts were delivered by an earlier try of this run; %d to send",
                  len(contacts) - len(pending), len(fits))
     progress = Progress("load", "contacts", total=len(fits))
+    refused_whole = None
+    owed = set(plan.retry_ids)  # tried again: rejected again, they stay held, and do not make the load fail
     for ids, bodies in batches(fits):
         entries = push_isolating(client, ids, bodies, [hashes[i] for i in ids])
         journal.append([{"attempt": plan.attempt, **e} for e in entries])
-        if store is not None:
-            remember_sent(store, entries, plan.mapping_version, plan.run_id, dict(zip(ids, bodies)))
+        record(entries)
         progress.advance(len(ids))
+        refused_whole = next((e for e in entries if refused_as_a_whole(e, owed)), None)
+        if refused_whole is not None:
+            log.error("Ometria rejected every record of a batch of %d: sending stopped", len(refused_whole["ids"]))
+            break
     progress.advance(0, force=True)
     write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in oversized))
-    try:
-        errors = client.push_errors()
-    except AuthenticationFailed:
-        raise
-    except ApiError as exc:
-        errors = [{"error_path": "", "error_message": f"could not read /v2/push/_errors: {exc}"}]
+    if refused_whole is None:
+        push_leavers(client, staging, plan, store, settings, journal, leavers)
+    errors = new_push_errors(client, store)
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
     summary = summarise_load(staging, plan, {i for i, _, _ in contacts})
+    verdict = rejection_verdict(summary, owed, refused_whole, errors, settings.max_rejected_share)
+    if verdict:
+        raise LoadFailed(verdict, retryable=False)
     if summary["failed"]:
         failures = [e for e in journal_entries(staging, plan) if e["status"] != "OK"]
         retryable = any(e.get("retryable", True) for e in failures)
@@ -85,17 +103,119 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     return Loaded(**{k: v for k, v in summary.items() if not k.endswith("_ids")}, async_errors=len(errors))
 
 
+def accepted(entry: dict) -> bool:
+    return record_status(entry) == "sent"
+
+
+def refused_as_a_whole(entry: dict, owed: set[str]) -> bool:
+    """Ometria rejected every record of a batch with many new ones: not a few bad records, a cause they share."""
+    fresh = sum(i not in owed for i in entry["ids"])
+    return entry["status"] == "OK" and fresh >= MIN_SHARED_CAUSE and entry["rejected"] >= len(entry["ids"])
+
+
+def rejection_verdict(summary: dict, owed: set[str], refused_whole: dict | None, errors: list[dict],
+                      max_share: float) -> str:
+    """Why the load fails for what Ometria rejected, or "" when the rejections are few and stay held (owed)."""
+    rejected = sum(i not in owed for i in summary["rejected_ids"])
+    tried = rejected + sum(i not in owed for i in summary["accepted_ids"])
+    share = rejected / tried if tried else 0.0
+    if refused_whole is not None:
+        why = f"Ometria rejected every record of a batch of {len(refused_whole['ids'])}; sending stopped"
+    elif share > max_share:
+        why = (f"Ometria rejected {rejected} of {tried} contacts ({share:.1%}, more than "
+               f"max_rejected_share {max_share:.0%})")
+    else:
+        return ""
+    return (f"{why}. {likely_cause(errors)} Those contacts stay owed and are sent again once Ometria accepts "
+            "them: fix the cause, then clear the run or wait for the next one.")
+
+
+def likely_cause(errors: list[dict]) -> str:
+    """A likely cause from Ometria's newest validation errors (`error_path`, `error_message`)."""
+    if not errors:
+        return "Ometria listed no validation error at /v2/push/_errors."
+    newest = errors[-5:]
+    listed = "; ".join(f"{e.get('error_path')}: {e.get('error_message')}" for e in newest)
+    missing = sorted({str(e.get("error_path")) for e in newest if "unknown" in str(e.get("error_message")).lower()})
+    hint = (f"A custom field may be missing in Ometria: {', '.join(missing)} (create it, or fix its row in "
+            "contacts.csv). " if missing else "")
+    return f"{hint}Ometria's newest errors: {listed}."
+
+
+class Recorder:
+    """Writes what Ometria answered into the state store: accepted, or owed with the reason and the next try."""
+
+    def __init__(self, store: StateStore | None, mapping_version: str, run_id: str, backoff: Backoff,
+                 bodies: dict[str, bytes]):
+        self.store, self.mapping_version, self.run_id = store, mapping_version, run_id
+        self.backoff, self.bodies = backoff, bodies
+
+    def __call__(self, entries: list[dict]) -> None:
+        if self.store is None:
+            return
+        for entry in entries:
+            self.record(entry)
+
+    def record(self, entry: dict) -> None:
+        pairs, status = list(zip(entry["ids"], entry["hashes"])), record_status(entry)
+        if status == "sent":
+            self.store.record_accepted(pairs, self.mapping_version, self.run_id, entry["request_id"],
+                                       {i: self.bodies[i] for i in entry["ids"] if i in self.bodies} or None)
+            self.store.release_held(entry["ids"], ("quarantined", "failed", "rejected"))
+            return
+        reason = (f"rejected by Ometria (request {entry.get('request_id')}); see /v2/push/_errors"
+                  if status == "rejected" else f"not delivered: {entry.get('error')}")
+        self.store.record_owed(pairs, REJECTED if status == "rejected" else FAILED, reason, self.mapping_version,
+                               self.run_id, self.backoff, entry.get("request_id"))
+
+
 def remember_sent(store: StateStore, entries: list[dict], mapping_version: str, run_id: str,
                   bodies: dict[str, bytes] | None = None) -> None:
-    """Record what Ometria received (with the payloads, when given); a contact that arrived is no longer held
-    back for an earlier reason."""
-    for entry in entries:
-        status = record_status(entry)
-        if status != "failed":
-            store.record_contacts(zip(entry["ids"], entry["hashes"]), status, mapping_version, run_id,
-                                  entry["request_id"], bodies)
-        if status == "sent":
-            store.release_held(entry["ids"], ("quarantined", "failed", "rejected"))
+    """Record what Ometria answered for these journal entries (accepted, or owed)."""
+    Recorder(store, mapping_version, run_id, Backoff(), bodies or {})(entries)
+
+
+def push_leavers(client: OmetriaClient, staging: Path, plan: Plan, store: StateStore | None,
+                 settings: SyncSettings, journal: Journal, leavers: list[dict]) -> None:
+    """Members who left the programme leave the configured list (`@remove_from_lists`); consent untouched."""
+    if not leavers:
+        return
+    ids = [r["id"] for r in leavers]
+    if settings.list_id:
+        head = {"@type": "contact", "@collection": settings.collection, "@merge": True,
+                "@remove_from_lists": [int(settings.list_id)]}
+        removals = [(i, encode_record({**head, "id": i})) for i in ids]
+        for batch_ids, bodies in batches(removals):
+            entries = push_isolating(client, batch_ids, bodies)
+            journal.append([{"attempt": plan.attempt, "removal": True, **e} for e in entries])
+            done = [i for e in entries if accepted(e) for i in e["ids"]]
+            if store is not None and done:
+                store.record_left(done, plan.run_id, "left the programme: removed from the list")
+        return
+    if store is not None:
+        store.record_left(ids, plan.run_id, "left the programme (no list configured)")
+
+
+def new_push_errors(client: OmetriaClient, store: StateStore | None) -> list[dict]:
+    """Ometria's validation errors reported since the last poll (its list is account-wide, the newest 100)."""
+    try:
+        errors = client.push_errors()
+    except AuthenticationFailed:
+        raise
+    except ApiError as exc:
+        return [{"error_path": "", "error_message": f"could not read /v2/push/_errors: {exc}"}]
+    if store is None:
+        return errors
+    seen = Counter((str(e.get("error_path")), str(e.get("error_message"))) for e in store.last_push_errors())
+    fresh = []
+    for error in errors:
+        key = (str(error.get("error_path")), str(error.get("error_message")))
+        if seen[key] > 0:
+            seen[key] -= 1
+        else:
+            fresh.append(error)
+    store.remember_push_errors(errors)
+    return fresh
 
 
 def journal_entries(staging: Path, plan: Plan) -> list[dict]:
@@ -105,7 +225,7 @@ def journal_entries(staging: Path, plan: Plan) -> list[dict]:
 
 def summarise_load(staging: Path, plan: Plan, staged: set[str]) -> dict:
     """Counts and ids from this attempt's load journal, per contact of the `staged` ones: its latest push decides."""
-    entries = journal_entries(staging, plan)
+    entries = [e for e in journal_entries(staging, plan) if not e.get("removal")]
     latest = {i: record_status(e) for e in entries for i in e["ids"] if i in staged}
     by_status: dict[str, list[str]] = {"sent": [], "rejected": [], "failed": []}
     for contact_id, status in latest.items():
@@ -117,6 +237,8 @@ def summarise_load(staging: Path, plan: Plan, staged: set[str]) -> dict:
         "rejected": len(by_status["rejected"]),
         "failed": len(by_status["failed"]),
         "refused_oversized": len(read_ndjson(staging / OVERSIZED)),
+        "removed_from_list": sum(e["accepted"] for e in journal_entries(staging, plan) if e.get("removal")),
         "rejected_ids": by_status["rejected"],
+        "accepted_ids": by_status["sent"],
         "failed_ids": by_status["failed"],
     }

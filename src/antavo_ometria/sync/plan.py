@@ -8,9 +8,11 @@ from datetime import UTC, datetime, timedelta
 
 from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.records import Plan
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.state import StateStore, utc
 
 log = logging.getLogger(__name__)
+
+MAX_RETRY_READS = 10_000  # owed contacts an incremental run reads again one by one; more make it a reconciliation
 
 def plan_run(
     store: StateStore,
@@ -21,8 +23,12 @@ def plan_run(
     run_type: str = "scheduled",
     full_resync: bool = False,
     dry_run: bool = False,
+    reconcile: bool = False,
 ) -> Plan:
-    """Full or incremental, and over which window. A changed mapping re-syncs every contact."""
+    """Full or incremental, and over which window. A changed mapping re-syncs every contact; a reconciliation
+    (asked for, due by `reconcile_every_hours`, after a run that suspected missed changes, or when more
+    contacts are owed than profile reads should fetch) reads every customer and sends only what differs
+    from what Ometria accepted. Owed contacts due a retry are read again by an incremental run."""
     for warning in mapping.warnings:
         log.warning("mapping: %s", warning)
     last = store.last_successful_run(dag_id)
@@ -49,9 +55,15 @@ def plan_run(
                    f"{synced.isoformat()} → {start.isoformat()} did not complete")
         log.warning("%s", resumed)
         start = synced
-    mode = "full" if reason or start is None else "incremental"
+    retry_ids = store.owed_ids(due_by=datetime.now(UTC), limit=MAX_RETRY_READS + 1) if last is not None else []
+    reconcile_reason = None
+    if not reason and start is not None and run_type != "backfill":
+        reconcile_reason = reconciliation_due(store, dag_id, mapping, reconcile, len(retry_ids))
+    mode = "full" if reason or reconcile_reason or start is None else "incremental"
     if reason:
         log.warning("%s FULL RE-SYNC: %s %s", "=" * 20, reason, "=" * 20)
+    elif reconcile_reason:
+        log.warning("RECONCILIATION: %s; every customer is read, only what differs is sent", reconcile_reason)
     since = start - timedelta(minutes=mapping.settings.overlap_minutes) if mode == "incremental" else None
     last_full = store.last_successful_run(dag_id, full_only=True)
     plan = Plan(
@@ -60,8 +72,30 @@ def plan_run(
         send_unchanged=reason is not None or run_type == "backfill",  # a backfill re-syncs what it covers
         dry_run=dry_run, mapping_version=mapping.version, since=since.isoformat() if since else None,
         until=end.isoformat(), previous_full_count=last_full["extracted"] if last_full else None,
+        retry_ids=tuple(retry_ids) if mode == "incremental" else (), reconcile_reason=reconcile_reason,
     )
     store.start_run(dag_id, run_id, mode=mode, full_resync_reason=reason, dry_run=dry_run,
+                    reconcile_reason=reconcile_reason,
                     mapping_version=mapping.version, interval_start=start, interval_end=end)
     log.info("plan: %s", {k: v for k, v in plan.as_dict().items() if v is not None})
     return plan
+
+
+def reconciliation_due(store: StateStore, dag_id: str, mapping: ContactMapping, asked: bool,
+                       owed_due: int) -> str | None:
+    """Why this run reconciles (reads every customer), or None."""
+    if asked:
+        return "reconciliation requested"
+    if owed_due > MAX_RETRY_READS:
+        return f"more than {MAX_RETRY_READS:,} owed contacts are due a retry: one scan reads them all"
+    suspected = store.reconciliation_requested(dag_id)
+    if suspected:
+        return f"an earlier run suspected missed changes ({suspected})"
+    every = mapping.settings.reconcile_every_hours
+    last_full = store.last_successful_run(dag_id, full_only=True)
+    if every and last_full is not None:
+        age = datetime.now(UTC) - utc(last_full["finished_at"])
+        if age >= timedelta(hours=every):
+            return (f"the last full read was {age.total_seconds() / 3600:.0f} h ago "
+                    f"(reconcile_every_hours = {every:g})")
+    return None

@@ -33,8 +33,10 @@ from antavo_ometria.sync.staging import (
     CONTACTS_SCHEMA,
     CUSTOMERS,
     GX_RESULT,
+    LEAVERS,
     QUARANTINE,
     Progress,
+    write_ndjson,
 )
 from antavo_ometria.sync.state import StateStore
 from antavo_ometria.sync.transform import CHUNK_ROWS, customer_frame, staged_chunks, transform
@@ -143,7 +145,10 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     if store is not None:
         store.clear_held(plan.run_id, "quarantined")
     held_before = store.held_ids("quarantined") if store is not None else set()  # who passes again is released
-    checked = quarantined = valid = changed = 0
+    checked = quarantined = valid = changed = resent_unchanged = owed_settled = 0
+    retrying = set(plan.retry_ids)
+    members = store.member_ids() if store is not None and plan.mode == "full" else None
+    seen: set = set()
     reasons: Counter = Counter()
     non_null: Counter = Counter()
     validations = []
@@ -161,8 +166,16 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
             passing_again = [ids[k] for k in ok if ids[k] in held_before]
             if passing_again:
                 store.release_held(passing_again, ("quarantined",))
-            known = {} if plan.send_unchanged or store is None else store.sent_hashes([ids[k] for k in ok])
-            keep = [k for k in ok if known.get(ids[k]) != chunk.hashes[k]]
+            known = {} if store is None else store.accepted_hashes([ids[k] for k in ok])
+            same = {ids[k] for k in ok if known.get(ids[k]) == chunk.hashes[k]}
+            keep = [k for k in ok if plan.send_unchanged or ids[k] not in same]
+            resent_unchanged += len(same) if plan.send_unchanged else 0
+            settled = [(ids[k], chunk.hashes[k]) for k in ok if ids[k] in retrying and ids[k] in same]
+            if settled and not plan.send_unchanged and not plan.dry_run:  # Ometria has it already: owed no more
+                store.record_accepted(settled, plan.mapping_version, plan.run_id)
+                owed_settled += len(settled)
+            if members is not None:
+                seen.update(ids)
             writer.write_table(pa.table({
                 "id": pa.array([ids[k] for k in keep], pa.string()),
                 "body": pa.array([encoded[k] for k in keep], pa.binary()),
@@ -191,7 +204,26 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     if blocking:
         raise QualityGateFailed("; ".join(blocking) + f". Nothing was sent. Quarantined customers and "
                                 f"reasons: {staging / QUARANTINE}; GX results: {staging / GX_RESULT}")
-    log.info("%d contacts to send, %d unchanged since they were last sent", changed, valid - changed)
+    leavers = sorted(members - seen) if members is not None else []
+    check_leavers(len(leavers), len(members or ()), mapping.settings.max_leaver_share)
+    write_ndjson(staging / LEAVERS, ({"id": i} for i in leavers))
+    log.info("%d contacts to send, %d unchanged since Ometria accepted them, %d members left the programme",
+             changed, valid - changed, len(leavers))
     return Transformed(customers=checked, valid=valid, changed=changed, unchanged=valid - changed,
                        quarantined=quarantined, quarantine_reasons=dict(reasons), quality=summary,
-                       mapping_version=mapping.version, payload_mode=mapping.settings.payload_mode)
+                       mapping_version=mapping.version, payload_mode=mapping.settings.payload_mode,
+                       resent_unchanged=resent_unchanged, owed_settled=owed_settled, leavers=len(leavers))
+
+
+class TooManyLeavers(QualityGateFailed):
+    """More members would leave the list in one run than `max_leaver_share`: most likely a truncated read."""
+
+
+def check_leavers(leaving: int, members: int, max_share: float) -> None:
+    """Stop before anyone is removed when more members would leave than a run plausibly sees."""
+    if members and leaving / members > max_share:
+        raise TooManyLeavers(
+            f"{leaving:,} of {members:,} members ({leaving / members:.1%}) are no longer among Antavo's "
+            f"active customers, more than max_leaver_share ({max_share:.0%}): a truncated read is more likely "
+            "than so many leaving at once. Nobody was removed from the list and nothing was sent. If they did "
+            "leave, raise max_leaver_share in settings.toml for one run.")

@@ -16,7 +16,9 @@ class Record:
 
     @classmethod
     def of(cls, value: Self | dict) -> Self:
-        return value if isinstance(value, cls) else cls(**value)
+        if isinstance(value, cls):
+            return value
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in value.items()})
 
 
 @dataclass(frozen=True)
@@ -37,6 +39,8 @@ class Plan(Record):
     since: str | None  # ISO 8601; incremental runs only
     until: str
     previous_full_count: int | None  # customers in the last full load, for the quality gate's batch check
+    retry_ids: tuple[str, ...] = ()  # owed contacts (rejected or not delivered) due a retry: read again
+    reconcile_reason: str | None = None  # why this full read is a reconciliation (only what differs is sent)
 
 
 @dataclass(frozen=True)
@@ -63,6 +67,9 @@ class Transformed(Record):
     quality: dict  # the gate's summary: counts, warnings, empty share per field
     mapping_version: str
     payload_mode: str
+    resent_unchanged: int = 0  # sent again although Ometria accepted the same payload (a re-sync, a backfill)
+    owed_settled: int = 0  # owed contacts whose payload Ometria had accepted after all: no longer owed
+    leavers: int = 0  # members who left the programme: to be removed from the list
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ class Loaded(Record):
     rejected: int
     failed: int
     refused_oversized: int
-    async_errors: int = 0  # validation errors Ometria listed at /v2/push/_errors
+    async_errors: int = 0  # validation errors Ometria listed at /v2/push/_errors since the last poll
+    removed_from_list: int = 0  # members who left the programme, removed from the list
     dry_run: bool = False
     would_send: int = 0  # dry runs: the contacts that would have been sent

@@ -73,7 +73,13 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
         "extracted": extracted.customers,
         "reads": extracted.reads_reason,
         "duplicates": duplicates,
-        "changed": transformed.changed,
+        "reconcile_reason": plan.reconcile_reason,
+        "suspect_missed": extracted.suspect_reason if extracted.suspect_missed else None,
+        "changed": transformed.changed - transformed.resent_unchanged,
+        "resent_unchanged": transformed.resent_unchanged,
+        **_retried(plan, staged, journal, transformed.owed_settled),
+        "leavers": transformed.leavers,
+        "removed_from_list": loaded.removed_from_list if loaded else 0,
         "unchanged": transformed.unchanged,
         "quarantined": transformed.quarantined,
         "quarantine_reasons": transformed.quarantine_reasons,
@@ -99,6 +105,8 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
             store.clear_held(plan.run_id, kind)
             store.record_held(plan.run_id, kind, rows)
         store.record_push_errors(plan.run_id, report["async_errors"])
+        if report["suspect_missed"]:  # the next run reads every customer
+            store.request_reconciliation(plan.dag_id, plan.run_id, report["suspect_missed"])
         store.finish_run(plan.dag_id, plan.run_id, report["status"], report={**report, "not_delivered": len(not_delivered)},
                          **{k: report[k] for k in ("extracted", "changed", "unchanged", "sent", "accepted", "rejected",
                                                    "quarantined", "failed")},
@@ -140,6 +148,14 @@ def check_delivered(report: dict) -> None:
                               "the run is not counted as synced, and the next run sends them")
 
 
+def _retried(plan: Plan, staged: list, journal: dict, settled: int) -> dict:
+    """Owed contacts this run tried again, and how many of them Ometria has now."""
+    owed = set(plan.retry_ids)
+    tried = [i for i, _, _ in staged if i in owed]
+    still_owed = set(journal["rejected_ids"]) | set(journal["failed_ids"])
+    return {"retried": len(tried) + settled, "retried_accepted": sum(i not in still_owed for i in tried) + settled}
+
+
 def _history_row(run: dict) -> dict:
     keys = ("run_id", "status", "mode", "mapping_version", "extracted", "changed", "sent", "accepted",
             "rejected", "quarantined", "failed", "started_at")
@@ -179,6 +195,13 @@ def format_report(report: dict, limit: int = 20) -> str:
         lines.append(f"  read by      {report['reads']}")
     if report.get("full_resync_reason"):
         lines.append(f"  FULL RE-SYNC: {report['full_resync_reason']}")
+    if report.get("reconcile_reason"):
+        lines.append(f"  reconciliation: {report['changed']} drifted, sent ({report['reconcile_reason']}; every "
+                     "customer read, compared with what Ometria accepted)")
+    if report.get("suspect_missed"):
+        lines.append(f"  SUSPECTED MISSED CHANGES: {report['suspect_missed']}; the next run reconciles")
+    if report.get("retried"):
+        lines.append(f"  retried {report['retried']} previously rejected ({report['retried_accepted']} accepted now)")
     if report.get("resumed"):
         lines.append(f"  RESUMED: {report['resumed']}")
     if report.get("duplicates"):
@@ -187,6 +210,10 @@ def format_report(report: dict, limit: int = 20) -> str:
     lines += [
         f"  unchanged    {report['unchanged']:>8}   (same payload as last sent: not sent again)",
         f"  changed      {report['changed']:>8}" + ("   would be sent" if report["status"] == "dry_run" else ""),
+        *([f"  re-sent      {report['resent_unchanged']:>8}   (unchanged: the same payload Ometria accepted)"]
+          if report.get("resent_unchanged") else []),
+        *([f"  left         {report['leavers']:>8}   (no longer active in Antavo; removed from the list: "
+           f"{report.get('removed_from_list', 0)})"] if report.get("leavers") else []),
         f"  sent         {report['sent']:>8}   in {report['batches']} batches",
         f"  accepted     {report['accepted']:>8}",
         f"  rejected     {report['rejected']:>8}   (by Ometria)",
@@ -204,7 +231,8 @@ def format_report(report: dict, limit: int = 20) -> str:
             lines.append(f"    {row['id']}: {'; '.join(row['reasons'])}")
         lines += _more_held(report, limit)
     if report["async_errors"]:
-        lines.append(f"  Ometria reported {len(report['async_errors'])} validation error(s) at /v2/push/_errors:")
+        lines.append(f"  Ometria reported {len(report['async_errors'])} validation error(s) at /v2/push/_errors "
+                     "since the last run:")
         lines += [f"    {e.get('error_path')}: {e.get('error_message')}" for e in report["async_errors"][:limit]]
     if report.get("history"):
         lines.append("  recent runs (state store):")

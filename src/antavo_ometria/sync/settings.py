@@ -25,6 +25,11 @@ class SyncSettings:
     min_rows_vs_last_run: float = 0.5  # fewer rows than this share of the last run stops it
     overlap_minutes: int = 10  # incremental runs look back this far before the interval
     late_event_policy: str = "send"
+    max_rejected_share: float = 0.05  # Ometria rejects more than this share of a run's contacts: the load fails
+    max_leaver_share: float = 0.05  # more members than this share would leave the list in one run: nothing is removed
+    retry_first_hours: float = 1.0  # an owed contact is tried by the next run, then after this wait, doubling
+    retry_max_hours: float = 24.0  # … up to this wait
+    reconcile_every_hours: float = 24.0  # every customer is read and compared with what Ometria accepted; 0: never
 
     @property
     def v2(self) -> bool:
@@ -43,6 +48,11 @@ _FIELDS = {
     ("quality", "min_rows_vs_last_run"): ("min_rows_vs_last_run", (int, float)),
     ("sync", "overlap_minutes"): ("overlap_minutes", int),
     ("events", "late_event_policy"): ("late_event_policy", str),
+    ("quality", "max_rejected_share"): ("max_rejected_share", (int, float)),
+    ("quality", "max_leaver_share"): ("max_leaver_share", (int, float)),
+    ("sync", "retry_first_hours"): ("retry_first_hours", (int, float)),
+    ("sync", "retry_max_hours"): ("retry_max_hours", (int, float)),
+    ("sync", "reconcile_every_hours"): ("reconcile_every_hours", (int, float)),
 }
 
 
@@ -66,6 +76,11 @@ _CHECKS = {
     "max_invalid_share": (lambda v: 0 <= v <= 1, "max_invalid_share must be between 0 and 1"),
     "min_rows_vs_last_run": (lambda v: 0 <= v <= 1, "min_rows_vs_last_run must be between 0 and 1"),
     "overlap_minutes": (lambda v: v >= 0, "overlap_minutes must not be negative"),
+    "max_rejected_share": (lambda v: 0 <= v <= 1, "max_rejected_share must be between 0 and 1"),
+    "max_leaver_share": (lambda v: 0 <= v <= 1, "max_leaver_share must be between 0 and 1"),
+    "retry_first_hours": (lambda v: v > 0, "retry_first_hours must be more than 0"),
+    "retry_max_hours": (lambda v: v > 0, "retry_max_hours must be more than 0"),
+    "reconcile_every_hours": (lambda v: v >= 0, "reconcile_every_hours must not be negative (0: only on request)"),
 }
 
 

@@ -12,7 +12,8 @@ import json
 import logging
 import zlib
 from collections.abc import Iterable, Iterator
-from datetime import UTC, datetime
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from functools import cache
 from pathlib import Path
 
@@ -24,6 +25,25 @@ VERSION_TABLE = "sync_alembic_version"  # not Alembic's default, so it can share
 MIGRATIONS = Path(__file__).with_name("migrations")
 metadata = sa.MetaData()
 _IN_CHUNK = 900  # below SQLite's bound-parameter limit
+
+
+ACCEPTED, REJECTED, FAILED, LEFT = "sent", "rejected", "failed", "left"  # a contact's status
+OWED = (REJECTED, FAILED)
+LAST_POLL = "(last poll)"  # the run id under which Ometria's error list as last polled is kept
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """When an owed record is tried again: by the next run after its first failure, then after `first_hours`,
+    doubling each time up to `max_hours`."""
+
+    first_hours: float = 1.0
+    max_hours: float = 24.0
+
+    def next_try(self, moment: datetime, attempts: int) -> datetime:
+        if attempts <= 1:
+            return moment
+        return moment + timedelta(hours=min(self.first_hours * 2 ** (attempts - 2), self.max_hours))
 
 
 class StateStoreUnavailable(Exception):
@@ -154,7 +174,7 @@ class StateStore:
             rows = conn.execute(query).all()
         mark: datetime | None = None
         for mode, start, end in rows:
-            start, end = _utc(start), _utc(end)
+            start, end = utc(start), utc(end)
             if end is None:
                 continue
             if mode == "full":
@@ -162,6 +182,23 @@ class StateStore:
             elif mark is not None and (start is None or start <= mark):
                 mark = max(mark, end)
         return mark
+
+    def reconciliation_requested(self, dag_id: str) -> str | None:
+        """Why a run since the last successful full read asked for a reconciliation (it suspected missed changes)."""
+        runs = self.table("sync_runs")
+        last_full = self.last_successful_run(dag_id, full_only=True)
+        query = sa.select(runs.c.reconcile_requested).where(
+            (runs.c.dag_id == dag_id) & runs.c.reconcile_requested.is_not(None))
+        if last_full is not None:
+            query = query.where(runs.c.started_at > last_full["started_at"])
+        with self.engine.connect() as conn:
+            return conn.execute(query.order_by(runs.c.started_at.desc()).limit(1)).scalar()
+
+    def request_reconciliation(self, dag_id: str, run_id: str, reason: str) -> None:
+        runs = self.table("sync_runs")
+        with self.engine.begin() as conn:
+            conn.execute(runs.update().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id))
+                         .values(reconcile_requested=reason[:500]))
 
     def pending_full_resync(self, dag_id: str) -> str | None:
         """The run id of a full re-sync that did not complete and that no full load has made good since."""
@@ -174,26 +211,86 @@ class StateStore:
         return row.run_id if row is not None and row.status != "success" else None
 
     # -- contacts ----------------------------------------------------------------------------
-    def sent_hashes(self, ids: list[str]) -> dict[str, str]:
-        """id → hash of the payload last sent (or last rejected: the same payload is not retried)."""
+    # A contact's row says what Ometria *accepted* (accepted_hash) apart from what was last pushed (payload_hash,
+    # status): a contact rejected, or not delivered, stays owed (status "rejected" or "failed") until a later
+    # push of it is accepted; `retry_at` spaces its tries out. A contact that left the programme is "left".
+    def accepted_hashes(self, ids: list[str]) -> dict[str, str]:
+        """id → hash of the payload Ometria last accepted (a rejected payload is not in it: it is owed)."""
         contacts = self.table("sync_contacts")
         found: dict[str, str] = {}
         with self.engine.connect() as conn:
             for chunk in _chunks(ids):
-                rows = conn.execute(sa.select(contacts.c.antavo_id, contacts.c.payload_hash)
-                                    .where(contacts.c.antavo_id.in_(chunk)))
+                rows = conn.execute(sa.select(contacts.c.antavo_id, contacts.c.accepted_hash)
+                                    .where(contacts.c.antavo_id.in_(chunk) & contacts.c.accepted_hash.is_not(None)
+                                           & (contacts.c.status != LEFT)))
                 found.update(dict(rows.all()))
         return found
 
-    def record_contacts(self, rows: Iterable[tuple[str, str]], status: str, mapping_version: str,
-                        run_id: str, request_id: str | None = None, bodies: dict[str, bytes] | None = None) -> None:
-        """Remember what Ometria received per contact; with `bodies`, the payload itself (compressed)."""
+    def record_accepted(self, rows: Iterable[tuple[str, str]], mapping_version: str, run_id: str,
+                        request_id: str | None = None, bodies: dict[str, bytes] | None = None) -> None:
+        """Ometria accepted these (id, payload hash) pairs; with `bodies`, the payload is kept (compressed)."""
         moment = now()
         self._upsert(self.table("sync_contacts"), [
-            {"antavo_id": i, "payload_hash": h, "status": status, "mapping_version": mapping_version,
+            {"antavo_id": i, "payload_hash": h, "accepted_hash": h, "status": ACCEPTED, "attempts": 0,
+             "retry_at": None, "reason": None, "left_at": None, "mapping_version": mapping_version,
              "request_id": request_id, "run_id": run_id, "synced_at": moment,
              **({"payload": zlib.compress(bodies[i])} if bodies else {})} for i, h in rows
         ], ["antavo_id"])
+
+    def record_owed(self, rows: Iterable[tuple[str, str]], status: str, reason: str, mapping_version: str,
+                    run_id: str, backoff: Backoff, request_id: str | None = None) -> None:
+        """These (id, payload hash) pairs were rejected or not delivered: still owed, tried again at `retry_at`
+        (the next run after a first failure, then after growing waits). What Ometria accepted before is kept."""
+        rows = list(rows)
+        contacts = self.table("sync_contacts")
+        before: dict[str, tuple] = {}
+        with self.engine.connect() as conn:
+            for chunk in _chunks([i for i, _ in rows]):
+                query = sa.select(contacts.c.antavo_id, contacts.c.attempts, contacts.c.accepted_hash)
+                before.update({r[0]: r[1:] for r in conn.execute(query.where(contacts.c.antavo_id.in_(chunk)))})
+        moment = now()
+        values = []
+        for i, h in rows:
+            attempts, accepted = before.get(i, (0, None))
+            values.append({"antavo_id": i, "payload_hash": h, "accepted_hash": accepted, "status": status,
+                           "attempts": (attempts or 0) + 1, "retry_at": backoff.next_try(moment, (attempts or 0) + 1),
+                           "reason": reason[:2000], "left_at": None, "mapping_version": mapping_version,
+                           "request_id": request_id, "run_id": run_id, "synced_at": moment})
+        self._upsert(contacts, values, ["antavo_id"])
+
+    def record_left(self, ids: list[str], run_id: str, reason: str) -> None:
+        """These members left the programme (and the list): no longer known to Ometria as members; if they come
+        back, their contact is sent again."""
+        contacts = self.table("sync_contacts")
+        moment = now()
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(contacts.update().where(contacts.c.antavo_id.in_(chunk)).values(
+                    status=LEFT, accepted_hash=None, left_at=moment, retry_at=None, attempts=0, reason=reason[:2000],
+                    run_id=run_id, synced_at=moment))
+
+    def owed_ids(self, due_by: datetime | None = None, limit: int | None = None) -> list[str]:
+        """Contacts owed to Ometria (rejected or not delivered), those due by `due_by` only when given; the
+        longest owed first."""
+        contacts = self.table("sync_contacts")
+        query = sa.select(contacts.c.antavo_id).where(contacts.c.status.in_(OWED)).order_by(contacts.c.synced_at)
+        if due_by is not None:
+            query = query.where(contacts.c.retry_at.is_(None) | (contacts.c.retry_at <= due_by))
+        with self.engine.connect() as conn:
+            return list(conn.execute(query.limit(limit) if limit else query).scalars())
+
+    def owed_count(self) -> int:
+        contacts = self.table("sync_contacts")
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).where(contacts.c.status.in_(OWED))).scalar_one()
+
+    def member_ids(self) -> set[str]:
+        """Contacts Ometria accepted and that have not left: the members a full read should find again."""
+        contacts = self.table("sync_contacts")
+        query = sa.select(contacts.c.antavo_id).where(contacts.c.accepted_hash.is_not(None)
+                                                      & (contacts.c.status != LEFT))
+        with self.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
 
     def contact(self, antavo_id: str) -> dict | None:
         """What was last sent for one contact: status, when, by which run and mapping, and the payload."""
@@ -204,13 +301,16 @@ class StateStore:
             return None
         found = dict(row._mapping)
         found["payload"] = json.loads(zlib.decompress(found["payload"])) if found.get("payload") else None
-        found["synced_at"] = _utc(found["synced_at"])
+        for name in ("synced_at", "retry_at", "left_at"):
+            found[name] = utc(found.get(name))
         return found
 
     def contact_count(self) -> int:
+        """Contacts known to Ometria: accepted at least once, and not left since."""
         contacts = self.table("sync_contacts")
         with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).select_from(contacts)).scalar_one()
+            return conn.execute(sa.select(sa.func.count()).where(
+                contacts.c.accepted_hash.is_not(None) & (contacts.c.status != LEFT))).scalar_one()
 
     # -- held-back records -------------------------------------------------------------------
     def record_held(self, run_id: str, kind: str, rows: Iterable[dict]) -> None:
@@ -269,8 +369,8 @@ class StateStore:
         if antavo_id is not None:
             query = query.where((held.c.antavo_id == antavo_id) | (held.c.customer_id == antavo_id))
         with self.engine.connect() as conn:
-            return [{**row._mapping, "reasons": json.loads(row.reasons), "created_at": _utc(row.created_at),
-                     "released_at": _utc(row.released_at)} for row in conn.execute(query)]
+            return [{**row._mapping, "reasons": json.loads(row.reasons), "created_at": utc(row.created_at),
+                     "released_at": utc(row.released_at)} for row in conn.execute(query)]
 
     # -- Ometria's asynchronous errors -------------------------------------------------------
     def record_push_errors(self, run_id: str, errors: list[dict]) -> None:
@@ -282,6 +382,16 @@ class StateStore:
                 conn.execute(table.insert(), [{"run_id": run_id, "error_path": str(e.get("error_path"))[:500],
                                                "error_message": str(e.get("error_message"))[:1000],
                                                "fetched_at": moment} for e in errors])
+
+    def remember_push_errors(self, errors: list[dict]) -> None:
+        """Ometria's whole error list as last polled, so that the next poll tells what is new."""
+        self.record_push_errors(LAST_POLL, errors)
+
+    def last_push_errors(self) -> list[dict]:
+        table = self.table("sync_push_errors")
+        query = sa.select(table.c.error_path, table.c.error_message).where(table.c.run_id == LAST_POLL)
+        with self.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query.order_by(table.c.id))]
 
     # -- custom events -----------------------------------------------------------------------
     def pushed_event_ids(self, ids: list[str]) -> set[str]:
@@ -318,7 +428,7 @@ class StateStore:
     def event_cursor(self, rule: str) -> datetime | None:
         cursors = self.table("sync_event_cursors")
         with self.engine.connect() as conn:
-            return _utc(conn.execute(sa.select(cursors.c.processed_until).where(cursors.c.rule == rule)).scalar())
+            return utc(conn.execute(sa.select(cursors.c.processed_until).where(cursors.c.rule == rule)).scalar())
 
     def set_event_cursor(self, rule: str, processed_until: datetime) -> None:
         self._upsert(self.table("sync_event_cursors"),
@@ -335,7 +445,7 @@ def _head_revision() -> str:
     return ScriptDirectory.from_config(config).get_current_head()
 
 
-def _utc(value: datetime | None) -> datetime | None:
+def utc(value: datetime | None) -> datetime | None:
     """A time from the database in UTC (SQLite gives it without a zone, PostgreSQL in the session's)."""
     return value if value is None else value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
 

@@ -97,6 +97,12 @@ class AntavoApp(App):
         if due:
             self.changed()
 
+    def change_quietly(self, customer_id: str, changes: dict) -> None:
+        """Change a customer without bumping `updated_at`, as a bulk job in Antavo may: no change list shows it."""
+        with self.lock:
+            self.by_id[customer_id].update(changes)
+            self.changed()
+
     def add_event(self, customer_id: str, action: str, properties: dict, at: datetime | None = None,
                   event_id: str | None = None) -> dict:
         with self.lock:

@@ -117,6 +117,7 @@ class OmetriaApp(App):
         self.queue_limit = queue_limit
         self.on_push = None  # called with the number of pushes so far, after each one (for fault scenarios)
         self.reject_ids: set[str] = set()  # records Ometria refuses, e.g. an email owned by another contact
+        self.refuse_requests = 0  # the next this many pushes are answered 400 as a whole (a proxy, a bad minute)
         self.contacts: dict[tuple[str, str], dict] = {}
         self.events: dict[str, dict] = {}
         self.received = Counter()  # (type, id) → times accepted
@@ -170,6 +171,10 @@ class OmetriaApp(App):
             return False
 
     def _push(self, request: Request) -> Response:
+        with self.lock:
+            if self.refuse_requests > 0:
+                self.refuse_requests -= 1
+                return Response(400, {"status": "error", "message": "Bad Request"})
         try:  # strict JSON: NaN and Infinity are not JSON (RFC 8259)
             records = json.loads(request.body, parse_constant=_not_json)
         except ValueError:
@@ -226,10 +231,11 @@ class OmetriaApp(App):
                 problems.append((path, "not a valid value"))
         if not isinstance(record.get("@collection", ""), str):
             problems.append(("root > @collection", "not a valid value"))
-        lists = record.get("@add_to_lists", [])
         known_lists = {str(row["id"]) for row in LISTS}
-        if not isinstance(lists, list) or not all(isinstance(x, int) and str(x) in known_lists for x in lists):
-            problems.append(("root > @add_to_lists", "not a valid value"))
+        for action in ("@add_to_lists", "@remove_from_lists"):
+            lists = record.get(action, [])
+            if not isinstance(lists, list) or not all(isinstance(x, int) and str(x) in known_lists for x in lists):
+                problems.append((f"root > {action}", "not a valid value"))
         properties = record.get("properties", {})
         if not isinstance(properties, dict):
             return problems + [("root > properties", "not a valid value")]
@@ -275,6 +281,9 @@ class OmetriaApp(App):
             merged.setdefault("lists", [])
             if list_id not in merged["lists"]:
                 merged["lists"].append(list_id)
+        for list_id in record.get("@remove_from_lists", []):
+            if list_id in merged.get("lists", []):
+                merged["lists"].remove(list_id)
         self.contacts[key] = merged
 
     def _control(self, request: Request) -> Response:
@@ -292,6 +301,13 @@ class OmetriaApp(App):
                 # the records Ometria refuses from now on (e.g. an identity owned by another contact); [] ends it
                 self.reject_ids = {str(i) for i in (request.json() or {}).get("ids", [])}
                 return Response(200, {"reject_ids": sorted(self.reject_ids)})
+            if request.path == "/_sandbox/faults" and request.method == "POST":  # {"refuse_requests": n, ...}
+                faults = json.loads(request.body or b"{}")
+                self.refuse_requests = int(faults.get("refuse_requests", self.refuse_requests))
+                for field in faults.get("delete_custom_fields", []):  # a field deleted in the account
+                    self.custom_fields.pop(field, None)
+                return Response(200, {"refuse_requests": self.refuse_requests,
+                                      "custom_fields": sorted(self.custom_fields)})
             if request.path == "/_sandbox/reset" and request.method == "POST":
                 self.contacts.clear(), self.events.clear(), self.received.clear(), self.errors.clear()
                 self.deliveries.clear()
