@@ -98,8 +98,8 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
     }
     unsent = transformed.changed if plan.dry_run else report["sent"] + report["failed"] + report["refused_oversized"]
     report["unaccounted"] = report["extracted"] - unsent - report["unchanged"] - report["quarantined"]
-    if report["failed"] or report["unaccounted"]:
-        report["status"] = "failed"
+    if report["failed"] or report["unaccounted"] or (loaded is None and not plan.dry_run):
+        report["status"] = "failed"  # (a load that failed, e.g. on what Ometria rejected, fails the run too)
     if store is not None:
         for kind, rows in (("rejected", rejected), ("failed", failed)):
             store.clear_held(plan.run_id, kind)
@@ -146,6 +146,9 @@ def check_delivered(report: dict) -> None:
         first = next(r for r in report["not_delivered"] if r["reasons"][0].startswith("not delivered"))
         raise RunNotDelivered(f"{report['failed']} contact(s) were not delivered ({first['id']}: {first['reasons'][0]}); "
                               "the run is not counted as synced, and the next run sends them")
+    if report["status"] == "failed":
+        raise RunNotDelivered(f"the load failed ({report['rejected']} contact(s) rejected by Ometria; the load task's "
+                              "log says why); the run is not counted as synced, and the owed contacts are sent again")
 
 
 def _retried(plan: Plan, staged: list, journal: dict, settled: int) -> dict:
