@@ -118,6 +118,7 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
         f'<div class="card"><span class="muted">{_e(title)}</span><b>{_e(value)}</b></div>' for title, value in (
             ("last run", f"{last['status']} · {last['mode']}" if last else "—"),
             ("contacts known to Ometria", store.contact_count()),
+            ("owed (rejected or not delivered)", store.owed_count()),
             ("mapping version", last["mapping_version"] if last else "—"),
             ("runs recorded", len(runs)),
         ))

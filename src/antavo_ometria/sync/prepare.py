@@ -146,7 +146,7 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
         store.clear_held(plan.run_id, "quarantined")
     held_before = store.held_ids("quarantined") if store is not None else set()  # who passes again is released
     checked = quarantined = valid = changed = resent_unchanged = owed_settled = 0
-    retrying = set(plan.retry_ids)
+    retrying = set(plan.retry_ids) if plan.mode == "incremental" or store is None else set(store.owed_ids())
     members = store.member_ids() if store is not None and plan.mode == "full" else None
     seen: set = set()
     reasons: Counter = Counter()

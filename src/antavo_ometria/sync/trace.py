@@ -168,13 +168,24 @@ def _verdict(result: Trace, customer: dict | None, reachable: bool) -> str:
         return f"held back: {'; '.join(result.problems)}"
     if sent is None:
         return "not sent yet: she is new since the last run, or not among the customers a full load reads"
-    current = sent["payload_hash"] == result.record_hash
-    if sent["status"] == "rejected" and current:
-        why = next((h["reasons"] for h in result.history if h["kind"] == "rejected"), ["see /v2/push/_errors"])
-        return f"rejected by Ometria: {'; '.join(why)} (not sent again until her payload changes)"
+    if sent["status"] in ("rejected", "failed"):
+        return _owed(sent)
+    if sent["status"] == "left":
+        return f"left the programme: removed from the list {sent['synced_at']:%Y-%m-%d %H:%M} UTC"
+    current = sent.get("accepted_hash") == result.record_hash
     if current:
         return f"sent and current ({last})"
     return "sent, but changed since: the next run sends it"
+
+
+def _owed(sent: dict) -> str:
+    """A contact Ometria has not accepted yet: why, when it is tried next, and what to do."""
+    what = "rejected by Ometria" if sent["status"] == "rejected" else "not delivered"
+    retry = sent.get("retry_at")
+    when = f"tried again from {retry:%Y-%m-%d %H:%M} UTC" if retry else "tried again by the next run"
+    return (f"owed: {what} ({sent.get('reason') or 'see /v2/push/_errors'}; {sent.get('attempts', 0)} tries); {when}. "
+            "If Ometria refuses it for a field, fix the field in Ometria or its row in contacts.csv; "
+            "`make run CONF='{\"reconcile\": true}'` retries every owed contact now")
 
 
 def format_trace(t: Trace) -> str:
