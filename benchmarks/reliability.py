@@ -34,22 +34,24 @@ def main() -> None:
         "customers, 3 Read API pages) and the reward-claim delivery as the DAGs do, each step tried again up to "
         "the DAGs' retries, against a sandbox that misbehaves; the rows below the first eleven span several runs "
         "with a fault that outlasts every retry. *Runs* is how each contact run and event delivery ended, in "
-        "order (✓ success, ✗ failed, red in Airflow with the alert). The last four columns are counted per id "
+        "order (✓ success, ✗ failed, red in Airflow with the alert). The columns from *lost* on are counted per id "
         "from what the Ometria sandbox itself accepted: *lost*, expected there (with its latest values) and "
         "missing; *stored twice*, a custom event accepted again after Ometria had confirmed it, or one contact "
         "under two records; *held back*, poison records held with their reason out of those planted; *re-sent*, "
-        "records accepted again with an identical payload (harmless for contacts, which Ometria upserts by id).",
+        "records accepted again with an identical payload (harmless for contacts, which Ometria upserts by id); "
+        "*owed*, contacts the state store still owes Ometria at the end (rejected or not delivered); *removed from "
+        "list*, members who left the programme and are no longer on the list, out of those who left.",
         "",
         "| fault injected | faults fired | runs | contacts delivered | events delivered | held back | lost "
-        "| stored twice | re-sent |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| stored twice | re-sent | owed | removed from list |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     marks = {"success": "✓", "failed": "✗", "skipped": "skipped"}
     for o in rows:
         lines.append(f"| {o.scenario} | {o.faults_injected} | {' '.join(marks[r] for r in o.runs)} "
                      f"| {o.contacts_delivered:,} / {o.contacts_expected:,} | {o.events_delivered} / "
                      f"{o.events_expected} | {o.held} / {o.held_expected} | {o.lost} | {o.stored_twice} "
-                     f"| {o.resent} |")
+                     f"| {o.resent} | {o.owed} | {o.removed_from_list} / {o.leavers} |")
     lines += [
         "",
         "| bad input | customers | held back with the reason | delivered | lost |",

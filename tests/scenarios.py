@@ -48,6 +48,7 @@ TASK_TRIES = 1 + DEFAULT_ARGS["retries"]  # as the DAGs run each task
 FAIL_FAST = (RunNotDelivered, QualityGateFailed, ConfigError)  # the DAGs fail these at once (fail_fast_on)
 FOREVER = 10**9  # a fault that outlasts every retry
 PUSH = "/v2/push"
+LIST_ID = 8400  # the shipped settings' list
 
 
 def attempt(step: Callable):
@@ -81,7 +82,8 @@ class Deployment:
         self.claims: list[dict] = []
         self.poison_customers: set[str] = set()  # must be held back with a reason, never sent
         self.poison_events: set[str] = set()
-        self.outages = 0  # faults outside the sandbox (the state store going away)
+        self.leavers: set[str] = set()  # members who left the programme: must leave the list
+        self.outages = 0  # faults outside the sandbox's fault list (the state store going away, a field deleted …)
 
     def close(self) -> None:
         self.sandbox.stop()
@@ -89,16 +91,18 @@ class Deployment:
         shutil.rmtree(self.work, ignore_errors=True)
 
     # -- runs, as the DAGs run them ------------------------------------------------------------
-    def sync(self, run_id: str, interval=(None, None)) -> str:
+    def sync(self, run_id: str, interval=(None, None), reconcile: bool = False) -> str:
         """One contact-sync run: plan → extract → transform → load, then the report step whatever happened."""
         mapping = load_contact_mapping(self.mappings)
         staging = self.work / "staging" / run_id
         steps: dict = {}
         try:
-            steps["plan"] = attempt(lambda: plan_run(self.store, mapping, DAG_ID, run_id, interval))
+            steps["plan"] = attempt(lambda: plan_run(self.store, mapping, DAG_ID, run_id, interval,
+                                                     reconcile=reconcile))
             steps["extract"] = attempt(lambda: extract(self.antavo, staging, steps["plan"], paths=mapping.loyalty_fields))
             steps["transform"] = attempt(lambda: transform_staged(staging, mapping, steps["plan"], self.store))
-            steps["load"] = attempt(lambda: load_staged(staging, self.ometria, steps["plan"], self.store))
+            steps["load"] = attempt(lambda: load_staged(staging, self.ometria, steps["plan"], self.store,
+                                                        mapping.settings))
         except Exception:
             pass  # that step failed for good; the report step runs all the same (trigger rule all_done)
         try:
@@ -166,6 +170,9 @@ class Deployment:
             stored_twice=stored_twice + sum(len(records) > 1 for records in stored.values()),
             poison_sent=len(poison & (set(stored) | events)),
             resent=resent,
+            owed=self.store.owed_count(),
+            removed_from_list=sum(LIST_ID not in (stored[i][0].get("lists") or []) for i in self.leavers if stored[i]),
+            leavers=len(self.leavers),
             faults_injected=self.sandbox.antavo.faults.injected + self.sandbox.ometria.faults.injected + self.outages,
         )
 
@@ -204,6 +211,9 @@ class Outcome:
     poison_sent: int
     resent: int
     faults_injected: int
+    owed: int = 0  # contacts the state store still owes Ometria at the end
+    removed_from_list: int = 0  # of the members who left, those no longer on the list
+    leavers: int = 0
     notes: list[str] = field(default_factory=list)
 
 
@@ -356,7 +366,48 @@ def _poison_among_good_ones(dep: Deployment) -> list[str]:
     return [dep.sync("run-1"), dep.deliver_events("run-1")]
 
 
+def _custom_field_deleted(dep: Deployment) -> list[str]:
+    runs = [dep.sync("hour-1", (_hour(0), _hour(1)))]
+    dep.rename(range(1, 61), at=_hour(1) + timedelta(minutes=30))
+    field_type = dep.sandbox.ometria.custom_fields.pop("loyalty_points")  # deleted in the Ometria account
+    dep.outages += 1
+    runs.append(dep.sync("hour-2", (_hour(1), _hour(2))))
+    dep.sandbox.ometria.custom_fields["loyalty_points"] = field_type  # created again
+    return runs + [dep.sync("hour-3", (_hour(2), _hour(3)))]
+
+
+def _http_400_for_a_while(dep: Deployment) -> list[str]:
+    dep.sandbox.ometria.refuse_requests = 4  # a proxy answers 400 to whole requests, then recovers
+    dep.outages += 4
+    return [dep.sync("run-1")]
+
+
+def _quiet_change_then_reconciliation(dep: Deployment) -> list[str]:
+    runs = [dep.sync("hour-1", (_hour(0), _hour(1)))]
+    for i in range(1, 21):
+        if not defects_of(i):
+            dep.sandbox.antavo.change_quietly(f"c{i:08d}", {"first_name": f"Quiet {i}"})  # updated_at not bumped
+            dep.outages += 1
+            dep.expected_values[f"c{i:08d}"] = {"firstname": f"Quiet {i}"}
+    runs.append(dep.sync("hour-2", (_hour(1), _hour(2))))
+    return runs + [dep.sync("hour-3", (_hour(2), _hour(3)), reconcile=True)]
+
+
+def _members_leave(dep: Deployment) -> list[str]:
+    runs = [dep.sync("hour-1", (_hour(0), _hour(1)))]
+    for i in range(1, 11):
+        if not defects_of(i):
+            dep.sandbox.antavo.touch(f"c{i:08d}", {"status": "inactive"}, at=_hour(1) + timedelta(minutes=10))
+            dep.leavers.add(f"c{i:08d}")
+            dep.outages += 1
+    return runs + [dep.sync("hour-2", (_hour(1), _hour(2)), reconcile=True)]
+
+
 SCENARIOS: dict[str, Callable[[Deployment], list[str]]] = {
+    "a custom field deleted in Ometria, then created again": _custom_field_deleted,
+    "Ometria answers 400 to whole requests for a while": _http_400_for_a_while,
+    "a change that does not bump updated_at, then a reconciliation": _quiet_change_then_reconciliation,
+    "members leave the programme (reconciliation)": _members_leave,
     **{name: _one_run_with(*faults) for name, faults in FAULTS.items()},
     "Ometria down for a whole run, then back": _outage("Ometria"),
     "Antavo down for a whole run, then back": _outage("Antavo"),
@@ -369,6 +420,9 @@ SCENARIOS: dict[str, Callable[[Deployment], list[str]]] = {
 }
 # what each run must end as: a failure that outlasts the retries is red, never green
 EXPECTED_RUNS: dict[str, list[str]] = {
+    "a custom field deleted in Ometria, then created again": ["success", "failed", "success"],
+    "a change that does not bump updated_at, then a reconciliation": ["success", "success", "success"],
+    "members leave the programme (reconciliation)": ["success", "success"],
     "Ometria down for a whole run, then back": ["success", "failed", "failed", "success", "success"],
     "Antavo down for a whole run, then back": ["success", "failed", "failed", "success", "success"],
     "state store gone mid-load for the rest of the run, then back": ["success", "failed", "failed", "success",

@@ -38,6 +38,8 @@ def test_fault_scenario_loses_nothing_and_stores_nothing_twice(name):
     assert outcome.contacts_delivered == outcome.contacts_expected > 2000
     assert outcome.events_delivered == outcome.events_expected
     assert outcome.held == outcome.held_expected
+    assert outcome.owed == 0, "contacts still owed to Ometria at the end"
+    assert outcome.removed_from_list == outcome.leavers, outcome
     assert 0 < outcome.resent <= RESENT[name] if name in RESENT else outcome.resent == 0, outcome
     if name not in ("no fault", "same run cleared and re-run after a mapping change",
                     "DAG paused for three hours, then unpaused"):
