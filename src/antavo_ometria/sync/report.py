@@ -146,7 +146,7 @@ def check_delivered(report: dict) -> None:
         first = next(r for r in report["not_delivered"] if r["reasons"][0].startswith("not delivered"))
         raise RunNotDelivered(f"{report['failed']} contact(s) were not delivered ({first['id']}: {first['reasons'][0]}); "
                               "the run is not counted as synced, and the next run sends them")
-    if report["status"] == "failed":
+    if report.get("status") == "failed":
         raise RunNotDelivered(f"the load failed ({report['rejected']} contact(s) rejected by Ometria; the load task's "
                               "log says why); the run is not counted as synced, and the owed contacts are sent again")
 
