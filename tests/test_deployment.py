@@ -190,7 +190,7 @@ def test_event_sensor_defers_to_the_triggerer_and_resumes(stack):
     states = airflow.task_states("antavo_ometria_events", run_id)
     assert states["wait_for_reward_claimed"] == "success" and states["deliver_reward_claimed"] == "success"
     assert sandbox.ometria.events[f"reward_claimed:{claim['id']}"]["properties"]["reward_name"] == "Free coffee"
-    assert sandbox.ometria.received[("custom_event", claim["id"])] == 1
+    assert sandbox.ometria.received[("custom_event", f"reward_claimed:{claim['id']}")] == 1
 
 
 def test_dashboard_in_the_airflow_ui_shows_real_runs(stack, tmp_path):

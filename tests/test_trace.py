@@ -84,7 +84,9 @@ def test_held_back_with_the_reason_and_released_once_fixed(synced, antavo_client
 def test_rejected_by_ometria(synced, antavo_client):
     store, mapping, root, _ = synced
     rejected = trace("c00000020", store, mapping, antavo_client, root)
-    assert rejected.verdict.startswith("rejected by Ometria: ") and "until her payload changes" in rejected.verdict
+    assert rejected.verdict.startswith("owed: rejected by Ometria (request ")
+    assert "(1 tries); tried again from " in rejected.verdict  # when, and what to do
+    assert "fix the field in Ometria or its row in contacts.csv" in rejected.verdict
 
 
 def test_never_seen_by_the_sync(synced, antavo_client):
@@ -109,11 +111,11 @@ def test_sent_before_but_deleted_since_and_not_sent_yet(synced, antavo_client, s
     assert trace("c00009999", store, mapping, antavo_client, root).verdict.startswith("not sent yet: ")
 
 
-def test_rejected_then_changed_is_no_longer_called_rejected(synced, antavo_client, sandbox):
+def test_rejected_then_changed_says_the_next_run_sends_it(synced, antavo_client, sandbox):
     store, mapping, root, _ = synced
     sandbox.antavo.touch("c00000020", {"first_name": "Renamed"})
-    assert trace("c00000020", store, mapping, antavo_client, root).verdict == (
-        "sent, but changed since: the next run sends it")
+    assert trace("c00000020", store, mapping, antavo_client, root).verdict.startswith(
+        "changed since her last try: the next run sends it (owed: rejected by Ometria")
 
 
 def test_antavo_unreachable_and_no_staging_file_is_not_called_deleted(synced, sandbox, antavo_client, tmp_path):

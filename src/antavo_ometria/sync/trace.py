@@ -169,6 +169,8 @@ def _verdict(result: Trace, customer: dict | None, reachable: bool) -> str:
     if sent is None:
         return "not sent yet: she is new since the last run, or not among the customers a full load reads"
     if sent["status"] in ("rejected", "failed"):
+        if sent["payload_hash"] != result.record_hash:
+            return f"changed since her last try: the next run sends it ({_owed(sent)})"
         return _owed(sent)
     if sent["status"] == "left":
         return f"left the programme: removed from the list {sent['synced_at']:%Y-%m-%d %H:%M} UTC"
@@ -180,10 +182,10 @@ def _verdict(result: Trace, customer: dict | None, reachable: bool) -> str:
 
 def _owed(sent: dict) -> str:
     """A contact Ometria has not accepted yet: why, when it is tried next, and what to do."""
-    what = "rejected by Ometria" if sent["status"] == "rejected" else "not delivered"
+    reason = sent.get("reason") or ("rejected by Ometria" if sent["status"] == "rejected" else "not delivered")
     retry = sent.get("retry_at")
     when = f"tried again from {retry:%Y-%m-%d %H:%M} UTC" if retry else "tried again by the next run"
-    return (f"owed: {what} ({sent.get('reason') or 'see /v2/push/_errors'}; {sent.get('attempts', 0)} tries); {when}. "
+    return (f"owed: {reason} ({sent.get('attempts', 0)} tries); {when}. "
             "If Ometria refuses it for a field, fix the field in Ometria or its row in contacts.csv; "
             "`make run CONF='{\"reconcile\": true}'` retries every owed contact now")
 
