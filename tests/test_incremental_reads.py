@@ -78,14 +78,17 @@ def test_a_scan_and_profile_reads_stage_the_same_customers_and_contacts(sandbox,
                         "held": sorted((staging / "quarantine.ndjson").read_text().splitlines())}
     profiles, scan = staged["profiles"], staged["scan"]
     assert profiles["extracted"].reads == "profiles" and scan["extracted"].reads == "scan"
-    assert profiles["extracted"].customers == scan["extracted"].customers == len(changed)  # the inactive one too
+    # the inactive one is read (by profile), and is no longer staged as a customer to send: it leaves
+    assert profiles["extracted"].customers == scan["extracted"].customers == len(changed) - 1
+    for name in ("profiles", "scan"):
+        assert (tmp_path / name / "inactive.ndjson").read_text().strip() == json.dumps({"id": changed[40]}).replace(" ", "")
     assert profiles["requests"] == 1 + len(changed)  # a search page, then one request per profile
     # a search page, three Read API pages (and up to concurrency - 1 read ahead past the end), the one it missed
     assert 1 + 3 + 1 <= scan["requests"] <= 1 + 3 + (antavo_client.config.concurrency - 1) + 1
     assert sorted(scan["contacts"]) == sorted(profiles["contacts"])  # byte for byte
     assert scan["held"] == profiles["held"]
     ids = [i for i, _ in scan["contacts"]]
-    assert len(ids) == len(set(ids)) and len(ids) + len(scan["held"]) == len(changed)
+    assert len(ids) == len(set(ids)) and len(ids) + len(scan["held"]) == len(changed) - 1
     assert all(b"Changed" in body for _, body in scan["contacts"])
     assert "1 the scan did not list (active status), read one by one" in scan["extracted"].reads_reason
 

@@ -143,3 +143,14 @@ def test_members_who_leave_the_programme_leave_the_list_and_a_truncated_read_rem
         sync(store, antavo_client, ometria_client, tmp_path, "truncated",
              (HOUR + timedelta(hours=1), HOUR + timedelta(hours=2)), reconcile=True)
     assert all(8400 in sandbox.ometria.contacts[("antavo", f"c{n:08d}")]["lists"] for n in range(100, 130))
+
+
+def test_a_member_read_as_inactive_by_an_incremental_run_leaves_the_list_and_is_not_sent(
+        store, sandbox, antavo_client, ometria_client, tmp_path):
+    first_sync(store, sandbox, antavo_client, ometria_client, tmp_path)
+    sandbox.antavo.touch("c00000001", {"status": "inactive", "first_name": "Gone"}, at=HOUR + timedelta(minutes=5))
+    hourly = sync(store, antavo_client, ometria_client, tmp_path, "hourly", (HOUR, HOUR + timedelta(hours=1)))
+    assert hourly["status"] == "success" and hourly["leavers"] == 1 and hourly["removed_from_list"] == 1
+    stored = sandbox.ometria.contacts[("antavo", "c00000001")]
+    assert 8400 not in stored["lists"] and stored["firstname"] != "Gone"  # removed, not re-sent as a member
+    assert store.contact("c00000001")["status"] == "left"

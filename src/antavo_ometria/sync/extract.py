@@ -15,6 +15,7 @@ from antavo_ometria.sync.staging import (
     CONTACTS,
     CUSTOMERS,
     GX_RESULT,
+    INACTIVE,
     LEAVERS,
     OVERSIZED,
     QUARANTINE,
@@ -22,6 +23,7 @@ from antavo_ometria.sync.staging import (
     Progress,
     make_folder,
     write_customers,
+    write_ndjson,
 )
 
 log = logging.getLogger(__name__)
@@ -36,11 +38,12 @@ def extract(client: AntavoClient, staging: Path, plan: Plan | dict, status: str 
     `paths` are the loyalty fields the mapping reads: incremental profile reads ask Antavo for them."""
     plan = Plan.of(plan)
     make_folder(staging)
-    for name in (CONTACTS, QUARANTINE, OVERSIZED, LEAVERS, ASYNC_ERRORS, GX_RESULT, REPORT):  # an earlier try's results
+    for name in (CONTACTS, QUARANTINE, OVERSIZED, LEAVERS, INACTIVE, ASYNC_ERRORS, GX_RESULT, REPORT):  # an earlier try's results
         (staging / name).unlink(missing_ok=True)
     progress = Progress("extract", "customers")
     reads: dict = {}
     count, duplicates = write_customers(staging, _customer_pages(client, plan, status, list(paths), reads), progress)
+    write_ndjson(staging / INACTIVE, ({"id": i} for i in reads.pop("inactive", [])))
     log.info("extracted %d customers (%s, %d requests)", count, plan.mode, client.requests_made)
     if duplicates:
         log.warning("%d customer(s) came twice from Antavo (a page boundary moved); kept the copy updated last: %s",
@@ -84,5 +87,10 @@ def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[s
             log.info("%d changed customers were not in the scan (%s status filter): read one by one",
                      len(ids), status or "no")
             reads["reads_reason"] += f"; {len(ids):,} the scan did not list ({status or 'any'} status), read one by one"
+    inactive: list[str] = []
     for start in range(0, len(ids), PROFILE_CHUNK):
-        yield client.get_customers(ids[start: start + PROFILE_CHUNK], paths)
+        profiles = client.get_customers(ids[start: start + PROFILE_CHUNK], paths)
+        left = {c["id"] for c in profiles if status and c.get("status") not in (status, None)}
+        inactive += left
+        yield [c for c in profiles if c["id"] not in left]  # no longer among the customers synced: leavers
+    reads["inactive"] = inactive

@@ -33,9 +33,11 @@ from antavo_ometria.sync.staging import (
     CONTACTS_SCHEMA,
     CUSTOMERS,
     GX_RESULT,
+    INACTIVE,
     LEAVERS,
     QUARANTINE,
     Progress,
+    read_ndjson,
     write_ndjson,
 )
 from antavo_ometria.sync.state import StateStore
@@ -205,7 +207,10 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
         raise QualityGateFailed("; ".join(blocking) + f". Nothing was sent. Quarantined customers and "
                                 f"reasons: {staging / QUARANTINE}; GX results: {staging / GX_RESULT}")
     leavers = sorted(members - seen) if members is not None else []
-    check_leavers(len(leavers), len(members or ()), mapping.settings.max_leaver_share)
+    inactive = [r["id"] for r in read_ndjson(staging / INACTIVE)] if (staging / INACTIVE).exists() else []
+    if inactive and store is not None:  # read one by one and no longer active: members among them leave
+        leavers += sorted(store.accepted_hashes(inactive))
+    check_leavers(len(leavers), len(members) if members is not None else None, mapping.settings.max_leaver_share)
     write_ndjson(staging / LEAVERS, ({"id": i} for i in leavers))
     log.info("%d contacts to send, %d unchanged since Ometria accepted them, %d members left the programme",
              changed, valid - changed, len(leavers))
@@ -219,8 +224,9 @@ class TooManyLeavers(QualityGateFailed):
     """More members would leave the list in one run than `max_leaver_share`: most likely a truncated read."""
 
 
-def check_leavers(leaving: int, members: int, max_share: float) -> None:
-    """Stop before anyone is removed when more members would leave than a run plausibly sees."""
+def check_leavers(leaving: int, members: int | None, max_share: float) -> None:
+    """Stop before anyone is removed when more members would leave than a run plausibly sees (a full read;
+    an incremental run's leavers were each read as no longer active)."""
     if members and leaving / members > max_share:
         raise TooManyLeavers(
             f"{leaving:,} of {members:,} members ({leaving / members:.1%}) are no longer among Antavo's "

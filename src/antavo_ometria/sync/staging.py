@@ -40,6 +40,7 @@ REPORT = "report.json"
 GX_RESULT = "gx_validation.json"
 DUPLICATES = "duplicate_ids.json"
 OVERSIZED = "oversized.ndjson"
+INACTIVE = "inactive.ndjson"  # changed customers a profile read found no longer active (extract)
 LEAVERS = "leavers.ndjson"  # members who left the programme: removed from the list by the load
 ASYNC_ERRORS = "async_errors.json"
 CONTACTS_SCHEMA = pa.schema([("id", pa.string()), ("body", pa.binary()), ("hash", pa.string())])
