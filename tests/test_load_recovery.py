@@ -18,6 +18,7 @@ from antavo_ometria.sync.load import load_staged
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.plan import plan_run
 from antavo_ometria.sync.prepare import transform_staged
+from antavo_ometria.sync.report import build_report, format_report
 from antavo_ometria.sync.staging import read_journal
 from antavo_ometria.sync.state import StateStore, StateStoreUnavailable
 from antavo_ometria_tools.sandbox import OMETRIA_KEY
@@ -67,10 +68,29 @@ def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url)
 
     client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=0))
     loaded = load_staged(staging, client, plan, store)
-    assert loaded.sent == loaded.accepted == 290
+    assert loaded.sent == loaded.accepted == 290 and loaded.delivered_earlier == 200
     assert len(sandbox.ometria.contacts) == 290
     assert set(sandbox.ometria.received.values()) == {1}  # no contact was sent twice
     assert store.contact_count() == 290
+
+
+def test_a_clear_of_only_the_load_says_it_sent_nothing_again(staged, sandbox):
+    # a Clear of only `load` in a completed run runs the load again with the same plan (the same attempt)
+    staging, plan, store = staged
+    client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=0))
+    first = load_staged(staging, client, plan, store)
+    assert (first.sent, first.delivered_earlier) == (290, 0)
+    pushes = sandbox.ometria.pushes
+    again = load_staged(staging, client, plan, store)
+    assert sandbox.ometria.pushes == pushes and set(sandbox.ometria.received.values()) == {1}
+    assert (again.sent, again.accepted, again.delivered_earlier) == (290, 290, 290)
+    transformed = {"customers": 300, "valid": 290, "changed": 290, "unchanged": 0, "quarantined": 10,
+                   "quarantine_reasons": {}, "quality": {}, "mapping_version": plan.mapping_version,
+                   "payload_mode": "legacy"}
+    report = build_report(staging, plan, {"path": "", "customers": 300, "mode": "full", "duplicate_ids": 0},
+                          transformed, again)
+    assert report["delivered_earlier"] == 290 and report["status"] == "success"
+    assert "all by an earlier try of this load: this try sent none again" in format_report(report)
 
 
 def test_unreachable_state_store_fails_clearly_before_anything_is_sent(sandbox):

@@ -100,7 +100,8 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         retryable = any(e.get("retryable", True) for e in failures)
         raise LoadFailed(f"{summary['failed']} contact(s) were not delivered ({failures[-1].get('error')}); see "
                          f"{journal.folder}. A retry re-sends only those.", retryable=retryable)
-    return Loaded(**{k: v for k, v in summary.items() if not k.endswith("_ids")}, async_errors=len(errors))
+    return Loaded(**{k: v for k, v in summary.items() if not k.endswith("_ids")}, async_errors=len(errors),
+                  delivered_earlier=len(contacts) - len(pending))
 
 
 def accepted(entry: dict) -> bool:

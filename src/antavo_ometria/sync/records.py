@@ -82,5 +82,7 @@ class Loaded(Record):
     refused_oversized: int
     async_errors: int = 0  # validation errors Ometria listed at /v2/push/_errors since the last poll
     removed_from_list: int = 0  # members who left the programme, removed from the list
+    # of `sent`, accepted by an earlier try of this load (a retry, a Clear of only the load): not sent again
+    delivered_earlier: int = 0
     dry_run: bool = False
     would_send: int = 0  # dry runs: the contacts that would have been sent

@@ -91,6 +91,7 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
         "failed": len(journal["failed_ids"]),
         "refused_oversized": journal["refused_oversized"],
         "batches": journal["batches"],
+        "delivered_earlier": loaded.delivered_earlier if loaded else 0,
         "async_errors": async_errors,
         "not_delivered": not_delivered,
         "held_kinds": held_kinds,
@@ -159,6 +160,16 @@ def _retried(plan: Plan, staged: list, journal: dict, settled: int) -> dict:
     return {"retried": len(tried) + settled, "retried_accepted": sum(i not in still_owed for i in tried) + settled}
 
 
+def _earlier(report: dict) -> str:
+    """What a retried load (a retry, a Clear of only the load) did not send again."""
+    earlier = report.get("delivered_earlier", 0)
+    if not earlier:
+        return ""
+    if earlier == report["sent"]:
+        return "; all by an earlier try of this load: this try sent none again"
+    return f"; {earlier} by an earlier try of this load (not sent again), {report['sent'] - earlier} by this try"
+
+
 def _history_row(run: dict) -> dict:
     keys = ("run_id", "status", "mode", "mapping_version", "extracted", "changed", "sent", "accepted",
             "rejected", "quarantined", "failed", "started_at")
@@ -217,7 +228,7 @@ def format_report(report: dict, limit: int = 20) -> str:
           if report.get("resent_unchanged") else []),
         *([f"  left         {report['leavers']:>8}   (no longer active in Antavo; removed from the list: "
            f"{report.get('removed_from_list', 0)})"] if report.get("leavers") else []),
-        f"  sent         {report['sent']:>8}   in {report['batches']} batches",
+        f"  sent         {report['sent']:>8}   in {report['batches']} batches" + _earlier(report),
         f"  accepted     {report['accepted']:>8}",
         f"  rejected     {report['rejected']:>8}   (by Ometria)",
         f"  quarantined  {report['quarantined']:>8}   (held back by the quality gate)",
