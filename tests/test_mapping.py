@@ -171,15 +171,50 @@ def test_format_that_does_not_fit(mappings):
 
 
 def test_id_and_consent_rows(mappings):
-    found = problems_for(mappings, HEADER + "email,email,,\nid,id,,\nproperties.newsletter,marketing_optin,,\n")
+    found = problems_for(mappings, HEADER + "email,email,,\nid,id,,\nproperties.newsletter,marketing_optin,,\n"
+                         "properties.sms_ok,channels.sms.allow_marketing,,\n")
     assert any(":3: [remote_field] 'id' is set by the sync itself" in p for p in found)
-    assert any(":4: [remote_field] marketing_optin is only sent when Antavo is the consent authority" in p for p in found)
+    assert any(':4: [remote_field] marketing_optin is consent, and [consent] mode in settings.toml is "never": '
+               'set mode = "preference"' in p for p in found)
+    assert any(":5: [remote_field] channels.sms.allow_marketing is consent" in p for p in found)
 
 
-def test_consent_row_allowed_when_authoritative(mappings):
+@pytest.mark.parametrize("mode, forced", [("preference", False), ("authoritative", True)])
+def test_consent_rows_are_sent_in_the_modes_that_send_consent(mappings, mode, forced):
+    (mappings / "settings.toml").write_text(f'[consent]\nmode = "{mode}"\n')
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\nproperties.newsletter,marketing_optin,,\n"
+                                           "properties.sms_ok,channels.sms.allow_marketing,,\n")
+    mapping = load_contact_mapping(mappings)
+    assert [f.format for f in mapping.fields[1:]] == ["optin", "boolean"]
+    assert mapping.shape.force_optin is forced and mapping.warnings == ()
+
+
+def test_the_earlier_consent_setting_keeps_its_meaning_and_says_how_to_write_it(mappings):
+    table = HEADER + "email,email,,\nproperties.newsletter,marketing_optin,,\n"
+    (mappings / "contacts.csv").write_text(table)
     (mappings / "settings.toml").write_text("[consent]\nauthoritative = true\n")
-    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\nproperties.newsletter,marketing_optin,,\n")
-    assert load_contact_mapping(mappings).fields[1].format == "optin"
+    earlier = load_contact_mapping(mappings)
+    assert earlier.settings.consent_mode == "preference" and not earlier.shape.force_optin
+    assert [str(w) for w in earlier.warnings] == [
+        f'{mappings}/settings.toml:2: [authoritative] authoritative = true is read as mode = "preference"; write '
+        'that instead (mode = "authoritative" also forces Antavo\'s marketing_optin over opt-outs from other sources)']
+    (mappings / "settings.toml").write_text('[consent]\nmode = "preference"\n')
+    assert load_contact_mapping(mappings).version == earlier.version  # no re-send for writing it the new way
+    (mappings / "settings.toml").write_text('[consent]\nmode = "authoritative"\n')
+    assert load_contact_mapping(mappings).version != earlier.version  # forcing changes every payload
+    found = problems_for(mappings, table, settings='[consent]\nmode = "preference"\nauthoritative = true\n')
+    assert found == [f"{mappings}/settings.toml:3: [authoritative] set either [consent] mode or the earlier "
+                     "authoritative, not both; keep mode"]
+    found = problems_for(mappings, table, settings='[consent]\nmode = "always"\n')
+    assert found == [f"{mappings}/settings.toml:2: [mode] consent mode must be one of ('never', 'preference', "
+                     "'authoritative'), not 'always'"]
+
+
+def test_authoritative_consent_without_a_consent_row_is_a_warning(mappings):
+    (mappings / "settings.toml").write_text('[consent]\nmode = "authoritative"\n')
+    (mappings / "contacts.csv").write_text(HEADER + "email,email,,\n")
+    assert [w.message for w in load_contact_mapping(mappings).warnings] == [
+        'consent mode "authoritative" forces marketing_optin, but no row maps to it: nothing is forced']
 
 
 def test_every_problem_is_reported_at_once(mappings):
@@ -217,7 +252,7 @@ def test_a_bad_setting_is_reported_alone_not_with_the_rows_judged_by_its_default
 def test_consent_rows_are_not_judged_by_a_consent_setting_of_the_wrong_type(mappings):
     found = problems_for(mappings, HEADER + "email,email,,\nproperties.newsletter,marketing_optin,,\n",
                          settings='[consent]\nauthoritative = "yes"\n')
-    assert len(found) == 1 and "consent.authoritative has the wrong type" in found[0]
+    assert len(found) == 1 and "consent.authoritative has the wrong type ('yes'); write mode = one of" in found[0]
 
 
 def test_version_changes_with_either_file(mappings):

@@ -2,8 +2,10 @@
 
 Both shapes carry `@type`, `@collection`, `@merge`, `id` (the Antavo customer ID) and, when a list
 is configured, `@add_to_lists`. v2 puts Ometria's built-in fields top-level and every custom field
-under `properties`; legacy writes all mapped fields flat at the top level. An empty value is left out,
-so it cannot blank what Ometria holds, unless the mapping row says `overwrite_empty = yes`.
+under `properties`; legacy writes all mapped fields flat at the top level. SMS preferences
+(`channels.sms.*`) go under `channels` in both. An empty value is left out, so it cannot blank what
+Ometria holds, unless the mapping row says `overwrite_empty = yes`. When Antavo is the consent authority,
+a record that carries `marketing_optin` also carries `@force_optin` (Ometria's rule: else any opt-out wins).
 
 Encoding is columnar: rows are grouped by which fields they carry, and each group is serialised by
 pandas' JSON writer in one call, so no Python dict is built per record.
@@ -35,6 +37,10 @@ class ContactShape:
     list_id: str | None
     v2: bool
     fields: Sequence[ContactField]
+    force_optin: bool = False  # a record's marketing_optin is forced over other sources' opt-outs
+
+
+SMS = "channels.sms."  # the SMS preferences: `"channels": {"sms": {…}}`
 
 
 def envelope(shape: ContactShape) -> dict:
@@ -63,18 +69,25 @@ def encode_contacts(frame: pd.DataFrame, shape: ContactShape) -> list[bytes]:
     # which fields each row carries: present, or empty but allowed to overwrite
     carried = np.column_stack([frame[f.remote_field].notna().to_numpy() | f.overwrite_empty for f in fields]) \
         if fields else np.zeros((len(frame), 0), dtype=bool)
+    forced = frame["marketing_optin"].notna().to_numpy() if shape.force_optin and "marketing_optin" in frame \
+        else np.zeros(len(frame), dtype=bool)
     keys = carried.astype(np.int64) @ (1 << np.arange(len(fields), dtype=np.int64)) if fields else \
         np.zeros(len(frame), dtype=np.int64)
+    keys = keys | forced.astype(np.int64) << len(fields)
     out: list[str] = [""] * len(frame)
     for key, rows in pd.Series(keys).groupby(keys).indices.items():
         chosen = [f for i, f in enumerate(fields) if key >> i & 1]
-        top = ["id"] + [f.remote_field for f in chosen if f.builtin or not v2]
+        sms = [f.remote_field for f in chosen if f.remote_field.startswith(SMS)]
+        top = ["id"] + [f.remote_field for f in chosen if (f.builtin or not v2) and not f.remote_field.startswith(SMS)]
         nested = [f.remote_field for f in chosen if not f.builtin and v2]
-        tops = _json_lines(frame.iloc[rows][top])
-        props = _json_lines(frame.iloc[rows][nested]) if nested else None
+        head = prefix + ('"@force_optin":true,' if key >> len(fields) & 1 else "")
+        part = frame.iloc[rows]
+        tops = _json_lines(part[top])
+        channels = _json_lines(part[sms].rename(columns=lambda name: name.removeprefix(SMS))) if sms else None
+        props = _json_lines(part[nested]) if nested else None
         for j, row in enumerate(rows):
-            body = tops[j][1:-1]
-            out[row] = prefix + body + (',"properties":' + props[j] if props else "") + "}"
+            out[row] = (head + tops[j][1:-1] + (',"channels":{"sms":' + channels[j] + "}" if channels else "")
+                        + (',"properties":' + props[j] if props else "") + "}")
     return [line.encode() for line in out]
 
 

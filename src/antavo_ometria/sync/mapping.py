@@ -71,11 +71,12 @@ class ContactMapping:
     same_as: tuple[str, ...] = ()  # earlier forms of this version (see file_version)
 
     def is_version(self, version: str) -> bool:
-        return version == self.version or version in self.same_as
+        return version == self.version or version in self.same_as or SHIPPED_EARLIER.get(version) == self.version
 
     @property
     def shape(self) -> ContactShape:
-        return ContactShape(self.settings.collection, self.settings.list_id, self.settings.v2, self.fields)
+        return ContactShape(self.settings.collection, self.settings.list_id, self.settings.v2, self.fields,
+                            self.settings.force_optin)
 
     @property
     def loyalty_fields(self) -> list[str]:
@@ -106,7 +107,8 @@ def find_in_catalog(path: str) -> CatalogField | None:
     return next((f for f in catalog() if f.matches(path)), None)
 
 
-PAYLOAD_SETTINGS = ("collection", "list_id", "payload_mode", "consent_authoritative", "language")
+PAYLOAD_SETTINGS = ("collection", "list_id", "payload_mode", "language")
+CONSENT_FIELDS = ("marketing_optin", "channels.sms.allow_marketing", "channels.sms.allow_transactional")
 
 
 def mapping_version(fields: list[FieldMapping], settings: SyncSettings) -> str:
@@ -115,7 +117,16 @@ def mapping_version(fields: list[FieldMapping], settings: SyncSettings) -> str:
     change it, so they do not re-send every contact."""
     rows = sorted((f.loyalty_field, f.remote_field, f.format, f.overwrite_empty) for f in fields)
     shaping = {name: value for name, value in asdict(settings).items() if name in PAYLOAD_SETTINGS}
+    # the consent mode in the form versions were first written in, so an upgrade does not re-send everyone
+    shaping["consent_authoritative"] = settings.sends_consent
+    if settings.force_optin:
+        shaping["force_optin"] = True
     return hashlib.sha256(json.dumps([rows, shaping], sort_keys=True).encode()).hexdigest()[:12]
+
+
+# the file versions of the mapping tables shipped before the settings file was reworded, and the content
+# versions they mean: a run recorded under them counts as the same mapping after an upgrade
+SHIPPED_EARLIER = {"7ea83d3e5a85": "318be70fe8af", "02dccf43a8ca": "5aa90cfbfab6"}
 
 
 def file_version(contacts_file: Path, settings_file: Path) -> str:
@@ -135,10 +146,18 @@ def load_contact_mapping(mappings_dir: Path, contacts_file: Path | None = None) 
     # a row is not judged by a setting that failed: its default is not what the analyst chose
     fields, table_problems, warnings = parse_contacts(path, settings, read.failed)
     problems = [*read.problems, *table_problems]
+    warnings = [*read.warnings, *warnings, *_consent_warnings(fields, settings, mappings_dir / SETTINGS_FILE)]
     if problems:
         raise ConfigError(problems, warnings)
     return ContactMapping(tuple(fields), settings, mapping_version(fields, settings), tuple(warnings),
                           (file_version(path, mappings_dir / SETTINGS_FILE),))
+
+
+def _consent_warnings(fields: list[FieldMapping], settings: SyncSettings, settings_file: Path) -> list[Problem]:
+    if settings.force_optin and not any(f.remote_field == "marketing_optin" for f in fields):
+        return [Problem(str(settings_file), 0, "mode", 'consent mode "authoritative" forces marketing_optin, but no '
+                        "row maps to it: nothing is forced")]
+    return []
 
 
 def parse_contacts(path: Path, settings: SyncSettings, unsure: frozenset[str] = frozenset()
@@ -241,10 +260,11 @@ def _check_remote(remote: str, settings: SyncSettings, unsure: frozenset[str], f
         elif close:
             warnings.append(f"{remote!r} is sent as a custom field ID; if you meant Ometria's built-in field "
                             f"{close[0]!r}, fix the spelling")
-    consent_known = not {"consent_authoritative", "*"} & unsure
-    if remote == "marketing_optin" and not settings.consent_authoritative and consent_known:
-        found.append(("remote_field", "marketing_optin is only sent when Antavo is the consent authority: "
-                      "set [consent] authoritative = true in settings.toml, or remove the row"))
+    consent_known = not {"consent_mode", "*"} & unsure
+    if remote in CONSENT_FIELDS and not settings.sends_consent and consent_known:
+        found.append(("remote_field", f"{remote} is consent, and [consent] mode in settings.toml is \"never\": "
+                      'set mode = "preference" (sent as mapped) or "authoritative" (Antavo\'s marketing_optin '
+                      "forced over opt-outs elsewhere), or remove the row"))
     return remote, warnings
 
 

@@ -11,6 +11,8 @@ from antavo_ometria.problems import ConfigError, Problem
 
 PAYLOAD_MODES = ("legacy", "v2")
 LATE_EVENT_POLICIES = ("send", "skip")
+# how the sync treats marketing consent (Ometria's rule: without a forced listing, any opt-out wins)
+CONSENT_MODES = ("never", "preference", "authoritative")
 
 
 @dataclass(frozen=True)
@@ -18,7 +20,9 @@ class SyncSettings:
     collection: str = "antavo"
     list_id: str = ""  # Ometria list (segment) the contacts join through `@add_to_lists`
     payload_mode: str = "legacy"
-    consent_authoritative: bool = False  # only then may `marketing_optin` be sent
+    # "never": consent is not sent; "preference": marketing_optin and SMS preferences are sent as mapped;
+    # "authoritative": the same, and a contact's marketing_optin is forced (`@force_optin`)
+    consent_mode: str = "never"
     language: str = "en"  # for translated names such as {"en": "Gold"}
     customer_status: str = "active"  # which Antavo customers a full load reads
     max_invalid_share: float = 0.05  # quarantine more than this share and the run stops
@@ -35,13 +39,21 @@ class SyncSettings:
     def v2(self) -> bool:
         return self.payload_mode == "v2"
 
+    @property
+    def sends_consent(self) -> bool:
+        return self.consent_mode != "never"
+
+    @property
+    def force_optin(self) -> bool:
+        return self.consent_mode == "authoritative"
+
 
 _FIELDS = {
     # key in the file: (section, attribute, type)
     ("ometria", "collection"): ("collection", str),
     ("ometria", "list_id"): ("list_id", (str, int)),
     ("ometria", "payload_mode"): ("payload_mode", str),
-    ("consent", "authoritative"): ("consent_authoritative", bool),
+    ("consent", "mode"): ("consent_mode", str),
     ("translations", "language"): ("language", str),
     ("antavo", "customer_status"): ("customer_status", str),
     ("quality", "max_invalid_share"): ("max_invalid_share", (int, float)),
@@ -64,12 +76,14 @@ class SettingsRead:
     settings: SyncSettings
     problems: tuple[Problem, ...] = ()
     failed: frozenset[str] = frozenset()  # SyncSettings attributes whose value was wrong; "*": all, unreadable
+    warnings: tuple[Problem, ...] = ()
 
 
 _CHECKS = {
     # attribute: (is the value acceptable, the rule it breaks)
     "payload_mode": (lambda v: v in PAYLOAD_MODES, f"payload_mode must be one of {PAYLOAD_MODES}"),
     "late_event_policy": (lambda v: v in LATE_EVENT_POLICIES, f"late_event_policy must be one of {LATE_EVENT_POLICIES}"),
+    "consent_mode": (lambda v: v in CONSENT_MODES, f"consent mode must be one of {CONSENT_MODES}"),
     "collection": (lambda v: bool(v.strip()), "collection must not be empty"),
     "list_id": (lambda v: v == "" or v.isdigit(),
                 "list_id must be the numeric ID of an Ometria list (`make check` names the account's lists), or empty"),
@@ -110,7 +124,12 @@ def read_settings(path: Path) -> SettingsRead:
         problem = Problem(file, getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}")
         return SettingsRead(SyncSettings(), (problem,), unreadable)
     lines = text.splitlines()
+    consent, warnings = _earlier_consent_form(file, lines, data)
     values, problems, failed = _typed_values(file, lines, data)
+    problems += consent
+    if consent:
+        failed.add("consent_mode")
+        values.pop("consent_mode", None)
     for attribute, value in list(values.items()):
         accepted, message = _CHECKS.get(attribute, (lambda v: True, ""))
         if not accepted(value):
@@ -118,7 +137,28 @@ def read_settings(path: Path) -> SettingsRead:
             problems.append(Problem(file, _line_of(lines, key), key, f"{message}, not {value!r}"))
             del values[attribute]
             failed.add(attribute)
-    return SettingsRead(SyncSettings(**values), tuple(problems), frozenset(failed))
+    return SettingsRead(SyncSettings(**values), tuple(problems), frozenset(failed), tuple(warnings))
+
+
+def _earlier_consent_form(file: str, lines: list[str], data: dict) -> tuple[list[Problem], list[Problem]]:
+    """`[consent] authoritative = true/false`, the earlier form of `mode`, is read as the mode it always meant
+    (true sent marketing_optin without forcing it): (problems, warnings). Rewrites `data` in place."""
+    table = data.get("consent")
+    if not isinstance(table, dict) or "authoritative" not in table:
+        return [], []
+    line = _line_of(lines, "authoritative")
+    value = table.pop("authoritative")
+    if "mode" in table:
+        return [Problem(file, line, "authoritative", "set either [consent] mode or the earlier authoritative, "
+                        "not both; keep mode")], []
+    if not isinstance(value, bool):
+        return [Problem(file, line, "authoritative", f"consent.authoritative has the wrong type ({value!r}); "
+                        f"write mode = one of {CONSENT_MODES} instead")], []
+    mode = "preference" if value else "never"
+    table["mode"] = mode
+    return [], [Problem(file, line, "authoritative", f"authoritative = {str(value).lower()} is read as "
+                        f'mode = "{mode}"; write that instead (mode = "authoritative" also forces Antavo\'s '
+                        "marketing_optin over opt-outs from other sources)")]
 
 
 def _typed_values(file: str, lines: list[str], data: dict) -> tuple[dict, list[Problem], set[str]]:

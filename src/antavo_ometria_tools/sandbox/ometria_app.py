@@ -38,6 +38,9 @@ BUILTIN_FIELDS = {
 }
 ENVELOPE_KEYS = {"@type", "@collection", "@merge", "@force_optin", "@add_to_lists", "@remove_from_lists",
                  "id", "properties", "channels"}
+# SMS preferences: "channels": {"sms": {...}}
+SMS_FIELDS = {"allow_marketing": "boolean", "allow_transactional": "boolean", "dt_updated_marketing": "datetime",
+              "dt_updated_transactional": "datetime"}
 LISTS = [{"id": "8400", "title": "Loyalty members", "type": "STATIC", "status": "ACTIVE", "size": 0},
          {"id": "8401", "title": "Lapsed loyalty members", "type": "DYNAMIC", "status": "ACTIVE", "size": 0}]
 # custom contact fields created in the sandbox account: field ID → value type
@@ -119,6 +122,7 @@ class OmetriaApp(App):
         self.reject_ids: set[str] = set()  # records Ometria refuses, e.g. an email owned by another contact
         self.refuse_requests = 0  # the next this many pushes are answered 400 as a whole (a proxy, a bad minute)
         self.contacts: dict[tuple[str, str], dict] = {}
+        self.forced: dict[tuple[str, str], int] = {}  # listing → the push that last forced its marketing_optin
         self.events: dict[str, dict] = {}
         self.received = Counter()  # (type, id) → times accepted
         # every accepted record in order: (type, id, digest of the record, whether the client ever read the answer)
@@ -132,12 +136,28 @@ class OmetriaApp(App):
 
     def snapshot(self) -> dict:
         with self.lock:
-            return {"contacts": [[c, i, v] for (c, i), v in self.contacts.items()], "events": self.events}
+            return {"contacts": [[c, i, v] for (c, i), v in self.contacts.items()], "events": self.events,
+                    "forced": [[c, i, n] for (c, i), n in self.forced.items()]}
 
     def restore(self, saved: dict) -> None:
         with self.lock:
             self.contacts = {(c, i): v for c, i, v in saved["contacts"]}
             self.events = dict(saved["events"])
+            self.forced = {(c, i): n for c, i, n in saved.get("forced", [])}
+
+    def consent_of(self, email: str) -> str | None:
+        """The profile's marketing consent, resolved over its listings in every collection as Ometria documents
+        it: a forced listing wins (the latest forced); else any opt-out wins; else an opt-in."""
+        with self.lock:
+            listings = {key: c["marketing_optin"] for key, c in self.contacts.items()
+                        if c.get("email") == email and c.get("marketing_optin")}
+            forced = [key for key in listings if key in self.forced]
+        if forced:
+            return listings[max(forced, key=self.forced.__getitem__)]
+        for value in ("EXPLICITLY_OPTEDOUT", "EXPLICITLY_OPTEDIN", "NOT_SPECIFIED"):
+            if value in listings.values():
+                return value
+        return None
 
     def handle(self, request: Request) -> Response:
         if request.path.startswith("/_sandbox/"):
@@ -231,6 +251,9 @@ class OmetriaApp(App):
                 problems.append((path, "not a valid value"))
         if not isinstance(record.get("@collection", ""), str):
             problems.append(("root > @collection", "not a valid value"))
+        if not isinstance(record.get("@force_optin", False), bool):
+            problems.append(("root > @force_optin", "not a valid value"))
+        problems += self._check_channels(record.get("channels", {}))
         known_lists = {str(row["id"]) for row in LISTS}
         for action in ("@add_to_lists", "@remove_from_lists"):
             lists = record.get(action, [])
@@ -245,6 +268,22 @@ class OmetriaApp(App):
                 problems.append((f"root > properties > {key}", "unknown custom field"))
             elif value is not None and not CHECKS[kind](value):
                 problems.append((f"root > properties > {key}", "not a valid value"))
+        return problems
+
+    @staticmethod
+    def _check_channels(channels: object) -> list[tuple[str, str]]:
+        if not isinstance(channels, dict):
+            return [("root > channels", "not a valid value")]
+        problems = [(f"root > channels > {name}", "unknown channel") for name in channels if name != "sms"]
+        sms = channels.get("sms", {})
+        if not isinstance(sms, dict):
+            return problems + [("root > channels > sms", "not a valid value")]
+        for key, value in sms.items():
+            kind = SMS_FIELDS.get(key)
+            if kind is None:
+                problems.append((f"root > channels > sms > {key}", "unknown field"))
+            elif value is not None and not CHECKS[kind](value):
+                problems.append((f"root > channels > sms > {key}", "not a valid value"))
         return problems
 
     def _check_event(self, record: dict) -> list[tuple[str, str]]:
@@ -273,7 +312,13 @@ class OmetriaApp(App):
         fields = {k: v for k, v in record.items() if not k.startswith("@")}
         if stored is None:
             stored = {}
-        merged = {**stored, **{k: v for k, v in fields.items() if k != "properties"}}
+        merged = {**stored, **{k: v for k, v in fields.items() if k not in ("properties", "channels")}}
+        if "channels" in fields:
+            merged["channels"] = {"sms": {**stored.get("channels", {}).get("sms", {}), **fields["channels"].get("sms", {})}}
+        if record.get("@force_optin") and "marketing_optin" in fields:
+            self.forced[key] = self.pushes
+        elif key in self.forced and "marketing_optin" in stored:  # a forced value is not overridden unforced
+            merged["marketing_optin"] = stored["marketing_optin"]
         properties = {**stored.get("properties", {}), **fields.get("properties", {})}
         if properties:
             merged["properties"] = properties
