@@ -15,7 +15,7 @@ from antavo_ometria.sync.load import LoadFailed, load_staged
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.plan import plan_run
 from antavo_ometria.sync.prepare import TooManyLeavers, transform_staged
-from antavo_ometria.sync.report import RunNotDelivered, report_run
+from antavo_ometria.sync.report import RunNotDelivered, format_report, report_run
 from antavo_ometria.sync.state import StateStore
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -30,9 +30,10 @@ def store(state_url):
     return store
 
 
-def sync(store, antavo, ometria, tmp_path, run_id, interval=(None, None), reconcile=False) -> dict:
+def sync(store, antavo, ometria, tmp_path, run_id, interval=(None, None), reconcile=False,
+         mappings: Path = PROJECT / "include" / "mappings") -> dict:
     """One run as the DAG runs it: the report (also of a failed run), with the load's error if it failed."""
-    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    mapping = load_contact_mapping(mappings)
     staging = tmp_path / run_id
     steps = {"plan": plan_run(store, mapping, DAG, run_id, interval, reconcile=reconcile)}
     steps["extract"] = extract(antavo, staging, steps["plan"], paths=mapping.loyalty_fields)
@@ -154,3 +155,25 @@ def test_a_member_read_as_inactive_by_an_incremental_run_leaves_the_list_and_is_
     stored = sandbox.ometria.contacts[("antavo", "c00000001")]
     assert 8400 not in stored["lists"] and stored["firstname"] != "Gone"  # removed, not re-sent as a member
     assert store.contact("c00000001")["status"] == "left"
+
+
+def test_a_cap_per_run_spreads_the_contacts_over_runs_each_sent_once(
+        store, sandbox, antavo_client, ometria_client, tmp_path, mappings):
+    settings = mappings / "settings.toml"
+    settings.write_text(settings.read_text().replace("[sync]\n", "[sync]\nmax_contacts_per_run = 100\n"))
+    first = sync(store, antavo_client, ometria_client, tmp_path, "first", (None, HOUR), mappings=mappings)
+    assert (first["status"], first["accepted"], first["deferred"], first["failed"]) == ("success", 100, 190, 0)
+    assert first["unaccounted"] == 0 and store.owed_count() == 190
+    assert "deferred          190   (over sync.max_contacts_per_run" in format_report(first)
+    assert len(sandbox.ometria.contacts) == 100
+
+    hours = [(HOUR + timedelta(hours=n), HOUR + timedelta(hours=n + 1)) for n in range(3)]
+    second = sync(store, antavo_client, ometria_client, tmp_path, "second", hours[0], mappings=mappings)
+    assert (second["status"], second["accepted"], second["deferred"]) == ("success", 100, 90)
+    third = sync(store, antavo_client, ometria_client, tmp_path, "third", hours[1], mappings=mappings)
+    assert (third["status"], third["accepted"], third["deferred"]) == ("success", 90, 0)
+    assert store.owed_count() == 0 and store.contact_count() == 290
+    assert len(sandbox.ometria.contacts) == 290
+    assert set(sandbox.ometria.received[("contact", i)] for _, i in sandbox.ometria.contacts) == {1}  # each once
+    quiet = sync(store, antavo_client, ometria_client, tmp_path, "quiet", hours[2], mappings=mappings)
+    assert quiet["accepted"] == quiet["deferred"] == 0

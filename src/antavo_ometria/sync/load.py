@@ -14,6 +14,7 @@ from antavo_ometria.sync.records import Loaded, Plan
 from antavo_ometria.sync.settings import SyncSettings
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
+    DEFERRED,
     LEAVERS,
     OVERSIZED,
     Journal,
@@ -23,6 +24,7 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
     write_ndjson,
 )
+from antavo_ometria.sync.state import DEFERRED as DEFERRED_STATUS
 from antavo_ometria.sync.state import FAILED, REJECTED, Backoff, StateStore
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
@@ -70,12 +72,21 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     pending = [(i, b, h) for i, b, h in contacts if (i, h) not in delivered]
     hashes = {i: h for i, _, h in pending}
     fits, oversized = split_oversized((i, b) for i, b, _ in pending)
+    owed = set(plan.retry_ids)  # tried again: rejected again, they stay held, and do not make the load fail
+    fits, deferred = within_cap(fits, settings.max_contacts_per_run, len(contacts) - len(pending), owed)
+    write_ndjson(staging / DEFERRED, ({"id": i} for i, _ in deferred))
+    if deferred:
+        log.warning("%d contacts are over max_contacts_per_run (%d): they stay owed and the next run sends them",
+                    len(deferred), settings.max_contacts_per_run)
+        if store is not None:
+            store.record_owed([(i, hashes[i]) for i, _ in deferred], DEFERRED_STATUS,
+                              f"deferred: over sync.max_contacts_per_run ({settings.max_contacts_per_run:,}) in run "
+                              f"{plan.run_id}", plan.mapping_version, plan.run_id, Backoff())
     if delivered:
         log.info("resuming: %d contacts were delivered by an earlier try of this run; %d to send",
                  len(contacts) - len(pending), len(fits))
     progress = Progress("load", "contacts", total=len(fits))
     refused_whole = None
-    owed = set(plan.retry_ids)  # tried again: rejected again, they stay held, and do not make the load fail
     for ids, bodies in batches(fits):
         entries = push_isolating(client, ids, bodies, [hashes[i] for i in ids])
         journal.append([{"attempt": plan.attempt, **e} for e in entries])
@@ -101,7 +112,18 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         raise LoadFailed(f"{summary['failed']} contact(s) were not delivered ({failures[-1].get('error')}); see "
                          f"{journal.folder}. A retry re-sends only those.", retryable=retryable)
     return Loaded(**{k: v for k, v in summary.items() if not k.endswith("_ids")}, async_errors=len(errors),
-                  delivered_earlier=len(contacts) - len(pending))
+                  delivered_earlier=len(contacts) - len(pending), deferred=len(deferred))
+
+
+def within_cap(fits: list[tuple[str, bytes]], cap: int, delivered: int, owed: set[str]
+               ) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """(what this try sends, what it defers) under `max_contacts_per_run` (0: no cap), counting what earlier
+    tries of the run delivered; owed contacts go first, so a cap never starves the longest owed."""
+    if not cap:
+        return fits, []
+    ordered = sorted(fits, key=lambda fit: fit[0] not in owed)
+    room = max(cap - delivered, 0)
+    return ordered[:room], ordered[room:]
 
 
 def accepted(entry: dict) -> bool:

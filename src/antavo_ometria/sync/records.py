@@ -84,5 +84,6 @@ class Loaded(Record):
     removed_from_list: int = 0  # members who left the programme, removed from the list
     # of `sent`, accepted by an earlier try of this load (a retry, a Clear of only the load): not sent again
     delivered_earlier: int = 0
+    deferred: int = 0  # over sync.max_contacts_per_run: not sent, owed, the next run sends them
     dry_run: bool = False
     would_send: int = 0  # dry runs: the contacts that would have been sent

@@ -13,6 +13,7 @@ from antavo_ometria.sync.load import journal_entries, summarise_load
 from antavo_ometria.sync.records import Extracted, Loaded, Plan, Transformed
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
+    DEFERRED,
     DUPLICATES,
     OVERSIZED,
     QUARANTINE,
@@ -42,9 +43,10 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
     loaded = Loaded.of(loaded) if loaded is not None else None
     staged = read_contacts(staging)
     journal = summarise_load(staging, plan, {i for i, _, _ in staged})
+    deferred = read_ndjson(staging / DEFERRED) if (staging / DEFERRED).exists() else []
     if not plan.dry_run:  # what the load never reached, e.g. it was stopped for good mid-way
         reached = {i for e in journal_entries(staging, plan) for i in e["ids"]} | {
-            o["id"] for o in read_ndjson(staging / OVERSIZED)}
+            o["id"] for o in read_ndjson(staging / OVERSIZED)} | {d["id"] for d in deferred}
         journal["failed_ids"] += [i for i, _, _ in staged if i not in reached]
     errors = {i: e.get("error") for e in journal_entries(staging, plan) for i in e["ids"]}
     payloads = {i: json.loads(b) for i, b, _ in staged} if journal["rejected_ids"] + journal["failed_ids"] else {}
@@ -92,12 +94,14 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
         "refused_oversized": journal["refused_oversized"],
         "batches": journal["batches"],
         "delivered_earlier": loaded.delivered_earlier if loaded else 0,
+        "deferred": len(deferred),
         "async_errors": async_errors,
         "not_delivered": not_delivered,
         "held_kinds": held_kinds,
         "staging": str(staging),
     }
-    unsent = transformed.changed if plan.dry_run else report["sent"] + report["failed"] + report["refused_oversized"]
+    unsent = transformed.changed if plan.dry_run else (report["sent"] + report["failed"] + report["refused_oversized"]
+                                                       + report["deferred"])
     report["unaccounted"] = report["extracted"] - unsent - report["unchanged"] - report["quarantined"]
     if report["failed"] or report["unaccounted"] or (loaded is None and not plan.dry_run):
         report["status"] = "failed"  # (a load that failed, e.g. on what Ometria rejected, fails the run too)
@@ -234,6 +238,8 @@ def format_report(report: dict, limit: int = 20) -> str:
         f"  quarantined  {report['quarantined']:>8}   (held back by the quality gate)",
         f"  failed       {report['failed']:>8}   (not delivered: the next run sends them)",
         f"  oversized    {report['refused_oversized']:>8}   (over {kilobytes(MAX_RECORD_BYTES)}, not sent)",
+        *([f"  deferred     {report['deferred']:>8}   (over sync.max_contacts_per_run: owed, the next runs send "
+           "them)"] if report.get("deferred") else []),
         f"  unaccounted  {report['unaccounted']:>8}",
     ]
     if report["quarantine_reasons"]:

@@ -33,6 +33,7 @@ class SyncSettings:
     max_leaver_share: float = 0.05  # more members than this share would leave the list in one run: nothing is removed
     retry_first_hours: float = 1.0  # an owed contact is tried by the next run, then after this wait, doubling
     retry_max_hours: float = 24.0  # … up to this wait
+    max_contacts_per_run: int = 0  # a run sends at most this many contacts, the rest stay owed for the next; 0: all
     reconcile_every_hours: float = 24.0  # every customer is read and compared with what Ometria accepted; 0: never
 
     @property
@@ -65,6 +66,7 @@ _FIELDS = {
     ("sync", "retry_first_hours"): ("retry_first_hours", (int, float)),
     ("sync", "retry_max_hours"): ("retry_max_hours", (int, float)),
     ("sync", "reconcile_every_hours"): ("reconcile_every_hours", (int, float)),
+    ("sync", "max_contacts_per_run"): ("max_contacts_per_run", int),
 }
 
 
@@ -95,6 +97,7 @@ _CHECKS = {
     "retry_first_hours": (lambda v: v > 0, "retry_first_hours must be more than 0"),
     "retry_max_hours": (lambda v: v > 0, "retry_max_hours must be more than 0"),
     "reconcile_every_hours": (lambda v: v >= 0, "reconcile_every_hours must not be negative (0: only on request)"),
+    "max_contacts_per_run": (lambda v: v >= 0, "max_contacts_per_run must not be negative (0: no cap)"),
 }
 
 

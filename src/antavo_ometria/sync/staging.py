@@ -42,6 +42,7 @@ DUPLICATES = "duplicate_ids.json"
 OVERSIZED = "oversized.ndjson"
 INACTIVE = "inactive.ndjson"  # changed customers a profile read found no longer active (extract)
 LEAVERS = "leavers.ndjson"  # members who left the programme: removed from the list by the load
+DEFERRED = "deferred.ndjson"  # contacts over sync.max_contacts_per_run: owed, the next run sends them
 ASYNC_ERRORS = "async_errors.json"
 CONTACTS_SCHEMA = pa.schema([("id", pa.string()), ("body", pa.binary()), ("hash", pa.string())])
 

@@ -28,7 +28,8 @@ _IN_CHUNK = 900  # below SQLite's bound-parameter limit
 
 
 ACCEPTED, REJECTED, FAILED, LEFT = "sent", "rejected", "failed", "left"  # a contact's status
-OWED = (REJECTED, FAILED)
+DEFERRED = "deferred"  # over the run's cap (sync.max_contacts_per_run): not tried yet, the next run sends it
+OWED = (REJECTED, FAILED, DEFERRED)
 LAST_POLL = "(last poll)"  # the run id under which Ometria's error list as last polled is kept
 
 
@@ -239,8 +240,9 @@ class StateStore:
 
     def record_owed(self, rows: Iterable[tuple[str, str]], status: str, reason: str, mapping_version: str,
                     run_id: str, backoff: Backoff, request_id: str | None = None) -> None:
-        """These (id, payload hash) pairs were rejected or not delivered: still owed, tried again at `retry_at`
-        (the next run after a first failure, then after growing waits). What Ometria accepted before is kept."""
+        """These (id, payload hash) pairs were rejected, not delivered or deferred: still owed, tried again at
+        `retry_at` (the next run after a first failure, then after growing waits; a deferred one is not a try,
+        and is due at once). What Ometria accepted before is kept."""
         rows = list(rows)
         contacts = self.table("sync_contacts")
         before: dict[str, tuple] = {}
@@ -250,10 +252,12 @@ class StateStore:
                 before.update({r[0]: r[1:] for r in conn.execute(query.where(contacts.c.antavo_id.in_(chunk)))})
         moment = now()
         values = []
+        tried = status != DEFERRED
         for i, h in rows:
             attempts, accepted = before.get(i, (0, None))
+            attempts = (attempts or 0) + tried
             values.append({"antavo_id": i, "payload_hash": h, "accepted_hash": accepted, "status": status,
-                           "attempts": (attempts or 0) + 1, "retry_at": backoff.next_try(moment, (attempts or 0) + 1),
+                           "attempts": attempts, "retry_at": backoff.next_try(moment, attempts) if tried else moment,
                            "reason": reason[:2000], "left_at": None, "mapping_version": mapping_version,
                            "request_id": request_id, "run_id": run_id, "synced_at": moment})
         self._upsert(contacts, values, ["antavo_id"])

@@ -20,7 +20,7 @@ from antavo_ometria.ometria.payload import payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.staging import CUSTOMERS
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.state import DEFERRED, OWED, StateStore
 from antavo_ometria.sync.transform import customer_columns
 from antavo_ometria.transport import ApiError
 
@@ -168,7 +168,7 @@ def _verdict(result: Trace, customer: dict | None, reachable: bool) -> str:
         return f"held back: {'; '.join(result.problems)}"
     if sent is None:
         return "not sent yet: she is new since the last run, or not among the customers a full load reads"
-    if sent["status"] in ("rejected", "failed"):
+    if sent["status"] in OWED:
         if sent["payload_hash"] != result.record_hash:
             return f"changed since her last try: the next run sends it ({_owed(sent)})"
         return _owed(sent)
@@ -185,6 +185,8 @@ def _owed(sent: dict) -> str:
     reason = sent.get("reason") or ("rejected by Ometria" if sent["status"] == "rejected" else "not delivered")
     retry = sent.get("retry_at")
     when = f"tried again from {retry:%Y-%m-%d %H:%M} UTC" if retry else "tried again by the next run"
+    if sent["status"] == DEFERRED:
+        return f"owed: {reason}; {when}"
     return (f"owed: {reason} ({sent.get('attempts', 0)} tries); {when}. "
             "If Ometria refuses it for a field, fix the field in Ometria or its row in contacts.csv; "
             "`make run CONF='{\"reconcile\": true}'` retries every owed contact now")
