@@ -160,7 +160,7 @@ def test_a_member_read_as_inactive_by_an_incremental_run_leaves_the_list_and_is_
 def test_a_cap_per_run_spreads_the_contacts_over_runs_each_sent_once(
         store, sandbox, antavo_client, ometria_client, tmp_path, mappings):
     settings = mappings / "settings.toml"
-    settings.write_text(settings.read_text().replace("[sync]\n", "[sync]\nmax_contacts_per_run = 100\n"))
+    settings.write_text(settings.read_text().replace("max_contacts_per_run = 0 ", "max_contacts_per_run = 100"))
     first = sync(store, antavo_client, ometria_client, tmp_path, "first", (None, HOUR), mappings=mappings)
     assert (first["status"], first["accepted"], first["deferred"], first["failed"]) == ("success", 100, 190, 0)
     assert first["unaccounted"] == 0 and store.owed_count() == 190
