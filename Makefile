@@ -50,8 +50,8 @@ keys:                    ## secrets for docker-compose, written once to .env (co
 	open(path, 'a').write((chr(10) if lines and text and not text.endswith(chr(10)) else '') + lines); \
 	print('wrote ' + path + ': docker compose reads it' if not old else path + ' exists: keeping its keys (a new Fernet key could not read the secrets stored with the old one)' + ('; added ' + ', '.join(added) if added else ''))" "$(KEYS_FILE)"
 
-test: install            ## every test
-	$(BIN)/python -m pytest
+test: install            ## every test, the files side by side (a file's tests stay on one worker: they share fixtures)
+	$(BIN)/python -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
 
 validate: install        ## check include/mappings
 	$(BIN)/python -m antavo_ometria_tools.cli validate
