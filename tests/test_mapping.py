@@ -266,6 +266,33 @@ def test_diff_says_that_removing_a_row_does_not_clear_ometria(mappings):
     assert "overwrite_empty = yes" in text
 
 
+def test_diff_shows_a_format_change_column_by_column_with_the_same_customers_before_and_after(mappings, tmp_path,
+                                                                                               capsys):
+    from antavo_ometria_tools.cli import main
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for name in ("contacts.csv", "settings.toml"):
+        (before / name).write_bytes((mappings / name).read_bytes())
+    table = mappings / "contacts.csv"
+    table.write_text(table.read_text().replace("purchase_count,purchase_count,integer,",
+                                               "purchase_count,purchase_count,string,")
+                     .replace("properties.newsletter,newsletter,boolean,no", "properties.newsletter,newsletter,boolean,yes"))
+    assert main(["diff", "--before", str(before), "--after", str(mappings), "-n", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("  ~ row purchase_count (line 14): format integer → string")
+    counted = lines[at + 1].strip()
+    assert counted.endswith("of 20 sample customers get another value (old mapping → new):")
+    samples = lines[at + 2: at + 5]
+    assert len(samples) == 3
+    for sample in samples:  # one customer's count as the old mapping sends it, then as the new one does
+        cid, _, values = sample.strip().partition(": ")
+        old, _, new = values.partition(" → ")
+        assert cid.startswith("c") and old.isdigit() and new == f'"{old}"', sample
+    assert "  ~ row newsletter (line 17): overwrite_empty no → yes" in lines
+    assert not any(line.startswith(("  - row", "  + row")) for line in lines)  # changed, not removed and added
+
+
 def test_a_trigger_table_saved_with_a_byte_order_mark_is_accepted(mappings):
     from antavo_ometria.sync.event_rules import load_rules
 
