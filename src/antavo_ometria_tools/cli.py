@@ -29,7 +29,7 @@ from pathlib import Path
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sync.mapping import catalog, load_contact_mapping
+from antavo_ometria.sync.mapping import NOT_OFFERED, catalog, load_contact_mapping
 from antavo_ometria.sync.settings import mappings_dir
 from antavo_ometria.transport import RetryPolicy
 
@@ -413,6 +413,8 @@ def cmd_fields(args: argparse.Namespace) -> int:
     for field in catalog():
         print(f"{field.path:40} {field.format:9} {' '.join(field.modes):10} {field.module}")
     print("\n* stands for a tier-structure ID, account ID, external ID field or custom property name.")
+    for why in NOT_OFFERED.values():
+        print(f"{why[0].upper()}{why[1:]}.")
     return 0
 
 
