@@ -39,6 +39,40 @@ def test_catalog_wildcards():
     assert find_in_catalog("tiers.basic_structure") is None
 
 
+def test_make_fields_offers_the_expiring_points_total_and_says_why_nothing_else(capsys):
+    from antavo_ometria_tools.cli import main
+
+    assert main(["fields"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines if line.startswith("extensions.")] == ["extensions.expiring_points.total"]
+    note = next(line for line in lines if "fields=expiring_points" in line)
+    assert note.startswith("Only extensions.expiring_points.total is offered for expiring points")
+    assert '"a summary of expiration statistics", without naming the fields in it' in note
+    assert "fields=expiring_points.history as a list of dates and points" in note
+
+
+def test_an_expiring_points_field_antavo_does_not_name_is_refused_with_the_reason(mappings):
+    found = problems_for(mappings, HEADER + "email,email,,\nextensions.expiring_points.next_date,expiry,,\n",
+                         (mappings / "settings.toml").read_text().replace('"legacy"', '"v2"'))
+    assert len(found) == 1 and found[0].startswith(
+        f"{mappings}/contacts.csv:3: [loyalty_field] unknown loyalty field 'extensions.expiring_points.next_date' "
+        "(did you mean 'extensions.expiring_points.total'?); only extensions.expiring_points.total is offered")
+    assert "a summary of expiration statistics" in found[0]
+
+
+def test_the_sandbox_serves_expiring_points_with_only_the_fields_the_catalog_offers(antavo_client):
+    from antavo_ometria.sync.mapping import catalog
+
+    offered = {f.path.rpartition(".")[2] for f in catalog() if f.path.startswith("extensions.expiring_points.")}
+    read_api = antavo_client.read_sample(100)  # the Read API's customer entity
+    assert {key for c in read_api for key in c["extensions"]["expiring_points"]} == offered == {"total"}
+    plain, asked = (antavo_client.get_customers(["c00000001"], paths)[0]
+                    for paths in ([], ["extensions.expiring_points.total"]))
+    assert "extensions" not in plain and "expiring_points" not in plain  # a classic profile: only when asked for
+    assert set(asked["extensions"]["expiring_points"]) == offered
+    assert asked["extensions"] == read_api[1]["extensions"]
+
+
 def test_unknown_loyalty_field_suggests_the_closest(mappings):
     found = problems_for(mappings, HEADER + "email,email,,\nfirst_nmae,firstname,,\n")
     assert found == [f"{mappings}/contacts.csv:3: [loyalty_field] unknown loyalty field 'first_nmae' "
@@ -299,6 +333,33 @@ def test_diff_says_that_removing_a_row_does_not_clear_ometria(mappings):
     text = render_diff(make_population(5), before, load_contact_mapping(mappings))
     assert "Removing a row stops sending city, but does not clear what Ometria already holds" in text
     assert "overwrite_empty = yes" in text
+
+
+def test_diff_shows_a_format_change_column_by_column_with_the_same_customers_before_and_after(mappings, tmp_path,
+                                                                                               capsys):
+    from antavo_ometria_tools.cli import main
+
+    before = tmp_path / "before"
+    before.mkdir()
+    for name in ("contacts.csv", "settings.toml"):
+        (before / name).write_bytes((mappings / name).read_bytes())
+    table = mappings / "contacts.csv"
+    table.write_text(table.read_text().replace("purchase_count,purchase_count,integer,",
+                                               "purchase_count,purchase_count,string,")
+                     .replace("properties.newsletter,newsletter,boolean,no", "properties.newsletter,newsletter,boolean,yes"))
+    assert main(["diff", "--before", str(before), "--after", str(mappings), "-n", "20"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    at = lines.index("  ~ row purchase_count (line 14): format integer → string")
+    counted = lines[at + 1].strip()
+    assert counted.endswith("of 20 sample customers get another value (old mapping → new):")
+    samples = lines[at + 2: at + 5]
+    assert len(samples) == 3
+    for sample in samples:  # one customer's count as the old mapping sends it, then as the new one does
+        cid, _, values = sample.strip().partition(": ")
+        old, _, new = values.partition(" → ")
+        assert cid.startswith("c") and old.isdigit() and new == f'"{old}"', sample
+    assert "  ~ row newsletter (line 17): overwrite_empty no → yes" in lines
+    assert not any(line.startswith(("  - row", "  + row")) for line in lines)  # changed, not removed and added
 
 
 def test_a_trigger_table_saved_with_a_byte_order_mark_is_accepted(mappings):

@@ -8,8 +8,9 @@
     ui         the Airflow UI on this machine (`airflow standalone`), against the same accounts as `run`
     validate   check the mapping table, settings and trigger rules; list every problem with file, line, column
     fields     list the loyalty fields that can be mapped
-    preview    show sample customers next to the Ometria records they become
-    diff       show which payload fields change between the committed mapping and an edited one
+    preview    show sample customers next to the Ometria records they become (read from Antavo when its
+               connection is set, else the synthetic sandbox population; the first line says which)
+    diff       show which rows and payload fields change between the committed mapping and an edited one
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sync.mapping import catalog, load_contact_mapping
+from antavo_ometria.sync.mapping import NOT_OFFERED, catalog, load_contact_mapping
 from antavo_ometria.sync.settings import mappings_dir
 from antavo_ometria.transport import RetryPolicy
 
@@ -95,11 +96,11 @@ def first_error(log: str) -> str | None:
     return "\n".join([first, *found[1:]])
 
 
-def _connection_problems(env: dict[str, str]) -> list[str]:
+def _connection_problems(env: dict[str, str], conn_ids: tuple[str, ...] = CONNECTIONS) -> list[str]:
     from antavo_ometria.airflow.hooks import env_connection_problem
 
     with _environ(env):
-        return [p for p in (env_connection_problem(c) for c in CONNECTIONS) if p]
+        return [p for p in (env_connection_problem(c) for c in conn_ids) if p]
 
 
 class _environ:
@@ -118,11 +119,11 @@ class _environ:
         os.environ.update(self.saved)
 
 
-def _stored_connections(env: dict[str, str]) -> list[str]:
-    """Which of the Antavo and Ometria connections Airflow knows (its database, a secrets backend)."""
+def _stored_connections(env: dict[str, str], conn_ids: tuple[str, ...] = CONNECTIONS[:2]) -> list[str]:
+    """Which of these connections (the Antavo and Ometria ones) Airflow knows (its database, a secrets backend)."""
     with _environ(env):
         found = []
-        for conn_id in CONNECTIONS[:2]:
+        for conn_id in conn_ids:
             try:
                 _connection(conn_id)
                 found.append(conn_id)
@@ -412,6 +413,8 @@ def cmd_fields(args: argparse.Namespace) -> int:
     for field in catalog():
         print(f"{field.path:40} {field.format:9} {' '.join(field.modes):10} {field.module}")
     print("\n* stands for a tier-structure ID, account ID, external ID field or custom property name.")
+    for why in NOT_OFFERED.values():
+        print(f"{why[0].upper()}{why[1:]}.")
     return 0
 
 
@@ -436,21 +439,65 @@ def _committed_mappings(directory: Path) -> Path | None:
     return target
 
 
+def _sample(args: argparse.Namespace, status: str) -> tuple[list[dict], str]:
+    """The customers a preview or diff maps, and which population they are: a file, a few read from Antavo
+    when its connection is set (as `make run` and `make check` would use it), else the synthetic one."""
+    import logging
+
+    from antavo_ometria_tools.preview import load_customers
+
+    logging.disable(logging.WARNING)  # the preview is the output, not the progress of Airflow and GX it loads
+    if args.customers:
+        customers = load_customers(Path(args.customers), args.count)
+        return customers, f"{_customers(len(customers))} from {args.customers}"
+    env = airflow_env()
+    problem = _connection_problems(env, CONNECTIONS[:1])
+    if problem:
+        raise SystemExit(f"✗ {problem[0]}")
+    if not _stored_connections(env, CONNECTIONS[:1]):
+        customers = load_customers(None, args.count)
+        return customers, (f"{_customers(len(customers))} of the synthetic sandbox population: no Antavo "
+                           f"connection is set ({CONNECTIONS[0]})")
+    from antavo_ometria.airflow.hooks import antavo_config, credential_fixes
+    from antavo_ometria.antavo.client import READ_API_PAGE_LIMIT as PAGE
+    from antavo_ometria.antavo.client import AntavoClient
+    from antavo_ometria.transport import ApiError
+
+    with _environ(env):
+        try:
+            client = AntavoClient(replace(antavo_config(_connection(CONNECTIONS[0])), retry=QUICK))
+            customers = client.read_sample(args.count, status)
+        except ValueError as exc:
+            raise SystemExit(f"✗ setup       {exc}") from None
+        except ApiError as exc:
+            fix = f"; {credential_fixes()['Antavo']}" if exc.status == 401 else ""
+            raise SystemExit(f"✗ Antavo      could not read sample customers: {exc}{fix}") from None
+    capped = f"; {args.count} asked for, one request reads at most {PAGE:,}" if args.count > PAGE else ""
+    requests = f"{client.requests_made} signed read-only request{'s' if client.requests_made != 1 else ''}"
+    return customers, (f"{_customers(len(customers))} read from Antavo at {client.read_api} ({requests}: "
+                       f"the oldest {status or 'any'} customers{capped})")
+
+
+def _customers(count: int) -> str:
+    return f"{count} customer{'s' if count != 1 else ''}"
+
+
 def cmd_preview(args: argparse.Namespace) -> int:
-    from antavo_ometria_tools.preview import load_customers, render_preview
+    from antavo_ometria_tools.preview import render_preview
 
     try:
         mapping = _mapping_from(Path(args.mapping))
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    customers = load_customers(Path(args.customers) if args.customers else None, args.count)
+    customers, population = _sample(args, mapping.settings.customer_status)
+    print(f"Sample: {population}\n")
     print(render_preview(customers, mapping))
     return 0
 
 
 def cmd_diff(args: argparse.Namespace) -> int:
-    from antavo_ometria_tools.preview import load_customers, render_diff
+    from antavo_ometria_tools.preview import render_diff
 
     before_path = Path(args.before) if args.before else _committed_mappings(Path(args.after))
     if before_path is None:
@@ -461,7 +508,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return 1
-    customers = load_customers(Path(args.customers) if args.customers else None, args.count)
+    customers, population = _sample(args, after.settings.customer_status)
+    print(f"Sample: {population}")
     print(render_diff(customers, before, after))
     return 0
 
@@ -495,13 +543,15 @@ def main(argv: list[str] | None = None) -> int:
     preview = commands.add_parser("preview", help="sample customers next to their Ometria records")
     preview.add_argument("-n", "--count", type=int, default=3)
     preview.add_argument("--mapping", default=str(mappings_dir()), help="a mapping folder or contacts CSV")
-    preview.add_argument("--customers", help="a JSON or NDJSON file of Antavo customers (default: sandbox)")
+    preview.add_argument("--customers", help="a JSON or NDJSON file of Antavo customers (default: read from Antavo "
+                                             "when its connection is set, else the synthetic sandbox population)")
     preview.set_defaults(func=cmd_preview)
     diff = commands.add_parser("diff", help="what changes between two mappings")
     diff.add_argument("--before", help="mapping folder or CSV (default: the committed mapping)")
     diff.add_argument("--after", default=str(mappings_dir()), help="mapping folder or CSV (default: the working copy)")
     diff.add_argument("-n", "--count", type=int, default=200, help="sample customers")
-    diff.add_argument("--customers", help="a JSON or NDJSON file of Antavo customers (default: sandbox)")
+    diff.add_argument("--customers", help="a JSON or NDJSON file of Antavo customers (default: read from Antavo "
+                                          "when its connection is set, else the synthetic sandbox population)")
     diff.set_defaults(func=cmd_diff)
     args = parser.parse_args(argv)
     return args.func(args)

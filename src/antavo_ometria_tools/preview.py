@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from antavo_ometria.antavo.records import normalise_customer
-from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.mapping import PAYLOAD_SETTINGS, ContactMapping, FieldMapping
 from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.transform import customer_columns
 
@@ -61,46 +62,122 @@ def render_preview(customers: list[dict], mapping: ContactMapping) -> str:
     return "\n\n".join(blocks)
 
 
+ROW_COLUMNS = ("loyalty_field", "format", "overwrite_empty")  # a row is known by its remote field, mapped once
+
+
+@dataclass(frozen=True)
+class RowChange:
+    """One row of the mapping table that differs: added, removed, or changed in some of its columns."""
+
+    remote_field: str
+    kind: str  # "+", "-" or "~"
+    before: FieldMapping | None
+    after: FieldMapping | None
+    columns: tuple[tuple[str, str, str], ...] = ()  # (column, old cell, new cell) of a changed row
+
+
+def _cells(field: FieldMapping) -> dict[str, str]:
+    return {"loyalty_field": field.loyalty_field, "format": field.format,
+            "overwrite_empty": "yes" if field.overwrite_empty else "no"}
+
+
+def row_changes(before: ContactMapping, after: ContactMapping) -> list[RowChange]:
+    """The rows that differ, matched by remote field, in the order of the edited table (removed ones last)."""
+    old = {f.remote_field: f for f in before.fields}
+    new = {f.remote_field: f for f in after.fields}
+    changes = []
+    for remote in [*new, *(r for r in old if r not in new)]:
+        a, b = old.get(remote), new.get(remote)
+        if a is None or b is None:
+            changes.append(RowChange(remote, "+" if a is None else "-", a, b))
+            continue
+        columns = tuple((c, _cells(a)[c], _cells(b)[c]) for c in ROW_COLUMNS if _cells(a)[c] != _cells(b)[c])
+        if columns:
+            changes.append(RowChange(remote, "~", a, b, columns))
+    return changes
+
+
+def _target(mapping: ContactMapping, field: FieldMapping) -> str:
+    """Where the field's value sits in the flattened record."""
+    return f"properties.{field.remote_field}" if mapping.settings.v2 and not field.builtin else field.remote_field
+
+
+NOT_SENT, HELD_BACK = "(not sent)", "(held back)"
+
+
+def _sent(cid: str, records: dict[str, dict], held: dict[str, str], key: str | None) -> str:
+    if cid in held:
+        return HELD_BACK
+    value = _flat(records.get(cid, {})).get(key, NOT_SENT) if key else NOT_SENT
+    return value if value == NOT_SENT else _show(value, 40, quote=True)
+
+
+def _row_lines(change: RowChange, before: ContactMapping, after: ContactMapping, ids: list[str],
+               old: tuple[dict, dict], new: tuple[dict, dict], examples: int) -> list[str]:
+    """A row's change, column by column, and what it does to the same sample customers."""
+    field = change.after or change.before
+    if change.kind == "~":
+        lines = [f"  ~ row {change.remote_field} (line {field.line}): "
+                 + "; ".join(f"{column} {a or '(empty)'} → {b or '(empty)'}" for column, a, b in change.columns)]
+    else:
+        lines = [f"  {change.kind} row {field.loyalty_field} → {change.remote_field}"]
+    key_old = _target(before, change.before) if change.before else None
+    key_new = _target(after, change.after) if change.after else None
+    pairs = [(cid, _sent(cid, *old, key_old), _sent(cid, *new, key_new)) for cid in ids]
+    differ = [(cid, a, b) for cid, a, b in pairs if a != b]
+    if not differ:
+        lines.append(f"      the same value for all {len(ids)} sample customers")
+        return lines
+    lines.append(f"      {len(differ)} of {len(ids)} sample customers get another value (old mapping → new):")
+    lines += [f"        {cid}: {a} → {b}" for cid, a, b in differ[:examples]]
+    return lines
+
+
 def render_diff(customers: list[dict], before: ContactMapping, after: ContactMapping, examples: int = 3) -> str:
+    """What the edited mapping changes: each changed row column by column, with the values the same sample
+    customers get from the old and the new mapping, then every record field that changes and in how many."""
     old, old_held = payloads(customers, before)
     new, new_held = payloads(customers, after)
-    changes: Counter = Counter()
-    shown: dict[str, list[str]] = {}
-    changed_records = 0
-    for cid in sorted(set(old) | set(new)):
-        a, b = _flat(old.get(cid, {})), _flat(new.get(cid, {}))
-        differs = False
-        for key in sorted(set(a) | set(b)):
-            if a.get(key, "∅") == b.get(key, "∅"):
-                continue
-            differs = True
-            kind = "added" if key not in a else "removed" if key not in b else "changed"
-            changes[(key, kind)] += 1
-            shown.setdefault(f"{kind} {key}", [])
-            if len(shown[f"{kind} {key}"]) < examples:
-                shown[f"{kind} {key}"].append(f"{cid}: {_show(a.get(key, '∅'))} → {_show(b.get(key, '∅'))}")
-        changed_records += differs
-    before_rows = {(f.loyalty_field, f.remote_field, f.format, f.overwrite_empty) for f in before.fields}
-    after_rows = {(f.loyalty_field, f.remote_field, f.format, f.overwrite_empty) for f in after.fields}
+    ids = [str(c.get("id")) for c in customers]
+    rows = row_changes(before, after)
     lines = [f"mapping {before.version} → {after.version} "
              f"({before.settings.payload_mode} → {after.settings.payload_mode} mode)"]
-    lines += [f"  - row {r[0]} → {r[1]}" for r in sorted(before_rows - after_rows)]
-    lines += [f"  + row {r[0]} → {r[1]}" for r in sorted(after_rows - before_rows)]
-    dropped = sorted({r[1] for r in before_rows} - {r[1] for r in after_rows})
+    old_settings, new_settings = asdict(before.settings), asdict(after.settings)
+    lines += [f"  ~ settings {name}: {_show(old_settings[name], 40, True)} → {_show(new_settings[name], 40, True)}"
+              for name in PAYLOAD_SETTINGS if old_settings[name] != new_settings[name]]
+    for change in rows:
+        lines += _row_lines(change, before, after, ids, (old, old_held), (new, new_held), examples)
+    dropped = [c.remote_field for c in rows if c.kind == "-"]
     if dropped:
         lines.append(f"  Removing a row stops sending {', '.join(dropped)}, but does not clear what Ometria already "
                      "holds (a push merges). To clear it, keep the row with overwrite_empty = yes and map a field that "
                      "is empty, or clear the field in Ometria.")
+    shown = {_target(m, f) for c in rows for m, f in ((before, c.before), (after, c.after)) if f is not None}
+    changes: Counter = Counter()
+    samples: dict[tuple[str, str], list[str]] = {}
+    changed_records = 0
+    for cid in sorted(set(old) | set(new)):
+        a, b = _flat(old.get(cid, {})), _flat(new.get(cid, {}))
+        differs = [key for key in sorted(set(a) | set(b)) if key not in a or key not in b or a[key] != b[key]
+                   or type(a[key]) is not type(b[key])]
+        for key in differs:
+            kind = "added" if key not in a else "removed" if key not in b else "changed"
+            changes[(key, kind)] += 1
+            found = samples.setdefault((key, kind), [])
+            if key not in shown and len(found) < examples:
+                found.append(f"{cid}: {_sent(cid, old, {}, key)} → {_sent(cid, new, {}, key)}")
+        changed_records += bool(differs)
     lines.append(f"On {len(customers)} sample customers: {changed_records} records change; "
                  f"held back {len(old_held)} → {len(new_held)}.")
     for (key, kind), count in sorted(changes.items()):
         lines.append(f"  {kind:8} {key:40} in {count} records")
-        lines += [f"      {example}" for example in shown[f"{kind} {key}"]]
+        lines += [f"      {example}" for example in samples[(key, kind)]]
     if before.version != after.version:
         lines.append("The mapping version changes: the next run re-sends every contact.")
     return "\n".join(lines)
 
 
-def _show(value: object, limit: int = 28) -> str:
-    text = json.dumps(value, ensure_ascii=False) if not isinstance(value, str) else value
+def _show(value: object, limit: int = 28, quote: bool = False) -> str:
+    """A value as the analyst reads it; with `quote`, as JSON, so that 26 and "26" look different."""
+    text = json.dumps(value, ensure_ascii=False) if quote or not isinstance(value, str) else value
     return text if len(text) <= limit else text[: limit - 1] + "…"

@@ -173,6 +173,16 @@ class AntavoClient:
                 yield chunk
             previous = {c["id"] for c in customers}
 
+    def read_sample(self, count: int, status: str = "active") -> list[dict]:
+        """Up to `count` customers (at most a page of 1,000), oldest first, in one signed Read API request:
+        real customers for a preview, without paging through the programme."""
+        limit = max(1, min(count, READ_API_PAGE_LIMIT))
+        query = f"limit={limit}&offset=0&{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
+        if status:
+            query += f"&{quote('filter[status][eq]')}={status}"
+        body = self.get(f"{self.read_api}/v1/customers?{query}", "GET /v1/customers (sample)", check=_check_customer_page)
+        return [normalise_customer(c) for c in body["payload"]["customers"][:limit] if isinstance(c, dict)]
+
     def changed_customer_ids(self, since: datetime, until: datetime | None = None) -> list[str]:
         """IDs of customers updated after `since` (classic search, `updated_at.gt`); see `read_change_list`."""
         return self.read_change_list(since, until).ids

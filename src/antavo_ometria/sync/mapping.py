@@ -107,6 +107,21 @@ def find_in_catalog(path: str) -> CatalogField | None:
     return next((f for f in catalog() if f.matches(path)), None)
 
 
+# loyalty field prefixes under which Antavo documents more than the catalog offers, and why it does not
+NOT_OFFERED = {
+    "extensions.expiring_points.": (
+        "only extensions.expiring_points.total is offered for expiring points: it is the one field Antavo's "
+        "Ometria module names. Antavo documents GET /customers/{id}?fields=expiring_points only as \"a summary "
+        "of expiration statistics\", without naming the fields in it, and fields=expiring_points.history as a "
+        "list of dates and points, not one value that a contact field can hold"),
+}
+
+
+def not_offered(path: str) -> str | None:
+    """Why a loyalty field under a documented module is not in the catalog, or None."""
+    return next((why for prefix, why in NOT_OFFERED.items() if path.startswith(prefix)), None)
+
+
 PAYLOAD_SETTINGS = ("collection", "list_id", "payload_mode", "language")
 CONSENT_FIELDS = ("marketing_optin", "channels.sms.allow_marketing", "channels.sms.allow_transactional")
 
@@ -236,8 +251,9 @@ def _check_loyalty(loyalty: str, settings: SyncSettings, unsure: frozenset[str],
     entry = find_in_catalog(loyalty)
     if entry is None:
         names = [f.path for f in catalog()]
+        why = not_offered(loyalty)
         found.append(("loyalty_field", f"unknown loyalty field {loyalty!r}{did_you_mean(loyalty, names)}; "
-                      "`make fields` lists the loyalty fields"))
+                      + (why or "`make fields` lists the loyalty fields")))
     elif settings.payload_mode not in entry.modes and not {"payload_mode", "*"} & unsure:
         found.append(("loyalty_field", f"{loyalty!r} comes from the {entry.module} module and is only "
                       "available in v2 mode: set payload_mode = \"v2\" in settings.toml or remove the row"))

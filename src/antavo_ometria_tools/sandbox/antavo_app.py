@@ -42,6 +42,7 @@ class AntavoApp(App):
         self.events: list[dict] = []
         self.listed_extras: dict[int, object] = {}  # position → a raw item the Read API lists there (a null, a repeat)
         self.requests = 0
+        self.seen: list[tuple[str, str]] = []  # (method, path and query) of every API request, for tests to read
         self.searches = 0  # `updated_at` searches started (first pages answered)
         self.search_changes: list[tuple[int, list[str]]] = []  # (search number, customers to change after its page)
 
@@ -133,6 +134,7 @@ class AntavoApp(App):
         if request.path.startswith("/_sandbox/"):
             return self._control(request)
         self.requests += 1
+        self.seen.append((request.method, request.target))
         try:
             self.escher.authenticate(
                 {"method": request.method, "url": request.target, "headers": request.headers,
