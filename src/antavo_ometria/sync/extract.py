@@ -9,6 +9,7 @@ from datetime import datetime
 from pathlib import Path
 
 from antavo_ometria.antavo.client import PAGE_OVERLAP, READ_API_PAGE_LIMIT, AntavoClient
+from antavo_ometria.antavo.records import NOT_FOUND
 from antavo_ometria.sync.records import Extracted, Plan
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
@@ -90,7 +91,8 @@ def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[s
     inactive: list[str] = []
     for start in range(0, len(ids), PROFILE_CHUNK):
         profiles = client.get_customers(ids[start: start + PROFILE_CHUNK], paths)
-        left = {c["id"] for c in profiles if status and c.get("status") not in (status, None)}
+        left = {c["id"] for c in profiles  # deleted, or no longer of the status synced
+                if c.get(NOT_FOUND) or (status and c.get("status") not in (status, None))}
         inactive += left
         yield [c for c in profiles if c["id"] not in left]  # no longer among the customers synced: leavers
     reads["inactive"] = inactive

@@ -30,7 +30,7 @@ from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)
 
-MIN_SHARED_CAUSE = 10  # a batch with at least this many new records, all rejected, stops the load
+MIN_SHARED_CAUSE = 10  # new rejections that can show a shared cause: a whole batch of them, or a share of the run
 
 
 class LoadFailed(Exception):
@@ -63,7 +63,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
                  len(contacts), len(leavers))
         return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=len(contacts))
     journal = Journal(staging)
-    earlier = journal_entries(staging, plan)
+    earlier = [e for e in journal_entries(staging, plan) if not e.get("removal")]  # contacts, not list removals
     record = Recorder(store, plan.mapping_version, plan.run_id,
                       Backoff(settings.retry_first_hours, settings.retry_max_hours), {i: b for i, b, _ in contacts})
     if earlier:  # a retry: the store may have missed what was delivered before a crash
@@ -72,7 +72,8 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     pending = [(i, b, h) for i, b, h in contacts if (i, h) not in delivered]
     hashes = {i: h for i, _, h in pending}
     fits, oversized = split_oversized((i, b) for i, b, _ in pending)
-    owed = set(plan.retry_ids)  # tried again: rejected again, they stay held, and do not make the load fail
+    # owed by earlier runs (in any mode): rejected again, they stay held, and do not make the load fail
+    owed = set(plan.retry_ids) if store is None else store.owed_among([i for i, _, _ in contacts], plan.run_id)
     fits, deferred = within_cap(fits, settings.max_contacts_per_run, len(contacts) - len(pending), owed)
     write_ndjson(staging / DEFERRED, ({"id": i} for i, _ in deferred))
     if deferred:
@@ -92,7 +93,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         journal.append([{"attempt": plan.attempt, **e} for e in entries])
         record(entries)
         progress.advance(len(ids))
-        refused_whole = next((e for e in entries if refused_as_a_whole(e, owed)), None)
+        refused_whole = entries[0] if len(entries) == 1 and refused_as_a_whole(entries[0], owed) else None
         if refused_whole is not None:
             log.error("Ometria rejected every record of a batch of %d: sending stopped", len(refused_whole["ids"]))
             break
@@ -103,9 +104,16 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     errors = new_push_errors(client, store)
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
     summary = summarise_load(staging, plan, {i for i, _, _ in contacts})
-    verdict = rejection_verdict(summary, owed, refused_whole, errors, settings.max_rejected_share)
+    verdict = rejection_verdict(summary, owed, refused_whole, errors, settings.max_rejected_share,
+                                store.last_push_errors() if store is not None else ())
     if verdict:
         raise LoadFailed(verdict, retryable=False)
+    stuck = len(summary["failed_removal_ids"])
+    if stuck:
+        if store is not None:  # the next run reads everyone, and removes them again
+            store.request_reconciliation(plan.dag_id, plan.run_id, f"{stuck} leaver(s) could not be removed from the list")
+        raise LoadFailed(f"{stuck} member(s) who left the programme could not be removed from the list; a retry, or "
+                         "the next run (a reconciliation), removes them", retryable=True)
     if summary["failed"]:
         failures = [e for e in journal_entries(staging, plan) if e["status"] != "OK"]
         retryable = any(e.get("retryable", True) for e in failures)
@@ -137,31 +145,36 @@ def refused_as_a_whole(entry: dict, owed: set[str]) -> bool:
 
 
 def rejection_verdict(summary: dict, owed: set[str], refused_whole: dict | None, errors: list[dict],
-                      max_share: float) -> str:
+                      max_share: float, listed: list[dict] = ()) -> str:
     """Why the load fails for what Ometria rejected, or "" when the rejections are few and stay held (owed)."""
     rejected = sum(i not in owed for i in summary["rejected_ids"])
     tried = rejected + sum(i not in owed for i in summary["accepted_ids"])
     share = rejected / tried if tried else 0.0
     if refused_whole is not None:
         why = f"Ometria rejected every record of a batch of {len(refused_whole['ids'])}; sending stopped"
-    elif share > max_share:
+    elif share > max_share and rejected >= MIN_SHARED_CAUSE:  # a quiet hour's one reject is held, not a cause
         why = (f"Ometria rejected {rejected} of {tried} contacts ({share:.1%}, more than "
                f"max_rejected_share {max_share:.0%})")
     else:
         return ""
-    return (f"{why}. {likely_cause(errors)} Those contacts stay owed and are sent again once Ometria accepts "
+    return (f"{why}. {likely_cause(errors, listed)} Those contacts stay owed and are sent again once Ometria accepts "
             "them: fix the cause, then clear the run or wait for the next one.")
 
 
-def likely_cause(errors: list[dict]) -> str:
-    """A likely cause from Ometria's newest validation errors (`error_path`, `error_message`)."""
-    if not errors:
+def likely_cause(errors: list[dict], listed_before: list[dict] = ()) -> str:
+    """A likely cause from Ometria's newest validation errors (`error_path`, `error_message`): those new since
+    the last poll, else the newest listed (its entries carry no time: they may be older than this run)."""
+    older = not errors and bool(listed_before)
+    newest = (errors or list(listed_before))[-5:]
+    if not newest:
         return "Ometria listed no validation error at /v2/push/_errors."
-    newest = errors[-5:]
     listed = "; ".join(f"{e.get('error_path')}: {e.get('error_message')}" for e in newest)
     missing = sorted({str(e.get("error_path")) for e in newest if "unknown" in str(e.get("error_message")).lower()})
     hint = (f"A custom field may be missing in Ometria: {', '.join(missing)} (create it, or fix its row in "
             "contacts.csv). " if missing else "")
+    if older:
+        return (f"{hint}Ometria's error list shows nothing new since the last poll (it keeps the newest 100, "
+                f"without times); its newest entries, maybe older than this run: {listed}.")
     return f"{hint}Ometria's newest errors: {listed}."
 
 
@@ -249,6 +262,7 @@ def journal_entries(staging: Path, plan: Plan) -> list[dict]:
 def summarise_load(staging: Path, plan: Plan, staged: set[str]) -> dict:
     """Counts and ids from this attempt's load journal, per contact of the `staged` ones: its latest push decides."""
     entries = [e for e in journal_entries(staging, plan) if not e.get("removal")]
+    removed = {i: accepted(e) for e in journal_entries(staging, plan) if e.get("removal") for i in e["ids"]}
     latest = {i: record_status(e) for e in entries for i in e["ids"] if i in staged}
     by_status: dict[str, list[str]] = {"sent": [], "rejected": [], "failed": []}
     for contact_id, status in latest.items():
@@ -260,7 +274,8 @@ def summarise_load(staging: Path, plan: Plan, staged: set[str]) -> dict:
         "rejected": len(by_status["rejected"]),
         "failed": len(by_status["failed"]),
         "refused_oversized": len(read_ndjson(staging / OVERSIZED)),
-        "removed_from_list": sum(e["accepted"] for e in journal_entries(staging, plan) if e.get("removal")),
+        "removed_from_list": sum(removed.values()),
+        "failed_removal_ids": [i for i, done in removed.items() if not done],
         "rejected_ids": by_status["rejected"],
         "accepted_ids": by_status["sent"],
         "failed_ids": by_status["failed"],

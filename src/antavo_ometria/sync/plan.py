@@ -91,6 +91,9 @@ def reconciliation_due(store: StateStore, dag_id: str, mapping: ContactMapping, 
     suspected = store.reconciliation_requested(dag_id)
     if suspected:
         return f"an earlier run suspected missed changes ({suspected})"
+    unfinished = store.pending_reconciliation(dag_id)
+    if unfinished:
+        return f"the reconciliation of run {unfinished} did not complete: it is done again"
     every = mapping.settings.reconcile_every_hours
     last_full = store.last_successful_run(dag_id, full_only=True)
     if every and last_full is not None:

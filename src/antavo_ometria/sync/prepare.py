@@ -40,7 +40,7 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
     write_ndjson,
 )
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.state import HELD_BACK, LEFT, StateStore
 from antavo_ometria.sync.transform import CHUNK_ROWS, customer_frame, staged_chunks, transform
 
 log = logging.getLogger(__name__)
@@ -151,6 +151,7 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     retrying = set(plan.retry_ids) if plan.mode == "incremental" or store is None else set(store.owed_ids())
     members = store.member_ids() if store is not None and plan.mode == "full" else None
     seen: set = set()
+    quarantined_ids: set = set()  # owed contacts the gate holds back
     reasons: Counter = Counter()
     non_null: Counter = Counter()
     validations = []
@@ -161,6 +162,7 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
             ids, encoded, gate = chunk.ids, chunk.encoded, chunk.gate
             rows_held = [{"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails,
                           "payload": json.loads(encoded[row])} for row, fails in sorted(gate.failures.items())]
+            quarantined_ids.update(r["id"] for r in rows_held if r["id"] in retrying)
             held.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows_held)
             if store is not None:
                 store.record_held(plan.run_id, "quarantined", rows_held)
@@ -210,7 +212,10 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     inactive = [r["id"] for r in read_ndjson(staging / INACTIVE)] if (staging / INACTIVE).exists() else []
     if inactive and store is not None:  # read one by one and no longer active: members among them leave
         leavers += sorted(store.accepted_hashes(inactive))
-    check_leavers(len(leavers), len(members) if members is not None else None, mapping.settings.max_leaver_share)
+    check_leavers(len(leavers), len(members) if members is not None else store.contact_count() if store else None,
+                  mapping.settings.max_leaver_share)
+    if store is not None and not plan.dry_run:
+        close_owed(store, plan, retrying, set(inactive) - set(leavers), quarantined_ids)
     write_ndjson(staging / LEAVERS, ({"id": i} for i in leavers))
     log.info("%d contacts to send, %d unchanged since Ometria accepted them, %d members left the programme",
              changed, valid - changed, len(leavers))
@@ -218,6 +223,15 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
                        quarantined=quarantined, quarantine_reasons=dict(reasons), quality=summary,
                        mapping_version=mapping.version, payload_mode=mapping.settings.payload_mode,
                        resent_unchanged=resent_unchanged, owed_settled=owed_settled, leavers=len(leavers))
+
+
+def close_owed(store: StateStore, plan: Plan, owed: set[str], gone: set[str], held: set[str]) -> None:
+    """Owed contacts this run cannot send are owed no more, so they are not read again every run: those no longer
+    active in Antavo (never members: nothing to remove), and those the quality gate holds back (held, with their
+    reasons, until they change in Antavo)."""
+    store.close_owed(sorted(owed & gone), plan.run_id, LEFT, "no longer active in Antavo: no longer owed")
+    store.close_owed(sorted(owed & held), plan.run_id, HELD_BACK, "held back by the quality gate (see the "
+                     "quarantine): sent once it changes in Antavo")
 
 
 class TooManyLeavers(QualityGateFailed):

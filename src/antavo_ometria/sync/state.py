@@ -29,6 +29,7 @@ _IN_CHUNK = 900  # below SQLite's bound-parameter limit
 
 ACCEPTED, REJECTED, FAILED, LEFT = "sent", "rejected", "failed", "left"  # a contact's status
 DEFERRED = "deferred"  # over the run's cap (sync.max_contacts_per_run): not tried yet, the next run sends it
+HELD_BACK = "held"  # was owed, now held back by the quality gate: sent again once it changes in Antavo
 OWED = (REJECTED, FAILED, DEFERRED)
 LAST_POLL = "(last poll)"  # the run id under which Ometria's error list as last polled is kept
 
@@ -203,13 +204,26 @@ class StateStore:
 
     def pending_full_resync(self, dag_id: str) -> str | None:
         """The run id of a full re-sync that did not complete and that no full load has made good since."""
+        return self._unfinished_full_run(dag_id, resync=True)
+
+    def pending_reconciliation(self, dag_id: str) -> str | None:
+        """The run id of a reconciliation that did not complete and that no full load has made good since."""
+        return self._unfinished_full_run(dag_id, resync=False)
+
+    def _unfinished_full_run(self, dag_id: str, resync: bool) -> str | None:
+        """The newest failed full read of the kind asked (a re-sync: it has a reason; else a reconciliation)
+        after the last successful full read. A failed reconciliation is not a re-sync: it does not re-send all."""
         runs = self.table("sync_runs")
-        query = (sa.select(runs.c.run_id, runs.c.status).where(
+        query = (sa.select(runs.c.run_id, runs.c.status, runs.c.full_resync_reason).where(
             (runs.c.dag_id == dag_id) & (runs.c.mode == "full") & (runs.c.dry_run == sa.false()))
-            .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(1))
+            .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(50))
         with self.engine.connect() as conn:
-            row = conn.execute(query).first()
-        return row.run_id if row is not None and row.status != "success" else None
+            for row in conn.execute(query):
+                if row.status == "success":
+                    return None
+                if (row.full_resync_reason is not None) == resync:
+                    return row.run_id
+        return None
 
     # -- contacts ----------------------------------------------------------------------------
     # A contact's row says what Ometria *accepted* (accepted_hash) apart from what was last pushed (payload_hash,
@@ -242,7 +256,8 @@ class StateStore:
                     run_id: str, backoff: Backoff, request_id: str | None = None) -> None:
         """These (id, payload hash) pairs were rejected, not delivered or deferred: still owed, tried again at
         `retry_at` (the next run after a first failure, then after growing waits; a deferred one is not a try,
-        and is due at once). What Ometria accepted before is kept."""
+        and is due at once). What Ometria accepted before is kept, except after a failed push: it may have been
+        applied, so nothing counts as known until a push is accepted."""
         rows = list(rows)
         contacts = self.table("sync_contacts")
         before: dict[str, tuple] = {}
@@ -255,6 +270,8 @@ class StateStore:
         tried = status != DEFERRED
         for i, h in rows:
             attempts, accepted = before.get(i, (0, None))
+            if status == FAILED:  # an unanswered push may have been applied: what Ometria holds is unknown
+                accepted = None
             attempts = (attempts or 0) + tried
             values.append({"antavo_id": i, "payload_hash": h, "accepted_hash": accepted, "status": status,
                            "attempts": attempts, "retry_at": backoff.next_try(moment, attempts) if tried else moment,
@@ -282,6 +299,26 @@ class StateStore:
             query = query.where(contacts.c.retry_at.is_(None) | (contacts.c.retry_at <= due_by))
         with self.engine.connect() as conn:
             return list(conn.execute(query.limit(limit) if limit else query).scalars())
+
+    def close_owed(self, ids: list[str], run_id: str, status: str, reason: str) -> None:
+        """These owed contacts are owed no more (`status`: left, or held back); what Ometria accepted is kept."""
+        contacts = self.table("sync_contacts")
+        with self.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(contacts.update().where(contacts.c.antavo_id.in_(chunk) & contacts.c.status.in_(OWED))
+                             .values(status=status, retry_at=None, reason=reason[:2000], run_id=run_id))
+
+    def owed_among(self, ids: list[str], not_of_run: str) -> set[str]:
+        """Which of these contacts an earlier run left owed (this run's own first rejections are not among them;
+        a retried contact that this run saw rejected again is: it has more than one try)."""
+        contacts = self.table("sync_contacts")
+        found: set[str] = set()
+        with self.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                found.update(conn.execute(sa.select(contacts.c.antavo_id).where(
+                    contacts.c.antavo_id.in_(chunk) & contacts.c.status.in_(OWED)
+                    & ((contacts.c.run_id != not_of_run) | (contacts.c.attempts > 1)))).scalars())
+        return found
 
     def owed_count(self) -> int:
         contacts = self.table("sync_contacts")
