@@ -171,7 +171,8 @@ class Deployment:
             poison_sent=len(poison & (set(stored) | events)),
             resent=resent,
             owed=self.store.owed_count(),
-            removed_from_list=sum(LIST_ID not in (stored[i][0].get("lists") or []) for i in self.leavers if stored[i]),
+            removed_from_list=sum(LIST_ID not in stored[i][0]["lists"] for i in self.leavers  # joined, then left
+                                  if stored[i] and "lists" in stored[i][0]),
             leavers=len(self.leavers),
             faults_injected=self.sandbox.antavo.faults.injected + self.sandbox.ometria.faults.injected + self.outages,
         )
@@ -370,16 +371,17 @@ def _custom_field_deleted(dep: Deployment) -> list[str]:
     runs = [dep.sync("hour-1", (_hour(0), _hour(1)))]
     dep.rename(range(1, 61), at=_hour(1) + timedelta(minutes=30))
     field_type = dep.sandbox.ometria.custom_fields.pop("loyalty_points")  # deleted in the Ometria account
-    dep.outages += 1
     runs.append(dep.sync("hour-2", (_hour(1), _hour(2))))
+    dep.outages += any("loyalty_points" in e["error_path"] for e in dep.sandbox.ometria.errors)  # it did refuse
     dep.sandbox.ometria.custom_fields["loyalty_points"] = field_type  # created again
     return runs + [dep.sync("hour-3", (_hour(2), _hour(3)))]
 
 
 def _http_400_for_a_while(dep: Deployment) -> list[str]:
     dep.sandbox.ometria.refuse_requests = 4  # a proxy answers 400 to whole requests, then recovers
-    dep.outages += 4
-    return [dep.sync("run-1")]
+    runs = [dep.sync("run-1")]
+    dep.outages += 4 - dep.sandbox.ometria.refuse_requests  # the refusals that were answered
+    return runs
 
 
 def _quiet_change_then_reconciliation(dep: Deployment) -> list[str]:
@@ -387,9 +389,11 @@ def _quiet_change_then_reconciliation(dep: Deployment) -> list[str]:
     for i in range(1, 21):
         if not defects_of(i):
             dep.sandbox.antavo.change_quietly(f"c{i:08d}", {"first_name": f"Quiet {i}"})  # updated_at not bumped
-            dep.outages += 1
             dep.expected_values[f"c{i:08d}"] = {"firstname": f"Quiet {i}"}
     runs.append(dep.sync("hour-2", (_hour(1), _hour(2))))
+    stored = dep.sandbox.ometria.contacts
+    dep.outages += sum(stored.get(("antavo", i), {}).get("firstname") != v["firstname"]  # the hourly run missed them
+                       for i, v in dep.expected_values.items())
     return runs + [dep.sync("hour-3", (_hour(2), _hour(3)), reconcile=True)]
 
 
@@ -399,7 +403,7 @@ def _members_leave(dep: Deployment) -> list[str]:
         if not defects_of(i):
             dep.sandbox.antavo.touch(f"c{i:08d}", {"status": "inactive"}, at=_hour(1) + timedelta(minutes=10))
             dep.leavers.add(f"c{i:08d}")
-            dep.outages += 1
+            dep.outages += 8400 in dep.sandbox.ometria.contacts.get(("antavo", f"c{i:08d}"), {}).get("lists", [])
     return runs + [dep.sync("hour-2", (_hour(1), _hour(2)), reconcile=True)]
 
 

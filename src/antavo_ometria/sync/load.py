@@ -64,13 +64,14 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=len(contacts))
     journal = Journal(staging)
     earlier = [e for e in journal_entries(staging, plan) if not e.get("removal")]  # contacts, not list removals
+    hashes_of = {i: h for i, _, h in contacts}
     record = Recorder(store, plan.mapping_version, plan.run_id,
                       Backoff(settings.retry_first_hours, settings.retry_max_hours), {i: b for i, b, _ in contacts})
-    if earlier:  # a retry: the store may have missed what was delivered before a crash
-        record([e for e in earlier if accepted(e)])
-    delivered = {(i, h) for e in earlier if accepted(e) for i, h in zip(e["ids"], e["hashes"])}
+    latest = {(i, h): accepted(e) for e in earlier for i, h in zip(e["ids"], e["hashes"])}  # the newest word counts
+    delivered = {pair for pair, ok in latest.items() if ok}
+    if delivered:  # a retry: the store may have missed what was delivered before a crash
+        record([still_delivered(e, delivered) for e in earlier if accepted(e)])
     pending = [(i, b, h) for i, b, h in contacts if (i, h) not in delivered]
-    hashes = {i: h for i, _, h in pending}
     fits, oversized = split_oversized((i, b) for i, b, _ in pending)
     # owed by earlier runs (in any mode): rejected again, they stay held, and do not make the load fail
     owed = set(plan.retry_ids) if store is None else store.owed_among([i for i, _, _ in contacts], plan.run_id)
@@ -80,7 +81,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         log.warning("%d contacts are over max_contacts_per_run (%d): they stay owed and the next run sends them",
                     len(deferred), settings.max_contacts_per_run)
         if store is not None:
-            store.record_owed([(i, hashes[i]) for i, _ in deferred], DEFERRED_STATUS,
+            store.record_owed([(i, hashes_of[i]) for i, _ in deferred], DEFERRED_STATUS,
                               f"deferred: over sync.max_contacts_per_run ({settings.max_contacts_per_run:,}) in run "
                               f"{plan.run_id}", plan.mapping_version, plan.run_id, Backoff())
     if delivered:
@@ -89,7 +90,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     progress = Progress("load", "contacts", total=len(fits))
     refused_whole = None
     for ids, bodies in batches(fits):
-        entries = push_isolating(client, ids, bodies, [hashes[i] for i in ids])
+        entries = push_isolating(client, ids, bodies, [hashes_of[i] for i in ids])
         journal.append([{"attempt": plan.attempt, **e} for e in entries])
         record(entries)
         progress.advance(len(ids))
@@ -108,6 +109,20 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
                                 store.last_push_errors() if store is not None else ())
     if verdict:
         raise LoadFailed(verdict, retryable=False)
+    # with no rejection in Ometria's answers, errors on the run's fields cannot be those of its rejected records
+    late = [] if summary["rejected"] else reported_later(errors, [b for _, b, _ in contacts],
+                                                         len(summary["accepted_ids"]), settings.max_rejected_share)
+    if late:
+        unconfirmed = {"attempt": plan.attempt, "ids": summary["accepted_ids"], "status": "FAILED", "retryable": False,
+                       "hashes": [hashes_of[i] for i in summary["accepted_ids"]], "accepted": 0, "rejected": 0,
+                       "error": f"accepted, then listed invalid by Ometria ({len(late)} errors at /v2/push/_errors, "
+                                "which do not say which record)"}
+        journal.append([unconfirmed])  # a retry sends them again: nothing of this try counts as delivered
+        record([unconfirmed])
+        raise LoadFailed(f"Ometria accepted the contacts, then listed {len(late)} validation errors on fields they "
+                         f"carry. {likely_cause(late)} The {len(summary['accepted_ids'])} contacts this try sent stay "
+                         "owed and are sent again: fix the cause, then clear the run or wait for the next one.",
+                         retryable=False)
     stuck = len(summary["failed_removal_ids"])
     if stuck:
         if store is not None:  # the next run reads everyone, and removes them again
@@ -119,8 +134,16 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         retryable = any(e.get("retryable", True) for e in failures)
         raise LoadFailed(f"{summary['failed']} contact(s) were not delivered ({failures[-1].get('error')}); see "
                          f"{journal.folder}. A retry re-sends only those.", retryable=retryable)
+    retried = [i for i, _, _ in contacts if i in owed]
     return Loaded(**{k: v for k, v in summary.items() if not k.endswith("_ids")}, async_errors=len(errors),
-                  delivered_earlier=len(contacts) - len(pending), deferred=len(deferred))
+                  delivered_earlier=len(contacts) - len(pending), deferred=len(deferred), retried=len(retried),
+                  retried_accepted=len(set(retried) & set(summary["accepted_ids"])))
+
+
+def still_delivered(entry: dict, delivered: set[tuple[str, str]]) -> dict:
+    """An accepted journal entry, without the records a later entry took back (listed invalid afterwards)."""
+    kept = [(i, h) for i, h in zip(entry["ids"], entry["hashes"]) if (i, h) in delivered]
+    return {**entry, "ids": [i for i, _ in kept], "hashes": [h for _, h in kept], "accepted": len(kept)}
 
 
 def within_cap(fits: list[tuple[str, bytes]], cap: int, delivered: int, owed: set[str]
@@ -159,6 +182,19 @@ def rejection_verdict(summary: dict, owed: set[str], refused_whole: dict | None,
         return ""
     return (f"{why}. {likely_cause(errors, listed)} Those contacts stay owed and are sent again once Ometria accepts "
             "them: fix the cause, then clear the run or wait for the next one.")
+
+
+def reported_later(errors: list[dict], bodies: list[bytes], accepted: int, max_share: float) -> list[dict]:
+    """Ometria's new validation errors on fields these contacts carry, when too many to be another source's (the
+    list is account-wide): Ometria counted the records accepted, then listed them invalid, without saying which."""
+    carried = set()
+    for body in bodies[:1000]:  # the fields a run sends show in its first contacts
+        record = json.loads(body)
+        carried.update(f"root > {key}" for key in record)
+        carried.update(f"root > properties > {key}" for key in record.get("properties", {}))
+        carried.update(f"root > channels > sms > {key}" for key in record.get("channels", {}).get("sms", {}))
+    ours = [e for e in errors if str(e.get("error_path")) in carried]
+    return ours if len(ours) >= MIN_SHARED_CAUSE and len(ours) > max_share * max(accepted, 1) else []
 
 
 def likely_cause(errors: list[dict], listed_before: list[dict] = ()) -> str:

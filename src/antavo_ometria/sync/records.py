@@ -85,5 +85,7 @@ class Loaded(Record):
     # of `sent`, accepted by an earlier try of this load (a retry, a Clear of only the load): not sent again
     delivered_earlier: int = 0
     deferred: int = 0  # over sync.max_contacts_per_run: not sent, owed, the next run sends them
+    retried: int = 0  # contacts owed by earlier runs (rejected, not delivered, deferred) sent again
+    retried_accepted: int = 0  # … of which Ometria accepted
     dry_run: bool = False
     would_send: int = 0  # dry runs: the contacts that would have been sent

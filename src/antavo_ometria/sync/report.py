@@ -79,7 +79,7 @@ def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, 
         "suspect_missed": extracted.suspect_reason if extracted.suspect_missed else None,
         "changed": transformed.changed - transformed.resent_unchanged,
         "resent_unchanged": transformed.resent_unchanged,
-        **_retried(plan, staged, journal, transformed.owed_settled),
+        **_retried(plan, staged, journal, transformed.owed_settled, loaded),
         "leavers": transformed.leavers,
         "removed_from_list": loaded.removed_from_list if loaded else 0,
         "unchanged": transformed.unchanged,
@@ -156,9 +156,11 @@ def check_delivered(report: dict) -> None:
                               "log says why); the run is not counted as synced, and the owed contacts are sent again")
 
 
-def _retried(plan: Plan, staged: list, journal: dict, settled: int) -> dict:
-    """Owed contacts this run tried again, and how many of them Ometria has now."""
-    owed = set(plan.retry_ids)
+def _retried(plan: Plan, staged: list, journal: dict, settled: int, loaded: Loaded | None) -> dict:
+    """Owed contacts this run tried again, and how many of them Ometria has now (settled: it had them already)."""
+    if loaded is not None and not loaded.dry_run:
+        return {"retried": loaded.retried + settled, "retried_accepted": loaded.retried_accepted + settled}
+    owed = set(plan.retry_ids)  # the load failed: what its journal says of those the plan meant to retry
     tried = [i for i, _, _ in staged if i in owed]
     still_owed = set(journal["rejected_ids"]) | set(journal["failed_ids"])
     return {"retried": len(tried) + settled, "retried_accepted": sum(i not in still_owed for i in tried) + settled}

@@ -121,6 +121,9 @@ class OmetriaApp(App):
         self.on_push = None  # called with the number of pushes so far, after each one (for fault scenarios)
         self.reject_ids: set[str] = set()  # records Ometria refuses, e.g. an email owned by another contact
         self.refuse_requests = 0  # the next this many pushes are answered 400 as a whole (a proxy, a bad minute)
+        # Ometria does not say which invalid records count as `rejected` in the answer and which are only listed
+        # at /v2/push/_errors later; with this set, an invalid record is counted accepted, listed, and not stored
+        self.validate_later = False
         self.contacts: dict[tuple[str, str], dict] = {}
         self.forced: dict[tuple[str, str], int] = {}  # listing → the push that last forced its marketing_optin
         self.events: dict[str, dict] = {}
@@ -214,7 +217,8 @@ class OmetriaApp(App):
             for record in records:
                 problems = self._check(record, small)
                 if problems:
-                    rejected += 1
+                    accepted += self.validate_later
+                    rejected += not self.validate_later
                     self.errors.extend({"error_message": m, "error_path": p} for p, m in problems)
                     continue
                 accepted += 1
@@ -349,9 +353,10 @@ class OmetriaApp(App):
             if request.path == "/_sandbox/faults" and request.method == "POST":  # {"refuse_requests": n, ...}
                 faults = json.loads(request.body or b"{}")
                 self.refuse_requests = int(faults.get("refuse_requests", self.refuse_requests))
+                self.validate_later = bool(faults.get("validate_later", self.validate_later))
                 for field in faults.get("delete_custom_fields", []):  # a field deleted in the account
                     self.custom_fields.pop(field, None)
-                return Response(200, {"refuse_requests": self.refuse_requests,
+                return Response(200, {"refuse_requests": self.refuse_requests, "validate_later": self.validate_later,
                                       "custom_fields": sorted(self.custom_fields)})
             if request.path == "/_sandbox/reset" and request.method == "POST":
                 self.contacts.clear(), self.events.clear(), self.received.clear(), self.errors.clear()
