@@ -51,7 +51,7 @@ def test_anonymous_requests_are_refused(airflow):
         assert get(airflow, path, token="not-a-token").status_code in (401, 403), path
     wrong = requests.post(f"{airflow.url}/auth/token", json={"username": "admin", "password": "guessed"}, timeout=30)
     assert wrong.status_code == 401 and "access_token" not in wrong.text
-    login = get(airflow, "/auth/login/")  # where the UI sends a visitor without a session: FAB's login form
+    login = get(airflow, "/auth/login/")  # where the UI sends a visitor who is not logged in: FAB's login form
     assert login.status_code == 200 and 'name="password"' in login.text
 
 
