@@ -39,11 +39,13 @@ KEYS_FILE ?= .env
 trace: install           ## one customer: make trace ID=<Antavo customer id or email>
 	$(BIN)/python -m antavo_ometria_tools.cli trace "$(ID)"
 
-keys:                    ## secrets for docker-compose, written once to .env (compose reads it); a key missing is added
+keys:                    ## secrets for docker-compose (the UI admin's login among them), written once to .env (compose reads it); a key missing is added
 	@$(PYTHON) -c "import base64, os, secrets, sys; path = sys.argv[1]; \
 	text = open(path).read() if os.path.exists(path) else ''; \
 	old = [line.split('=', 1)[0].strip().removeprefix('export ').strip() for line in text.splitlines() if '=' in line]; \
-	new = {'AIRFLOW_JWT_SECRET': secrets.token_hex(32), 'AIRFLOW_FERNET_KEY': base64.urlsafe_b64encode(os.urandom(32)).decode(), \
+	new = {'_AIRFLOW_WWW_USER_USERNAME': 'airflow', '_AIRFLOW_WWW_USER_PASSWORD': secrets.token_urlsafe(18), \
+	       'AIRFLOW_JWT_SECRET': secrets.token_hex(32), 'AIRFLOW_API_SECRET_KEY': secrets.token_hex(32), \
+	       'AIRFLOW_FERNET_KEY': base64.urlsafe_b64encode(os.urandom(32)).decode(), \
 	       'MINIO_ROOT_PASSWORD': secrets.token_urlsafe(24)}; \
 	added = [k for k in new if k not in old]; \
 	lines = ''.join(k + '=' + new[k] + chr(10) for k in added); \

@@ -1,8 +1,9 @@
 """A real Airflow deployment for tests: api-server, scheduler, dag-processor, triggerer and an executor.
 
-`AirflowStack.local(tmp)` is Airflow's embedded default (SQLite, LocalExecutor); `AirflowStack.celery(...)`
-is the distributed one (PostgreSQL metadata database, Redis broker, CeleryExecutor worker). Each
-component runs in its own process group and is stopped with it.
+`AirflowStack.local(tmp)` is Airflow's embedded default (SQLite, LocalExecutor, SimpleAuthManager, as `make ui`);
+`AirflowStack.celery(...)` is the distributed one of docker-compose.yaml (PostgreSQL metadata database, Redis
+broker, CeleryExecutor worker, the FAB auth manager with the admin its airflow-init creates). Each component runs
+in its own process group and is stopped with it.
 """
 
 from __future__ import annotations
@@ -17,9 +18,32 @@ import time
 from pathlib import Path
 
 import requests
+import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
+FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
+HEALTH = {"scheduler": "scheduler", "triggerer": "triggerer", "dag-processor": "dag_processor"}
+
+
+def compose_init_script() -> str:
+    """The shell script docker-compose.yaml's airflow-init runs, as its shell gets it (compose turns $$ into $)."""
+    command = yaml.safe_load((PROJECT / "docker-compose.yaml").read_text())["services"]["airflow-init"]["command"]
+    assert command[:2] == ["bash", "-c"], command
+    return command[2].replace("$$", "$")
+
+
+def compose_secrets(home: Path) -> dict[str, str]:
+    """What docker compose gives airflow-init from the `.env` that `make keys` writes: every variable of its
+    environment set from a name in that file (the Fernet key, the JWT and API secrets, the admin's login)."""
+    import re
+
+    dotenv = home / ".env"
+    subprocess.run(["make", "-s", "keys", f"KEYS_FILE={dotenv}"], cwd=PROJECT, check=True, capture_output=True)
+    values = dict(line.split("=", 1) for line in dotenv.read_text().splitlines() if "=" in line)
+    init = yaml.safe_load((PROJECT / "docker-compose.yaml").read_text())["services"]["airflow-init"]["environment"]
+    named = {key: re.fullmatch(r"\$\{(\w+)(?::[-?][^}]*)?\}", str(value)) for key, value in init.items()}
+    return {key: values[m.group(1)] for key, m in named.items() if m and m.group(1) in values}
 
 
 def free_port() -> int:
@@ -29,8 +53,9 @@ def free_port() -> int:
 
 
 class AirflowStack:
-    def __init__(self, home: Path, env: dict[str, str], components: list[str]):
+    def __init__(self, home: Path, env: dict[str, str], components: list[str], fab: bool = False):
         self.home = home
+        self.fab = fab  # the FAB auth manager, prepared by compose's airflow-init; else SimpleAuthManager
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (home / "passwords.json").write_text('{"admin": "admin"}')
@@ -53,8 +78,13 @@ class AirflowStack:
             "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "admin:admin",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+            **({"AIRFLOW__CORE__AUTH_MANAGER": FAB_AUTH_MANAGER, **compose_secrets(home),
+                "_AIRFLOW_WWW_USER_EMAIL": "admin@example.com",
+                "PATH": os.pathsep.join([str(Path(AIRFLOW).parent), os.environ.get("PATH", "")])} if fab else {}),
             **env,
         }
+        self.login = ({"username": self.env["_AIRFLOW_WWW_USER_USERNAME"], "password": self.env[
+            "_AIRFLOW_WWW_USER_PASSWORD"]} if fab else {"username": "admin", "password": "admin"})
         self.components = components
         self.processes: list[subprocess.Popen] = []
         self.token = ""
@@ -65,6 +95,11 @@ class AirflowStack:
                    ["api-server", "scheduler", "dag-processor", "triggerer"])
 
     @classmethod
+    def api_server(cls, home: Path, env: dict[str, str]) -> AirflowStack:
+        """The api-server alone, with the FAB auth manager, on SQLite: enough to ask it who may read what."""
+        return cls(home, {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", **env}, ["api-server"], fab=True)
+
+    @classmethod
     def celery(cls, home: Path, env: dict[str, str], database_url: str, broker_url: str) -> AirflowStack:
         return cls(home, {
             "AIRFLOW__CORE__EXECUTOR": "CeleryExecutor",
@@ -72,7 +107,7 @@ class AirflowStack:
             "AIRFLOW__CELERY__BROKER_URL": broker_url,
             "AIRFLOW__CELERY__RESULT_BACKEND": "db+" + database_url,
             **env,
-        }, ["api-server", "scheduler", "dag-processor", "triggerer", "celery worker --concurrency 2"])
+        }, ["api-server", "scheduler", "dag-processor", "triggerer", "celery worker --concurrency 2"], fab=True)
 
     # -- life cycle --------------------------------------------------------------------------
     def run(self, *args: str, timeout: float = 120) -> str:
@@ -82,8 +117,15 @@ class AirflowStack:
         return done.stdout
 
     def start(self, timeout: float = 150) -> AirflowStack:
-        self.run("db", "migrate", timeout=300)
-        self.run("pools", "set", "ometria_push", "1", "Ometria push API: account-wide rate limit")
+        if self.fab:  # what docker compose's airflow-init does, for real
+            done = subprocess.run(["bash", "-c", compose_init_script()], env=self.env, capture_output=True, text=True,
+                                  timeout=400)
+            (self.home / "airflow-init.log").write_text(done.stdout + done.stderr)
+            if done.returncode:
+                raise RuntimeError(f"airflow-init failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+        else:
+            self.run("db", "migrate", timeout=300)
+            self.run("pools", "set", "ometria_push", "1", "Ometria push API: account-wide rate limit")
         for component in self.components:
             log = (self.home / f"{component.split()[0]}.log").open("w")
             command = [AIRFLOW, *component.split()] + (["--port", str(self.port)] if component == "api-server" else [])
@@ -94,17 +136,22 @@ class AirflowStack:
             self._check_alive()
             try:
                 health = requests.get(f"{self.url}/api/v2/monitor/health", timeout=2).json()
-                if all(health.get(c, {}).get("status") == "healthy"
-                       for c in ("metadatabase", "scheduler", "triggerer", "dag_processor")):
+                started = ["metadatabase", *(HEALTH[c] for c in self.components if c in HEALTH)]
+                if all(health.get(c, {}).get("status") == "healthy" for c in started):
                     break
             except (requests.ConnectionError, requests.Timeout, ValueError):
                 pass
             time.sleep(1)
         else:
             raise TimeoutError(f"Airflow did not become healthy in {timeout}s; logs in {self.home}")
-        self.token = requests.post(f"{self.url}/auth/token", json={"username": "admin", "password": "admin"},
-                                   timeout=10).json()["access_token"]
+        self.token = self.token_for(**self.login)
         return self
+
+    def token_for(self, username: str, password: str) -> str:
+        """An API token from the auth manager's login endpoint (POST /auth/token, with FAB or SimpleAuthManager)."""
+        answer = requests.post(f"{self.url}/auth/token", json={"username": username, "password": password}, timeout=30)
+        answer.raise_for_status()
+        return answer.json()["access_token"]
 
     def _check_alive(self) -> None:
         for component, process in zip(self.components, self.processes):

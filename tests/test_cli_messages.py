@@ -63,7 +63,7 @@ def test_rejected_records_are_not_said_to_be_in_the_quarantine_file():
 def test_make_ui_runs_airflow_standalone_from_the_virtualenv_in_the_projects_airflow_home(monkeypatch):
     from antavo_ometria_tools.cli import airflow_env, ui_command, ui_login
 
-    for name in ("AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__API__PORT",
+    for name in ("AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__API__PORT", "AIRFLOW__CORE__AUTH_MANAGER",
                  "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("PATH", "/usr/bin:/bin")  # a fresh shell: the virtualenv is not on PATH
@@ -73,6 +73,7 @@ def test_make_ui_runs_airflow_standalone_from_the_virtualenv_in_the_projects_air
     assert env["PATH"].split(":")[0] == str(bin_dir)  # standalone starts its components as `airflow …`
     assert env["AIRFLOW_HOME"] == str(PROJECT / ".airflow")
     assert env["AIRFLOW__CORE__DAGS_FOLDER"] == str(PROJECT / "dags")
+    assert env["AIRFLOW__CORE__AUTH_MANAGER"].endswith(".SimpleAuthManager")  # the login it prints is that one's
     assert ui_login(env) == ("http://localhost:8080",
                              PROJECT / ".airflow" / "simple_auth_manager_passwords.json.generated")
     make = subprocess.run(["make", "-n", "ui"], cwd=PROJECT, capture_output=True, text=True, timeout=60)

@@ -39,6 +39,34 @@ def test_airflow_services_share_one_configuration():
         assert conn in env
 
 
+def test_the_ui_wants_a_login_from_the_auth_manager_the_deployment_tests_run():
+    """FAB, as in Airflow's own compose file; SimpleAuthManager is for development (`make ui`). The real logins
+    against it are tests/test_ui_access.py and the CeleryExecutor deployment tests, which run the same init."""
+    from stack import FAB_AUTH_MANAGER
+
+    services = compose()["services"]
+    for name in AIRFLOW_SERVICES:
+        assert services[name]["environment"]["AIRFLOW__CORE__AUTH_MANAGER"] == FAB_AUTH_MANAGER
+    pinned = (PROJECT / "requirements.txt").read_text()
+    assert re.search(r"^apache-airflow-providers-fab==", pinned, re.M)  # in the image: it installs requirements.txt
+    init = services["airflow-init"]
+    script = init["command"][2]
+    assert init["command"][:2] == ["bash", "-c"] and "entrypoint" not in init  # the image's: it waits for the database
+    assert "--role Admin" in script and '--username="$${_AIRFLOW_WWW_USER_USERNAME}"' in script
+    assert '--password="$${_AIRFLOW_WWW_USER_PASSWORD}"' in script
+    password = re.fullmatch(r"\$\{(\w+):\?([^}]+)\}", init["environment"]["_AIRFLOW_WWW_USER_PASSWORD"])
+    assert password and password.group(1) == "_AIRFLOW_WWW_USER_PASSWORD" and "make keys" in password.group(2)
+
+
+def test_the_ui_is_published_on_this_machine_only_unless_asked():
+    (published,) = compose()["services"]["airflow-apiserver"]["ports"]
+    address = re.fullmatch(r"\$\{(\w+):-([\d.]+)\}:8080:8080", published)
+    assert address and address.group(2) == "127.0.0.1", published
+    for name, service in compose()["services"].items():
+        assert name == "airflow-apiserver" or "ports" not in service, f"{name} publishes a port"
+    assert f"{address.group(1)}=0.0.0.0" in (PROJECT / "README.md").read_text()  # how to ask otherwise
+
+
 def test_project_files_and_shared_staging_are_mounted():
     services = compose()["services"]
     for name in AIRFLOW_SERVICES:
@@ -88,6 +116,7 @@ def test_no_usable_default_secret_ships():
     """Compose refuses to start without a JWT secret and a Fernet key, and says how to make them."""
     env = compose()["x-airflow-common"]["environment"]
     for name, variable in (("AIRFLOW__API_AUTH__JWT_SECRET", "AIRFLOW_JWT_SECRET"),
+                           ("AIRFLOW__API__SECRET_KEY", "AIRFLOW_API_SECRET_KEY"),
                            ("AIRFLOW__CORE__FERNET_KEY", "AIRFLOW_FERNET_KEY")):
         required = re.fullmatch(r"\$\{(\w+):\?([^}]+)\}", env[name])
         assert required and required.group(1) == variable and "make keys" in required.group(2), env[name]
@@ -102,7 +131,8 @@ def test_make_keys_writes_working_secrets_once(tmp_path):
     first = subprocess.run(make, cwd=PROJECT, capture_output=True, text=True, check=True)
     assert first.stdout.strip() == f"wrote {target}: docker compose reads it"
     values = dict(line.split("=", 1) for line in target.read_text().splitlines())
-    assert len(values["AIRFLOW_JWT_SECRET"]) == 64
+    assert len(values["AIRFLOW_JWT_SECRET"]) == 64 and len(values["AIRFLOW_API_SECRET_KEY"]) == 64
+    assert values["_AIRFLOW_WWW_USER_USERNAME"] == "airflow" and len(values["_AIRFLOW_WWW_USER_PASSWORD"]) >= 20
     assert len(base64.urlsafe_b64decode(values["AIRFLOW_FERNET_KEY"])) == 32  # a Fernet key
     again = subprocess.run(make, cwd=PROJECT, capture_output=True, text=True, check=True)
     assert "exists: keeping its keys" in again.stdout and dict(

@@ -216,6 +216,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"  # where SimpleAuthManager writes the login
+# Airflow's development login, which is what `make ui` is for; docker-compose.yaml ships the FAB auth manager
+SIMPLE_AUTH_MANAGER = "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
 UI_STARTUP_SECONDS = 180  # standalone answers after about 25 s on two cores; a slow machine gets longer
 
 
@@ -223,7 +225,8 @@ def ui_command(env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """`airflow standalone` with Airflow's embedded default in the project's folder (as `run` prepares it): the
     virtualenv's bin first on PATH, because standalone starts its components as `airflow …` by name."""
     bin_dir = str(Path(sys.executable).parent)
-    env = {**env, "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
+    env = {"AIRFLOW__CORE__AUTH_MANAGER": SIMPLE_AUTH_MANAGER, **env,
+           "PATH": os.pathsep.join([bin_dir, env.get("PATH", "")])}
     return [str(Path(bin_dir) / "airflow"), "standalone"], env
 
 
@@ -303,6 +306,8 @@ def cmd_ui(args: argparse.Namespace) -> int:
                 print(f"Airflow did not start; see {log_file}", file=sys.stderr)
                 return 1
             print(f"\nAirflow UI: {url}  (login: {login}; kept in {passwords})\n"
+                  "The login is Airflow's SimpleAuthManager, for local development only; "
+                  "docker-compose.yaml ships the FAB auth manager.\n"
                   f"DAGs from {env['AIRFLOW__CORE__DAGS_FOLDER']}; Browse → Antavo → Ometria sync opens the dashboard.\n"
                   "Ctrl-C stops it.", flush=True)
             return process.wait()
