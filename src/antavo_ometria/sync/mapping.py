@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -29,7 +29,7 @@ from antavo_ometria.ometria.contract import CUSTOM_FIELD_ID
 from antavo_ometria.ometria.formats import CUSTOM_FORMATS, FORMATS
 from antavo_ometria.ometria.payload import ContactShape
 from antavo_ometria.problems import ConfigError, Problem
-from antavo_ometria.sync.settings import SyncSettings, read_settings
+from antavo_ometria.sync.settings import SETTINGS, SyncSettings, read_settings
 from antavo_ometria.sync.tables import did_you_mean, read_csv, rows_of
 
 CONTACTS_FILE = "contacts.csv"
@@ -122,20 +122,19 @@ def not_offered(path: str) -> str | None:
     return next((why for prefix, why in NOT_OFFERED.items() if path.startswith(prefix)), None)
 
 
-PAYLOAD_SETTINGS = ("collection", "list_id", "payload_mode", "language")
+PAYLOAD_SETTINGS = tuple(s.attribute for s in SETTINGS if s.shapes_payload)
 CONSENT_FIELDS = ("marketing_optin", "channels.sms.allow_marketing", "channels.sms.allow_transactional")
 
 
 def mapping_version(fields: list[FieldMapping], settings: SyncSettings) -> str:
-    """A short hash of what shapes the payloads (the rows, and the settings in PAYLOAD_SETTINGS), not of the
+    """A short hash of what shapes the payloads (the rows, and the settings declared to shape them), not of the
     files' bytes: line endings, a byte-order mark, comments, the order of rows or a quality threshold do not
     change it, so they do not re-send every contact."""
     rows = sorted((f.loyalty_field, f.remote_field, f.format, f.overwrite_empty) for f in fields)
-    shaping = {name: value for name, value in asdict(settings).items() if name in PAYLOAD_SETTINGS}
-    # the consent mode in the form versions were first written in, so an upgrade does not re-send everyone
-    shaping["consent_authoritative"] = settings.sends_consent
-    if settings.force_optin:
-        shaping["force_optin"] = True
+    shaping: dict = {}
+    for setting in SETTINGS:
+        if setting.shapes_payload:
+            shaping.update(setting.version_inputs(getattr(settings, setting.attribute)))
     return hashlib.sha256(json.dumps([rows, shaping], sort_keys=True).encode()).hexdigest()[:12]
 
 
