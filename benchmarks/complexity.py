@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     for problem in problems:
         print(problem)
     if problems:
-        print(f"complexity budget: at most {MAX_COMPLEXITY} and {MAX_LINES} lines a function; split the function "
+        print(f"complexity budget: at most complexity {MAX_COMPLEXITY} and {MAX_LINES} lines a function; split it "
               "into small ones with one job each")
         return 1
     print(f"complexity budget kept: {len(allowed())} function(s) still listed in {ALLOWED_FILE.name}")
