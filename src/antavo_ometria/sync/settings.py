@@ -49,6 +49,9 @@ def _setting(section: str, key: str, default: Any, types: type | tuple[type, ...
 
 @dataclass(frozen=True)
 class SyncSettings:
+    """The settings a run reads, each field declared with `_setting`: section, key, default, type, README line,
+    and the optional parts of Setting (its rule, whether it shapes the payloads, how it is read and hashed)."""
+
     collection: str = _setting(
         "ometria", "collection", "antavo", str, "Ometria collection the contacts are written to",
         check=(lambda v: bool(v.strip()), "collection must not be empty"), shapes_payload=True)
