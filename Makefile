@@ -73,8 +73,9 @@ sandbox: install         ## serve both sandbox APIs on 127.0.0.1:8701 (Antavo) a
 lock: install            ## re-resolve requirements.in into the pinned requirements.txt
 	$(BIN)/uv pip compile --python-version 3.11 requirements.in -o requirements.txt
 
-lint: install
+lint: install            ## ruff, then the complexity budget (benchmarks/complexity.py)
 	$(BIN)/ruff check src plugins dags tests benchmarks
+	$(BIN)/python -m benchmarks.complexity
 
 clean:
 	rm -rf $(VENV) .airflow .pytest_cache

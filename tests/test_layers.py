@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import ast
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -88,3 +90,9 @@ def test_no_path_edits_find_the_package():
 
 def test_plugins_holds_only_airflow_plugins():
     assert sorted(p.name for p in (PROJECT / "plugins").iterdir() if p.name != "__pycache__") == ["sync_dashboard.py"]
+
+
+def test_no_function_in_src_grows_over_the_complexity_budget():
+    # make lint runs the same check; here CI runs it too
+    run = subprocess.run([sys.executable, "-m", "benchmarks.complexity"], cwd=PROJECT, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr

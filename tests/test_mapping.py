@@ -8,6 +8,7 @@ import pytest
 
 from antavo_ometria.problems import ConfigError
 from antavo_ometria.sync.mapping import find_in_catalog, load_contact_mapping
+from antavo_ometria.sync.settings import SETTINGS, settings_table
 
 HEADER = "loyalty_field,remote_field,format,overwrite_empty\n"
 
@@ -281,6 +282,18 @@ def test_a_bad_setting_is_reported_alone_not_with_the_rows_judged_by_its_default
     found = problems_for(tmp_path, table)
     assert len(found) == 2, found
     assert "[payload_mode] payload_mode must be one of" in found[0] and "unknown loyalty field 'first_nmae'" in found[1]
+
+
+def test_the_readme_settings_table_is_the_one_the_settings_declare():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    section = readme.split("## Settings (`include/mappings/settings.toml`)\n\n", 1)[1]
+    table = section[:section.index("\n\n") + 1]
+    assert table == settings_table(), "replace the README's settings table with:\n" + settings_table()
+
+
+def test_every_setting_s_default_has_its_type_and_keeps_its_rule():
+    wrong = [s.name for s in SETTINGS if not s.has_type(s.default) or s.broken_rule(s.default) is not None]
+    assert not wrong
 
 
 def test_consent_rows_are_not_judged_by_a_consent_setting_of_the_wrong_type(mappings):

@@ -20,7 +20,7 @@ import hashlib
 import io
 import json
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from pathlib import Path
@@ -29,7 +29,7 @@ from antavo_ometria.ometria.contract import CUSTOM_FIELD_ID
 from antavo_ometria.ometria.formats import CUSTOM_FORMATS, FORMATS
 from antavo_ometria.ometria.payload import ContactShape
 from antavo_ometria.problems import ConfigError, Problem
-from antavo_ometria.sync.settings import SyncSettings, read_settings
+from antavo_ometria.sync.settings import SETTINGS, SyncSettings, read_settings
 from antavo_ometria.sync.tables import did_you_mean, read_csv, rows_of
 
 CONTACTS_FILE = "contacts.csv"
@@ -122,20 +122,19 @@ def not_offered(path: str) -> str | None:
     return next((why for prefix, why in NOT_OFFERED.items() if path.startswith(prefix)), None)
 
 
-PAYLOAD_SETTINGS = ("collection", "list_id", "payload_mode", "language")
+PAYLOAD_SETTINGS = tuple(s.attribute for s in SETTINGS if s.shapes_payload)
 CONSENT_FIELDS = ("marketing_optin", "channels.sms.allow_marketing", "channels.sms.allow_transactional")
 
 
 def mapping_version(fields: list[FieldMapping], settings: SyncSettings) -> str:
-    """A short hash of what shapes the payloads (the rows, and the settings in PAYLOAD_SETTINGS), not of the
+    """A short hash of what shapes the payloads (the rows, and the settings declared to shape them), not of the
     files' bytes: line endings, a byte-order mark, comments, the order of rows or a quality threshold do not
     change it, so they do not re-send every contact."""
     rows = sorted((f.loyalty_field, f.remote_field, f.format, f.overwrite_empty) for f in fields)
-    shaping = {name: value for name, value in asdict(settings).items() if name in PAYLOAD_SETTINGS}
-    # the consent mode in the form versions were first written in, so an upgrade does not re-send everyone
-    shaping["consent_authoritative"] = settings.sends_consent
-    if settings.force_optin:
-        shaping["force_optin"] = True
+    shaping: dict = {}
+    for setting in SETTINGS:
+        if setting.shapes_payload:
+            shaping.update(setting.version_inputs(getattr(settings, setting.attribute)))
     return hashlib.sha256(json.dumps([rows, shaping], sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -185,39 +184,53 @@ def parse_contacts(path: Path, settings: SyncSettings, unsure: frozenset[str] = 
     header, rows, problems = read_csv(path)
     if header is None:
         return [], problems or [Problem(file, 1, "", "the file is empty; it needs the header row " + ",".join(COLUMNS))], []
+    header_problems = _header_problems(file, header)
+    if header_problems:
+        return [], [*problems, *header_problems], []
+    fields, warnings, mapped = _mapped_rows(file, header, rows, settings, unsure, problems)
+    if "email" not in mapped:
+        problems.append(Problem(file, 0, "remote_field", "no row maps to 'email'; Ometria identifies "
+                                "contacts by email: add the row 'email,email'"))
+    return fields, problems, warnings
+
+
+def _header_problems(file: str, header: list[str]) -> list[Problem]:
+    """Unknown, missing and repeated columns: with any of them, no row can be read."""
     unknown = [h for h in header if h not in COLUMNS]
     missing = [c for c in REQUIRED_COLUMNS if c not in header]
     duplicated = sorted({h for h in header if header.count(h) > 1})
-    for name in unknown:
-        hint = did_you_mean(name, COLUMNS)
-        problems.append(Problem(file, 1, name, f"unknown column {name!r}{hint}; the columns are "
-                                + ", ".join(COLUMNS)))
-    for name in missing:
-        problems.append(Problem(file, 1, name, f"the header has no {name!r} column"))
-    for name in duplicated:
-        problems.append(Problem(file, 1, name, f"column {name!r} appears more than once"))
-    if missing or unknown or duplicated:
-        return [], problems, []
+    problems = [Problem(file, 1, name, f"unknown column {name!r}{did_you_mean(name, COLUMNS)}; the columns are "
+                        + ", ".join(COLUMNS)) for name in unknown]
+    problems += [Problem(file, 1, name, f"the header has no {name!r} column") for name in missing]
+    problems += [Problem(file, 1, name, f"column {name!r} appears more than once") for name in duplicated]
+    return problems
 
+
+def _mapped_rows(file: str, header: list[str], rows: list, settings: SyncSettings, unsure: frozenset[str],
+                 problems: list[Problem]) -> tuple[list[FieldMapping], list[Problem], dict[str, int]]:
+    """(fields, warnings, {remote field: line}) of the rows; their problems are added to `problems` in the
+    file's order."""
     fields: list[FieldMapping] = []
     warnings: list[Problem] = []
-    seen_remote: dict[str, int] = {}
+    mapped: dict[str, int] = {}
     for line, cells in rows_of(file, header, rows, problems):
-        remote = cells.get("remote_field", "")
-        if remote in seen_remote:
-            problems.append(Problem(file, line, "remote_field", f"{remote!r} is already mapped on line "
-                                    f"{seen_remote[remote]}; map each remote field once"))
-        elif remote:
-            seen_remote[remote] = line
+        problems += _mapped_twice(file, line, cells.get("remote_field", ""), mapped)
         field, row_problems, row_warnings = _check_row(file, line, cells, settings, unsure)
         problems += row_problems
         warnings += row_warnings
         if field is not None:
             fields.append(field)
-    if "email" not in seen_remote:
-        problems.append(Problem(file, 0, "remote_field", "no row maps to 'email'; Ometria identifies "
-                                "contacts by email: add the row 'email,email'"))
-    return fields, problems, warnings
+    return fields, warnings, mapped
+
+
+def _mapped_twice(file: str, line: int, remote: str, mapped: dict[str, int]) -> list[Problem]:
+    """A problem when the remote field is already mapped; else it is recorded in `mapped`."""
+    if remote in mapped:
+        return [Problem(file, line, "remote_field", f"{remote!r} is already mapped on line {mapped[remote]}; "
+                        "map each remote field once")]
+    if remote:
+        mapped[remote] = line
+    return []
 
 
 Found = list[tuple[str, str]]  # (column, message) of one row
@@ -234,8 +247,7 @@ def _check_row(
     entry = _check_loyalty(loyalty, settings, unsure, found)
     remote, warnings = _check_remote(remote, settings, unsure, found)
     fmt = _check_format(fmt, loyalty, remote, entry, found)
-    if overwrite not in ("", "yes", "no", "true", "false"):
-        found.append(("overwrite_empty", f"overwrite_empty must be yes or no, not {overwrite!r}"))
+    _check_overwrite(overwrite, found)
     problems = [Problem(file, line, column, message) for column, message in found]
     warned = [Problem(file, line, "remote_field", message) for message in warnings]
     if problems or entry is None:
@@ -284,22 +296,42 @@ def _check_remote(remote: str, settings: SyncSettings, unsure: frozenset[str], f
     return remote, warnings
 
 
+def _check_overwrite(overwrite: str, found: Found) -> None:
+    if overwrite not in ("", "yes", "no", "true", "false"):
+        found.append(("overwrite_empty", f"overwrite_empty must be yes or no, not {overwrite!r}"))
+
+
 def _check_format(fmt: str, loyalty: str, remote: str, entry: CatalogField | None, found: Found) -> str:
     """The format the row's value is written in ("" when it cannot be told)."""
-    builtins = builtin_fields()
+    fmt = _format_for(remote, _known_format(fmt, found), entry, found)
+    _check_writable(fmt, loyalty, remote, entry, found)
+    return fmt
+
+
+def _known_format(fmt: str, found: Found) -> str:
+    """The format the row names, or "" when it names none or one that does not exist."""
     if fmt and fmt not in FORMATS:
         found.append(("format", f"unknown format {fmt!r}{did_you_mean(fmt, FORMATS)}; formats: {', '.join(FORMATS)}"))
-        fmt = ""
+        return ""
+    return fmt
+
+
+def _format_for(remote: str, fmt: str, entry: CatalogField | None, found: Found) -> str:
+    """A built-in field's own format; a custom field's, as named or from the loyalty field's."""
+    builtins = builtin_fields()
     if remote in builtins:
         if fmt and fmt != builtins[remote]:
             found.append(("format", f"{remote} is always written as {builtins[remote]}; leave format empty"))
-        fmt = builtins[remote]
-    elif fmt and fmt not in CUSTOM_FORMATS:
+        return builtins[remote]
+    if fmt and fmt not in CUSTOM_FORMATS:
         found.append(("format", f"custom fields take one of {', '.join(CUSTOM_FORMATS)}, not {fmt!r}"))
     elif not fmt and entry is not None:
-        fmt = entry.format if entry.format in CUSTOM_FORMATS else "string"
+        return entry.format if entry.format in CUSTOM_FORMATS else "string"
+    return fmt
+
+
+def _check_writable(fmt: str, loyalty: str, remote: str, entry: CatalogField | None, found: Found) -> None:
     writable = FORMATS[entry.format].writable_as if entry is not None and entry.format in FORMATS else None
     if entry is not None and fmt and writable is not None and fmt not in writable:
         found.append(("format", f"{loyalty!r} holds a {entry.format} and cannot be written as {fmt} "
                       f"({remote}); map a different field or change the format"))
-    return fmt

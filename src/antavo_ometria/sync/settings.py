@@ -1,11 +1,19 @@
-"""Sync settings: the part of the configuration that is not a field mapping (`settings.toml`)."""
+"""Sync settings: the part of the configuration that is not a field mapping (`settings.toml`).
+
+Each setting is declared once, as a field of SyncSettings: its section and key in the file, its type, its
+default, the rule its value keeps (with the message that names it), whether it shapes the payloads (and so
+the mapping version), and its line in the README. Reading the file, the mapping version's inputs and the
+README's settings table (`settings_table`, compared with the README by a test) all come from there.
+"""
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 from antavo_ometria.problems import ConfigError, Problem
 
@@ -14,27 +22,97 @@ LATE_EVENT_POLICIES = ("send", "skip")
 # how the sync treats marketing consent (Ometria's rule: without a forced listing, any opt-out wins)
 CONSENT_MODES = ("never", "preference", "authoritative")
 
+Check = tuple[Callable[[Any], bool], str]  # (is the value acceptable, the rule it breaks)
+
+
+def _share(name: str) -> Check:
+    return (lambda v: 0 <= v <= 1, f"{name} must be between 0 and 1")
+
+
+def _one_of(name: str, allowed: tuple[str, ...]) -> Check:
+    return (lambda v: v in allowed, f"{name} must be one of {allowed}")
+
+
+def _consent_in_its_first_form(mode: str) -> dict[str, bool]:
+    """The consent mode as mapping versions were first written with it, so an upgrade does not re-send everyone."""
+    form = {"consent_authoritative": mode != "never"}
+    if mode == "authoritative":
+        form["force_optin"] = True
+    return form
+
+
+def _setting(section: str, key: str, default: Any, types: type | tuple[type, ...], doc: str, **declared: Any) -> Any:
+    """A SyncSettings field that carries its declaration; `declared` takes the optional fields of Setting."""
+    return field(default=default, metadata={"setting": {"section": section, "key": key, "types": types, "doc": doc,
+                                                        **declared}})
+
 
 @dataclass(frozen=True)
 class SyncSettings:
-    collection: str = "antavo"
-    list_id: str = ""  # Ometria list (segment) the contacts join through `@add_to_lists`
-    payload_mode: str = "legacy"
+    """The settings a run reads, each field declared with `_setting`: section, key, default, type, README line,
+    and the optional parts of Setting (its rule, whether it shapes the payloads, how it is read and hashed)."""
+
+    collection: str = _setting(
+        "ometria", "collection", "antavo", str, "Ometria collection the contacts are written to",
+        check=(lambda v: bool(v.strip()), "collection must not be empty"), shapes_payload=True)
+    # the Ometria list (segment) the contacts join through `@add_to_lists`; TOML lets it be written as a number
+    list_id: str = _setting(
+        "ometria", "list_id", "", (str, int),
+        "Ometria list the contacts join (`@add_to_lists`); the shipped file uses `8400`",
+        check=(lambda v: v == "" or v.isdigit(),
+               "list_id must be the numeric ID of an Ometria list (`make check` names the account's lists), or empty"),
+        read_as=str, shapes_payload=True)
+    payload_mode: str = _setting(
+        "ometria", "payload_mode", "legacy", str,
+        "`legacy`: every field flat; `v2`: built-ins top-level, custom fields under `properties`",
+        check=_one_of("payload_mode", PAYLOAD_MODES), shapes_payload=True)
     # "never": consent is not sent; "preference": marketing_optin and SMS preferences are sent as mapped;
     # "authoritative": the same, and a contact's marketing_optin is forced (`@force_optin`)
-    consent_mode: str = "never"
-    language: str = "en"  # for translated names such as {"en": "Gold"}
-    customer_status: str = "active"  # which Antavo customers a full load reads
-    max_invalid_share: float = 0.05  # quarantine more than this share and the run stops
-    min_rows_vs_last_run: float = 0.5  # fewer rows than this share of the last run stops it
-    overlap_minutes: int = 10  # incremental runs look back this far before the interval
-    late_event_policy: str = "send"
-    max_rejected_share: float = 0.05  # Ometria rejects more than this share of a run's contacts: the load fails
-    max_leaver_share: float = 0.05  # more members than this share would leave the list in one run: nothing is removed
-    retry_first_hours: float = 1.0  # an owed contact is tried by the next run, then after this wait, doubling
-    retry_max_hours: float = 24.0  # … up to this wait
-    max_contacts_per_run: int = 0  # a run sends at most this many contacts, the rest stay owed for the next; 0: all
-    reconcile_every_hours: float = 24.0  # every customer is read and compared with what Ometria accepted; 0: never
+    consent_mode: str = _setting(
+        "consent", "mode", "never", str,
+        "`never`, `preference` or `authoritative` (forced with `@force_optin`): see [Consent](#consent)",
+        check=_one_of("consent mode", CONSENT_MODES), shapes_payload=True, hashed_as=_consent_in_its_first_form)
+    language: str = _setting(
+        "translations", "language", "en", str, 'language picked from translated names (`{"en": "Gold"}`)',
+        shapes_payload=True)
+    customer_status: str = _setting("antavo", "customer_status", "active", str, "which customers a full load reads")
+    max_invalid_share: float = _setting(
+        "quality", "max_invalid_share", 0.05, (int, float),
+        "more quarantined than this share stops the run before sending", check=_share("max_invalid_share"))
+    min_rows_vs_last_run: float = _setting(
+        "quality", "min_rows_vs_last_run", 0.5, (int, float),
+        "a full load smaller than this share of the last one stops the run", check=_share("min_rows_vs_last_run"))
+    overlap_minutes: int = _setting(
+        "sync", "overlap_minutes", 10, int, "incremental runs re-read this many minutes before their interval",
+        check=(lambda v: v >= 0, "overlap_minutes must not be negative"))
+    max_rejected_share: float = _setting(
+        "quality", "max_rejected_share", 0.05, (int, float),
+        "Ometria rejecting more than this share of a run's new contacts fails the load",
+        check=_share("max_rejected_share"))
+    max_leaver_share: float = _setting(
+        "quality", "max_leaver_share", 0.05, (int, float),
+        "more members than this share leaving the list in one run stops it, removing nobody",
+        check=_share("max_leaver_share"))
+    retry_first_hours: float = _setting(
+        "sync", "retry_first_hours", 1.0, (int, float),
+        "an owed contact is tried by the next run, then after this wait, doubling each time",
+        check=(lambda v: v > 0, "retry_first_hours must be more than 0"))
+    retry_max_hours: float = _setting(
+        "sync", "retry_max_hours", 24.0, (int, float), "the longest wait between two tries of an owed contact",
+        check=(lambda v: v > 0, "retry_max_hours must be more than 0"))
+    max_contacts_per_run: int = _setting(
+        "sync", "max_contacts_per_run", 0, int,
+        "a run sends at most this many contacts (owed ones first); the rest stay owed, `deferred` in the report, "
+        "and the next runs send them; `0`: no cap",
+        check=(lambda v: v >= 0, "max_contacts_per_run must not be negative (0: no cap)"))
+    reconcile_every_hours: float = _setting(
+        "sync", "reconcile_every_hours", 24.0, (int, float),
+        "a run reads every customer and sends what differs from what Ometria accepted; `0`: on request only",
+        check=(lambda v: v >= 0, "reconcile_every_hours must not be negative (0: only on request)"))
+    late_event_policy: str = _setting(
+        "events", "late_event_policy", "send", str,
+        "events older than 4 hours cannot start an automation: `send` (and warn) or `skip`",
+        check=_one_of("late_event_policy", LATE_EVENT_POLICIES))
 
     @property
     def v2(self) -> bool:
@@ -49,25 +127,59 @@ class SyncSettings:
         return self.consent_mode == "authoritative"
 
 
-_FIELDS = {
-    # key in the file: (section, attribute, type)
-    ("ometria", "collection"): ("collection", str),
-    ("ometria", "list_id"): ("list_id", (str, int)),
-    ("ometria", "payload_mode"): ("payload_mode", str),
-    ("consent", "mode"): ("consent_mode", str),
-    ("translations", "language"): ("language", str),
-    ("antavo", "customer_status"): ("customer_status", str),
-    ("quality", "max_invalid_share"): ("max_invalid_share", (int, float)),
-    ("quality", "min_rows_vs_last_run"): ("min_rows_vs_last_run", (int, float)),
-    ("sync", "overlap_minutes"): ("overlap_minutes", int),
-    ("events", "late_event_policy"): ("late_event_policy", str),
-    ("quality", "max_rejected_share"): ("max_rejected_share", (int, float)),
-    ("quality", "max_leaver_share"): ("max_leaver_share", (int, float)),
-    ("sync", "retry_first_hours"): ("retry_first_hours", (int, float)),
-    ("sync", "retry_max_hours"): ("retry_max_hours", (int, float)),
-    ("sync", "reconcile_every_hours"): ("reconcile_every_hours", (int, float)),
-    ("sync", "max_contacts_per_run"): ("max_contacts_per_run", int),
-}
+@dataclass(frozen=True)
+class Setting:
+    """One setting of `settings.toml`, as declared on its SyncSettings field."""
+
+    attribute: str
+    default: Any
+    section: str
+    key: str
+    types: type | tuple[type, ...]
+    doc: str  # its line in the README's settings table
+    check: Check | None = None
+    shapes_payload: bool = False  # part of the mapping version: changing it re-sends every contact
+    read_as: Callable[[Any], Any] | None = None  # turns a value of one of `types` into the attribute's type
+    hashed_as: Callable[[Any], dict] | None = None  # its form in the mapping version, when not {attribute: value}
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+    def has_type(self, value: Any) -> bool:
+        # TOML's true is a Python int: a whole-number setting refuses it
+        return isinstance(value, self.types) and not (self.types is int and isinstance(value, bool))
+
+    def read(self, value: Any) -> Any:
+        return self.read_as(value) if self.read_as else value
+
+    def broken_rule(self, value: Any) -> str | None:
+        """The message for a value that breaks the setting's rule, or None."""
+        if self.check is None or self.check[0](value):
+            return None
+        return f"{self.check[1]}, not {value!r}"
+
+    def version_inputs(self, value: Any) -> dict:
+        return self.hashed_as(value) if self.hashed_as else {self.attribute: value}
+
+    @property
+    def shown_default(self) -> str:
+        if self.default == "":
+            return '""'
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
+
+
+SETTINGS: tuple[Setting, ...] = tuple(Setting(f.name, f.default, **f.metadata["setting"]) for f in fields(SyncSettings))
+_BY_KEY = {(s.section, s.key): s for s in SETTINGS}
+_BY_ATTRIBUTE = {s.attribute: s for s in SETTINGS}
+_SECTIONS = sorted({s.section for s in SETTINGS})
+
+
+def settings_table() -> str:
+    """The README's table of settings, written from the declarations."""
+    rows = ["| setting | default | meaning |", "|---|---|---|"]
+    rows += [f"| `{s.name}` | `{s.shown_default}` | {s.doc} |" for s in SETTINGS]
+    return "\n".join(rows) + "\n"
 
 
 @dataclass(frozen=True)
@@ -79,26 +191,6 @@ class SettingsRead:
     problems: tuple[Problem, ...] = ()
     failed: frozenset[str] = frozenset()  # SyncSettings attributes whose value was wrong; "*": all, unreadable
     warnings: tuple[Problem, ...] = ()
-
-
-_CHECKS = {
-    # attribute: (is the value acceptable, the rule it breaks)
-    "payload_mode": (lambda v: v in PAYLOAD_MODES, f"payload_mode must be one of {PAYLOAD_MODES}"),
-    "late_event_policy": (lambda v: v in LATE_EVENT_POLICIES, f"late_event_policy must be one of {LATE_EVENT_POLICIES}"),
-    "consent_mode": (lambda v: v in CONSENT_MODES, f"consent mode must be one of {CONSENT_MODES}"),
-    "collection": (lambda v: bool(v.strip()), "collection must not be empty"),
-    "list_id": (lambda v: v == "" or v.isdigit(),
-                "list_id must be the numeric ID of an Ometria list (`make check` names the account's lists), or empty"),
-    "max_invalid_share": (lambda v: 0 <= v <= 1, "max_invalid_share must be between 0 and 1"),
-    "min_rows_vs_last_run": (lambda v: 0 <= v <= 1, "min_rows_vs_last_run must be between 0 and 1"),
-    "overlap_minutes": (lambda v: v >= 0, "overlap_minutes must not be negative"),
-    "max_rejected_share": (lambda v: 0 <= v <= 1, "max_rejected_share must be between 0 and 1"),
-    "max_leaver_share": (lambda v: 0 <= v <= 1, "max_leaver_share must be between 0 and 1"),
-    "retry_first_hours": (lambda v: v > 0, "retry_first_hours must be more than 0"),
-    "retry_max_hours": (lambda v: v > 0, "retry_max_hours must be more than 0"),
-    "reconcile_every_hours": (lambda v: v >= 0, "reconcile_every_hours must not be negative (0: only on request)"),
-    "max_contacts_per_run": (lambda v: v >= 0, "max_contacts_per_run must not be negative (0: no cap)"),
-}
 
 
 def load_settings(path: Path) -> SyncSettings:
@@ -116,31 +208,29 @@ def read_settings(path: Path) -> SettingsRead:
         raw = path.read_bytes().removeprefix(b"\xef\xbb\xbf")  # an editor's byte-order mark
     except FileNotFoundError:
         return SettingsRead(SyncSettings())
-    unreadable = frozenset({"*"})
-    try:
-        text = raw.decode("utf-8")
-        data = tomllib.loads(text)
-    except UnicodeDecodeError:
-        return SettingsRead(SyncSettings(), (Problem(file, 1, "", "the file is not UTF-8; save it as UTF-8"),),
-                            unreadable)
-    except tomllib.TOMLDecodeError as exc:
-        problem = Problem(file, getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}")
-        return SettingsRead(SyncSettings(), (problem,), unreadable)
-    lines = text.splitlines()
+    parsed = _parse(file, raw)
+    if isinstance(parsed, Problem):
+        return SettingsRead(SyncSettings(), (parsed,), frozenset({"*"}))
+    lines, data = parsed
     consent, warnings = _earlier_consent_form(file, lines, data)
     values, problems, failed = _typed_values(file, lines, data)
-    problems += consent
     if consent:
         failed.add("consent_mode")
         values.pop("consent_mode", None)
-    for attribute, value in list(values.items()):
-        accepted, message = _CHECKS.get(attribute, (lambda v: True, ""))
-        if not accepted(value):
-            key = next(k for (_, k), (a, _) in _FIELDS.items() if a == attribute)
-            problems.append(Problem(file, _line_of(lines, key), key, f"{message}, not {value!r}"))
-            del values[attribute]
-            failed.add(attribute)
-    return SettingsRead(SyncSettings(**values), tuple(problems), frozenset(failed), tuple(warnings))
+    kept, broken = _keeping_their_rules(file, lines, values)
+    failed.update(set(values) - set(kept))
+    return SettingsRead(SyncSettings(**kept), (*problems, *consent, *broken), frozenset(failed), tuple(warnings))
+
+
+def _parse(file: str, raw: bytes) -> tuple[list[str], dict] | Problem:
+    """The file's lines and its TOML, or the problem that makes it unreadable."""
+    try:
+        text = raw.decode("utf-8")
+        return text.splitlines(), tomllib.loads(text)
+    except UnicodeDecodeError:
+        return Problem(file, 1, "", "the file is not UTF-8; save it as UTF-8")
+    except tomllib.TOMLDecodeError as exc:
+        return Problem(file, getattr(exc, "lineno", 0) or 0, "", f"not valid TOML: {exc}")
 
 
 def _earlier_consent_form(file: str, lines: list[str], data: dict) -> tuple[list[Problem], list[Problem]]:
@@ -169,26 +259,43 @@ def _typed_values(file: str, lines: list[str], data: dict) -> tuple[dict, list[P
     problems: list[Problem] = []
     values: dict = {}
     failed: set[str] = set()
-    known_sections = {section for section, _ in _FIELDS}
-    for section, table in data.items():
-        if section not in known_sections or not isinstance(table, dict):
-            problems.append(Problem(file, _line_of(lines, f"[{section}]"), section,
-                                    f"unknown section [{section}]; known: {', '.join(sorted(known_sections))}"))
-            continue
-        for key, value in table.items():
-            spec = _FIELDS.get((section, key))
-            line = _line_of(lines, key)
-            if spec is None:
-                known = sorted(k for s, k in _FIELDS if s == section)
-                problems.append(Problem(file, line, key, f"unknown setting {section}.{key}; known: {', '.join(known)}"))
-                continue
-            attribute, kind = spec
-            if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-                problems.append(Problem(file, line, key, f"{section}.{key} has the wrong type ({value!r})"))
-                failed.add(attribute)
-                continue
-            values[attribute] = str(value) if attribute == "list_id" else value
+    for section, key, value in _entries(file, lines, data, problems):
+        setting = _BY_KEY.get((section, key))
+        line = _line_of(lines, key)
+        if setting is None:
+            known = sorted(s.key for s in SETTINGS if s.section == section)
+            problems.append(Problem(file, line, key, f"unknown setting {section}.{key}; known: {', '.join(known)}"))
+        elif not setting.has_type(value):
+            problems.append(Problem(file, line, key, f"{setting.name} has the wrong type ({value!r})"))
+            failed.add(setting.attribute)
+        else:
+            values[setting.attribute] = setting.read(value)
     return values, problems, failed
+
+
+def _entries(file: str, lines: list[str], data: dict, problems: list[Problem]) -> Iterator[tuple[str, str, Any]]:
+    """(section, key, value) of each entry in a known section; an unknown section is added to `problems` as it
+    comes, so that the problems stay in the file's order."""
+    for section, table in data.items():
+        if section in _SECTIONS and isinstance(table, dict):
+            yield from ((section, key, value) for key, value in table.items())
+        else:
+            problems.append(Problem(file, _line_of(lines, f"[{section}]"), section,
+                                    f"unknown section [{section}]; known: {', '.join(_SECTIONS)}"))
+
+
+def _keeping_their_rules(file: str, lines: list[str], values: dict) -> tuple[dict, list[Problem]]:
+    """The values that keep their setting's rule, and a problem for each one that breaks it."""
+    kept: dict = {}
+    problems: list[Problem] = []
+    for attribute, value in values.items():
+        setting = _BY_ATTRIBUTE[attribute]
+        broken = setting.broken_rule(value)
+        if broken is None:
+            kept[attribute] = value
+        else:
+            problems.append(Problem(file, _line_of(lines, setting.key), setting.key, broken))
+    return kept, problems
 
 
 def _line_of(lines: list[str], needle: str) -> int:
