@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 from antavo_ometria.antavo.records import HELD
 from antavo_ometria.ometria.payload import encode_contacts, payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.quality import GateResult, QualityGateFailed, batch_verdict, run_gate
+from antavo_ometria.sync.quality import GateResult, GxBlock, QualityGateFailed, batch_verdict, check_rows, run_gate
 from antavo_ometria.sync.records import Plan, Transformed
 from antavo_ometria.sync.staging import (
     CONTACTS,
@@ -45,6 +45,7 @@ from antavo_ometria.sync.transform import CHUNK_ROWS, customer_frame, staged_chu
 
 log = logging.getLogger(__name__)
 
+GX_BLOCK_ROWS = 250_000  # customers Great Expectations validates per call: its fixed cost is paid per block
 WORKERS = "ANTAVO_OMETRIA_TRANSFORM_WORKERS"  # processes that transform and check chunks side by side
 PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for this process when its parent ends
 
@@ -74,17 +75,16 @@ class PreparedChunk:
     ids: list
     encoded: list[bytes]
     hashes: list[str]
-    gate: GateResult | None  # None when only transformed (benchmarks)
+    gate: GateResult | None  # the boolean columns' verdict, for a GxBlock to confirm; None when only transformed
 
 
 def prepare_chunk(data: bytes, mapping: ContactMapping, gate: bool = True) -> PreparedChunk:
     """A block of staged NDJSON → its contacts (runs in a worker process, or in this one)."""
     columns = customer_frame(data, [*mapping.loyalty_fields, HELD])
-    if gate:
-        frame, encoded, result = prepare_contacts(columns, mapping)
-    else:
-        frame = transform(columns, mapping)
-        encoded, result = encode_contacts(frame, mapping.shape), None
+    frame = transform(columns, mapping)
+    encoded = encode_contacts(frame, mapping.shape)
+    problems = columns[HELD] if HELD in columns else None
+    result = check_rows(frame, mapping, [len(body) for body in encoded], (), problems) if gate else None
     return PreparedChunk(frame["id"].tolist(), encoded, [payload_hash(body) for body in encoded], result)
 
 
@@ -154,6 +154,7 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     reasons: Counter = Counter()
     non_null: Counter = Counter()
     validations = []
+    block = GxBlock(mapping)
     progress = Progress("transform and check", "customers")
     with (staging / QUARANTINE).open("w", encoding="utf-8") as held, \
             (staging / CONTACTS).open("wb") as sink, pq.ParquetWriter(sink, CONTACTS_SCHEMA) as writer:
@@ -189,8 +190,12 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
             changed += len(keep)
             reasons.update(gate.reasons_count())
             non_null.update(gate.non_null)
-            validations.append(gate.validation)
+            block.add(gate)
+            if block.rows >= GX_BLOCK_ROWS:
+                validations.append(block.validate())
             progress.advance(gate.checked)
+        if block.rows:
+            validations.append(block.validate())
     progress.advance(0, force=True)
     (staging / GX_RESULT).write_text(json.dumps(validations, default=str), encoding="utf-8")
     blocking, warnings = batch_verdict(checked, quarantined, dict(non_null),
