@@ -63,8 +63,13 @@ def payload_hash(body: bytes) -> str:
 
 def encode_contacts(frame: pd.DataFrame, shape: ContactShape) -> list[bytes]:
     """One encoded Ometria contact per row of the payload frame, in order."""
+    return encode_contact_array(frame, shape).to_pylist()
+
+
+def encode_contact_array(frame: pd.DataFrame, shape: ContactShape) -> pa.BinaryArray:
+    """encode_contacts as one Arrow array: it crosses processes and reaches Parquet as a few buffers."""
     if frame.empty:
-        return []
+        return pa.array([], pa.binary())
     v2, rows = shape.v2, len(frame)
     prefix = json.dumps(envelope(shape), ensure_ascii=False, separators=(",", ":"))[:-1] + ","
     forced = frame["marketing_optin"].notna().to_numpy() if shape.force_optin and "marketing_optin" in frame \
@@ -93,7 +98,7 @@ def encode_contacts(frame: pd.DataFrame, shape: ContactShape) -> list[bytes]:
     if nested:
         parts.append(_joined(nested, ',"properties":{', "}"))
     parts.append(pa.array(np.full(rows, "}", dtype=object), pa.string()))
-    return pc.binary_join_element_wise(*parts, "", null_handling="skip").cast(pa.binary()).to_pylist()
+    return pc.binary_join_element_wise(*parts, "", null_handling="skip").cast(pa.binary())
 
 
 def _members(values: pd.Series, name: str) -> pa.Array:
