@@ -6,6 +6,9 @@ values), custom fields of their declared type, records within 60 KB. Rows that f
 are quarantined with every failed check and the offending value; the rest go on. Batch checks: a
 full load much smaller than the last one stops the run (an Antavo filter that silently returned
 nothing), and a mapped field that is empty for every customer is reported as a warning.
+
+Each rule is computed per chunk as a boolean column, and reasons are built only for failing rows; the GX suite
+validates the chunks' check frames in large blocks (GxBlock), and the run stops if it finds other rows.
 """
 
 from __future__ import annotations
@@ -269,7 +272,7 @@ def check_rows(
                 continue
             if rule.column in (SOURCE, NOT_TEXT):  # the checked value is the message itself
                 failures.setdefault(row, []).append({"check": rule.name, "field": "", "value": None,
-                                                     "message": value_of_check(checked, rule.column, row)})
+                                                     "message": checked[rule.column].iat[row]})
                 continue
             value = value_of(field_name, row)
             failures.setdefault(row, []).append({
@@ -286,10 +289,6 @@ def check_rows(
     result.checks = checked[needed]
     result.expected = [np.flatnonzero(rows) for rows in failing]
     return result
-
-
-def value_of_check(checked: pd.DataFrame, column: str, row: int) -> object:
-    return checked[column].iat[row]
 
 
 def run_gate(
