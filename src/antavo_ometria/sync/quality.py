@@ -339,7 +339,7 @@ class GxBlock:
                                     expectations=[rule.expectation(i) for i, rule in enumerate(self.rules)])
         validation = _batch(checked).validate(suite, result_format={
             "result_format": "COMPLETE", "unexpected_index_column_names": ["row"],
-            "return_unexpected_index_query": False})
+            "return_unexpected_index_query": False, "exclude_unexpected_values": True})
         outcomes = {outcome.expectation_config.meta["rule"]: outcome for outcome in validation.results}
         if sorted(outcomes) != list(range(len(self.rules))):
             raise GateDisagrees(f"Great Expectations returned {len(outcomes)} results for {len(self.rules)} checks")
@@ -349,7 +349,8 @@ class GxBlock:
                 raise QualityGateFailed(f"check {rule.name} could not run: "
                                         f"{outcome.exception_info.get('exception_message')}")
             found = [] if outcome.success else outcome.result.get("unexpected_index_list") or []
-            rows = np.sort(np.fromiter((int(hit["row"]) for hit in found), dtype=np.int64, count=len(found)))
+            # the failing rows, as one list (values excluded: they are the quarantine's) or one per hit
+            rows = np.sort(np.asarray([int(r) for hit in found for r in np.atleast_1d(hit["row"])], dtype=np.int64))
             wanted = np.concatenate(expected) if expected else np.zeros(0, dtype=np.int64)
             if not np.array_equal(rows, wanted):
                 differ = sorted(set(rows.tolist()) ^ set(wanted.tolist()))[:5]
