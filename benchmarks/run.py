@@ -55,8 +55,17 @@ def staging_copy(source: Path) -> Path:
     return target
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and of its ended children (the transform's workers)."""
+    import resource
+
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
 class Memory:
-    """The peak memory of this process and its workers, sampled every 0.2 s while a measurement runs."""
+    """The peak memory of this process and its workers, sampled every 0.2 s while a measurement runs, and the
+    CPU seconds they spent (wall time on a shared machine says little about the work done)."""
 
     def __init__(self, leave_out: tuple[int, ...] = ()) -> None:
         import threading
@@ -67,12 +76,14 @@ class Memory:
         self._thread = threading.Thread(target=self._sample, daemon=True)
 
     def __enter__(self) -> Memory:
+        self.cpu_s = -cpu_seconds()
         self._thread.start()
         return self
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
         self._thread.join()
+        self.cpu_s += cpu_seconds()
 
     def _sample(self) -> None:
         import psutil
@@ -93,7 +104,7 @@ class Memory:
                 return
 
     def figures(self) -> dict:
-        return {"peak_rss_mb": round(self.rss), "peak_pss_mb": round(self.pss)}
+        return {"peak_rss_mb": round(self.rss), "peak_pss_mb": round(self.pss), "cpu_s": round(self.cpu_s, 2)}
 
 
 # -- measurements (each in a child process) ----------------------------------------------------
@@ -413,7 +424,8 @@ def measure_all(sizes: list[int]) -> dict:
         population(size)
         by_size[size] = {kind: child(kind, size) for kind in ("floor", "transform", "gate", "naive")}
         row = by_size[size]
-        print("  " + ", ".join(f"{kind} {row[kind]['seconds']:.1f}s" for kind in row), flush=True)
+        print("  " + ", ".join(f"{kind} {row[kind]['seconds']:.1f}s ({row[kind]['cpu_s']:.1f} CPU-s)" for kind in row),
+              flush=True)
     largest = max(sizes)
     print("object storage …", flush=True)
     remote = child("object_storage", largest)
@@ -434,6 +446,7 @@ def measure_all(sizes: list[int]) -> dict:
         f"peak_pss_{n}_mb": top["gate"]["peak_pss_mb"],
         f"naive_{n}_s": round(top["naive"]["seconds"], 2),
         f"floor_{n}_s": round(top["floor"]["seconds"], 2),
+        **{f"{kind}_{n}_cpu_s": top[kind]["cpu_s"] for kind in ("transform", "gate", "naive", "floor")},
         f"incremental_{label(incremental['changed_in_antavo'])}_of_{n}_s": round(incremental["seconds"], 2),
         "loader_records_per_s": round(loader["unthrottled"]["records_per_s"]),
         "rate_limited_share_of_limit": round(limited["requests_per_s"] / limited["limit_rps"], 3),
@@ -442,6 +455,9 @@ def measure_all(sizes: list[int]) -> dict:
             "naive_vs_gate": round(top["naive"]["seconds"] / top["gate"]["seconds"], 2),
             "transform_vs_floor": round(top["transform"]["seconds"] / top["floor"]["seconds"], 2),
             "gate_vs_floor": round(top["gate"]["seconds"] / top["floor"]["seconds"], 2),
+            "naive_vs_transform_cpu": round(top["naive"]["cpu_s"] / top["transform"]["cpu_s"], 2),
+            "transform_vs_floor_cpu": round(top["transform"]["cpu_s"] / top["floor"]["cpu_s"], 2),
+            "gate_vs_floor_cpu": round(top["gate"]["cpu_s"] / top["floor"]["cpu_s"], 2),
         },
         "targets": TARGETS,
         "sizes": {str(size): row for size, row in by_size.items()},
@@ -512,6 +528,12 @@ def write_report(path: Path, results: dict) -> None:
         "same fields with the same conversions but checks nothing; the naive loop does less than the pipeline "
         "(no per-row reasons, no GX result, no hashes, no files).",
         "",
+        *([f"In CPU seconds (user + system, the process and its workers) at {largest:,}: floor "
+           f"{results[f'floor_{n}_cpu_s']:.1f}, transform + encode {results[f'transform_{n}_cpu_s']:.1f}, with the "
+           f"gate {results[f'gate_{n}_cpu_s']:.1f}, naive loop {results[f'naive_{n}_cpu_s']:.1f}: transform + encode "
+           f"takes **{ratios['transform_vs_floor_cpu']:.2f}×** the floor's CPU and "
+           f"{1 / ratios['naive_vs_transform_cpu']:.2f} of the naive loop's, the whole step "
+           f"**{ratios['gate_vs_floor_cpu']:.2f}×** the floor's.", ""] if f"gate_{n}_cpu_s" in results else []),
         f"With staging on object storage (an S3-compatible server, moto, in its own process on loopback; every file "
         f"streamed through Airflow's ObjectStoragePath) the step with the gate took "
         f"**{results['object_storage']['seconds']:.1f} s** for {largest:,} customers against "

@@ -121,3 +121,31 @@ def test_a_field_empty_for_everyone_is_a_warning(mapping):
     _, result = gate(mapping, [good(i) for i in range(25)])
     assert verdict(mapping, result)[1] == ["notes (properties.notes) is empty for every customer: is the path right?"]
     assert result.non_null["notes"] == 0 and result.non_null["email"] == 25
+
+
+def test_the_run_stops_when_great_expectations_and_the_boolean_columns_disagree(mapping, monkeypatch):
+    """GX validates the checks in blocks of chunks; a row it fails that the columns passed (or the reverse) stops
+    the run instead of being sent or held back on one side's word."""
+    from antavo_ometria.sync import quality
+
+    customers = [good(i) for i in range(10)] + [good(101, email="not-an-email")]
+    _, agreed = gate(mapping, customers)
+    assert set(agreed.failures) == {10} and agreed.validation["success"] is False
+    failing = quality.Check.failing
+    monkeypatch.setattr(quality.Check, "failing",
+                        lambda rule, checked: failing(rule, checked) & (rule.name != "email_format"))
+    with pytest.raises(quality.GateDisagrees, match=r"disagree on email_format \(email\) for rows \[10\]"):
+        gate(mapping, customers)
+
+
+def test_chunks_are_validated_together_with_ids_unique_per_chunk(mapping):
+    from antavo_ometria.sync.quality import GxBlock, check_rows
+
+    frames = [prepare_contacts(customer_columns([normalise_customer(c) for c in part], mapping.loyalty_fields),
+                               mapping) for part in ([good(1), good(2)], [good(2), good(3, email="x")])]
+    block = GxBlock(mapping)
+    for frame, encoded, _ in frames:
+        block.add(check_rows(frame, mapping, [len(b) for b in encoded]))
+    validation = block.validate()  # c2 in both chunks: unique within each, as each chunk's verdict says
+    assert validation["success"] is False and block.rows == 0
+    assert sum(r["result"].get("unexpected_count", 0) for r in validation["results"]) == 1

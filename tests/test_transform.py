@@ -211,3 +211,40 @@ def test_staged_chunks_cut_whole_lines_skipping_blank_ones(tmp_path, monkeypatch
         monkeypatch.setattr(staging, "READ_BUFFER", rng.choice([1, 5, 64, 1 << 20]))
         for rows in (1, 3, 50):
             assert list(engine.staged_chunks(path, rows)) == line_by_line(data, rows), (data, rows)
+
+
+def test_contact_bodies_are_the_bytes_pandas_json_writer_gives_for_every_kind_of_value():
+    """The columnar encoder joins members per field; each must be what one whole-record write gives."""
+    import json as _json
+
+    from antavo_ometria.ometria.payload import ContactShape, encode_contacts
+    from antavo_ometria.sync.mapping import FieldMapping
+
+    texts = ["a/b", 'quote " and \\ back', "é 😀 \u2028 \x7f", "Tab\there", "", None, "</script>", "x" * 300]
+    columns = {
+        "email": texts, "firstname": [*texts[1:], "z"], "lastname": ["ok"] * 8,
+        "points": [1, 2**53, -7, None, 0, 2**63, 3, 4], "ratio": [1.5, 0.1 + 0.2, 1e20, None, 2, 3, 4, 5],
+        "flag": [True, False, None, True, True, False, None, True], "mixed": [1, "one", True, None, [1], {"a": 1}, 2.5, "x"],
+        "labels": [["a/b", 'q"'], None, ["é"], ["x", "y", "z"], ["\n"], ["a"], None, ["b"]],
+        "city": [None, "Kraków", None, "Łódź", None, None, "Paris", None],
+    }
+    frame = pd.DataFrame({"id": [f"c/{i}" for i in range(8)], **columns}, dtype=object)
+    builtin = {"email", "firstname", "lastname"}
+    fields = [FieldMapping(name, name, "string", name == "city", name in builtin, 2 + i)
+              for i, name in enumerate(columns)]
+    for v2 in (True, False):
+        shape = ContactShape("antavo", "8400", v2, fields)
+        expected = []
+        for _, row in frame.iterrows():
+            carried = [f.remote_field for f in fields if f.overwrite_empty or pd.notna(row[f.remote_field]) is True
+                       or isinstance(row[f.remote_field], list)]
+            top = ["id"] + [n for n in carried if n in builtin or not v2]
+            nested = [n for n in carried if n not in builtin and v2]
+            tops = frame.loc[[row.name], top].to_json(orient="records", force_ascii=False, double_precision=15)[1:-2]
+            body = '{"@type":"contact","@collection":"antavo","@merge":true,"@add_to_lists":[8400],' + tops[1:]
+            if nested:
+                body += ',"properties":' + frame.loc[[row.name], nested].to_json(
+                    orient="records", force_ascii=False, double_precision=15)[1:-1]
+            expected.append((body + "}").encode())
+        assert encode_contacts(frame, shape) == expected
+        assert all(_json.loads(body)["id"].startswith("c/") for body in expected)

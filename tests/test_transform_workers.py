@@ -65,14 +65,14 @@ def test_in_a_daemon_process_as_under_celery_the_chunks_are_prepared_in_process(
 
 def test_a_failure_in_a_worker_fails_the_step(staged, monkeypatch):
     """Workers are forked: the failing function below is theirs too. The error reaches the task, which fails."""
-    original = prepare.prepare_contacts
+    original = prepare.transform
 
     def fails_on_the_second_chunk(columns, mapping_, *args):
         if columns["id"].iloc[0] == "c00000250":
             raise RuntimeError("broken chunk")
         return original(columns, mapping_, *args)
 
-    monkeypatch.setattr(prepare, "prepare_contacts", fails_on_the_second_chunk)
+    monkeypatch.setattr(prepare, "transform", fails_on_the_second_chunk)
     with pytest.raises(RuntimeError, match="broken chunk"):
         list(prepare.prepared_chunks(staged, mapping(), rows=250, workers=2))
 

@@ -7,8 +7,8 @@ under `properties`; legacy writes all mapped fields flat at the top level. SMS p
 Ometria holds, unless the mapping row says `overwrite_empty = yes`. When Antavo is the consent authority,
 a record that carries `marketing_optin` also carries `@force_optin` (Ometria's rule: else any opt-out wins).
 
-Encoding is columnar: rows are grouped by which fields they carry, and each group is serialised by
-pandas' JSON writer in one call, so no Python dict is built per record.
+Encoding is columnar: each field's values are serialised by pandas' JSON writer in one call per chunk, and
+the members every record carries are joined by Arrow, so no Python dict or string is built per record.
 """
 
 from __future__ import annotations
@@ -21,6 +21,8 @@ from typing import Protocol
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 
 class ContactField(Protocol):
@@ -61,36 +63,90 @@ def payload_hash(body: bytes) -> str:
 
 def encode_contacts(frame: pd.DataFrame, shape: ContactShape) -> list[bytes]:
     """One encoded Ometria contact per row of the payload frame, in order."""
+    return encode_contact_array(frame, shape).to_pylist()
+
+
+def encode_contact_array(frame: pd.DataFrame, shape: ContactShape) -> pa.BinaryArray:
+    """encode_contacts as one Arrow array: it crosses processes and reaches Parquet as a few buffers."""
     if frame.empty:
-        return []
-    v2 = shape.v2
-    fields = list(shape.fields)
+        return pa.array([], pa.binary())
+    v2, rows = shape.v2, len(frame)
     prefix = json.dumps(envelope(shape), ensure_ascii=False, separators=(",", ":"))[:-1] + ","
-    # which fields each row carries: present, or empty but allowed to overwrite
-    carried = np.column_stack([frame[f.remote_field].notna().to_numpy() | f.overwrite_empty for f in fields]) \
-        if fields else np.zeros((len(frame), 0), dtype=bool)
     forced = frame["marketing_optin"].notna().to_numpy() if shape.force_optin and "marketing_optin" in frame \
-        else np.zeros(len(frame), dtype=bool)
-    keys = carried.astype(np.int64) @ (1 << np.arange(len(fields), dtype=np.int64)) if fields else \
-        np.zeros(len(frame), dtype=np.int64)
-    keys = keys | forced.astype(np.int64) << len(fields)
-    out: list[str] = [""] * len(frame)
-    for key, rows in pd.Series(keys).groupby(keys).indices.items():
-        chosen = [f for i, f in enumerate(fields) if key >> i & 1]
-        sms = [f.remote_field for f in chosen if f.remote_field.startswith(SMS)]
-        top = ["id"] + [f.remote_field for f in chosen if (f.builtin or not v2) and not f.remote_field.startswith(SMS)]
-        nested = [f.remote_field for f in chosen if not f.builtin and v2]
-        head = prefix + ('"@force_optin":true,' if key >> len(fields) & 1 else "")
-        part = frame.iloc[rows]
-        tops = _json_lines(part[top])
-        channels = _json_lines(part[sms].rename(columns=lambda name: name.removeprefix(SMS))) if sms else None
-        props = _json_lines(part[nested]) if nested else None
-        for j, row in enumerate(rows):
-            out[row] = (head + tops[j][1:-1] + (',"channels":{"sms":' + channels[j] + "}" if channels else "")
-                        + (',"properties":' + props[j] if props else "") + "}")
-    return [line.encode() for line in out]
+        else np.zeros(rows, dtype=bool)
+    top, sms, nested = [_members(frame["id"], "id")], [], []
+    for f in shape.fields:
+        values = frame[f.remote_field]
+        # which rows carry the field: present, or empty but allowed to overwrite
+        carried = np.ones(rows, dtype=bool) if f.overwrite_empty else values.notna().to_numpy()
+        if not carried.any():
+            continue
+        sms_field = f.remote_field.startswith(SMS)
+        members = _members(values, f.remote_field.removeprefix(SMS) if sms_field else f.remote_field)
+        members = members if carried.all() else pc.if_else(carried, members, pa.scalar(None, pa.string()))
+        if sms_field:
+            sms.append(members)
+        if (f.builtin or not v2) and not sms_field:
+            top.append(members)
+        if not f.builtin and v2:
+            nested.append(members)
+    head = pc.if_else(forced, prefix + '"@force_optin":true,', prefix) if forced.any() \
+        else pa.array(np.full(rows, prefix, dtype=object), pa.string())
+    parts = [head, _joined(top, "", "")]
+    if sms:
+        parts.append(_joined(sms, ',"channels":{"sms":{', "}}"))
+    if nested:
+        parts.append(_joined(nested, ',"properties":{', "}"))
+    parts.append(pa.array(np.full(rows, "}", dtype=object), pa.string()))
+    return pc.binary_join_element_wise(*parts, "", null_handling="skip").cast(pa.binary())
 
 
-def _json_lines(part: pd.DataFrame) -> list[str]:
-    text = part.to_json(orient="records", lines=True, force_ascii=False, double_precision=15)
-    return text.rstrip("\n").split("\n")
+def _members(values: pd.Series, name: str) -> pa.Array:
+    """`"name":value` per row: text, whole numbers, booleans and lists of text encoded by Arrow, anything else
+    (fractions, mixed kinds) by pandas' JSON writer, whose bytes the Arrow encodings reproduce."""
+    key = json.dumps(name, ensure_ascii=False).replace("/", "\\/") + ":"
+    try:
+        array = pa.array(values.to_numpy(dtype=object), from_pandas=True)
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
+        array = None
+    if array is not None and (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
+        encoded = _json_strings(array)
+    elif array is not None and pa.types.is_integer(array.type):
+        encoded = pc.cast(array, pa.string())
+    elif array is not None and pa.types.is_boolean(array.type):
+        encoded = pc.if_else(array, "true", "false")
+    elif array is not None and pa.types.is_list(array.type) and pa.types.is_string(array.type.value_type) \
+            and array.values.null_count == 0:
+        items = _json_strings(array.values)
+        encoded = _UNSAFE if items is _UNSAFE else pc.if_else(pc.is_valid(array), pc.binary_join_element_wise(
+            "[", pc.binary_join(pa.ListArray.from_arrays(array.offsets, items), ","), "]", ""), None)
+    elif array is not None and pa.types.is_null(array.type):
+        encoded = pa.nulls(len(array), pa.string())
+    else:
+        encoded = None
+    if encoded is None or encoded is _UNSAFE:
+        text = values.to_frame(name).to_json(orient="records", lines=True, force_ascii=False, double_precision=15)
+        return pc.utf8_slice_codeunits(pa.array(text.rstrip("\n").split("\n"), pa.string()), 1, -1)
+    return pc.binary_join_element_wise(key, pc.fill_null(encoded, "null"), "")
+
+
+_UNSAFE = object()  # text with control characters: left to pandas' writer, which escapes them
+
+
+def _json_strings(text: pa.Array) -> pa.Array:
+    """JSON strings as pandas' writer writes them (ensure_ascii off): backslash, quote and slash escaped."""
+    if pc.any(pc.match_substring_regex(text, "[\\x00-\\x1f]")).as_py():
+        return _UNSAFE
+    for plain_text, escaped in (("\\", "\\\\"), ('"', '\\"'), ("/", "\\/")):
+        text = pc.replace_substring(text, plain_text, escaped)
+    return pc.binary_join_element_wise('"', text, '"', "")
+
+
+def _joined(members: list[pa.Array], before: str, after: str) -> pa.Array:
+    """The members a row carries, joined by commas and wrapped; null for a row that carries none."""
+    inner = pc.binary_join_element_wise(*members, ",", null_handling="skip") if len(members) > 1 else members[0]
+    carried = pc.is_valid(members[0])
+    for more in members[1:]:
+        carried = pc.or_(carried, pc.is_valid(more))
+    inner = pc.if_else(carried, inner, pa.scalar(None, pa.string()))
+    return pc.binary_join_element_wise(before, inner, after, "") if before or after else inner

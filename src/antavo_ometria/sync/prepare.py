@@ -21,12 +21,13 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from antavo_ometria.antavo.records import HELD
-from antavo_ometria.ometria.payload import encode_contacts, payload_hash
+from antavo_ometria.ometria.payload import encode_contact_array, encode_contacts, payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.quality import GateResult, QualityGateFailed, batch_verdict, run_gate
+from antavo_ometria.sync.quality import GateResult, GxBlock, QualityGateFailed, batch_verdict, check_rows, run_gate
 from antavo_ometria.sync.records import Plan, Transformed
 from antavo_ometria.sync.staging import (
     CONTACTS,
@@ -45,6 +46,7 @@ from antavo_ometria.sync.transform import CHUNK_ROWS, customer_frame, staged_chu
 
 log = logging.getLogger(__name__)
 
+GX_BLOCK_ROWS = 250_000  # customers Great Expectations validates per call: its fixed cost is paid per block
 WORKERS = "ANTAVO_OMETRIA_TRANSFORM_WORKERS"  # processes that transform and check chunks side by side
 PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for this process when its parent ends
 
@@ -72,20 +74,20 @@ class PreparedChunk:
     """One chunk of staged customers, mapped, encoded and checked: row for row."""
 
     ids: list
-    encoded: list[bytes]
-    hashes: list[str]
-    gate: GateResult | None  # None when only transformed (benchmarks)
+    encoded: pa.BinaryArray
+    hashes: pa.StringArray
+    gate: GateResult | None  # the boolean columns' verdict, for a GxBlock to confirm; None when only transformed
 
 
 def prepare_chunk(data: bytes, mapping: ContactMapping, gate: bool = True) -> PreparedChunk:
     """A block of staged NDJSON → its contacts (runs in a worker process, or in this one)."""
     columns = customer_frame(data, [*mapping.loyalty_fields, HELD])
-    if gate:
-        frame, encoded, result = prepare_contacts(columns, mapping)
-    else:
-        frame = transform(columns, mapping)
-        encoded, result = encode_contacts(frame, mapping.shape), None
-    return PreparedChunk(frame["id"].tolist(), encoded, [payload_hash(body) for body in encoded], result)
+    frame = transform(columns, mapping)
+    encoded = encode_contact_array(frame, mapping.shape)
+    problems = columns[HELD] if HELD in columns else None
+    result = check_rows(frame, mapping, pc.binary_length(encoded).to_numpy(), (), problems) if gate else None
+    hashes = pa.array([payload_hash(body) for body in encoded.to_pylist()], pa.string())
+    return PreparedChunk(frame["id"].tolist(), encoded, hashes, result)
 
 
 def prepared_chunks(path: Path, mapping: ContactMapping, gate: bool = True, rows: int = CHUNK_ROWS,
@@ -155,13 +157,14 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     reasons: Counter = Counter()
     non_null: Counter = Counter()
     validations = []
+    block = GxBlock(mapping)
     progress = Progress("transform and check", "customers")
     with (staging / QUARANTINE).open("w", encoding="utf-8") as held, \
             (staging / CONTACTS).open("wb") as sink, pq.ParquetWriter(sink, CONTACTS_SCHEMA) as writer:
         for chunk in prepared_chunks(staging / CUSTOMERS, mapping, rows=rows, workers=workers):
-            ids, encoded, gate = chunk.ids, chunk.encoded, chunk.gate
+            ids, encoded, hashes, gate = chunk.ids, chunk.encoded, chunk.hashes.to_pylist(), chunk.gate
             rows_held = [{"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails,
-                          "payload": json.loads(encoded[row])} for row, fails in sorted(gate.failures.items())]
+                          "payload": json.loads(encoded[row].as_py())} for row, fails in sorted(gate.failures.items())]
             quarantined_ids.update(r["id"] for r in rows_held if r["id"] in retrying)
             held.writelines(json.dumps(r, ensure_ascii=False, default=str) + "\n" for r in rows_held)
             if store is not None:
@@ -171,10 +174,10 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
             if passing_again:
                 store.release_held(passing_again, ("quarantined",))
             known = {} if store is None else store.accepted_hashes([ids[k] for k in ok])
-            same = {ids[k] for k in ok if known.get(ids[k]) == chunk.hashes[k]}
+            same = {ids[k] for k in ok if known.get(ids[k]) == hashes[k]}
             keep = [k for k in ok if plan.send_unchanged or ids[k] not in same]
             resent_unchanged += len(same) if plan.send_unchanged else 0
-            settled = [(ids[k], chunk.hashes[k]) for k in ok if ids[k] in retrying and ids[k] in same]
+            settled = [(ids[k], hashes[k]) for k in ok if ids[k] in retrying and ids[k] in same]
             if settled and not plan.send_unchanged and not plan.dry_run:  # Ometria has it already: owed no more
                 store.record_accepted(settled, plan.mapping_version, plan.run_id)
                 owed_settled += len(settled)
@@ -182,8 +185,8 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
                 seen.update(ids)
             writer.write_table(pa.table({
                 "id": pa.array([ids[k] for k in keep], pa.string()),
-                "body": pa.array([encoded[k] for k in keep], pa.binary()),
-                "hash": pa.array([chunk.hashes[k] for k in keep], pa.string()),
+                "body": encoded.take(pa.array(keep, pa.int64())),
+                "hash": chunk.hashes.take(pa.array(keep, pa.int64())),
             }, schema=CONTACTS_SCHEMA))
             checked += gate.checked
             quarantined += gate.quarantined
@@ -191,8 +194,12 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
             changed += len(keep)
             reasons.update(gate.reasons_count())
             non_null.update(gate.non_null)
-            validations.append(gate.validation)
+            block.add(gate)
+            if block.rows >= GX_BLOCK_ROWS:
+                validations.append(block.validate())
             progress.advance(gate.checked)
+        if block.rows:
+            validations.append(block.validate())
     progress.advance(0, force=True)
     (staging / GX_RESULT).write_text(json.dumps(validations, default=str), encoding="utf-8")
     blocking, warnings = batch_verdict(checked, quarantined, dict(non_null),

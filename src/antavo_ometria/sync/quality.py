@@ -6,6 +6,9 @@ values), custom fields of their declared type, records within 60 KB. Rows that f
 are quarantined with every failed check and the offending value; the rest go on. Batch checks: a
 full load much smaller than the last one stops the run (an Antavo filter that silently returned
 nothing), and a mapped field that is empty for every customer is reported as a warning.
+
+Each rule is computed per chunk as a boolean column, and reasons are built only for failing rows; the GX suite
+validates the chunks' check frames in large blocks (GxBlock), and the run stops if it finds other rows.
 """
 
 from __future__ import annotations
@@ -44,7 +47,9 @@ class GateResult:
     failures: dict[int, list[dict]]  # row → every failed check, with field, value and message
     checked: int
     non_null: dict[str, int] = field(default_factory=dict)  # remote field → rows that carry a value
-    validation: dict = field(default_factory=dict)  # GX's own result, as JSON
+    validation: dict = field(default_factory=dict)  # GX's own result, as JSON (when validated on its own)
+    checks: pd.DataFrame | None = None  # the check frame GX validates (see GxBlock)
+    expected: list[np.ndarray] = field(default_factory=list)  # per rule, the rows that fail it
 
     @property
     def quarantined(self) -> int:
@@ -74,38 +79,86 @@ def batch_verdict(checked: int, quarantined: int, non_null: dict[str, int], prev
     return blocking, warnings
 
 
-def _row_checks(fields: Sequence[FieldMapping]) -> list[tuple[object, str, str]]:
-    """(expectation, check name, message template) for every row-level rule of the mapping."""
-    import great_expectations.expectations as gxe
+@dataclass(frozen=True)
+class Check:
+    """One row-level rule: a Great Expectations expectation, and the same rule as a boolean column."""
 
-    checks: list[tuple[object, str, str]] = [
-        (gxe.ExpectColumnValuesToNotBeNull(column="id"), "id_missing", "the customer has no id"),
-        (gxe.ExpectColumnValuesToBeUnique(column="id"), "id_duplicate", "duplicate customer id {value}"),
-        (gxe.ExpectColumnValuesToBeBetween(column="record_bytes", max_value=MAX_RECORD_BYTES), "record_too_large",
-         f"the record is {{value}} bytes; Ometria accepts at most {MAX_RECORD_BYTES}"),
+    kind: str  # not_null, null, unique, at_most, match, not_match, in_set, not_in_set
+    column: str  # of the check frame
+    name: str  # the check a quarantine reason names
+    message: str
+    arg: object = None  # the regex, value set or maximum
+
+    def failing(self, checked: pd.DataFrame) -> np.ndarray:
+        """Per row, whether it breaks the rule, computed as GX's pandas engine does (nulls pass but for the
+        null checks)."""
+        column = checked["id" if self.kind == "unique" else self.column]
+        if self.kind in ("not_null", "null"):
+            return column.isna().to_numpy() if self.kind == "not_null" else column.notna().to_numpy()
+        present = column.notna().to_numpy()
+        if self.kind == "unique":
+            found = column.duplicated(keep=False).to_numpy()
+        elif self.kind == "at_most":
+            found = ~(column <= self.arg).to_numpy()
+        elif self.kind in ("match", "not_match"):
+            found = column.astype(str).str.contains(self.arg).fillna(False).to_numpy(dtype=bool)
+            found = ~found if self.kind == "match" else found
+        else:
+            found = column.isin(self.arg).to_numpy()
+            found = ~found if self.kind == "in_set" else found
+        return present & found
+
+    def expectation(self, number: int):
+        import great_expectations.expectations as gxe
+
+        made = {"not_null": lambda: gxe.ExpectColumnValuesToNotBeNull(column=self.column),
+                "null": lambda: gxe.ExpectColumnValuesToBeNull(column=self.column),
+                "unique": lambda: gxe.ExpectColumnValuesToBeUnique(column=self.column),
+                "at_most": lambda: gxe.ExpectColumnValuesToBeBetween(column=self.column, max_value=self.arg),
+                "match": lambda: gxe.ExpectColumnValuesToMatchRegex(column=self.column, regex=self.arg),
+                "not_match": lambda: gxe.ExpectColumnValuesToNotMatchRegex(column=self.column, regex=self.arg),
+                "in_set": lambda: gxe.ExpectColumnValuesToBeInSet(column=self.column, value_set=self.arg),
+                "not_in_set": lambda: gxe.ExpectColumnValuesToNotBeInSet(column=self.column, value_set=self.arg),
+                }[self.kind]()
+        made.meta = {"check": self.name, "message": self.message, "rule": number}
+        return made
+
+
+UNIQUE_IN_CHUNK = "id:chunk"  # the id qualified by its chunk: GX checks ids unique per chunk, in blocks of chunks
+
+
+def row_checks(fields: Sequence[FieldMapping], duplicate_ids: Collection[str] = ()) -> list[Check]:
+    """Every row-level rule of the mapping, in the order reasons are reported."""
+    checks = [
+        Check("not_null", "id", "id_missing", "the customer has no id"),
+        Check("unique", UNIQUE_IN_CHUNK, "id_duplicate", "duplicate customer id {value}"),
+        Check("at_most", "record_bytes", "record_too_large",
+              f"the record is {{value}} bytes; Ometria accepts at most {MAX_RECORD_BYTES}", MAX_RECORD_BYTES),
     ]
     for f in fields:
         col, fmt = f.remote_field, FORMATS[f.format]
         bad = f"{col}: {f.loyalty_field} = {{value}} is not {fmt.description}"
         if fmt.pattern:
-            checks.append((gxe.ExpectColumnValuesToMatchRegex(column=col, regex=fmt.pattern), fmt.check, bad))
+            checks.append(Check("match", col, fmt.check, bad, fmt.pattern))
         elif fmt.values:
-            checks.append((gxe.ExpectColumnValuesToBeInSet(column=col, value_set=sorted(fmt.values())), fmt.check, bad))
+            checks.append(Check("in_set", col, fmt.check, bad, sorted(fmt.values())))
         elif fmt.types:
-            checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{col}:type", value_set=list(fmt.types)),
-                           fmt.check, bad))
+            checks.append(Check("in_set", f"{col}:type", fmt.check, bad, list(fmt.types)))
         if fmt.numeric:
-            checks.append((gxe.ExpectColumnValuesToBeInSet(column=f"{col}:range", value_set=["ok"]), "number_range",
-                           f"{col}: {f.loyalty_field} = {{value}} is out of range (Ometria takes finite numbers "
-                           f"up to ±{MAX_EXACT_NUMBER:,}; larger ones lose digits)"))
+            checks.append(Check("in_set", f"{col}:range", "number_range",
+                                f"{col}: {f.loyalty_field} = {{value}} is out of range (Ometria takes finite numbers "
+                                f"up to ±{MAX_EXACT_NUMBER:,}; larger ones lose digits)", ["ok"]))
     if any(FORMATS[f.format].text for f in fields):  # one check over all text fields, joined by tabs
-        checks.append((gxe.ExpectColumnValuesToNotMatchRegex(column=ALL_TEXT, regex=CONTROL_CHARACTERS),
-                       "control_characters", "{field}: {loyalty} contains control characters"))
-        checks.append((gxe.ExpectColumnValuesToBeNull(column=NOT_TEXT), "text_type", "{value}"))
+        checks.append(Check("not_match", ALL_TEXT, "control_characters",
+                            "{field}: {loyalty} contains control characters", CONTROL_CHARACTERS))
+        checks.append(Check("null", NOT_TEXT, "text_type", "{value}"))
     email = next((f for f in fields if f.remote_field == "email"), None)
     if email is not None:
-        checks.append((gxe.ExpectColumnValuesToNotBeNull(column="email"), "email_missing",
-                       f"email: {email.loyalty_field} is empty"))
+        checks.append(Check("not_null", "email", "email_missing", f"email: {email.loyalty_field} is empty"))
+    checks.append(Check("null", SOURCE, SOURCE, "{value}"))
+    if duplicate_ids:
+        checks.append(Check("not_in_set", "id", "id_duplicate", "duplicate customer id {value}",
+                            sorted(duplicate_ids)))
     return checks
 
 
@@ -120,7 +173,8 @@ def check_frame(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequ
         checked[_checked_column(f)] = column.to_numpy()
         if FORMATS[f.format].numeric:
             checked[f"{f.remote_field}:range"] = _in_range(values, types).to_numpy()
-    if source_problems is not None:
+    checked[SOURCE] = None
+    if source_problems is not None and source_problems.notna().any():
         present = source_problems.notna()
         checked[SOURCE] = source_problems.where(~present, source_problems[present].map(_joined)).to_numpy()
     text = [checked[f.remote_field].astype("str") for f in mapping.fields if FORMATS[f.format].text]
@@ -181,6 +235,62 @@ def _type_names(types: pd.Series) -> pd.Series:
     return types.map({t: None if t is type(None) else t.__name__ for t in types.unique()})
 
 
+def check_rows(
+    frame: pd.DataFrame,
+    mapping: ContactMapping,
+    record_bytes: Sequence[int],
+    duplicate_ids: Collection[str] = (),
+    source_problems: pd.Series | None = None,
+) -> GateResult:
+    """The verdict on one chunk of the payload frame from the rules as boolean columns, with what Great
+    Expectations must find in it (`checks`, `expected`) when a GxBlock validates it; see the module docstring.
+
+    `duplicate_ids` are IDs seen more than once in the whole run (possibly in other chunks);
+    `source_problems` the reasons, per row, why Antavo's record could not be used as it was.
+    """
+    checked = check_frame(frame, mapping, record_bytes, source_problems)
+    rules = row_checks(mapping.fields, duplicate_ids)
+    failing = [rule.failing(checked) for rule in rules]
+    failures: dict[int, list[dict]] = {}
+    values: dict[str, np.ndarray] = {}  # payload columns, taken out only for rows that fail
+
+    def value_of(column: str, row: int) -> object:
+        if column not in values:
+            values[column] = (checked if column == "record_bytes" else frame)[column].to_numpy(dtype=object)
+        return values[column][row]
+
+    for rule, rows in zip(rules, failing, strict=True):
+        field_name = rule.column.split(":")[0]
+        for row in np.flatnonzero(rows).tolist():
+            if rule.column == ALL_TEXT:  # which text fields hold the control characters
+                for f in mapping.fields:
+                    value = value_of(f.remote_field, row)
+                    if FORMATS[f.format].text and isinstance(value, str) and re.search(CONTROL_CHARACTERS, value):
+                        failures.setdefault(row, []).append({
+                            "check": rule.name, "field": f.remote_field, "value": value,
+                            "message": rule.message.format(field=f.remote_field, loyalty=f.loyalty_field)})
+                continue
+            if rule.column in (SOURCE, NOT_TEXT):  # the checked value is the message itself
+                failures.setdefault(row, []).append({"check": rule.name, "field": "", "value": None,
+                                                     "message": checked[rule.column].iat[row]})
+                continue
+            value = value_of(field_name, row)
+            failures.setdefault(row, []).append({
+                "check": rule.name, "field": field_name, "value": _jsonable(value),
+                "message": rule.message.format(value=_show(value)),
+            })
+    for row, fails in failures.items():
+        failures[row] = _causes(fails)
+    result = GateResult(valid=pd.Series(True, index=frame.index), failures=failures, checked=len(frame))
+    result.non_null = {f.remote_field: int(frame[f.remote_field].notna().sum()) for f in mapping.fields}
+    if failures:
+        result.valid.iloc[list(failures)] = False
+    needed = list(dict.fromkeys(["id", *(r.column for r in rules if r.column != UNIQUE_IN_CHUNK)]))
+    result.checks = checked[needed]
+    result.expected = [np.flatnonzero(rows) for rows in failing]
+    return result
+
+
 def run_gate(
     frame: pd.DataFrame,
     mapping: ContactMapping,
@@ -188,64 +298,66 @@ def run_gate(
     duplicate_ids: Collection[str] = (),
     source_problems: pd.Series | None = None,
 ) -> GateResult:
-    """Validate one chunk of the payload frame with Great Expectations; see the module docstring.
-
-    `duplicate_ids` are IDs seen more than once in the whole run (possibly in other chunks);
-    `source_problems` the reasons, per row, why Antavo's record could not be used as it was.
-    """
-    import great_expectations as gx
-    import great_expectations.expectations as gxe
-
-    if source_problems is not None and not source_problems.notna().any():
-        source_problems = None
-    checked = check_frame(frame, mapping, record_bytes, source_problems)
-    checks = _row_checks(mapping.fields)
-    if source_problems is not None:
-        checks.append((gxe.ExpectColumnValuesToBeNull(column=SOURCE), SOURCE, "{value}"))
-    if duplicate_ids:
-        checks.append((gxe.ExpectColumnValuesToNotBeInSet(column="id", value_set=sorted(duplicate_ids)),
-                       "id_duplicate", "duplicate customer id {value}"))
-    for check, name, message in checks:
-        check.meta = {"check": name, "message": message}
-    validation = _batch(checked).validate(gx.ExpectationSuite(name=f"ometria_contacts_{mapping.version}",
-                                                              expectations=[c for c, _, _ in checks]),
-                                          result_format={"result_format": "COMPLETE",
-                                                         "unexpected_index_column_names": ["row"],
-                                                         "return_unexpected_index_query": False})
-    failures: dict[int, list[dict]] = {}
-    result = GateResult(valid=pd.Series(True, index=frame.index), failures=failures, checked=len(frame))
-    for outcome in validation.results:
-        name, message = outcome.expectation_config.meta["check"], outcome.expectation_config.meta["message"]
-        if outcome.exception_info.get("raised_exception"):
-            raise QualityGateFailed(f"check {name} could not run: {outcome.exception_info.get('exception_message')}")
-        column = outcome.expectation_config.kwargs["column"]
-        field_name = column.split(":")[0]
-        for hit in [] if outcome.success else outcome.result.get("unexpected_index_list") or []:
-            row = int(hit["row"])
-            if column == ALL_TEXT:  # which text fields hold the control characters
-                for f in mapping.fields:
-                    value = frame.iloc[row][f.remote_field]
-                    if FORMATS[f.format].text and isinstance(value, str) and re.search(CONTROL_CHARACTERS, value):
-                        failures.setdefault(row, []).append({
-                            "check": name, "field": f.remote_field, "value": value,
-                            "message": message.format(field=f.remote_field, loyalty=f.loyalty_field)})
-                continue
-            if column in (SOURCE, NOT_TEXT):  # the checked value is the message itself
-                failures.setdefault(row, []).append({"check": name, "field": "", "value": None,
-                                                     "message": checked.at[row, column]})
-                continue
-            value = checked.at[row, field_name] if field_name == "record_bytes" else frame.iloc[row][field_name]
-            failures.setdefault(row, []).append({
-                "check": name, "field": field_name, "value": _jsonable(value),
-                "message": message.format(value=_show(value)),
-            })
-    for row, fails in failures.items():
-        failures[row] = _causes(fails)
-    result.non_null = {f.remote_field: int(frame[f.remote_field].notna().sum()) for f in mapping.fields}
-    if failures:
-        result.valid.iloc[list(failures)] = False
-    result.validation = validation.to_json_dict()
+    """Check one frame of contacts and validate it with Great Expectations at once (a few customers: an event
+    delivery, a trace); see check_rows."""
+    result = check_rows(frame, mapping, record_bytes, duplicate_ids, source_problems)
+    block = GxBlock(mapping, duplicate_ids)
+    block.add(result)
+    result.validation = block.validate()
     return result
+
+
+class GateDisagrees(QualityGateFailed):
+    """Great Expectations and the boolean columns found different failing rows: the run stops, sending nothing."""
+
+
+class GxBlock:
+    """Chunks' check frames, validated by the GX suite together (its fixed cost per call is paid once per block),
+    whose failing rows must be exactly the ones the boolean columns found."""
+
+    def __init__(self, mapping: ContactMapping, duplicate_ids: Collection[str] = ()) -> None:
+        self.mapping, self.rules = mapping, row_checks(mapping.fields, duplicate_ids)
+        self.frames: list[pd.DataFrame] = []
+        self.expected: list[list[np.ndarray]] = [[] for _ in self.rules]
+        self.rows = 0
+
+    def add(self, result: GateResult) -> None:
+        checked = result.checks.copy()
+        checked.insert(0, "row", np.arange(self.rows, self.rows + len(checked)))
+        checked[UNIQUE_IN_CHUNK] = f"{len(self.frames)}:" + checked["id"]
+        self.frames.append(checked)
+        for found, rows in zip(self.expected, result.expected, strict=True):
+            found.append(rows + self.rows)
+        self.rows += len(checked)
+
+    def validate(self) -> dict:
+        """GX's result (JSON) on the block; raises GateDisagrees when its failing rows differ from the columns'."""
+        import great_expectations as gx
+
+        checked = pd.concat(self.frames, ignore_index=True) if len(self.frames) > 1 else self.frames[0]
+        suite = gx.ExpectationSuite(name=f"ometria_contacts_{self.mapping.version}",
+                                    expectations=[rule.expectation(i) for i, rule in enumerate(self.rules)])
+        validation = _batch(checked).validate(suite, result_format={
+            "result_format": "COMPLETE", "unexpected_index_column_names": ["row"],
+            "return_unexpected_index_query": False, "exclude_unexpected_values": True})
+        outcomes = {outcome.expectation_config.meta["rule"]: outcome for outcome in validation.results}
+        if sorted(outcomes) != list(range(len(self.rules))):
+            raise GateDisagrees(f"Great Expectations returned {len(outcomes)} results for {len(self.rules)} checks")
+        for rule, expected, outcome in zip(self.rules, self.expected, (outcomes[i] for i in range(len(self.rules))),
+                                           strict=True):
+            if outcome.exception_info.get("raised_exception"):
+                raise QualityGateFailed(f"check {rule.name} could not run: "
+                                        f"{outcome.exception_info.get('exception_message')}")
+            found = [] if outcome.success else outcome.result.get("unexpected_index_list") or []
+            # the failing rows, as one list (values excluded: they are the quarantine's) or one per hit
+            rows = np.sort(np.asarray([int(r) for hit in found for r in np.atleast_1d(hit["row"])], dtype=np.int64))
+            wanted = np.concatenate(expected) if expected else np.zeros(0, dtype=np.int64)
+            if not np.array_equal(rows, wanted):
+                differ = sorted(set(rows.tolist()) ^ set(wanted.tolist()))[:5]
+                raise GateDisagrees(f"Great Expectations and the engine's checks disagree on {rule.name} "
+                                    f"({rule.column}) for rows {differ} of a block of {self.rows}: nothing was sent")
+        self.frames, self.expected, self.rows = [], [[] for _ in self.rules], 0
+        return validation.to_json_dict()
 
 
 def _causes(fails: list[dict]) -> list[dict]:
