@@ -76,8 +76,9 @@ def antavo_ometria_events():
             import logging
 
             from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
+            from antavo_ometria.sync.event_report import format_event_report
             from antavo_ometria.sync.event_rules import load_rules
-            from antavo_ometria.sync.events import deliver, format_summary
+            from antavo_ometria.sync.events import deliver
             from antavo_ometria.sync.mapping import load_contact_mapping
             from antavo_ometria.transport import ApiError
 
@@ -87,7 +88,7 @@ def antavo_ometria_events():
                 summary = deliver(rule, AntavoHook().get_conn(), OmetriaHook().get_conn(),
                                   StateStoreHook().get_conn(), mapping, get_current_context()["run_id"],
                                   late_policy=mapping.settings.late_event_policy)
-            logging.getLogger(__name__).info(format_summary(summary))
+            logging.getLogger(__name__).info("\n%s", format_event_report([summary]))
             return summary
 
         wait = AntavoEventSensor(task_id=f"wait_for_{name}", rule=name, action=action,
