@@ -38,3 +38,11 @@ def test_a_run_that_left_events_undelivered_says_so_with_the_cause():
 
 def test_a_run_that_delivered_no_rule_says_why_there_is_nothing():
     assert "no rule was delivered" in format_event_report([])
+
+
+def test_latency_is_shown_as_p50_p95_and_max_of_the_events():
+    from antavo_ometria.sync.event_report import latency
+
+    assert latency([]) == "—"
+    assert latency([float(n) for n in range(1, 21)]) == "10 s / 19 s / 20 s (20)"
+    assert latency([7.0]) == "7 s / 7 s / 7 s (1)"

@@ -6,6 +6,8 @@ log and by `make events`; the counts add up to the events matched, as the contac
 
 from __future__ import annotations
 
+import math
+
 from antavo_ometria.ometria.contract import LATE_AFTER, hours
 
 
@@ -63,3 +65,15 @@ def format_event_report(summaries: list[dict]) -> str:
     for summary in summaries:
         lines += _rule_lines(summary)
     return "\n".join(lines)
+
+
+def latency(seconds: list[float]) -> str:
+    """`p50 / p95 / max` of event → Ometria latencies, for the dashboard; an em dash when there are none."""
+    if not seconds:
+        return "—"
+    ordered = sorted(seconds)
+
+    def rank(share: float) -> float:  # nearest rank
+        return ordered[min(len(ordered) - 1, max(0, math.ceil(len(ordered) * share) - 1))]
+
+    return f"{rank(0.5):.0f} s / {rank(0.95):.0f} s / {ordered[-1]:.0f} s ({len(ordered)})"

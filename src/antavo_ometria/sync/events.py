@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -40,6 +41,9 @@ OVERLAP = timedelta(minutes=15)  # catching up from an old cursor re-reads this 
 LOOKBACK = LATE_AFTER
 HELD, REJECTED, EXPIRED = "event_held", "event_rejected", "event_expired"  # kinds of held-back events
 RETRIED_KINDS = (HELD, REJECTED)  # held again (or delivered) each time the event is re-read
+LEASE_TTL = timedelta(minutes=10)  # a delivery killed mid-way blocks the rule's others at most this long
+LEASE_WAIT = timedelta(minutes=2)  # how long a delivery waits for another one of its rule to finish
+LEASE_RENEW_EVERY = 100  # events pushed between renewals of the lease (about 25 s at Ometria's 4 requests/s)
 HELD_LISTED = 20  # held events a summary names; the state store keeps every one
 
 
@@ -97,7 +101,28 @@ def deliver(
     now: datetime | None = None,
 ) -> dict:
     """Push the rule's new events. Raises EventsNotDelivered, after recording what was delivered, when
-    some could not be pushed; the cursor never moves past an event that was neither delivered nor held."""
+    some could not be pushed; the cursor never moves past an event that was neither delivered nor held.
+
+    Holds the rule's lease in the state store meanwhile: a delivery of the same rule by another run (two runs
+    overlapping, `make events` next to the deployment) waits for it, then finds those events already pushed."""
+    take_lease(store, rule, run_id)
+    try:
+        return _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now)
+    finally:
+        store.release_lease(rule.name, run_id)
+
+
+def take_lease(store: StateStore, rule: Rule, holder: str, wait: float | None = None) -> None:
+    """Wait until no other delivery of the rule is under way; raise EventsNotDelivered (retried) after `wait`."""
+    deadline = time.monotonic() + (LEASE_WAIT.total_seconds() if wait is None else wait)
+    while not store.take_lease(rule.name, holder, LEASE_TTL):
+        if time.monotonic() >= deadline:
+            raise EventsNotDelivered(f"another delivery of rule {rule.name} ({store.lease_holder(rule.name)}) is "
+                                     f"still under way; this one tries again, and nothing was sent twice")
+        time.sleep(0.5)
+
+
+def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now) -> dict:
     now = now or datetime.now(UTC)
     until = until or now
     expired = expire_rejected(store, rule, now - LATE_AFTER, run_id)
@@ -229,7 +254,9 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
     would push the accepted events again, and whether a repeated id starts an automation again is not
     documented. Custom events are few (one per reward claim), so the extra requests are cheap."""
     out = Pushed()
-    for event, body in built:
+    for n, (event, body) in enumerate(built):
+        if n and n % LEASE_RENEW_EVERY == 0:  # a long catch-up keeps its lease
+            store.take_lease(rule.name, run_id, LEASE_TTL)
         (entry,) = push_isolating(ometria, [event_key(rule, event)], [body], record_type="custom_event",
                                   isolate=False)
         status = record_status(entry)
