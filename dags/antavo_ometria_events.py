@@ -7,24 +7,27 @@ description, …) fill the tags of the Ometria email. The rules are rows in
 `include/mappings/triggers.csv`: the Antavo action, the Ometria event type, and where each property
 comes from (`event.*`, `reward.*`, `customer.*`).
 
-**Per rule:** a deferrable sensor waits in the triggerer for new matching events (skipped when none
-arrive before the next run; failed when Antavo cannot be read), then `deliver_<rule>` pushes each new
-event once: the contact first if Ometria does not have it yet, then the custom event (`id` =
-`<rule>:<Antavo event ID>`, so two rules on one action each deliver). Events that cannot be pushed
-fail the task, and the next run sends them; an event Ometria rejects is held with the reason and
-retried by every run while it can still start an automation, then held as expired.
+**Continuous:** one run at a time, the next as soon as one ends. Per rule, a deferrable sensor waits in the
+triggerer (no worker slot) and asks Antavo for new matching events every `ANTAVO_OMETRIA_EVENT_POKE_SECONDS`
+(default 5); the first one found wakes `deliver_<rule>`, which pushes each new event once: the contact first if
+Ometria does not have it yet, then the custom event (`id` = `<rule>:<Antavo event ID>`, so two rules on one
+action each deliver). A claim reaches Ometria in about 11 s (p95 15 s, BENCHMARKS.md). The sensor fails when
+Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run sends them; an event
+Ometria rejects is held with the reason and retried by every run while it can still start an automation.
 
-**Timing:** runs every 15 minutes and re-reads Ometria's whole 4-hour window each time, so an event
-Antavo lists late is still sent (once: pushed ids are skipped); older events cannot start an
-automation and follow `events.late_event_policy` (send and warn, or skip). More than 1,000 events on
-one timestamp are staggered in 5-minute steps.
+**Catch-up:** every delivery re-reads Ometria's whole 4-hour window (or from the rule's cursor, when further
+back), so what the fast path missed (a triggerer restart, an outage, an event Antavo lists late) is sent by the
+next delivery; a quiet run ends after `ANTAVO_OMETRIA_EVENT_WAIT_SECONDS` (14 minutes) with such a delivery.
+Pushed ids are skipped, and a lease in the state store keeps two deliveries of one rule from pushing at once.
+Older events cannot start an automation and follow `events.late_event_policy` (send and warn, or skip); more
+than 1,000 events on one timestamp are staggered in 5-minute steps.
 """
 
 from __future__ import annotations
 
 import os
 
-from airflow.sdk import CronDataIntervalTimetable, dag, get_current_context, task
+from airflow.sdk import dag, get_current_context, task
 
 from antavo_ometria.airflow.dag_defaults import DAG_ARGS, PUSH_POOL
 from antavo_ometria.airflow.dag_defaults import EVENTS_DAG as DAG_ID
@@ -32,13 +35,15 @@ from antavo_ometria.airflow.sensors import AntavoEventSensor
 from antavo_ometria.sync.event_rules import rule_actions
 from antavo_ometria.sync.settings import mappings_dir
 
-POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS", 60))
-WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60))  # less than the schedule
+# how often the trigger asks Antavo for new events: a claim waits up to this long to be seen (BENCHMARKS.md)
+POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS", 5))
+# a quiet run ends after this wait; its delivery still re-reads the 4-hour window: the catch-up by cursor
+WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60))
 
 
 @dag(
     dag_id=DAG_ID,
-    schedule=CronDataIntervalTimetable("*/15 * * * *", timezone="UTC"),
+    schedule="@continuous",  # one run at a time, the next one as soon as it ends
     doc_md=__doc__,
     tags=["antavo", "ometria", "events"],
     **DAG_ARGS,
@@ -76,8 +81,9 @@ def antavo_ometria_events():
             import logging
 
             from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
+            from antavo_ometria.sync.event_report import format_event_report
             from antavo_ometria.sync.event_rules import load_rules
-            from antavo_ometria.sync.events import deliver, format_summary
+            from antavo_ometria.sync.events import deliver
             from antavo_ometria.sync.mapping import load_contact_mapping
             from antavo_ometria.transport import ApiError
 
@@ -87,7 +93,7 @@ def antavo_ometria_events():
                 summary = deliver(rule, AntavoHook().get_conn(), OmetriaHook().get_conn(),
                                   StateStoreHook().get_conn(), mapping, get_current_context()["run_id"],
                                   late_policy=mapping.settings.late_event_policy)
-            logging.getLogger(__name__).info(format_summary(summary))
+            logging.getLogger(__name__).info("\n%s", format_event_report([summary]))
             return summary
 
         wait = AntavoEventSensor(task_id=f"wait_for_{name}", rule=name, action=action,

@@ -127,10 +127,7 @@ class AirflowStack:
             self.run("db", "migrate", timeout=300)
             self.run("pools", "set", "ometria_push", "1", "Ometria push API: account-wide rate limit")
         for component in self.components:
-            log = (self.home / f"{component.split()[0]}.log").open("w")
-            command = [AIRFLOW, *component.split()] + (["--port", str(self.port)] if component == "api-server" else [])
-            self.processes.append(subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, start_new_session=True))
+            self.processes.append(self._launch(component, "w"))
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             self._check_alive()
@@ -152,6 +149,25 @@ class AirflowStack:
         answer = requests.post(f"{self.url}/auth/token", json={"username": username, "password": password}, timeout=30)
         answer.raise_for_status()
         return answer.json()["access_token"]
+
+    def _launch(self, component: str, mode: str) -> subprocess.Popen:
+        log = (self.home / f"{component.split()[0]}.log").open(mode)
+        command = [AIRFLOW, *component.split()] + (["--port", str(self.port)] if component == "api-server" else [])
+        return subprocess.Popen(command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+    def stop_component(self, name: str) -> None:
+        """Stop one component (its whole process group), as a crash or a redeploy would."""
+        process = self.processes[self.components.index(name)]
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait(timeout=10)
+
+    def start_component(self, name: str) -> None:
+        self.processes[self.components.index(name)] = self._launch(name, "a")
 
     def _check_alive(self) -> None:
         for component, process in zip(self.components, self.processes):

@@ -347,3 +347,64 @@ def test_an_event_antavo_lists_late_but_within_the_window_is_still_sent_once(
     again = deliver(rule, antavo_client, ometria_client, store, mapping, "run-3", now=now + timedelta(minutes=30))
     assert (again["already_pushed"], again["sent"]) == (1, 0)
     assert sandbox.ometria.received[("custom_event", oid(late))] == 1
+
+
+# -- overlapping deliveries ---------------------------------------------------------------------
+def test_two_deliveries_of_one_rule_at_once_push_each_claim_once(parts, sandbox, antavo_client, ometria_client):
+    """Two runs overlapping (a second run, `make events` next to the deployment) share the state store."""
+    import threading
+
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    claims = [sandbox.antavo.claim_reward(f"c000000{60 + i}", "rw-coffee", at=now - timedelta(seconds=30 - i))
+              for i in range(6)]
+    summaries, errors = [], []
+
+    def run(run_id: str) -> None:
+        try:
+            summaries.append(deliver(rule, antavo_client, ometria_client, StateStore(store.url), mapping, run_id))
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(f"run-{n}",)) for n in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert not errors
+    valid = [c for c in claims if oid(c) in sandbox.ometria.events]
+    assert [sandbox.ometria.received[("custom_event", oid(c))] for c in valid] == [1] * len(valid)
+    assert sum(s["sent"] for s in summaries) == len(valid) and sum(s["held"] for s in summaries) == len(claims) - len(valid)
+    assert sorted(s["already_pushed"] for s in summaries) == [0, len(claims)]  # the second found them all done
+
+
+def test_a_delivery_lease_is_kept_by_its_holder_and_freed_when_it_expires(parts):
+    _, store, _ = parts
+    assert store.take_lease("reward_claimed", "run-1", timedelta(minutes=10))
+    assert not store.take_lease("reward_claimed", "run-2", timedelta(minutes=10))
+    assert store.take_lease("reward_claimed", "run-1", timedelta(minutes=10))  # a retry of the same run
+    assert store.take_lease("other_rule", "run-2", timedelta(minutes=10))  # rules do not wait for each other
+    store.take_lease("reward_claimed", "run-1", timedelta(seconds=-1))  # run-1 was killed; its lease ran out
+    assert store.take_lease("reward_claimed", "run-2", timedelta(minutes=10))
+    store.release_lease("reward_claimed", "run-2")
+    assert store.lease_holder("reward_claimed") is None
+
+
+def test_the_dashboard_shows_the_last_hours_claim_to_ometria_latency_next_to_the_counts(
+        parts, sandbox, antavo_client, ometria_client):
+    import re
+
+    from antavo_ometria.airflow.dashboard import render
+
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    sandbox.antavo.claim_reward("c00000070", "rw-coffee", at=now - timedelta(seconds=40))
+    sandbox.antavo.claim_reward("c00000071", "rw-coffee", at=now - timedelta(seconds=20))
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    accepted = datetime.now(UTC)
+    page = render(store)
+    row = re.search(r"<tr><td>reward_claimed</td>.*?</tr>", page).group(0)
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert cells[2] == "2"  # delivered
+    p50, p95, most = (float(x) for x in re.fullmatch(r"(\d+) s / (\d+) s / (\d+) s \(2\)", cells[-1]).groups())
+    assert 19 <= p50 <= (accepted - now).total_seconds() + 21 and 39 <= p95 == most <= (accepted - now).total_seconds() + 41

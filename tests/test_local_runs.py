@@ -53,3 +53,29 @@ def test_the_second_run_is_incremental_and_picks_up_a_change_made_in_the_sandbox
         assert not (tmp_path / SANDBOX_STATE).exists() and not fresh.ometria.contacts  # new accounts, no history
     finally:
         fresh.stop()
+
+
+def test_make_events_ends_with_the_delivery_report_and_what_the_sandbox_holds(tmp_path):
+    """`make events` as the user reads it: one claim sent, one held with its reason, counts per rule."""
+    from datetime import UTC, datetime, timedelta
+
+    now = datetime.now(UTC)
+    with Sandbox(customers=200, state_file=tmp_path / "sandbox.json") as sandbox:  # the accounts the run finds
+        sent = sandbox.antavo.claim_reward("c00000001", "rw-coffee", at=now - timedelta(minutes=2))
+        held = sandbox.antavo.claim_reward("c00000007", "rw-coffee", at=now - timedelta(minutes=1))  # bad email
+        sandbox.antavo.add_event("c00000002", "point_add", {"points": 50}, at=now - timedelta(minutes=1))
+    shown = make_run(tmp_path, "--dag", "events")
+    report = shown[shown.index("Antavo → Ometria event triggers"):]
+    lines = [line.strip() for line in report.splitlines()]
+    assert lines[1].startswith("reward_claimed → loyalty_reward_claimed")
+    assert "matched             2" in lines and "unaccounted         0" in lines
+    assert "already sent        0   (by an earlier run: not sent again)" in lines
+    assert next(x for x in lines if x.startswith("sent ")).startswith("sent                1   (1 accepted, 0 rejected")
+    assert next(x for x in lines if x.startswith("held ")) == "held                1   (not sendable as they are: reasons below)"
+    assert f"reward_claimed:{held['id']}: customer c00000007: email: email = 'ana.7.example.com' is not an email " \
+           "address" in lines
+    assert "The Ometria sandbox now holds 1 contacts and 1 custom events (1 loyalty_reward_claimed)." in lines
+    assert "{'rule'" not in shown  # no raw dict in the output
+    assert "    matched             2" in (tmp_path / "last_run.log").read_text()  # the deliver task's log: the same
+    with Sandbox(customers=200, state_file=tmp_path / "sandbox.json") as after:
+        assert list(after.ometria.events) == [f"reward_claimed:{sent['id']}"]

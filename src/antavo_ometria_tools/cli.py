@@ -22,6 +22,7 @@ import re
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import replace
@@ -172,6 +173,24 @@ def _accounts(env: dict[str, str], args: argparse.Namespace):
     return sandbox
 
 
+def _print_reports(env: dict, home: Path, dag: str, dag_id: str, started: float) -> None:
+    """What the run did, as its own report says (the contact run's, or each event rule's), and what the sandbox holds."""
+    staged = env.get("ANTAVO_OMETRIA_STAGING_DIR") or str(home / "staging")
+    reports = [] if "://" in staged else sorted((Path(staged) / dag_id).glob("*/report.json"),
+                                                key=lambda p: p.stat().st_mtime)
+    if reports and reports[-1].stat().st_mtime >= started:
+        from antavo_ometria.sync.report import format_report
+
+        print("\n" + format_report(json.loads(reports[-1].read_text())))
+    if dag == "events":
+        from antavo_ometria.sync.event_report import format_event_report
+
+        print("\n" + format_event_report(event_summaries(env, dag_id, started)))
+    holds = sandbox_holdings(env)
+    if holds:
+        print("\n" + holds)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     env = airflow_env()
     home = Path(env["AIRFLOW_HOME"])
@@ -195,16 +214,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"Running {dag_id} with `airflow dags test`{waits} …", flush=True)
         conf = ["-c", args.conf] if args.conf else []
         code = _airflow(["dags", "test", *conf, dag_id], env, log_file)
-        staged = env.get("ANTAVO_OMETRIA_STAGING_DIR") or str(home / "staging")
-        reports = [] if "://" in staged else sorted((Path(staged) / dag_id).glob("*/report.json"),
-                                                    key=lambda p: p.stat().st_mtime)
-        if reports and reports[-1].stat().st_mtime >= started:
-            from antavo_ometria.sync.report import format_report
-
-            print("\n" + format_report(json.loads(reports[-1].read_text())))
-        if sandbox is not None:
-            print(f"\nThe Ometria sandbox now holds {len(sandbox.ometria.contacts)} contacts and "
-                  f"{len(sandbox.ometria.events)} custom events.")
+        _print_reports(env, home, args.dag, dag_id, started)
         if code:
             error = first_error(log_file.read_text(encoding="utf-8"))
             print(f"\nThe run FAILED: {error or 'see the log'}", file=sys.stderr)
@@ -213,6 +223,55 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if sandbox is not None:
             sandbox.stop()
+
+
+def sandbox_holdings(env: dict[str, str]) -> str | None:
+    """What the Ometria sandbox the run pushed to holds now (None for a real account), read over its HTTP API."""
+    from urllib.request import urlopen
+
+    from antavo_ometria_tools.sandbox import OMETRIA_KEY
+
+    try:
+        ometria = json.loads(env.get("AIRFLOW_CONN_OMETRIA_DEFAULT") or "{}")
+    except ValueError:
+        return None
+    if ometria.get("password") != OMETRIA_KEY:
+        return None
+    try:
+        with urlopen(f"{ometria['host']}/_sandbox/stats", timeout=5) as answer:
+            stats = json.load(answer)
+        with urlopen(f"{ometria['host']}/_sandbox/events", timeout=5) as answer:
+            types = Counter(e.get("event_type") for e in json.load(answer))
+    except (OSError, ValueError):
+        return None
+    by_type = f" ({', '.join(f'{n} {t}' for t, n in sorted(types.items()))})" if types else ""
+    return f"The Ometria sandbox now holds {stats['contacts']} contacts and {stats['events']} custom events{by_type}."
+
+
+def event_summaries(env: dict[str, str], dag_id: str, started: float) -> list[dict]:
+    """What each `deliver_<rule>` task of the newest run (started after `started`) returned, as the UI shows it;
+    read in a process of its own, because Airflow fixes its database when first imported."""
+    code = ("import json, sys; from antavo_ometria_tools.cli import read_event_summaries; "
+            "print(json.dumps(read_event_summaries(sys.argv[1], float(sys.argv[2]))))")
+    done = subprocess.run([sys.executable, "-c", code, dag_id, str(started)], env=env, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1]) if done.returncode == 0 else []
+
+
+def read_event_summaries(dag_id: str, started: float) -> list[dict]:
+    from datetime import UTC, datetime
+
+    import sqlalchemy as sa
+    from airflow.models.dagrun import DagRun
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        run = session.scalars(sa.select(DagRun).where(DagRun.dag_id == dag_id).order_by(DagRun.id.desc()).limit(1)).first()
+        if run is None or run.start_date is None or run.start_date < datetime.fromtimestamp(started, UTC):
+            return []
+        rows = session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=dag_id, key="return_value")).all()
+        return sorted((XComModel.deserialize_value(r) for r in rows if r.task_id.startswith("deliver_")),
+                      key=lambda summary: summary["rule"])
 
 
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"  # where SimpleAuthManager writes the login

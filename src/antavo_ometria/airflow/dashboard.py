@@ -10,12 +10,14 @@ from __future__ import annotations
 import asyncio
 import html
 from collections import defaultdict
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
+from antavo_ometria.sync.event_report import latency
 
 if TYPE_CHECKING:  # the plugin is loaded by every Airflow process: pandas and the clients load with the first page
     from antavo_ometria.sync.state import StateStore
@@ -134,9 +136,11 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
         f"<td>{_e(max(r['started_at'] for r in rs).strftime('%Y-%m-%d %H:%M'))}</td><td class=n>{len(rs)}</td>"
         f"<td>{_e(next((r['full_resync_reason'] for r in sorted(rs, key=lambda r: r['started_at']) if r['full_resync_reason']), ''))}</td></tr>"
         for v, rs in sorted(versions.items(), key=lambda item: max(r["started_at"] for r in item[1]), reverse=True))
+    latencies = store.event_latencies(datetime.now(UTC) - timedelta(hours=1))
     event_rows = "".join(
         f"<tr><td>{_e(rule)}</td><td>{_e(event_type)}</td><td class=n>{c.get('sent', 0)}</td>"
-        f"<td class=n>{late}</td><td class=n>{c.get('skipped_late', 0)}</td><td class=n>{c.get('rejected', 0)}</td></tr>"
+        f"<td class=n>{late}</td><td class=n>{c.get('skipped_late', 0)}</td><td class=n>{c.get('rejected', 0)}</td>"
+        f"<td class=n>{_e(latency(latencies.get(rule, [])))}</td></tr>"
         for (rule, event_type), (c, late) in store.event_summary().items())
     run_rows = "".join(
         f"<tr><td>{_e(r['started_at'].strftime('%Y-%m-%d %H:%M'))}</td><td class={'ok' if r['status'] == 'success' else 'bad'}>"
@@ -158,7 +162,8 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
 <h2>Mapping versions</h2><table><tr><th>version</th><th>first run</th><th>last run</th><th>runs</th><th>note</th></tr>
 {version_rows or '<tr><td colspan=5 class=muted>None.</td></tr>'}</table>
 <h2>Event triggers</h2><table><tr><th>rule</th><th>Ometria event type</th><th>delivered</th><th>delivered late</th>
-<th>skipped as late</th><th>rejected</th></tr>{event_rows or '<tr><td colspan=6 class=muted>None yet.</td></tr>'}</table>
+<th>skipped as late</th><th>rejected</th><th>event → Ometria, last hour: p50 / p95 / max (events)</th></tr>
+{event_rows or '<tr><td colspan=7 class=muted>None yet.</td></tr>'}</table>
 </body></html>"""
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 
@@ -24,6 +25,7 @@ from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.contract import LATE_AFTER, hours
 from antavo_ometria.ometria.payload import encode_record
 from antavo_ometria.ometria.push import batches, push_isolating, record_status
+from antavo_ometria.sync.event_report import format_event_report
 from antavo_ometria.sync.event_rules import Rule, custom_event, ometria_event_id, stagger, unsendable
 from antavo_ometria.sync.load import remember_sent
 from antavo_ometria.sync.mapping import ContactMapping
@@ -39,6 +41,10 @@ OVERLAP = timedelta(minutes=15)  # catching up from an old cursor re-reads this 
 LOOKBACK = LATE_AFTER
 HELD, REJECTED, EXPIRED = "event_held", "event_rejected", "event_expired"  # kinds of held-back events
 RETRIED_KINDS = (HELD, REJECTED)  # held again (or delivered) each time the event is re-read
+LEASE_TTL = timedelta(minutes=10)  # a delivery killed mid-way blocks the rule's others at most this long
+LEASE_WAIT = timedelta(minutes=2)  # how long a delivery waits for another one of its rule to finish
+LEASE_RENEW_EVERY = 100  # events pushed between renewals of the lease (about 25 s at Ometria's 4 requests/s)
+HELD_LISTED = 20  # held events a summary names; the state store keeps every one
 
 
 class EventsNotDelivered(Exception):
@@ -95,7 +101,28 @@ def deliver(
     now: datetime | None = None,
 ) -> dict:
     """Push the rule's new events. Raises EventsNotDelivered, after recording what was delivered, when
-    some could not be pushed; the cursor never moves past an event that was neither delivered nor held."""
+    some could not be pushed; the cursor never moves past an event that was neither delivered nor held.
+
+    Holds the rule's lease in the state store meanwhile: a delivery of the same rule by another run (two runs
+    overlapping, `make events` next to the deployment) waits for it, then finds those events already pushed."""
+    take_lease(store, rule, run_id)
+    try:
+        return _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now)
+    finally:
+        store.release_lease(rule.name, run_id)
+
+
+def take_lease(store: StateStore, rule: Rule, holder: str, wait: float | None = None) -> None:
+    """Wait until no other delivery of the rule is under way; raise EventsNotDelivered (retried) after `wait`."""
+    deadline = time.monotonic() + (LEASE_WAIT.total_seconds() if wait is None else wait)
+    while not store.take_lease(rule.name, holder, LEASE_TTL):
+        if time.monotonic() >= deadline:
+            raise EventsNotDelivered(f"another delivery of rule {rule.name} ({store.lease_holder(rule.name)}) is "
+                                     f"still under way; this one tries again, and nothing was sent twice")
+        time.sleep(0.5)
+
+
+def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now) -> dict:
     now = now or datetime.now(UTC)
     until = until or now
     expired = expire_rejected(store, rule, now - LATE_AFTER, run_id)
@@ -107,7 +134,7 @@ def deliver(
                "already_pushed": len(events) - len(fresh), "sent": 0, "accepted": 0, "rejected": 0,
                "retried": len(retried), "retried_accepted": 0, "expired": expired,
                "late": 0, "skipped_late": 0, "held": 0, "failed": 0, "failure": None, "contacts_pushed_first": 0,
-               "since": since.isoformat(), "until": until.isoformat()}
+               "held_reasons": [], "since": since.isoformat(), "until": until.isoformat()}
     undelivered: list[dict] = []
     if fresh:
         outcome, undelivered = _deliver_fresh(rule, fresh, antavo, ometria, store, mapping, run_id, late_policy, now)
@@ -117,10 +144,11 @@ def deliver(
     if moments:
         # past every event when all were delivered or held; otherwise just before the first undelivered one
         store.set_event_cursor(rule.name, min(moments) - timedelta(microseconds=1) if undelivered else max(moments))
-    log.info("rule %s: %s", rule.name, summary)
+    log.info("rule %s: %d matching, %d already sent, %d sent, %d held, %d not delivered", rule.name,
+             summary["matched"], summary["already_pushed"], summary["sent"], summary["held"], summary["failed"])
     if undelivered:
         raise EventsNotDelivered(f"{len(undelivered)} {rule.event_type} event(s) were not delivered "
-                                 f"({summary['failure']}); the next try sends them. {format_summary(summary)}")
+                                 f"({summary['failure']}); the next try sends them.\n{format_event_report([summary])}")
     return summary
 
 
@@ -189,7 +217,17 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
             "rejected": len(pushed.rejected), "late": late, "skipped_late": len(skipped),
             "held": len(held) + len(unsendable_), "failed": len(failed), "failure": pushed.failure or contacts["error"],
             "contacts_pushed_first": len(contacts["sent"]),
+            "held_reasons": _reasons(rule, held + unsendable_, pushed.rejected, late_cut),
             "accepted_keys": [event_key(rule, e) for e in pushed.accepted]}, failed
+
+
+def _reasons(rule: Rule, held: list[tuple[dict, str]], rejected: list[tuple[dict, str]], late_cut: datetime,
+             limit: int = HELD_LISTED) -> list[dict]:
+    """The first held and rejected events with why, for the report (all of them are in the state store)."""
+    rows = [{"id": event_key(rule, e) or "?", "kind": HELD, "reason": why} for e, why in held]
+    rows += [{"id": event_key(rule, e) or "?", "kind": REJECTED if event_time(e) >= late_cut else EXPIRED,
+              "reason": f"Ometria rejected it ({why})"} for e, why in rejected]
+    return rows[:limit]
 
 
 def _build(rule, events, customers, rewards, identities, language) -> tuple[list, list]:
@@ -216,7 +254,9 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
     would push the accepted events again, and whether a repeated id starts an automation again is not
     documented. Custom events are few (one per reward claim), so the extra requests are cheap."""
     out = Pushed()
-    for event, body in built:
+    for n, (event, body) in enumerate(built):
+        if n and n % LEASE_RENEW_EVERY == 0:  # a long catch-up keeps its lease
+            store.take_lease(rule.name, run_id, LEASE_TTL)
         (entry,) = push_isolating(ometria, [event_key(rule, event)], [body], record_type="custom_event",
                                   isolate=False)
         status = record_status(entry)
@@ -284,14 +324,3 @@ def _event_row(rule: Rule, event: dict, status: str, late_cut: datetime, request
     return {"event_id": event_key(rule, event), "rule": rule.name, "event_type": rule.event_type,
             "customer_id": event["customer_id"], "event_time": moment, "late": moment < late_cut,
             "status": status, "request_id": request_id, "run_id": run_id}
-
-
-def format_summary(summary: dict) -> str:
-    return (f"{summary['rule']} → {summary['event_type']}: {summary['matched']} matching event(s), "
-            f"{summary['already_pushed']} already pushed, {summary['sent']} sent ({summary['accepted']} accepted, "
-            f"{summary['rejected']} rejected: held, retried while in Ometria's window), retried "
-            f"{summary.get('retried', 0)} previously rejected ({summary.get('retried_accepted', 0)} accepted now), "
-            f"{summary.get('expired', 0)} expired, {summary['late']} late, {summary['skipped_late']} skipped as late, "
-            f"{summary['held']} held back, {summary['failed']} not delivered, "
-            f"{summary['contacts_pushed_first']} contact(s) pushed first")
-

@@ -466,6 +466,43 @@ class StateStore:
                     summary[(rule, event_type)] = (counts, late_sent + count)
         return summary
 
+    def take_lease(self, rule: str, holder: str, ttl: timedelta) -> bool:
+        """Take or renew the rule's delivery lease for `ttl`; False while another holder's has not expired."""
+        leases = self.table("sync_event_leases")
+        moment = now()
+        with self.engine.begin() as conn:
+            free = (leases.c.rule == rule) & ((leases.c.holder == holder) | (leases.c.expires_at < moment))
+            if conn.execute(leases.update().where(free).values(holder=holder, expires_at=moment + ttl)).rowcount:
+                return True
+        try:  # no lease yet: of two deliveries inserting at once, one wins
+            with self.engine.begin() as conn:
+                conn.execute(leases.insert().values(rule=rule, holder=holder, expires_at=moment + ttl))
+            return True
+        except sa.exc.IntegrityError:
+            return False
+
+    def release_lease(self, rule: str, holder: str) -> None:
+        leases = self.table("sync_event_leases")
+        with self.engine.begin() as conn:
+            conn.execute(leases.delete().where((leases.c.rule == rule) & (leases.c.holder == holder)))
+
+    def lease_holder(self, rule: str) -> str | None:
+        leases = self.table("sync_event_leases")
+        with self.engine.connect() as conn:
+            return conn.execute(sa.select(leases.c.holder).where(leases.c.rule == rule)).scalar()
+
+    def event_latencies(self, since: datetime) -> dict[str, list[float]]:
+        """Rule → seconds from each event to Ometria accepting it, for the events sent since `since` (late ones
+        left out: they waited for a catch-up, not for the fast path)."""
+        events = self.table("sync_events")
+        query = sa.select(events.c.rule, events.c.event_time, events.c.pushed_at).where(
+            (events.c.status == "sent") & (events.c.pushed_at >= since) & (events.c.late == sa.false()))
+        found: dict[str, list[float]] = {}
+        with self.engine.connect() as conn:
+            for rule, moment, pushed in conn.execute(query):
+                found.setdefault(rule, []).append((utc(pushed) - utc(moment)).total_seconds())
+        return found
+
     def event_cursor(self, rule: str) -> datetime | None:
         cursors = self.table("sync_event_cursors")
         with self.engine.connect() as conn:

@@ -6,6 +6,7 @@ customers change while a client pages the `updated_at` search (`POST /_sandbox/c
 
 from __future__ import annotations
 
+from collections import Counter
 from datetime import UTC, datetime
 from urllib.parse import unquote
 
@@ -43,6 +44,7 @@ class AntavoApp(App):
         self.listed_extras: dict[int, object] = {}  # position → a raw item the Read API lists there (a null, a repeat)
         self.requests = 0
         self.seen: list[tuple[str, str]] = []  # (method, path and query) of every API request, for tests to read
+        self.requests_by_path: Counter = Counter()  # e.g. how often the event feed is polled
         self.searches = 0  # `updated_at` searches started (first pages answered)
         self.search_changes: list[tuple[int, list[str]]] = []  # (search number, customers to change after its page)
 
@@ -135,6 +137,7 @@ class AntavoApp(App):
             return self._control(request)
         self.requests += 1
         self.seen.append((request.method, request.target))
+        self.requests_by_path[request.path] += 1
         try:
             self.escher.authenticate(
                 {"method": request.method, "url": request.target, "headers": request.headers,

@@ -128,6 +128,7 @@ class OmetriaApp(App):
         self.forced: dict[tuple[str, str], int] = {}  # listing → the push that last forced its marketing_optin
         self.events: dict[str, dict] = {}
         self.received = Counter()  # (type, id) → times accepted
+        self.accepted_at: dict[str, float] = {}  # custom event id → when it was first accepted (epoch seconds)
         # every accepted record in order: (type, id, digest of the record, whether the client ever read the answer)
         self.deliveries: list[tuple[str, str, str, bool]] = []
         self.errors: deque = deque(maxlen=100)
@@ -308,6 +309,7 @@ class OmetriaApp(App):
         self.received[(kind, record["id"])] += 1
         if kind == "custom_event":
             self.events[record["id"]] = record
+            self.accepted_at.setdefault(record["id"], time.time())
             return
         if kind != "contact":
             return
@@ -360,6 +362,7 @@ class OmetriaApp(App):
                                       "custom_fields": sorted(self.custom_fields)})
             if request.path == "/_sandbox/reset" and request.method == "POST":
                 self.contacts.clear(), self.events.clear(), self.received.clear(), self.errors.clear()
+                self.accepted_at.clear()
                 self.deliveries.clear()
                 self.pushes = self.throttled = 0
                 return Response(200, {"reset": True})
