@@ -75,25 +75,50 @@ SEARCH = ('<form action="trace" method="get"><input name="q" size="40" placehold
           ' <button>Trace a customer</button></form>')
 
 
-def render_trace(t: Trace) -> str:
-    """One customer's page: what the mapping makes of her, what Ometria got, and why (see trace.py)."""
-    field_rows = "".join(
+def _minute(when: datetime) -> str:
+    return when.strftime("%Y-%m-%d %H:%M")
+
+
+def _reasons(record: dict) -> str:
+    return "<br>".join(_e(r) for r in record["reasons"])
+
+
+def _or_none(rows: str, columns: int, text: str) -> str:
+    """The table's rows, or one muted row saying there are none."""
+    return rows or f"<tr><td colspan={columns} class=muted>{text}</td></tr>"
+
+
+def _field_rows(fields: list[dict]) -> str:
+    return "".join(
         f"<tr><td>{_e(f['remote_field'])}</td><td><code>{_e(f['loyalty_field'])}</code></td><td>{_e(f['antavo'])}</td>"
         f"<td>{_e(f['ometria'])}</td><td class={'ok' if f['verdict'] == 'ok' else 'bad'}>{_e(f['verdict'])}</td></tr>"
-        for f in t.fields)
-    sent = t.last_sent
-    sent_html = (f"<p>Last sent {_e(sent['synced_at'].strftime('%Y-%m-%d %H:%M:%S'))} UTC by run "
-                 f"<code>{_e(sent['run_id'])}</code>, mapping <code>{_e(sent['mapping_version'])}</code>, Ometria "
-                 f"request <code>{_e(sent['request_id'] or '—')}</code> ({_e(sent['status'])}).</p>"
-                 + ("<ul>" + "".join(f"<li>differs now: {_e(d)}</li>" for d in t.differs) + "</ul>" if t.differs else "")
-                 ) if sent else "<p>Never sent to Ometria.</p>"
-    history_rows = "".join(
-        f"<tr><td>{_e(h['created_at'].strftime('%Y-%m-%d %H:%M'))}</td><td>{_e(h['kind'])}</td><td>{_e(h['run_id'])}</td>"
-        f"<td>{'<br>'.join(_e(r) for r in h['reasons'])}</td>"
-        f"<td>{'released ' + _e(h['released_at'].strftime('%Y-%m-%d %H:%M')) if h['released_at'] else 'not released'}"
-        f"</td></tr>" for h in t.history)
-    event_rows = "".join(f"<tr><td>{_e(e['event_id'])}</td><td>{_e(e['rule'])}</td><td>{_e(e['when'])}</td>"
-                         f"<td>{_e(e['status'])}</td></tr>" for e in t.events)
+        for f in fields)
+
+
+def _last_sent(sent: dict | None, differs: list[str]) -> str:
+    if not sent:
+        return "<p>Never sent to Ometria.</p>"
+    differences = ("<ul>" + "".join(f"<li>differs now: {_e(d)}</li>" for d in differs) + "</ul>" if differs else "")
+    return (f"<p>Last sent {_e(sent['synced_at'].strftime('%Y-%m-%d %H:%M:%S'))} UTC by run "
+            f"<code>{_e(sent['run_id'])}</code>, mapping <code>{_e(sent['mapping_version'])}</code>, Ometria "
+            f"request <code>{_e(sent['request_id'] or '—')}</code> ({_e(sent['status'])}).</p>" + differences)
+
+
+def _history_rows(history: list[dict]) -> str:
+    return "".join(
+        f"<tr><td>{_e(_minute(h['created_at']))}</td><td>{_e(h['kind'])}</td><td>{_e(h['run_id'])}</td>"
+        f"<td>{_reasons(h)}</td>"
+        f"<td>{'released ' + _e(_minute(h['released_at'])) if h['released_at'] else 'not released'}"
+        f"</td></tr>" for h in history)
+
+
+def _customer_event_rows(events: list[dict]) -> str:
+    return "".join(f"<tr><td>{_e(e['event_id'])}</td><td>{_e(e['rule'])}</td><td>{_e(e['when'])}</td>"
+                   f"<td>{_e(e['status'])}</td></tr>" for e in events)
+
+
+def render_trace(t: Trace) -> str:
+    """One customer's page: what the mapping makes of her, what Ometria got, and why (see trace.py)."""
     verdict_class = "ok" if t.verdict.startswith("sent and current") else "bad"
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Trace {_e(t.query)}</title>
 <style>{STYLE}</style></head><body>
@@ -101,22 +126,18 @@ def render_trace(t: Trace) -> str:
 <p class="{verdict_class}"><b>{_e(t.verdict)}</b></p>
 <h2>What the mapping makes of her today</h2><p class="muted">From {_e(t.source)}.</p>
 <table><tr><th>Ometria field</th><th>loyalty field</th><th>Antavo value</th><th>Ometria value</th><th>check</th></tr>
-{field_rows or '<tr><td colspan=5 class=muted>No data.</td></tr>'}</table>
-<h2>What Ometria got</h2>{sent_html}
+{_or_none(_field_rows(t.fields), 5, 'No data.')}</table>
+<h2>What Ometria got</h2>{_last_sent(t.last_sent, t.differs)}
 <h2>Held back or rejected</h2><table><tr><th>when</th><th>kind</th><th>run</th><th>reasons</th><th>now</th></tr>
-{history_rows or '<tr><td colspan=5 class=muted>Never.</td></tr>'}</table>
+{_or_none(_history_rows(t.history), 5, 'Never.')}</table>
 <h2>Her events</h2><table><tr><th>event</th><th>rule</th><th>when</th><th>outcome</th></tr>
-{event_rows or '<tr><td colspan=4 class=muted>None.</td></tr>'}</table>
+{_or_none(_customer_event_rows(t.events), 4, 'None.')}</table>
 </body></html>"""
 
 
-def render(store: StateStore, runs_shown: int = 30) -> str:
-    runs = list(reversed(store.runs(CONTACTS_DAG, limit=runs_shown)))
-    finished = [r for r in runs if r["status"] in ("success", "dry_run")]
-    labels = [r["started_at"].strftime("%m-%d %H:%M") for r in finished]
-    chart = bar_chart(labels, {name: [int(r[name] or 0) for r in finished] for name, _ in SERIES})
+def _cards(store: StateStore, runs: list[dict]) -> str:
     last = runs[-1] if runs else None
-    cards = "".join(
+    return "".join(
         f'<div class="card"><span class="muted">{_e(title)}</span><b>{_e(value)}</b></div>' for title, value in (
             ("last run", f"{last['status']} · {last['mode']}" if last else "—"),
             ("contacts known to Ometria", store.contact_count()),
@@ -124,30 +145,60 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
             ("mapping version", last["mapping_version"] if last else "—"),
             ("runs recorded", len(runs)),
         ))
-    held = store.held_records(limit=25)
-    held_rows = "".join(
-        f"<tr><td>{_e(h['created_at'].strftime('%Y-%m-%d %H:%M'))}</td><td>{_e(h['kind'])}</td>"
-        f"<td>{_e(h['antavo_id'])}</td><td>{'<br>'.join(_e(r) for r in h['reasons'])}</td></tr>" for h in held)
-    versions: dict[str, list] = defaultdict(list)
-    for run in store.runs(CONTACTS_DAG, limit=500):
-        versions[run["mapping_version"]].append(run)
-    version_rows = "".join(
-        f"<tr><td><code>{_e(v)}</code></td><td>{_e(min(r['started_at'] for r in rs).strftime('%Y-%m-%d %H:%M'))}</td>"
-        f"<td>{_e(max(r['started_at'] for r in rs).strftime('%Y-%m-%d %H:%M'))}</td><td class=n>{len(rs)}</td>"
-        f"<td>{_e(next((r['full_resync_reason'] for r in sorted(rs, key=lambda r: r['started_at']) if r['full_resync_reason']), ''))}</td></tr>"
-        for v, rs in sorted(versions.items(), key=lambda item: max(r["started_at"] for r in item[1]), reverse=True))
-    latencies = store.event_latencies(datetime.now(UTC) - timedelta(hours=1))
-    event_rows = "".join(
-        f"<tr><td>{_e(rule)}</td><td>{_e(event_type)}</td><td class=n>{c.get('sent', 0)}</td>"
-        f"<td class=n>{late}</td><td class=n>{c.get('skipped_late', 0)}</td><td class=n>{c.get('rejected', 0)}</td>"
-        f"<td class=n>{_e(latency(latencies.get(rule, [])))}</td></tr>"
-        for (rule, event_type), (c, late) in store.event_summary().items())
-    run_rows = "".join(
-        f"<tr><td>{_e(r['started_at'].strftime('%Y-%m-%d %H:%M'))}</td><td class={'ok' if r['status'] == 'success' else 'bad'}>"
+
+
+def _run_rows(runs: list[dict]) -> str:
+    """The latest twelve runs, newest first."""
+    return "".join(
+        f"<tr><td>{_e(_minute(r['started_at']))}</td><td class={'ok' if r['status'] == 'success' else 'bad'}>"
         f"{_e(r['status'])}</td><td>{_e(r['mode'])}</td>"
         + "".join(f"<td class=n>{int(r[k] or 0)}</td>" for k in ("extracted", "changed", "sent", "accepted", "rejected",
                                                                 "quarantined", "failed"))
         + "</tr>" for r in reversed(runs[-12:]))
+
+
+def _held_rows(held: list[dict]) -> str:
+    return "".join(
+        f"<tr><td>{_e(_minute(h['created_at']))}</td><td>{_e(h['kind'])}</td>"
+        f"<td>{_e(h['antavo_id'])}</td><td>{_reasons(h)}</td></tr>" for h in held)
+
+
+def _version_row(version: str, runs: list[dict]) -> str:
+    first = min(r["started_at"] for r in runs)
+    last = max(r["started_at"] for r in runs)
+    note = next((r["full_resync_reason"] for r in sorted(runs, key=lambda r: r["started_at"])
+                 if r["full_resync_reason"]), "")
+    return (f"<tr><td><code>{_e(version)}</code></td><td>{_e(_minute(first))}</td>"
+            f"<td>{_e(_minute(last))}</td><td class=n>{len(runs)}</td><td>{_e(note)}</td></tr>")
+
+
+def _version_rows(runs: list[dict]) -> str:
+    """One row per mapping version, the most recently used first."""
+    versions: dict[str, list] = defaultdict(list)
+    for run in runs:
+        versions[run["mapping_version"]].append(run)
+    latest_first = sorted(versions.items(), key=lambda item: max(r["started_at"] for r in item[1]), reverse=True)
+    return "".join(_version_row(version, rs) for version, rs in latest_first)
+
+
+def _event_rows(summary: dict, latencies: dict[str, list[float]]) -> str:
+    return "".join(
+        f"<tr><td>{_e(rule)}</td><td>{_e(event_type)}</td><td class=n>{c.get('sent', 0)}</td>"
+        f"<td class=n>{late}</td><td class=n>{c.get('skipped_late', 0)}</td><td class=n>{c.get('rejected', 0)}</td>"
+        f"<td class=n>{_e(latency(latencies.get(rule, [])))}</td></tr>"
+        for (rule, event_type), (c, late) in summary.items())
+
+
+def render(store: StateStore, runs_shown: int = 30) -> str:
+    runs = list(reversed(store.runs(CONTACTS_DAG, limit=runs_shown)))
+    finished = [r for r in runs if r["status"] in ("success", "dry_run")]
+    labels = [r["started_at"].strftime("%m-%d %H:%M") for r in finished]
+    chart = bar_chart(labels, {name: [int(r[name] or 0) for r in finished] for name, _ in SERIES})
+    cards = _cards(store, runs)
+    held_rows = _held_rows(store.held_records(limit=25))
+    version_rows = _version_rows(store.runs(CONTACTS_DAG, limit=500))
+    latencies = store.event_latencies(datetime.now(UTC) - timedelta(hours=1))
+    event_rows = _event_rows(store.event_summary(), latencies)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Antavo → Ometria sync</title>
 <style>{STYLE}</style></head><body>
 <h1>Antavo → Ometria sync</h1><p class="muted">From the sync's state store. Contacts per run of
@@ -156,14 +207,14 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
 <div class="cards">{cards}</div>
 <h2>Contacts per run</h2>{chart}
 <h2>Recent runs</h2><table><tr><th>started</th><th>status</th><th>mode</th><th>extracted</th><th>changed</th>
-<th>sent</th><th>accepted</th><th>rejected</th><th>quarantined</th><th>failed</th></tr>{run_rows}</table>
+<th>sent</th><th>accepted</th><th>rejected</th><th>quarantined</th><th>failed</th></tr>{_run_rows(runs)}</table>
 <h2>Latest quarantined and rejected records</h2><table><tr><th>when</th><th>kind</th><th>Antavo ID</th><th>reasons</th></tr>
-{held_rows or '<tr><td colspan=4 class=muted>None.</td></tr>'}</table>
+{_or_none(held_rows, 4, 'None.')}</table>
 <h2>Mapping versions</h2><table><tr><th>version</th><th>first run</th><th>last run</th><th>runs</th><th>note</th></tr>
-{version_rows or '<tr><td colspan=5 class=muted>None.</td></tr>'}</table>
+{_or_none(version_rows, 5, 'None.')}</table>
 <h2>Event triggers</h2><table><tr><th>rule</th><th>Ometria event type</th><th>delivered</th><th>delivered late</th>
 <th>skipped as late</th><th>rejected</th><th>event → Ometria, last hour: p50 / p95 / max (events)</th></tr>
-{event_rows or '<tr><td colspan=7 class=muted>None yet.</td></tr>'}</table>
+{_or_none(event_rows, 7, 'None yet.')}</table>
 </body></html>"""
 
 
