@@ -147,27 +147,19 @@ class AntavoClient:
                             ) -> Iterator[list[dict]]:
         """Every customer (or those of them whose id is in `only`), a page at a time, oldest first (Loyalty
         Read API), until `next` is null. A customer already read on the page before is not repeated."""
-        query = f"limit={READ_API_PAGE_LIMIT}&{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
-        if status:
-            query += f"&{quote('filter[status][eq]')}={status}"
+        query = f"limit={READ_API_PAGE_LIMIT}&{_oldest_first(status)}"
 
         def page(offset: int) -> dict:
             return self.get(f"{self.read_api}/v1/customers?{query}&offset={offset}",
                             f"GET /v1/customers offset={offset}", check=_check_customer_page)
 
         previous: set = set()
-        listed_before: set = set()  # every id on the page before, kept or not
+        tail: set = set()  # every id the page before ended on, kept or not
         for body in self._overlapping_pages(page, READ_API_PAGE_LIMIT, lambda body: len(body["payload"]["customers"]),
                                             _next_page):
             listed = body["payload"]["customers"]
-            ids = [str(c.get("_id")) for c in listed if isinstance(c, dict)]
-            if moved_past_overlap(listed_before, ids):
-                raise ListShifted(f"GET /v1/customers: the list moved by more than {PAGE_OVERLAP} customers between "
-                                  "two pages (customers left it while it was read); it is read again")
-            listed_before = overlap_tail(ids) if len(listed) > PAGE_OVERLAP else set()
-            if only is not None:
-                listed = [c for c in listed if isinstance(c, dict) and str(c.get("_id")) in only]
-            customers = [normalise_customer(c) for c in listed]
+            tail = _customer_page_tail(tail, listed)
+            customers = [normalise_customer(c) for c in _only(listed, only)]
             chunk = [c for c in customers if c["id"] is None or c["id"] not in previous]
             if chunk:
                 yield chunk
@@ -177,9 +169,7 @@ class AntavoClient:
         """Up to `count` customers (at most a page of 1,000), oldest first, in one signed Read API request:
         real customers for a preview, without paging through the programme."""
         limit = max(1, min(count, READ_API_PAGE_LIMIT))
-        query = f"limit={limit}&offset=0&{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
-        if status:
-            query += f"&{quote('filter[status][eq]')}={status}"
+        query = f"limit={limit}&offset=0&{_oldest_first(status)}"
         body = self.get(f"{self.read_api}/v1/customers?{query}", "GET /v1/customers (sample)", check=_check_customer_page)
         return [normalise_customer(c) for c in body["payload"]["customers"][:limit] if isinstance(c, dict)]
 
@@ -342,6 +332,28 @@ def _check_body(response: requests.Response) -> Any:
             retryable=error.get("resendable", True) is not False,
         )
     return body
+
+
+def _oldest_first(status: str) -> str:
+    """The Read API query that lists customers by creation, of one status (any when empty)."""
+    query = f"{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
+    return query + f"&{quote('filter[status][eq]')}={status}" if status else query
+
+
+def _customer_page_tail(tail: set[str], listed: list) -> set[str]:
+    """The ids this Read API page ends on; ListShifted when it moved past the `tail` of the page before."""
+    ids = [str(c.get("_id")) for c in listed if isinstance(c, dict)]
+    if moved_past_overlap(tail, ids):
+        raise ListShifted(f"GET /v1/customers: the list moved by more than {PAGE_OVERLAP} customers between "
+                          "two pages (customers left it while it was read); it is read again")
+    return overlap_tail(ids)
+
+
+def _only(listed: list, ids: Collection[str] | None) -> list:
+    """The customers on a page whose id is among `ids` (all of them when there are no `ids`)."""
+    if ids is None:
+        return listed
+    return [c for c in listed if isinstance(c, dict) and str(c.get("_id")) in ids]
 
 
 def _next_page(body: dict) -> str | None:

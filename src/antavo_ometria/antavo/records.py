@@ -53,12 +53,27 @@ def normalise_customer(raw: dict) -> dict:
     customer, problems = _usable(raw, "customer")
     if problems:
         customer[HELD] = customer.get(HELD, []) + problems
+    _read_api_names(customer)
+    _iso_timestamps(customer)
+    for name in ("status", "gender"):
+        if isinstance(customer.get(name), str):
+            customer[name] = customer[name].lower()
+    _expiring_points_in_extensions(customer)
+    _keyed_tiers_and_accounts(customer)
+    return customer
+
+
+def _read_api_names(customer: dict) -> None:
+    """`_id` → `id` (as text) and `nickname` → `handler`."""
     if "_id" in customer:
         customer["id"] = customer.pop("_id")
     if "id" in customer and customer["id"] is not None:
         customer["id"] = str(customer["id"])
     if "nickname" in customer and "handler" not in customer:
         customer["handler"] = customer.pop("nickname")
+
+
+def _iso_timestamps(customer: dict) -> None:
     for name in _UNIX_FIELDS:
         value = customer.get(name)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -66,13 +81,18 @@ def normalise_customer(raw: dict) -> dict:
                 customer[name] = datetime.fromtimestamp(value, UTC).isoformat()
             except (OverflowError, OSError, ValueError):
                 pass  # not a plausible time: left as it is, for the quality gate to hold back
-    for name in ("status", "gender"):
-        if isinstance(customer.get(name), str):
-            customer[name] = customer[name].lower()
-    if isinstance(customer.get("expiring_points"), dict):  # classic `fields=expiring_points`: the Read API's place
+
+
+def _expiring_points_in_extensions(customer: dict) -> None:
+    """Classic `fields=expiring_points` moves to the Read API's place for it."""
+    if isinstance(customer.get("expiring_points"), dict):
         extensions = customer.setdefault("extensions", {})
         if isinstance(extensions, dict):
             extensions.setdefault("expiring_points", customer.pop("expiring_points"))
+
+
+def _keyed_tiers_and_accounts(customer: dict) -> None:
+    """The classic arrays of tiers and accounts, keyed by tier structure and account ID as the Read API keys them."""
     tiers = customer.get("tiers")
     if isinstance(tiers, list):
         customer["tiers"] = {
@@ -87,7 +107,6 @@ def normalise_customer(raw: dict) -> dict:
         customer["accounts"] = {
             a.get("id"): {k: v for k, v in a.items() if k != "id"} for a in accounts if isinstance(a, dict)
         }
-    return customer
 
 
 def _structure_id(tier: dict) -> Any:

@@ -64,30 +64,48 @@ def choose_reads(changed: int, population: int | None) -> tuple[str, str]:
 
 
 def _customer_pages(client: AntavoClient, plan: Plan, status: str, paths: list[str], reads: dict):
+    """The customers to stage, a page at a time; `reads` gets how they were read (and, last, who left)."""
     if plan.mode == "full":
         reads.update(reads="scan", reads_reason="full load: every customer, a Read API page at a time")
         yield from client.iter_customer_pages(status)
         return
+    ids = _changed_ids(client, plan, reads)
+    way, why = choose_reads(len(ids), plan.previous_full_count)
+    reads.update(reads=way, reads_reason=why)
+    log.info("%d customers changed since %s; reading them by %s", len(ids), plan.since, why)
+    if way == "scan":  # the changed ones out of every page; any the scan does not list are read one by one
+        ids = yield from _scanned(client, status, ids, reads)
+    yield from _profiles(client, ids, status, paths, reads)
+
+
+def _changed_ids(client: AntavoClient, plan: Plan, reads: dict) -> list[str]:
+    """The customers changed in the plan's window, and the owed contacts due a retry."""
     change_list = client.read_change_list(datetime.fromisoformat(plan.since), datetime.fromisoformat(plan.until))
-    ids = list(dict.fromkeys([*change_list.ids, *plan.retry_ids]))  # and the owed contacts due a retry
+    ids = list(dict.fromkeys([*change_list.ids, *plan.retry_ids]))
     if plan.retry_ids:
         log.info("%d owed contacts (rejected or not delivered before) are read again to be retried",
                  len(plan.retry_ids))
     if change_list.suspect_missed:
         reads.update(suspect_missed=True, suspect_reason=change_list.reason)
-    way, why = choose_reads(len(ids), plan.previous_full_count)
-    reads.update(reads=way, reads_reason=why)
-    log.info("%d customers changed since %s; reading them by %s", len(ids), plan.since, why)
-    if way == "scan":  # the changed ones out of every page; any the scan does not list are read one by one
-        wanted, seen = set(ids), set()
-        for page in client.iter_customer_pages(status, only=wanted):
-            seen.update(c["id"] for c in page)
-            yield page
-        ids = [i for i in ids if i not in seen]
-        if ids:
-            log.info("%d changed customers were not in the scan (%s status filter): read one by one",
-                     len(ids), status or "no")
-            reads["reads_reason"] += f"; {len(ids):,} the scan did not list ({status or 'any'} status), read one by one"
+    return ids
+
+
+def _scanned(client: AntavoClient, status: str, ids: list[str], reads: dict):
+    """The pages of a Read API scan, kept to the customers in `ids`; returns the ids the scan did not list."""
+    seen: set = set()
+    for page in client.iter_customer_pages(status, only=set(ids)):
+        seen.update(c["id"] for c in page)
+        yield page
+    missing = [i for i in ids if i not in seen]
+    if missing:
+        log.info("%d changed customers were not in the scan (%s status filter): read one by one",
+                 len(missing), status or "no")
+        reads["reads_reason"] += f"; {len(missing):,} the scan did not list ({status or 'any'} status), read one by one"
+    return missing
+
+
+def _profiles(client: AntavoClient, ids: list[str], status: str, paths: list[str], reads: dict):
+    """The customers' profiles, a chunk at a time, without those who left; `reads["inactive"]` gets the leavers."""
     inactive: list[str] = []
     for start in range(0, len(ids), PROFILE_CHUNK):
         profiles = client.get_customers(ids[start: start + PROFILE_CHUNK], paths)
