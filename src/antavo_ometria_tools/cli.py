@@ -76,11 +76,20 @@ def first_error(log: str) -> str | None:
     line of a message that has several (a ConfigError lists each problem on a line of its own)."""
     lines = log.splitlines()
     start = next((n for n, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")), None)
-    if start is None:
+    found = _last_exception(lines[start + 1:]) if start is not None else []
+    if not found:
         return None
+    name, _, message = found[0].partition(": ")
+    first = message if message and re.fullmatch(r"[\w.]+", name) else found[0]
+    return "\n".join([first, *found[1:]])
+
+
+def _last_exception(traceback: list[str]) -> list[str]:
+    """The last exception line of a traceback's lines (chained tracebacks included), then the lines its message
+    goes on with; it ends at the next log record or another failure."""
     found: list[str] = []
     chained = continued = False
-    for line in lines[start + 1:]:
+    for line in traceback:
         if LOG_LINE.match(line) or (line.startswith("Traceback") and not chained):
             break  # the next log record, or another failure
         if continued and line.strip() and line[0].isspace():
@@ -90,11 +99,7 @@ def first_error(log: str) -> str | None:
         chained = line.startswith(CHAINING[1:]) or (chained and not line.startswith("Traceback"))
         if line and not line[0].isspace() and not line.startswith(CHAINING):
             found, continued = [line.rstrip()], True
-    if not found:
-        return None
-    name, _, message = found[0].partition(": ")
-    first = message if message and re.fullmatch(r"[\w.]+", name) else found[0]
-    return "\n".join([first, *found[1:]])
+    return found
 
 
 def _connection_problems(env: dict[str, str], conn_ids: tuple[str, ...] = CONNECTIONS) -> list[str]:
@@ -191,16 +196,25 @@ def _print_reports(env: dict, home: Path, dag: str, dag_id: str, started: float)
         print("\n" + holds)
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    env = airflow_env()
+def _fresh_log(env: dict[str, str], name: str) -> Path | None:
+    """An empty log file in Airflow's home, or None (with the problems said) when a connection is not usable."""
     home = Path(env["AIRFLOW_HOME"])
     home.mkdir(parents=True, exist_ok=True)
     problems = _connection_problems(env)
     if problems:
         print("\n".join(f"✗ {p}" for p in problems), file=sys.stderr)
-        return 2
-    log_file = home / "last_run.log"
+        return None
+    log_file = home / name
     log_file.write_text("")
+    return log_file
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    env = airflow_env()
+    log_file = _fresh_log(env, "last_run.log")
+    if log_file is None:
+        return 2
+    home = log_file.parent
     dag_id = DAGS[args.dag]
     sandbox = _accounts(env, args)
     try:
@@ -337,14 +351,9 @@ def cmd_ui(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, _interrupt)
     env = airflow_env()
-    home = Path(env["AIRFLOW_HOME"])
-    home.mkdir(parents=True, exist_ok=True)
-    problems = _connection_problems(env)
-    if problems:
-        print("\n".join(f"✗ {p}" for p in problems), file=sys.stderr)
+    log_file = _fresh_log(env, "ui.log")
+    if log_file is None:
         return 2
-    log_file = home / "ui.log"
-    log_file.write_text("")
     sandbox = _accounts(env, args)
     command, env = ui_command(env)
     url, passwords = ui_login(env)
