@@ -39,13 +39,12 @@ def customer_id(index: int) -> str:
 
 
 def make_customer(index: int, seed: int = 7) -> dict:
+    # every draw from `rng` happens in the same order as ever: customer `i` of a seed never changes
     rng = random.Random(seed * 1_000_003 + index)
     first, last = rng.choice(FIRST), rng.choice(LAST)
     created = EPOCH + timedelta(minutes=index * 7)
     updated = created + timedelta(days=rng.randint(0, 30), seconds=rng.randint(0, 86399))
     tier_no = rng.randrange(len(TIERS))
-    tier_id, tier_name = TIERS[tier_no]
-    next_tier = TIERS[tier_no + 1] if tier_no + 1 < len(TIERS) else None
     score = rng.randint(0, 20000)
     spent = rng.randint(0, score)
     customer = {
@@ -56,22 +55,10 @@ def make_customer(index: int, seed: int = 7) -> dict:
         "last_name": last,
         "handler": first,
         "status": "active",
-        "gender": rng.choice(["male", "female", "female", "male", None]),
-        "language": rng.choice(["en", "de", "fr"]),
-        "currency": "GBP",
-        "country": rng.choice(COUNTRIES),
-        "birth_date": f"{rng.randint(1950, 2005)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
-        "mobile_phone": f"+44 7700 {rng.randint(100000, 999999)}",
+        **_person(rng),
         "membership_id": [f"MA{index:07d}"],
-        "score": score,
-        "spent": spent,
-        "reserved": 0,
-        "expired": rng.randint(0, 100),
-        "pending": rng.randint(0, 50),
-        "purchase_total": round(rng.uniform(0, 5000), 2),
-        "purchase_count": rng.randint(0, 40),
-        "purchase_first_date": (created + timedelta(days=1)).strftime("%Y-%m-%d"),
-        "purchase_last_date": (updated - timedelta(days=1)).strftime("%Y-%m-%d"),
+        **_points(rng, score, spent),
+        **_purchases(rng, created, updated),
         "created_at": created.isoformat(),
         "updated_at": updated.isoformat(),
         "optin_at": created.isoformat(),
@@ -81,19 +68,7 @@ def make_customer(index: int, seed: int = 7) -> dict:
             "favourite_store": rng.choice(STORES),
             "newsletter": rng.choice([True, False]),
         },
-        "tiers": {
-            "basic_structure": {
-                "_id": tier_id,
-                "name": tier_name,
-                "since": (created + timedelta(days=2)).isoformat(),
-                "threshold": tier_no * 1000,
-                "points": score - spent,
-                "expdate": "2027-06-30",
-                "manual": False,
-                "next": {"id": next_tier[0], "name": next_tier[1]["en"], "points": rng.randint(1, 999)}
-                if next_tier else {},
-            }
-        },
+        "tiers": {"basic_structure": _tier(rng, tier_no, created, score, spent)},
         "accounts": {
             "prestige_balance": {
                 "name": "Prestige balance", "type": "standard", "earned": score, "reserved": 0,
@@ -103,18 +78,64 @@ def make_customer(index: int, seed: int = 7) -> dict:
         "extensions": {"expiring_points": {"total": rng.randint(0, 500)}},
         "rewards": {},
     }
-    for defect in defects_of(index):
-        if defect == "bad_email":
-            customer["email"] = f"{first.lower()}.{index}.example.com"
-        elif defect == "missing_email":
-            customer.pop("email")
-        elif defect == "bad_birth_date":
-            customer["birth_date"] = "31/12/1990"
-        elif defect == "bad_phone":
-            customer["mobile_phone"] = "07700 900"
-        elif defect == "bad_country":
-            customer["country"] = "UK"
+    _break(customer, defects_of(index), first, index)
     return customer
+
+
+def _person(rng: random.Random) -> dict:
+    return {
+        "gender": rng.choice(["male", "female", "female", "male", None]),
+        "language": rng.choice(["en", "de", "fr"]),
+        "currency": "GBP",
+        "country": rng.choice(COUNTRIES),
+        "birth_date": f"{rng.randint(1950, 2005)}-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+        "mobile_phone": f"+44 7700 {rng.randint(100000, 999999)}",
+    }
+
+
+def _points(rng: random.Random, score: int, spent: int) -> dict:
+    return {"score": score, "spent": spent, "reserved": 0, "expired": rng.randint(0, 100), "pending": rng.randint(0, 50)}
+
+
+def _purchases(rng: random.Random, created: datetime, updated: datetime) -> dict:
+    return {
+        "purchase_total": round(rng.uniform(0, 5000), 2),
+        "purchase_count": rng.randint(0, 40),
+        "purchase_first_date": (created + timedelta(days=1)).strftime("%Y-%m-%d"),
+        "purchase_last_date": (updated - timedelta(days=1)).strftime("%Y-%m-%d"),
+    }
+
+
+def _tier(rng: random.Random, tier_no: int, created: datetime, score: int, spent: int) -> dict:
+    tier_id, tier_name = TIERS[tier_no]
+    next_tier = TIERS[tier_no + 1] if tier_no + 1 < len(TIERS) else None
+    return {
+        "_id": tier_id,
+        "name": tier_name,
+        "since": (created + timedelta(days=2)).isoformat(),
+        "threshold": tier_no * 1000,
+        "points": score - spent,
+        "expdate": "2027-06-30",
+        "manual": False,
+        "next": {"id": next_tier[0], "name": next_tier[1]["en"], "points": rng.randint(1, 999)} if next_tier else {},
+    }
+
+
+def _break(customer: dict, defects: list[str], first: str, index: int) -> None:
+    """The customer with her DEFECTS: a field set to a bad value, or (None) left out."""
+    bad_values = {
+        "bad_email": ("email", f"{first.lower()}.{index}.example.com"),
+        "missing_email": ("email", None),
+        "bad_birth_date": ("birth_date", "31/12/1990"),
+        "bad_phone": ("mobile_phone", "07700 900"),
+        "bad_country": ("country", "UK"),
+    }
+    for defect in defects:
+        name, value = bad_values[defect]
+        if value is None:
+            customer.pop(name)
+        else:
+            customer[name] = value
 
 
 def make_population(size: int, seed: int = 7) -> list[dict]:
