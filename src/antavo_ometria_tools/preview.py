@@ -142,39 +142,70 @@ def render_diff(customers: list[dict], before: ContactMapping, after: ContactMap
     rows = row_changes(before, after)
     lines = [f"mapping {before.version} → {after.version} "
              f"({before.settings.payload_mode} → {after.settings.payload_mode} mode)"]
-    old_settings, new_settings = asdict(before.settings), asdict(after.settings)
-    lines += [f"  ~ settings {name}: {_show(old_settings[name], 40, True)} → {_show(new_settings[name], 40, True)}"
-              for name in PAYLOAD_SETTINGS if old_settings[name] != new_settings[name]]
+    lines += _settings_lines(before, after)
     for change in rows:
         lines += _row_lines(change, before, after, ids, (old, old_held), (new, new_held), examples)
-    dropped = [c.remote_field for c in rows if c.kind == "-"]
-    if dropped:
-        lines.append(f"  Removing a row stops sending {', '.join(dropped)}, but does not clear what Ometria already "
-                     "holds (a push merges). To clear it, keep the row with overwrite_empty = yes and map a field that "
-                     "is empty, or clear the field in Ometria.")
+    lines += _dropped_lines(rows)
     shown = {_target(m, f) for c in rows for m, f in ((before, c.before), (after, c.after)) if f is not None}
-    changes: Counter = Counter()
-    samples: dict[tuple[str, str], list[str]] = {}
-    changed_records = 0
-    for cid in sorted(set(old) | set(new)):
-        a, b = _flat(old.get(cid, {})), _flat(new.get(cid, {}))
-        differs = [key for key in sorted(set(a) | set(b)) if key not in a or key not in b or a[key] != b[key]
-                   or type(a[key]) is not type(b[key])]
-        for key in differs:
-            kind = "added" if key not in a else "removed" if key not in b else "changed"
-            changes[(key, kind)] += 1
-            found = samples.setdefault((key, kind), [])
-            if key not in shown and len(found) < examples:
-                found.append(f"{cid}: {_sent(cid, old, {}, key)} → {_sent(cid, new, {}, key)}")
-        changed_records += bool(differs)
-    lines.append(f"On {len(customers)} sample customers: {changed_records} records change; "
+    changes = _field_changes(old, new, shown, examples)
+    lines.append(f"On {len(customers)} sample customers: {changes.records} records change; "
                  f"held back {len(old_held)} → {len(new_held)}.")
-    for (key, kind), count in sorted(changes.items()):
+    for (key, kind), count in sorted(changes.counts.items()):
         lines.append(f"  {kind:8} {key:40} in {count} records")
-        lines += [f"      {example}" for example in samples[(key, kind)]]
+        lines += [f"      {example}" for example in changes.samples[(key, kind)]]
     if before.version != after.version:
         lines.append("The mapping version changes: the next run re-sends every contact.")
     return "\n".join(lines)
+
+
+def _settings_lines(before: ContactMapping, after: ContactMapping) -> list[str]:
+    """The settings that shape payloads and differ."""
+    old, new = asdict(before.settings), asdict(after.settings)
+    return [f"  ~ settings {name}: {_show(old[name], 40, True)} → {_show(new[name], 40, True)}"
+            for name in PAYLOAD_SETTINGS if old[name] != new[name]]
+
+
+def _dropped_lines(rows: list[RowChange]) -> list[str]:
+    dropped = [c.remote_field for c in rows if c.kind == "-"]
+    if not dropped:
+        return []
+    return [f"  Removing a row stops sending {', '.join(dropped)}, but does not clear what Ometria already "
+            "holds (a push merges). To clear it, keep the row with overwrite_empty = yes and map a field that "
+            "is empty, or clear the field in Ometria."]
+
+
+@dataclass
+class FieldChanges:
+    """Record fields that change between two mappings' records: how often, with examples, and in how many records."""
+
+    counts: Counter  # (field, "added"/"removed"/"changed") → records
+    samples: dict[tuple[str, str], list[str]]
+    records: int
+
+
+def _change_kind(key: str, old: dict, new: dict) -> str | None:
+    """How a flattened record field changes ("added", "removed", "changed"); None when it does not."""
+    if key not in old:
+        return "added"
+    if key not in new:
+        return "removed"
+    return "changed" if old[key] != new[key] or type(old[key]) is not type(new[key]) else None
+
+
+def _field_changes(old: dict[str, dict], new: dict[str, dict], shown: set[str], examples: int) -> FieldChanges:
+    """Every record field that changes, with up to `examples` customers for each one no row change has shown."""
+    result = FieldChanges(Counter(), {}, 0)
+    for cid in sorted(set(old) | set(new)):
+        a, b = _flat(old.get(cid, {})), _flat(new.get(cid, {}))
+        kinds = [(key, _change_kind(key, a, b)) for key in sorted(set(a) | set(b))]
+        differs = [(key, kind) for key, kind in kinds if kind is not None]
+        for key, kind in differs:
+            result.counts[(key, kind)] += 1
+            found = result.samples.setdefault((key, kind), [])
+            if key not in shown and len(found) < examples:
+                found.append(f"{cid}: {_sent(cid, old, {}, key)} → {_sent(cid, new, {}, key)}")
+        result.records += bool(differs)
+    return result
 
 
 def _show(value: object, limit: int = 28, quote: bool = False) -> str:
