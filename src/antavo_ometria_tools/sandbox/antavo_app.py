@@ -138,6 +138,17 @@ class AntavoApp(App):
         self.requests += 1
         self.seen.append((request.method, request.target))
         self.requests_by_path[request.path] += 1
+        refused = self._refused(request)
+        if refused is not None:
+            return refused
+        answer, customer_ids = _route(request.path.strip("/").split("/"), self.ROUTES)
+        if answer is None:
+            return Response(404, {"error": {"type": "NotFoundException", "code": 0, "message": "no such endpoint"}})
+        with self.lock:
+            return answer(self, request, *customer_ids)
+
+    def _refused(self, request: Request) -> Response | None:
+        """A request that is not signed with a known key (401), or not a read (405)."""
         try:
             self.escher.authenticate(
                 {"method": request.method, "url": request.target, "headers": request.headers,
@@ -148,35 +159,30 @@ class AntavoApp(App):
             return Response(401, {"error": {"message": f"Unauthorized: {exc}", "code": 2132, "resendable": False}})
         if request.method != "GET":
             return Response(405, {"error": {"type": "MethodNotAllowed", "code": 0, "message": "read-only sandbox"}})
-        parts = request.path.strip("/").split("/")
-        with self.lock:
-            if parts == ["v1", "customers"]:
-                return self._read_api_customers(request)
-            if len(parts) == 3 and parts[:2] == ["v1", "customers"]:
-                customer = self.by_id.get(parts[2])
-                if customer is None:
-                    return Response(404, {"error": {"message": "Customer not found", "code": 160212, "resendable": False}})
-                return Response(200, {"status": "success", "metadata": {}, "payload": customer})
-            if parts == ["customers"]:
-                return self._classic_search(request)
-            if parts == ["customers", "-", "events"]:
-                return self._events(request)
-            if len(parts) == 2 and parts[0] == "customers":
-                customer = self.by_id.get(parts[1])
-                if customer is None:
-                    return Response(404, {"error": {"type": "NotFoundException", "code": 160212,
-                                                    "message": "Customer not found"}})
-                classic = to_classic(customer)
-                extensions = classic.pop("extensions", None) or {}
-                if "expiring_points" in request.query.get("fields", "").split(","):
-                    classic["expiring_points"] = extensions.get("expiring_points")
-                return Response(200, classic)
-            if len(parts) == 3 and parts[0] == "customers" and parts[2] == "rewards":
-                customer = self.by_id.get(parts[1]) or {}
-                rows = [{**REWARDS[r], "times_claimed": n} for r, n in (customer.get("rewards") or {}).items()
-                        if r in REWARDS]
-                return Response(200, {"data": rows})
-        return Response(404, {"error": {"type": "NotFoundException", "code": 0, "message": "no such endpoint"}})
+        return None
+
+    def _read_api_customer(self, request: Request, customer_id: str) -> Response:
+        customer = self.by_id.get(customer_id)
+        if customer is None:
+            return Response(404, {"error": {"message": "Customer not found", "code": 160212, "resendable": False}})
+        return Response(200, {"status": "success", "metadata": {}, "payload": customer})
+
+    def _classic_customer(self, request: Request, customer_id: str) -> Response:
+        customer = self.by_id.get(customer_id)
+        if customer is None:
+            return Response(404, {"error": {"type": "NotFoundException", "code": 160212,
+                                            "message": "Customer not found"}})
+        classic = to_classic(customer)
+        extensions = classic.pop("extensions", None) or {}
+        if "expiring_points" in request.query.get("fields", "").split(","):
+            classic["expiring_points"] = extensions.get("expiring_points")
+        return Response(200, classic)
+
+    def _rewards(self, request: Request, customer_id: str) -> Response:
+        customer = self.by_id.get(customer_id) or {}
+        rows = [{**REWARDS[r], "times_claimed": n} for r, n in (customer.get("rewards") or {}).items()
+                if r in REWARDS]
+        return Response(200, {"data": rows})
 
     def _page(self, request: Request, default_limit: int, max_limit: int) -> tuple[int, int] | Response:
         try:
@@ -272,3 +278,21 @@ class AntavoApp(App):
             return Response(200, {"customers": len(self.customers), "events": len(self.events),
                                   "requests": self.requests})
         return Response(404, {"error": "unknown sandbox control"})
+
+    # GET path (None: a customer id) → what answers it, with the ids the path names
+    ROUTES = (
+        (("v1", "customers"), _read_api_customers),
+        (("v1", "customers", None), _read_api_customer),
+        (("customers",), _classic_search),
+        (("customers", "-", "events"), _events),
+        (("customers", None), _classic_customer),
+        (("customers", None, "rewards"), _rewards),
+    )
+
+
+def _route(parts: list[str], routes: tuple) -> tuple:
+    """The first route whose pattern the path's parts match, and the customer ids they name; (None, ()) for none."""
+    for pattern, answer in routes:
+        if len(pattern) == len(parts) and all(p is None or p == part for p, part in zip(pattern, parts)):
+            return answer, [part for p, part in zip(pattern, parts) if p is None]
+    return None, ()

@@ -233,63 +233,36 @@ class OmetriaApp(App):
                               "accepted": accepted, "rejected": rejected}, headers)
 
     def _check(self, record: dict, small: bool = False) -> list[tuple[str, str]]:
+        refused = self._refused(record, small)
+        if refused:
+            return refused
+        if record["@type"] == "custom_event":
+            return self._check_event(record)
+        if record["@type"] != "contact":
+            return []
+        return self._check_contact(record)
+
+    def _refused(self, record: dict, small: bool) -> list[tuple[str, str]]:
+        """Whatever the type: a record too large, one without an id, one whose identity Ometria refuses."""
         if not small and len(json.dumps(record, ensure_ascii=False, separators=(",", ":")).encode()) > MAX_RECORD_BYTES:
             return [("root", "Payload invalid: Record is too large.")]
         if not isinstance(record.get("id"), str) or not record["id"]:
             return [("root > id", "not a valid value")]
         if record["id"] in self.reject_ids:
             return [("root > email", "identifier is already owned by another contact")]
-        if record["@type"] == "custom_event":
-            return self._check_event(record)
-        if record["@type"] != "contact":
-            return []
-        problems = []
-        builtins = BUILTIN_FIELDS
-        for key, value in record.items():
-            path = f"root > {key}"
-            if key in ENVELOPE_KEYS:
-                continue
-            kind = builtins.get(key) or self.custom_fields.get(key)  # legacy: custom fields at the top
-            if kind is None:
-                problems.append((path, "unknown field"))
-            elif value is not None and not CHECKS[kind](value):
-                problems.append((path, "not a valid value"))
-        if not isinstance(record.get("@collection", ""), str):
-            problems.append(("root > @collection", "not a valid value"))
-        if not isinstance(record.get("@force_optin", False), bool):
-            problems.append(("root > @force_optin", "not a valid value"))
-        problems += self._check_channels(record.get("channels", {}))
-        known_lists = {str(row["id"]) for row in LISTS}
-        for action in ("@add_to_lists", "@remove_from_lists"):
-            lists = record.get(action, [])
-            if not isinstance(lists, list) or not all(isinstance(x, int) and str(x) in known_lists for x in lists):
-                problems.append((f"root > {action}", "not a valid value"))
+        return []
+
+    def _check_contact(self, record: dict) -> list[tuple[str, str]]:
+        fields = {key: value for key, value in record.items() if key not in ENVELOPE_KEYS}
+        # legacy: custom fields at the top
+        problems = _field_problems(fields, lambda key: BUILTIN_FIELDS.get(key) or self.custom_fields.get(key),
+                                   "root", "unknown field")
+        problems += _envelope_problems(record)
         properties = record.get("properties", {})
         if not isinstance(properties, dict):
             return problems + [("root > properties", "not a valid value")]
-        for key, value in properties.items():
-            kind = self.custom_fields.get(key)
-            if kind is None:
-                problems.append((f"root > properties > {key}", "unknown custom field"))
-            elif value is not None and not CHECKS[kind](value):
-                problems.append((f"root > properties > {key}", "not a valid value"))
-        return problems
-
-    @staticmethod
-    def _check_channels(channels: object) -> list[tuple[str, str]]:
-        if not isinstance(channels, dict):
-            return [("root > channels", "not a valid value")]
-        problems = [(f"root > channels > {name}", "unknown channel") for name in channels if name != "sms"]
-        sms = channels.get("sms", {})
-        if not isinstance(sms, dict):
-            return problems + [("root > channels > sms", "not a valid value")]
-        for key, value in sms.items():
-            kind = SMS_FIELDS.get(key)
-            if kind is None:
-                problems.append((f"root > channels > sms > {key}", "unknown field"))
-            elif value is not None and not CHECKS[kind](value):
-                problems.append((f"root > channels > sms > {key}", "not a valid value"))
-        return problems
+        return problems + _field_problems(properties, self.custom_fields.get, "root > properties",
+                                          "unknown custom field")
 
     def _check_event(self, record: dict) -> list[tuple[str, str]]:
         problems = []
@@ -310,14 +283,16 @@ class OmetriaApp(App):
         if kind == "custom_event":
             self.events[record["id"]] = record
             self.accepted_at.setdefault(record["id"], time.time())
-            return
-        if kind != "contact":
-            return
+        elif kind == "contact":
+            self._store_contact(record)
+
+    def _store_contact(self, record: dict) -> None:
+        """An upsert by collection and id; with `@merge`, merged into what is stored."""
         key = (record.get("@collection", ""), record["id"])
         stored = self.contacts.get(key) if record.get("@merge") else None
-        fields = {k: v for k, v in record.items() if not k.startswith("@")}
         if stored is None:
             stored = {}
+        fields = {k: v for k, v in record.items() if not k.startswith("@")}
         merged = {**stored, **{k: v for k, v in fields.items() if k not in ("properties", "channels")}}
         if "channels" in fields:
             merged["channels"] = {"sms": {**stored.get("channels", {}).get("sms", {}), **fields["channels"].get("sms", {})}}
@@ -328,42 +303,104 @@ class OmetriaApp(App):
         properties = {**stored.get("properties", {}), **fields.get("properties", {})}
         if properties:
             merged["properties"] = properties
-        for list_id in record.get("@add_to_lists", []):
-            merged.setdefault("lists", [])
-            if list_id not in merged["lists"]:
-                merged["lists"].append(list_id)
-        for list_id in record.get("@remove_from_lists", []):
-            if list_id in merged.get("lists", []):
-                merged["lists"].remove(list_id)
+        _change_lists(merged, record)
         self.contacts[key] = merged
 
+    # -- control (unsigned, for tests) ---------------------------------------------------------
     def _control(self, request: Request) -> Response:
+        method, answer = self.CONTROLS.get(request.path, (None, None))
+        if answer is None or method not in (None, request.method):
+            return Response(404, {"error": "unknown sandbox control"})
         with self.lock:
-            if request.path == "/_sandbox/contacts":
-                return Response(200, [{"@collection": c, **v} for (c, _), v in sorted(self.contacts.items())])
-            if request.path == "/_sandbox/events":
-                return Response(200, sorted(self.events.values(), key=lambda e: e["id"]))
-            if request.path == "/_sandbox/stats":
-                duplicates = sum(1 for n in self.received.values() if n > 1)
-                return Response(200, {"pushes": self.pushes, "contacts": len(self.contacts),
-                                      "events": len(self.events), "throttled": self.throttled,
-                                      "records_received_more_than_once": duplicates})
-            if request.path == "/_sandbox/reject" and request.method == "POST":
-                # the records Ometria refuses from now on (e.g. an identity owned by another contact); [] ends it
-                self.reject_ids = {str(i) for i in (request.json() or {}).get("ids", [])}
-                return Response(200, {"reject_ids": sorted(self.reject_ids)})
-            if request.path == "/_sandbox/faults" and request.method == "POST":  # {"refuse_requests": n, ...}
-                faults = json.loads(request.body or b"{}")
-                self.refuse_requests = int(faults.get("refuse_requests", self.refuse_requests))
-                self.validate_later = bool(faults.get("validate_later", self.validate_later))
-                for field in faults.get("delete_custom_fields", []):  # a field deleted in the account
-                    self.custom_fields.pop(field, None)
-                return Response(200, {"refuse_requests": self.refuse_requests, "validate_later": self.validate_later,
-                                      "custom_fields": sorted(self.custom_fields)})
-            if request.path == "/_sandbox/reset" and request.method == "POST":
-                self.contacts.clear(), self.events.clear(), self.received.clear(), self.errors.clear()
-                self.accepted_at.clear()
-                self.deliveries.clear()
-                self.pushes = self.throttled = 0
-                return Response(200, {"reset": True})
-        return Response(404, {"error": "unknown sandbox control"})
+            return answer(self, request)
+
+    def _contacts_stored(self, request: Request) -> Response:
+        return Response(200, [{"@collection": c, **v} for (c, _), v in sorted(self.contacts.items())])
+
+    def _events_stored(self, request: Request) -> Response:
+        return Response(200, sorted(self.events.values(), key=lambda e: e["id"]))
+
+    def _stats(self, request: Request) -> Response:
+        duplicates = sum(1 for n in self.received.values() if n > 1)
+        return Response(200, {"pushes": self.pushes, "contacts": len(self.contacts),
+                              "events": len(self.events), "throttled": self.throttled,
+                              "records_received_more_than_once": duplicates})
+
+    def _reject(self, request: Request) -> Response:
+        # the records Ometria refuses from now on (e.g. an identity owned by another contact); [] ends it
+        self.reject_ids = {str(i) for i in (request.json() or {}).get("ids", [])}
+        return Response(200, {"reject_ids": sorted(self.reject_ids)})
+
+    def _faults(self, request: Request) -> Response:
+        faults = json.loads(request.body or b"{}")  # {"refuse_requests": n, ...}
+        self.refuse_requests = int(faults.get("refuse_requests", self.refuse_requests))
+        self.validate_later = bool(faults.get("validate_later", self.validate_later))
+        for field in faults.get("delete_custom_fields", []):  # a field deleted in the account
+            self.custom_fields.pop(field, None)
+        return Response(200, {"refuse_requests": self.refuse_requests, "validate_later": self.validate_later,
+                              "custom_fields": sorted(self.custom_fields)})
+
+    def _reset(self, request: Request) -> Response:
+        for kept in (self.contacts, self.events, self.received, self.errors, self.accepted_at, self.deliveries):
+            kept.clear()
+        self.pushes = self.throttled = 0
+        return Response(200, {"reset": True})
+
+    # path → (the method it takes, None for any; what answers it)
+    CONTROLS = {
+        "/_sandbox/contacts": (None, _contacts_stored),
+        "/_sandbox/events": (None, _events_stored),
+        "/_sandbox/stats": (None, _stats),
+        "/_sandbox/reject": ("POST", _reject),
+        "/_sandbox/faults": ("POST", _faults),
+        "/_sandbox/reset": ("POST", _reset),
+    }
+
+
+def _field_problems(fields: dict, kind_of, path: str, unknown: str) -> list[tuple[str, str]]:
+    """Each field whose kind `kind_of` does not know, or whose value is not of its kind (null always is)."""
+    problems = []
+    for key, value in fields.items():
+        kind = kind_of(key)
+        if kind is None:
+            problems.append((f"{path} > {key}", unknown))
+        elif value is not None and not CHECKS[kind](value):
+            problems.append((f"{path} > {key}", "not a valid value"))
+    return problems
+
+
+def _envelope_problems(record: dict) -> list[tuple[str, str]]:
+    """A contact's `@` keys and channels."""
+    problems = []
+    if not isinstance(record.get("@collection", ""), str):
+        problems.append(("root > @collection", "not a valid value"))
+    if not isinstance(record.get("@force_optin", False), bool):
+        problems.append(("root > @force_optin", "not a valid value"))
+    problems += _channel_problems(record.get("channels", {}))
+    known_lists = {str(row["id"]) for row in LISTS}
+    for action in ("@add_to_lists", "@remove_from_lists"):
+        lists = record.get(action, [])
+        if not isinstance(lists, list) or not all(isinstance(x, int) and str(x) in known_lists for x in lists):
+            problems.append((f"root > {action}", "not a valid value"))
+    return problems
+
+
+def _channel_problems(channels: object) -> list[tuple[str, str]]:
+    if not isinstance(channels, dict):
+        return [("root > channels", "not a valid value")]
+    problems = [(f"root > channels > {name}", "unknown channel") for name in channels if name != "sms"]
+    sms = channels.get("sms", {})
+    if not isinstance(sms, dict):
+        return problems + [("root > channels > sms", "not a valid value")]
+    return problems + _field_problems(sms, SMS_FIELDS.get, "root > channels > sms", "unknown field")
+
+
+def _change_lists(contact: dict, record: dict) -> None:
+    """The record's `@add_to_lists` and `@remove_from_lists` applied to the contact's lists."""
+    for list_id in record.get("@add_to_lists", []):
+        contact.setdefault("lists", [])
+        if list_id not in contact["lists"]:
+            contact["lists"].append(list_id)
+    for list_id in record.get("@remove_from_lists", []):
+        if list_id in contact.get("lists", []):
+            contact["lists"].remove(list_id)
