@@ -77,7 +77,7 @@ class Deployment:
         self.state_file = self.work / "state.db"
         self.store = StateStore(f"sqlite:///{self.state_file}")
         self.store.migrate()
-        (self.rule,) = load_rules(self.mappings)
+        self.rule = next(r for r in load_rules(self.mappings) if r.name == "reward_claimed")
         self.expected_values: dict[str, dict] = {}  # contact id → field values Ometria must end up with
         self.claims: list[dict] = []
         self.poison_customers: set[str] = set()  # must be held back with a reason, never sent

@@ -17,13 +17,18 @@ PROJECT = Path(__file__).resolve().parents[1]
 HEADER = "rule,antavo_action,ometria_event_type,property,source\n"
 
 
+def shipped_rule(name: str):
+    """A rule of the shipped trigger table, by name (the table may hold others)."""
+    return next(rule for rule in load_rules(PROJECT / "include" / "mappings") if rule.name == name)
+
+
 def oid(event: dict, rule: str = "reward_claimed") -> str:
     """The Ometria custom event id a rule gives an Antavo event."""
     return ometria_event_id(rule, event["id"])
 
 
 def test_shipped_reward_claim_rule():
-    (rule,) = load_rules(PROJECT / "include" / "mappings")
+    rule = shipped_rule("reward_claimed")
     assert (rule.name, rule.action, rule.event_type) == ("reward_claimed", "reward", "loyalty_reward_claimed")
     assert ("reward_name", "reward.title") in rule.properties and rule.needs_rewards
 
@@ -60,7 +65,7 @@ def test_more_than_1000_events_on_one_timestamp_are_staggered():
 def parts(sandbox, antavo_client, ometria_client, state_url):
     store = StateStore(state_url)
     store.migrate()
-    (rule,) = load_rules(PROJECT / "include" / "mappings")
+    rule = shipped_rule("reward_claimed")
     return rule, store, load_contact_mapping(PROJECT / "include" / "mappings")
 
 
@@ -119,8 +124,7 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
     run = dag.test()
     assert run.state == DagRunState.SUCCESS
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states == {"check_connections": "success", "check_rules": "success", "wait_for_reward_claimed": "success",
-                      "deliver_reward_claimed": "success"}
+    assert states["wait_for_reward_claimed"] == states["deliver_reward_claimed"] == "success", states
     assert list(connections.ometria.events) == [oid(claim)]
     assert connections.ometria.events[oid(claim)]["properties"]["reward_name"] == "£10 off your next order"
 
@@ -255,7 +259,7 @@ def test_an_event_listed_twice_and_a_held_event_re_read_count_once(parts, sandbo
 def test_an_event_listed_twice_on_postgresql(sandbox, antavo_client, ometria_client, postgres_state_url):
     store = StateStore(postgres_state_url)
     store.migrate()
-    (rule,) = load_rules(PROJECT / "include" / "mappings")
+    rule = shipped_rule("reward_claimed")
     claim = sandbox.antavo.claim_reward("c00000081", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=3))
     sandbox.antavo.events.append(dict(claim))
     summary = deliver(rule, antavo_client, ometria_client, store, load_contact_mapping(PROJECT / "include" / "mappings"),
@@ -323,7 +327,7 @@ def test_two_rules_on_the_same_antavo_action_both_deliver(sandbox, antavo_client
     shipped = (PROJECT / "include" / "mappings" / "triggers.csv").read_text(encoding="utf-8")
     (tmp_path / "triggers.csv").write_text(shipped + "reward_points,reward,loyalty_points_spent,points,event.points\n",
                                            encoding="utf-8")
-    rules = load_rules(tmp_path)
+    rules = [r for r in load_rules(tmp_path) if r.name in ("reward_claimed", "reward_points")]
     assert [r.action for r in rules] == ["reward", "reward"]
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     claim = sandbox.antavo.claim_reward("c00000096", "rw-10off", at=datetime.now(UTC) - timedelta(minutes=2))

@@ -128,7 +128,7 @@ def test_antavo_unreachable_and_no_staging_file_is_not_called_deleted(synced, sa
 
 def test_an_event_held_because_its_customer_failed_the_gate(synced, sandbox, antavo_client, ometria_client):
     store, mapping, root, _ = synced
-    (rule,) = load_rules(MAPPINGS)
+    rule = next(r for r in load_rules(MAPPINGS) if r.name == "reward_claimed")
     claim = sandbox.antavo.claim_reward("c00000007", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=2))
     sent = sandbox.antavo.claim_reward("c00000001", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
     deliver(rule, antavo_client, ometria_client, store, mapping, "ev-1")
