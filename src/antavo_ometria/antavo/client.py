@@ -337,7 +337,9 @@ def _check_body(response: requests.Response) -> Any:
 def _oldest_first(status: str) -> str:
     """The Read API query that lists customers by creation, of one status (any when empty)."""
     query = f"{quote('sort[0][field]')}=created_at&{quote('sort[0][direction]')}=asc"
-    return query + f"&{quote('filter[status][eq]')}={status}" if status else query
+    if status:
+        query += f"&{quote('filter[status][eq]')}={status}"
+    return query
 
 
 def _customer_page_tail(tail: set[str], listed: list) -> set[str]:
