@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.sync.event_report import latency
+from antavo_ometria.sync.records import RunStatus
 
 if TYPE_CHECKING:  # the plugin is loaded by every Airflow process: pandas and the clients load with the first page
     from antavo_ometria.sync.state import StateStore
@@ -112,7 +113,7 @@ def render_trace(t: Trace) -> str:
 
 def render(store: StateStore, runs_shown: int = 30) -> str:
     runs = list(reversed(store.runs(CONTACTS_DAG, limit=runs_shown)))
-    finished = [r for r in runs if r["status"] in ("success", "dry_run")]
+    finished = [r for r in runs if r["status"] in (RunStatus.SUCCESS, RunStatus.DRY_RUN)]
     labels = [r["started_at"].strftime("%m-%d %H:%M") for r in finished]
     chart = bar_chart(labels, {name: [int(r[name] or 0) for r in finished] for name, _ in SERIES})
     last = runs[-1] if runs else None
@@ -143,7 +144,7 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
         f"<td class=n>{_e(latency(latencies.get(rule, [])))}</td></tr>"
         for (rule, event_type), (c, late) in store.event_summary().items())
     run_rows = "".join(
-        f"<tr><td>{_e(r['started_at'].strftime('%Y-%m-%d %H:%M'))}</td><td class={'ok' if r['status'] == 'success' else 'bad'}>"
+        f"<tr><td>{_e(r['started_at'].strftime('%Y-%m-%d %H:%M'))}</td><td class={'ok' if r['status'] == RunStatus.SUCCESS else 'bad'}>"
         f"{_e(r['status'])}</td><td>{_e(r['mode'])}</td>"
         + "".join(f"<td class=n>{int(r[k] or 0)}</td>" for k in ("extracted", "changed", "sent", "accepted", "rejected",
                                                                 "quarantined", "failed"))

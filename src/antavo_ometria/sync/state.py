@@ -14,10 +14,13 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
 import sqlalchemy as sa
+
+from antavo_ometria.sync.records import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +30,29 @@ metadata = sa.MetaData()
 _IN_CHUNK = 900  # below SQLite's bound-parameter limit
 
 
-ACCEPTED, REJECTED, FAILED, LEFT = "sent", "rejected", "failed", "left"  # a contact's status
-DEFERRED = "deferred"  # over the run's cap (sync.max_contacts_per_run): not tried yet, the next run sends it
-HELD_BACK = "held"  # was owed, now held back by the quality gate: sent again once it changes in Antavo
+
+
+class ContactStatus(StrEnum):
+    """A contact's status in `sync_contacts` (stored as its value)."""
+
+    SENT = "sent"  # Ometria accepted its last push
+    REJECTED = "rejected"  # owed: Ometria refused it
+    FAILED = "failed"  # owed: not delivered
+    DEFERRED = "deferred"  # owed: over the run's cap (sync.max_contacts_per_run), not tried yet
+    LEFT = "left"  # left the programme
+    HELD = "held"  # was owed, now held back by the quality gate: sent again once it changes in Antavo
+
+
+class HeldKind(StrEnum):
+    """Why a contact is in `sync_held_records` (events have kinds of their own)."""
+
+    QUARANTINED = "quarantined"  # by the quality gate
+    REJECTED = "rejected"  # by Ometria
+    FAILED = "failed"  # not delivered
+
+
+ACCEPTED, REJECTED, FAILED, LEFT = ContactStatus.SENT, ContactStatus.REJECTED, ContactStatus.FAILED, ContactStatus.LEFT
+DEFERRED, HELD_BACK = ContactStatus.DEFERRED, ContactStatus.HELD
 OWED = (REJECTED, FAILED, DEFERRED)
 LAST_POLL = "(last poll)"  # the run id under which Ometria's error list as last polled is kept
 
@@ -133,15 +156,15 @@ class StateStore:
     # -- runs --------------------------------------------------------------------------------
     def start_run(self, dag_id: str, run_id: str, **fields) -> None:
         runs = self.table("sync_runs")
-        row = {"dag_id": dag_id, "run_id": run_id, "status": "running", "started_at": now(),
+        row = {"dag_id": dag_id, "run_id": run_id, "status": str(RunStatus.RUNNING), "started_at": now(),
                "finished_at": None, **fields}
         with self.engine.begin() as conn:
             conn.execute(runs.delete().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id)))
             conn.execute(runs.insert().values(**row))
 
-    def finish_run(self, dag_id: str, run_id: str, status: str, report: dict | None = None, **counts) -> None:
+    def finish_run(self, dag_id: str, run_id: str, status: RunStatus, report: dict | None = None, **counts) -> None:
         runs = self.table("sync_runs")
-        values = {"status": status, "finished_at": now(), **counts}
+        values = {"status": str(status), "finished_at": now(), **counts}
         if report is not None:
             values["report"] = json.dumps(report, default=str, ensure_ascii=False)
         with self.engine.begin() as conn:
@@ -156,7 +179,7 @@ class StateStore:
 
     def last_successful_run(self, dag_id: str, full_only: bool = False) -> dict | None:
         runs = self.table("sync_runs")
-        query = sa.select(runs).where((runs.c.dag_id == dag_id) & (runs.c.status == "success")
+        query = sa.select(runs).where((runs.c.dag_id == dag_id) & (runs.c.status == str(RunStatus.SUCCESS))
                                       & (runs.c.dry_run == sa.false()))
         if full_only:
             query = query.where(runs.c.mode == "full")
@@ -170,7 +193,7 @@ class StateStore:
         while an earlier one failed) does not move it past the gap."""
         runs = self.table("sync_runs")
         query = (sa.select(runs.c.mode, runs.c.interval_start, runs.c.interval_end)
-                 .where((runs.c.dag_id == dag_id) & (runs.c.status == "success") & (runs.c.dry_run == sa.false()))
+                 .where((runs.c.dag_id == dag_id) & (runs.c.status == str(RunStatus.SUCCESS)) & (runs.c.dry_run == sa.false()))
                  .order_by(runs.c.finished_at, runs.c.id))
         with self.engine.connect() as conn:
             rows = conn.execute(query).all()
@@ -219,7 +242,7 @@ class StateStore:
             .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(50))
         with self.engine.connect() as conn:
             for row in conn.execute(query):
-                if row.status == "success":
+                if row.status == RunStatus.SUCCESS:
                     return None
                 if (row.full_resync_reason is not None) == resync:
                     return row.run_id
