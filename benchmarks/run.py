@@ -352,7 +352,7 @@ def _synced_before(source: Path, url: str) -> None:
     store.migrate()
     full = staging_copy(source)
     transform_staged(full, mapping, full_plan("full", mapping))
-    store.record_accepted([(i, h) for i, _, h in read_contacts(full)], mapping.version, "full")
+    store.contacts.record_accepted([(i, h) for i, _, h in read_contacts(full)], mapping.version, "full")
     shutil.rmtree(full)
 
 

@@ -112,7 +112,7 @@ def render_trace(t: Trace) -> str:
 
 
 def render(store: StateStore, runs_shown: int = 30) -> str:
-    runs = list(reversed(store.runs(CONTACTS_DAG, limit=runs_shown)))
+    runs = list(reversed(store.runs.recent(CONTACTS_DAG, limit=runs_shown)))
     finished = [r for r in runs if r["status"] in (RunStatus.SUCCESS, RunStatus.DRY_RUN)]
     labels = [r["started_at"].strftime("%m-%d %H:%M") for r in finished]
     chart = bar_chart(labels, {name: [int(r[name] or 0) for r in finished] for name, _ in SERIES})
@@ -120,29 +120,29 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
     cards = "".join(
         f'<div class="card"><span class="muted">{_e(title)}</span><b>{_e(value)}</b></div>' for title, value in (
             ("last run", f"{last['status']} · {last['mode']}" if last else "—"),
-            ("contacts known to Ometria", store.contact_count()),
-            ("owed (rejected or not delivered)", store.owed_count()),
+            ("contacts known to Ometria", store.contacts.known_count()),
+            ("owed (rejected or not delivered)", store.contacts.owed_count()),
             ("mapping version", last["mapping_version"] if last else "—"),
             ("runs recorded", len(runs)),
         ))
-    held = store.held_records(limit=25)
+    held = store.held.find(limit=25)
     held_rows = "".join(
         f"<tr><td>{_e(h['created_at'].strftime('%Y-%m-%d %H:%M'))}</td><td>{_e(h['kind'])}</td>"
         f"<td>{_e(h['antavo_id'])}</td><td>{'<br>'.join(_e(r) for r in h['reasons'])}</td></tr>" for h in held)
     versions: dict[str, list] = defaultdict(list)
-    for run in store.runs(CONTACTS_DAG, limit=500):
+    for run in store.runs.recent(CONTACTS_DAG, limit=500):
         versions[run["mapping_version"]].append(run)
     version_rows = "".join(
         f"<tr><td><code>{_e(v)}</code></td><td>{_e(min(r['started_at'] for r in rs).strftime('%Y-%m-%d %H:%M'))}</td>"
         f"<td>{_e(max(r['started_at'] for r in rs).strftime('%Y-%m-%d %H:%M'))}</td><td class=n>{len(rs)}</td>"
         f"<td>{_e(next((r['full_resync_reason'] for r in sorted(rs, key=lambda r: r['started_at']) if r['full_resync_reason']), ''))}</td></tr>"
         for v, rs in sorted(versions.items(), key=lambda item: max(r["started_at"] for r in item[1]), reverse=True))
-    latencies = store.event_latencies(datetime.now(UTC) - timedelta(hours=1))
+    latencies = store.events.latencies(datetime.now(UTC) - timedelta(hours=1))
     event_rows = "".join(
         f"<tr><td>{_e(rule)}</td><td>{_e(event_type)}</td><td class=n>{c.get('sent', 0)}</td>"
         f"<td class=n>{late}</td><td class=n>{c.get('skipped_late', 0)}</td><td class=n>{c.get('rejected', 0)}</td>"
         f"<td class=n>{_e(latency(latencies.get(rule, [])))}</td></tr>"
-        for (rule, event_type), (c, late) in store.event_summary().items())
+        for (rule, event_type), (c, late) in store.events.summary().items())
     run_rows = "".join(
         f"<tr><td>{_e(r['started_at'].strftime('%Y-%m-%d %H:%M'))}</td><td class={'ok' if r['status'] == RunStatus.SUCCESS else 'bad'}>"
         f"{_e(r['status'])}</td><td>{_e(r['mode'])}</td>"

@@ -125,7 +125,7 @@ class _LoadRun:
         """Contacts owed by earlier runs (in any mode): rejected again, they stay held, and do not fail the load."""
         if self.store is None:
             return set(self.plan.retry_ids)
-        return self.store.owed_among([i for i, _, _ in self.contacts], self.plan.run_id)
+        return self.store.contacts.owed_among([i for i, _, _ in self.contacts], self.plan.run_id)
 
     def defer(self, deferred: list[tuple[str, bytes]]) -> None:
         write_ndjson(self.staging / DEFERRED, ({"id": i} for i, _ in deferred))
@@ -135,7 +135,7 @@ class _LoadRun:
         log.warning("%d contacts are over max_contacts_per_run (%d): they stay owed and the next run sends them",
                     len(deferred), cap)
         if self.store is not None:
-            self.store.record_owed([(i, self.hashes_of[i]) for i, _ in deferred], DEFERRED_STATUS,
+            self.store.contacts.record_owed([(i, self.hashes_of[i]) for i, _ in deferred], DEFERRED_STATUS,
                                    f"deferred: over sync.max_contacts_per_run ({cap:,}) in run {self.plan.run_id}",
                                    self.plan.mapping_version, self.plan.run_id, Backoff())
 
@@ -173,7 +173,7 @@ class _LoadRun:
         stuck = len(outcome.failed_removal_ids)
         if stuck:
             if self.store is not None:  # the next run reads everyone, and removes them again
-                self.store.request_reconciliation(self.plan.dag_id, self.plan.run_id,
+                self.store.runs.request_reconciliation(self.plan.dag_id, self.plan.run_id,
                                                   f"{stuck} leaver(s) could not be removed from the list")
             return LoadFailed(f"{stuck} member(s) who left the programme could not be removed from the list; a "
                               "retry, or the next run (a reconciliation), removes them", retryable=True)
@@ -218,7 +218,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
     outcome = summarise_load(staging, plan, {i for i, _, _ in contacts})
     verdict = rejection_verdict(outcome, owed, refused_whole, errors, settings.max_rejected_share,
-                                store.last_push_errors() if store is not None else ())
+                                store.push_errors.last_polled() if store is not None else ())
     if verdict:
         raise LoadFailed(verdict, retryable=False)
     # with no rejection in Ometria's answers, errors on the run's fields cannot be those of its rejected records
@@ -324,14 +324,14 @@ class Recorder:
     def record(self, entry: JournalEntry) -> None:
         pairs, outcome = list(zip(entry.ids, entry.hashes)), entry.outcome
         if outcome == PushOutcome.SENT:
-            self.store.record_accepted(pairs, self.mapping_version, self.run_id, entry.request_id,
+            self.store.contacts.record_accepted(pairs, self.mapping_version, self.run_id, entry.request_id,
                                        {i: self.bodies[i] for i in entry.ids if i in self.bodies} or None)
-            self.store.release_held(entry.ids, (HeldKind.QUARANTINED, HeldKind.FAILED, HeldKind.REJECTED))
+            self.store.held.release(entry.ids, (HeldKind.QUARANTINED, HeldKind.FAILED, HeldKind.REJECTED))
             return
         rejected = outcome == PushOutcome.REJECTED
         reason = (f"rejected by Ometria (request {entry.request_id}); see /v2/push/_errors"
                   if rejected else f"not delivered: {entry.error}")
-        self.store.record_owed(pairs, REJECTED if rejected else FAILED, reason, self.mapping_version,
+        self.store.contacts.record_owed(pairs, REJECTED if rejected else FAILED, reason, self.mapping_version,
                                self.run_id, self.backoff, entry.request_id)
 
 
@@ -356,10 +356,10 @@ def push_leavers(client: OmetriaClient, staging: Path, plan: Plan, store: StateS
             journal.append([e.tagged(plan.attempt, removal=True).as_dict() for e in entries])
             done = [i for e in entries if accepted(e) for i in e.ids]
             if store is not None and done:
-                store.record_left(done, plan.run_id, "left the programme: removed from the list")
+                store.contacts.record_left(done, plan.run_id, "left the programme: removed from the list")
         return
     if store is not None:
-        store.record_left(ids, plan.run_id, "left the programme (no list configured)")
+        store.contacts.record_left(ids, plan.run_id, "left the programme (no list configured)")
 
 
 def new_push_errors(client: OmetriaClient, store: StateStore | None) -> list[dict]:
@@ -372,7 +372,7 @@ def new_push_errors(client: OmetriaClient, store: StateStore | None) -> list[dic
         return [{"error_path": "", "error_message": f"could not read /v2/push/_errors: {exc}"}]
     if store is None:
         return errors
-    seen = Counter((str(e.get("error_path")), str(e.get("error_message"))) for e in store.last_push_errors())
+    seen = Counter((str(e.get("error_path")), str(e.get("error_message"))) for e in store.push_errors.last_polled())
     fresh = []
     for error in errors:
         key = (str(error.get("error_path")), str(error.get("error_message")))
@@ -380,7 +380,7 @@ def new_push_errors(client: OmetriaClient, store: StateStore | None) -> list[dic
             seen[key] -= 1
         else:
             fresh.append(error)
-    store.remember_push_errors(errors)
+    store.push_errors.remember(errors)
     return fresh
 
 

@@ -31,18 +31,18 @@ def plan_run(
     from what Ometria accepted. Owed contacts due a retry are read again by an incremental run."""
     for warning in mapping.warnings:
         log.warning("mapping: %s", warning)
-    last = store.last_successful_run(dag_id)
-    unfinished = store.pending_full_resync(dag_id) if last is not None else None
+    last = store.runs.last_successful(dag_id)
+    unfinished = store.runs.pending_full_resync(dag_id) if last is not None else None
     reason = resync_reason(full_resync, unfinished, last, mapping)
-    synced = store.synced_until(dag_id) if last is not None else None
+    synced = store.runs.synced_until(dag_id) if last is not None else None
     start, end, resumed = run_window(interval, run_type, synced, datetime.now(UTC))
-    retry_ids = store.owed_ids(due_by=datetime.now(UTC), limit=MAX_RETRY_READS + 1) if last is not None else []
+    retry_ids = store.contacts.owed_ids(due_by=datetime.now(UTC), limit=MAX_RETRY_READS + 1) if last is not None else []
     reconcile_reason = None
     if not reason and start is not None and run_type != "backfill":
         reconcile_reason = reconciliation_due(store, dag_id, mapping, reconcile, len(retry_ids))
     mode = "full" if reason or reconcile_reason or start is None else "incremental"
     _announce(reason, reconcile_reason, resumed)
-    last_full = store.last_successful_run(dag_id, full_only=True)
+    last_full = store.runs.last_successful(dag_id, full_only=True)
     plan = Plan(
         dag_id=dag_id, run_id=run_id, attempt=uuid.uuid4().hex[:12], mode=mode, full_resync_reason=reason,
         send_unchanged=reason is not None or run_type == "backfill",  # a backfill re-syncs what it covers
@@ -50,7 +50,7 @@ def plan_run(
         previous_full_count=last_full["extracted"] if last_full else None, reconcile_reason=reconcile_reason,
         **_incremental(mode, start, mapping.settings.overlap_minutes, resumed, retry_ids),
     )
-    store.start_run(dag_id, run_id, mode=mode, full_resync_reason=reason, dry_run=dry_run,
+    store.runs.start(dag_id, run_id, mode=mode, full_resync_reason=reason, dry_run=dry_run,
                     reconcile_reason=reconcile_reason,
                     mapping_version=mapping.version, interval_start=start, interval_end=end)
     log.info("plan: %s", {k: v for k, v in plan.as_dict().items() if v is not None})
@@ -110,14 +110,14 @@ def reconciliation_due(store: StateStore, dag_id: str, mapping: ContactMapping, 
         return "reconciliation requested"
     if owed_due > MAX_RETRY_READS:
         return f"more than {MAX_RETRY_READS:,} owed contacts are due a retry: one scan reads them all"
-    suspected = store.reconciliation_requested(dag_id)
+    suspected = store.runs.reconciliation_requested(dag_id)
     if suspected:
         return f"an earlier run suspected missed changes ({suspected})"
-    unfinished = store.pending_reconciliation(dag_id)
+    unfinished = store.runs.pending_reconciliation(dag_id)
     if unfinished:
         return f"the reconciliation of run {unfinished} did not complete: it is done again"
     every = mapping.settings.reconcile_every_hours
-    last_full = store.last_successful_run(dag_id, full_only=True)
+    last_full = store.runs.last_successful(dag_id, full_only=True)
     if every and last_full is not None:
         age = datetime.now(UTC) - utc(last_full["finished_at"])
         if age >= timedelta(hours=every):

@@ -160,15 +160,15 @@ RUN_COUNTS = ("extracted", "changed", "unchanged", "sent", "accepted", "rejected
 def record_report(store: StateStore, plan: Plan, report: dict, held: dict[HeldKind, list[dict]]) -> None:
     """The run in the state store: its held records, Ometria's errors, its status and counts, and its history."""
     for kind, rows in held.items():
-        store.clear_held(plan.run_id, kind)
-        store.record_held(plan.run_id, kind, rows)
-    store.record_push_errors(plan.run_id, report["async_errors"])
+        store.held.clear(plan.run_id, kind)
+        store.held.record(plan.run_id, kind, rows)
+    store.push_errors.record(plan.run_id, report["async_errors"])
     if report["suspect_missed"]:  # the next run reads every customer
-        store.request_reconciliation(plan.dag_id, plan.run_id, report["suspect_missed"])
-    store.finish_run(plan.dag_id, plan.run_id, report["status"],
+        store.runs.request_reconciliation(plan.dag_id, plan.run_id, report["suspect_missed"])
+    store.runs.finish(plan.dag_id, plan.run_id, report["status"],
                      report={**report, "not_delivered": len(report["not_delivered"])},
                      **{k: report[k] for k in RUN_COUNTS}, async_errors=len(report["async_errors"]))
-    report["history"] = [_history_row(r) for r in store.runs(plan.dag_id, limit=10)]
+    report["history"] = [_history_row(r) for r in store.runs.recent(plan.dag_id, limit=10)]
 
 
 def build_report(staging: Path, plan: Plan | dict, extracted: Extracted | dict, transformed: Transformed | dict,
@@ -200,9 +200,9 @@ def report_run(staging: Path, steps: dict, store: StateStore, dag_id: str, run_i
                if steps.get(name) is None and (name != "check_connections" or name in steps)]
     if missing:
         if not steps.get("plan"):  # not planned: recorded all the same, so that history shows the failure
-            store.start_run(dag_id, run_id, mode="not planned", full_resync_reason=None, dry_run=False,
+            store.runs.start(dag_id, run_id, mode="not planned", full_resync_reason=None, dry_run=False,
                             mapping_version="", interval_start=None, interval_end=None)
-        store.finish_run(dag_id, run_id, RunStatus.FAILED, report={"failed_step": missing[0]})
+        store.runs.finish(dag_id, run_id, RunStatus.FAILED, report={"failed_step": missing[0]})
         raise RunNotDelivered(f"the run stopped at {missing[0]}; nothing was sent (that task's log says why)")
     report = build_report(staging, steps["plan"], steps["extract"], steps["transform"], steps.get("load"), store)
     log.info("\n%s", format_report(report))
