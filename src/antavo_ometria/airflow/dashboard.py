@@ -18,7 +18,7 @@ from fastapi.responses import HTMLResponse
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.sync.event_report import latency
-from antavo_ometria.sync.records import RunStatus
+from antavo_ometria.sync.step_results import RunStatus
 
 if TYPE_CHECKING:  # the plugin is loaded by every Airflow process: pandas and the clients load with the first page
     from antavo_ometria.sync.state import StateStore

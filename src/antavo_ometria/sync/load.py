@@ -20,7 +20,6 @@ from antavo_ometria.ometria.push import (
     push_isolating,
     split_oversized,
 )
-from antavo_ometria.sync.records import Loaded, Plan
 from antavo_ometria.sync.settings import SyncSettings
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
@@ -36,6 +35,7 @@ from antavo_ometria.sync.staging import (
 )
 from antavo_ometria.sync.state import DEFERRED as DEFERRED_STATUS
 from antavo_ometria.sync.state import FAILED, REJECTED, Backoff, HeldKind, StateStore
+from antavo_ometria.sync.step_results import Loaded, Plan
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)

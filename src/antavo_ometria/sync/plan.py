@@ -7,8 +7,8 @@ import uuid
 from datetime import UTC, datetime, timedelta
 
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.records import Plan
 from antavo_ometria.sync.state import StateStore, utc
+from antavo_ometria.sync.step_results import Plan
 
 log = logging.getLogger(__name__)
 

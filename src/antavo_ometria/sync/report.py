@@ -11,7 +11,6 @@ from pathlib import Path
 
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES, kilobytes
 from antavo_ometria.sync.load import LoadOutcome, summarise_load
-from antavo_ometria.sync.records import Extracted, Loaded, Plan, RunStatus, Transformed
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
     DEFERRED,
@@ -23,6 +22,7 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
 )
 from antavo_ometria.sync.state import HeldKind, StateStore
+from antavo_ometria.sync.step_results import Extracted, Loaded, Plan, RunStatus, Transformed
 
 log = logging.getLogger(__name__)
 
