@@ -33,8 +33,7 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
     write_ndjson,
 )
-from antavo_ometria.sync.state import DEFERRED as DEFERRED_STATUS
-from antavo_ometria.sync.state import FAILED, REJECTED, Backoff, HeldKind, StateStore
+from antavo_ometria.sync.state import Backoff, ContactStatus, HeldKind, StateStore
 from antavo_ometria.sync.step_results import Loaded, Plan
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
@@ -135,9 +134,10 @@ class _LoadRun:
         log.warning("%d contacts are over max_contacts_per_run (%d): they stay owed and the next run sends them",
                     len(deferred), cap)
         if self.store is not None:
-            self.store.contacts.record_owed([(i, self.hashes_of[i]) for i, _ in deferred], DEFERRED_STATUS,
-                                   f"deferred: over sync.max_contacts_per_run ({cap:,}) in run {self.plan.run_id}",
-                                   self.plan.mapping_version, self.plan.run_id, Backoff())
+            self.store.contacts.record_owed(
+                [(i, self.hashes_of[i]) for i, _ in deferred], ContactStatus.DEFERRED,
+                f"deferred: over sync.max_contacts_per_run ({cap:,}) in run {self.plan.run_id}",
+                self.plan.mapping_version, self.plan.run_id, Backoff())
 
     def push(self, fits: list[tuple[str, bytes]], owed: set[str]) -> JournalEntry | None:
         """Push in batches, each on record before the next; the batch Ometria refused whole, which stops it."""
@@ -174,7 +174,7 @@ class _LoadRun:
         if stuck:
             if self.store is not None:  # the next run reads everyone, and removes them again
                 self.store.runs.request_reconciliation(self.plan.dag_id, self.plan.run_id,
-                                                  f"{stuck} leaver(s) could not be removed from the list")
+                                                       f"{stuck} leaver(s) could not be removed from the list")
             return LoadFailed(f"{stuck} member(s) who left the programme could not be removed from the list; a "
                               "retry, or the next run (a reconciliation), removes them", retryable=True)
         if outcome.failed_ids:
@@ -325,14 +325,15 @@ class Recorder:
         pairs, outcome = list(zip(entry.ids, entry.hashes)), entry.outcome
         if outcome == PushOutcome.SENT:
             self.store.contacts.record_accepted(pairs, self.mapping_version, self.run_id, entry.request_id,
-                                       {i: self.bodies[i] for i in entry.ids if i in self.bodies} or None)
+                                                {i: self.bodies[i] for i in entry.ids if i in self.bodies} or None)
             self.store.held.release(entry.ids, (HeldKind.QUARANTINED, HeldKind.FAILED, HeldKind.REJECTED))
             return
         rejected = outcome == PushOutcome.REJECTED
         reason = (f"rejected by Ometria (request {entry.request_id}); see /v2/push/_errors"
                   if rejected else f"not delivered: {entry.error}")
-        self.store.contacts.record_owed(pairs, REJECTED if rejected else FAILED, reason, self.mapping_version,
-                               self.run_id, self.backoff, entry.request_id)
+        status = ContactStatus.REJECTED if rejected else ContactStatus.FAILED
+        self.store.contacts.record_owed(pairs, status, reason, self.mapping_version, self.run_id, self.backoff,
+                                        entry.request_id)
 
 
 def remember_sent(store: StateStore, entries: list[JournalEntry], mapping_version: str, run_id: str,

@@ -36,7 +36,7 @@ def plan_run(
     reason = resync_reason(full_resync, unfinished, last, mapping)
     synced = store.runs.synced_until(dag_id) if last is not None else None
     start, end, resumed = run_window(interval, run_type, synced, datetime.now(UTC))
-    retry_ids = store.contacts.owed_ids(due_by=datetime.now(UTC), limit=MAX_RETRY_READS + 1) if last is not None else []
+    retry_ids = [] if last is None else store.contacts.owed_ids(due_by=datetime.now(UTC), limit=MAX_RETRY_READS + 1)
     reconcile_reason = None
     if not reason and start is not None and run_type != "backfill":
         reconcile_reason = reconciliation_due(store, dag_id, mapping, reconcile, len(retry_ids))
@@ -51,8 +51,8 @@ def plan_run(
         **_incremental(mode, start, mapping.settings.overlap_minutes, resumed, retry_ids),
     )
     store.runs.start(dag_id, run_id, mode=mode, full_resync_reason=reason, dry_run=dry_run,
-                    reconcile_reason=reconcile_reason,
-                    mapping_version=mapping.version, interval_start=start, interval_end=end)
+                     reconcile_reason=reconcile_reason,
+                     mapping_version=mapping.version, interval_start=start, interval_end=end)
     log.info("plan: %s", {k: v for k, v in plan.as_dict().items() if v is not None})
     return plan
 

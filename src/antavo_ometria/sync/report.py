@@ -166,8 +166,8 @@ def record_report(store: StateStore, plan: Plan, report: dict, held: dict[HeldKi
     if report["suspect_missed"]:  # the next run reads every customer
         store.runs.request_reconciliation(plan.dag_id, plan.run_id, report["suspect_missed"])
     store.runs.finish(plan.dag_id, plan.run_id, report["status"],
-                     report={**report, "not_delivered": len(report["not_delivered"])},
-                     **{k: report[k] for k in RUN_COUNTS}, async_errors=len(report["async_errors"]))
+                      report={**report, "not_delivered": len(report["not_delivered"])},
+                      **{k: report[k] for k in RUN_COUNTS}, async_errors=len(report["async_errors"]))
     report["history"] = [_history_row(r) for r in store.runs.recent(plan.dag_id, limit=10)]
 
 
@@ -201,7 +201,7 @@ def report_run(staging: Path, steps: dict, store: StateStore, dag_id: str, run_i
     if missing:
         if not steps.get("plan"):  # not planned: recorded all the same, so that history shows the failure
             store.runs.start(dag_id, run_id, mode="not planned", full_resync_reason=None, dry_run=False,
-                            mapping_version="", interval_start=None, interval_end=None)
+                             mapping_version="", interval_start=None, interval_end=None)
         store.runs.finish(dag_id, run_id, RunStatus.FAILED, report={"failed_step": missing[0]})
         raise RunNotDelivered(f"the run stopped at {missing[0]}; nothing was sent (that task's log says why)")
     report = build_report(staging, steps["plan"], steps["extract"], steps["transform"], steps.get("load"), store)
