@@ -233,8 +233,8 @@ def test_a_push_whose_answer_was_lost_leaves_nothing_known_so_a_later_run_sends_
     # a push that timed out; Ometria may have stored a payload the customer has since reverted
     from antavo_ometria.sync.state import FAILED, Backoff
 
-    store.contacts.record_owed([("c00000005", "payload-that-timed-out")], FAILED, "not delivered: timed out", "v", "lost",
-                      Backoff())
+    store.contacts.record_owed([("c00000005", "payload-that-timed-out")], FAILED, "not delivered: timed out", "v",
+                               "lost", Backoff())
     assert store.contacts.accepted_hashes(["c00000005"]) == {} and store.contacts.known_count() == 289
     reconciled = sync(store, antavo_client, ometria_client, tmp_path, "reconcile", hours(0), reconcile=True)
     assert reconciled["sent"] == 1 and reconciled["retried_accepted"] == 1
@@ -303,7 +303,8 @@ def test_contacts_ometria_accepts_then_lists_invalid_stay_owed_and_are_sent_agai
     assert "then listed 20 validation errors" in str(listed["load_error"])
     assert "A custom field may be missing in Ometria: root > loyalty_points" in str(listed["load_error"])
     assert all(sandbox.ometria.contacts[("antavo", i)]["firstname"] != "Later" for i in changed)
-    assert store.contacts.owed_count() == 20 and store.contacts.accepted_hashes(changed) == {}, [store.contacts.get(i) for i in changed[:2]]
+    assert store.contacts.owed_count() == 20 and store.contacts.accepted_hashes(changed) == {}, [
+        store.contacts.get(i) for i in changed[:2]]
     with pytest.raises(LoadFailed):  # a Clear of the load, errors no longer new: still not counted delivered
         load_staged(tmp_path / "listed", ometria_client, listed["plan"], store,
                     load_contact_mapping(PROJECT / "include" / "mappings").settings)
