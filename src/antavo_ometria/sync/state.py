@@ -126,6 +126,8 @@ class Database:
 
 
 class _Part:
+    """A part of the store: it owns some tables, and reaches them through the shared `Database`."""
+
     def __init__(self, db: Database):
         self.db = db
 
