@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from antavo_ometria.sync.load import LoadOutcome
+from antavo_ometria.sync.load import LoadOutcome, keep_outcome, load_outcome
 from antavo_ometria.sync.report import RunResults, compute_report, format_report, held_rows
 from antavo_ometria.sync.state import HeldKind
 from antavo_ometria.sync.step_results import Extracted, Loaded, Plan, RunStatus, Transformed
@@ -33,8 +33,7 @@ def results(load: LoadOutcome, loaded: Loaded | None, **more) -> RunResults:
 
 
 def test_a_delivered_run_accounts_for_every_extracted_customer():
-    outcome = LoadOutcome(batches=1, accepted_ids=IDS[:8], rejected_ids=IDS[8:], reached=frozenset(IDS),
-                          errors=dict.fromkeys(IDS))
+    outcome = LoadOutcome(batches=1, accepted_ids=IDS[:8], rejected_ids=IDS[8:], reached=frozenset(IDS))
     loaded = Loaded(batches=1, sent=10, accepted=8, rejected=2, failed=0, refused_oversized=0)
     report = compute_report(results(outcome, loaded))
     assert report["status"] == RunStatus.SUCCESS == "success"
@@ -55,7 +54,7 @@ def test_counts_that_do_not_add_up_fail_the_run():
 def test_a_failed_load_holds_what_it_did_not_reach_and_fails_the_run():
     # the load pushed four contacts (three accepted, one batch of one not delivered) and was stopped for good
     outcome = LoadOutcome(batches=1, accepted_ids=IDS[:3], failed_ids=IDS[3:4], reached=frozenset(IDS[:4]),
-                          errors={**dict.fromkeys(IDS[:3]), IDS[3]: "HTTP 503"})
+                          errors={IDS[3]: "HTTP 503"})
     run = results(outcome, None, payloads={i: {"id": i, "email": f"{i}@example.com"} for i in IDS[3:]})
     report = compute_report(run)
     assert report["status"] == "failed"
@@ -98,3 +97,14 @@ def test_a_dry_run_sends_nothing_and_counts_what_would_be_sent():
                                     plan=plan(dry_run=True)))
     assert (report["status"], report["would_send"], report["failed"], report["unaccounted"]) == ("dry_run", 10, 0, 0)
     assert "(DRY RUN: nothing was sent)" in format_report(report).splitlines()[0]
+
+
+def test_the_report_reads_the_loads_own_account_of_its_attempt_only(tmp_path):
+    outcome = LoadOutcome(batches=2, accepted_ids=IDS[:9], failed_ids=IDS[9:], reached=frozenset(IDS),
+                          errors={IDS[9]: "HTTP 503"})
+    keep_outcome(tmp_path, plan(), outcome)
+    assert load_outcome(tmp_path, plan(), set(IDS)) == outcome
+    # another attempt's account, or a try that stopped before giving one, is not this attempt's: its journal is
+    assert load_outcome(tmp_path, plan(attempt="a2"), set(IDS)) == LoadOutcome()
+    keep_outcome(tmp_path, plan(), None)
+    assert load_outcome(tmp_path, plan(), set(IDS)) == LoadOutcome()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from antavo_ometria.ometria.client import OmetriaClient
@@ -40,6 +40,7 @@ from antavo_ometria.transport import ApiError, AuthenticationFailed
 log = logging.getLogger(__name__)
 
 MIN_SHARED_CAUSE = 10  # new rejections that can show a shared cause: a whole batch of them, or a share of the run
+OUTCOME = "load_outcome.json"  # the load's account of its attempt, for the report
 
 
 class LoadFailed(Exception):
@@ -65,7 +66,7 @@ class LoadOutcome:
     refused_oversized: int = 0
     removed_from_list: int = 0
     failed_removal_ids: list[str] = field(default_factory=list)
-    errors: dict[str, str | None] = field(default_factory=dict)  # id → the error of its latest push
+    errors: dict[str, str] = field(default_factory=dict)  # id → the error of its latest push, when it had one
     reached: frozenset[str] = frozenset()  # ids that some push of this attempt carried
 
     @property
@@ -76,6 +77,13 @@ class LoadOutcome:
         return {"batches": self.batches, "sent": self.sent, "accepted": len(self.accepted_ids),
                 "rejected": len(self.rejected_ids), "failed": len(self.failed_ids),
                 "refused_oversized": self.refused_oversized, "removed_from_list": self.removed_from_list}
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "reached": sorted(self.reached)}
+
+    @classmethod
+    def of(cls, value: dict) -> LoadOutcome:
+        return cls(**{**value, "reached": frozenset(value["reached"])})
 
 
 @dataclass(frozen=True)
@@ -164,6 +172,7 @@ class _LoadRun:
                                          "/v2/push/_errors, which do not say which record)")
         self.journal.append([unconfirmed.as_dict()])  # a retry sends them again
         self.record([unconfirmed])
+        keep_outcome(self.staging, self.plan, summarise_load(self.staging, self.plan, set(self.hashes_of)))
         return LoadFailed(f"Ometria accepted the contacts, then listed {len(late)} validation errors on fields they "
                           f"carry. {likely_cause(late)} The {len(ids)} contacts this try sent stay owed and are sent "
                           "again: fix the cause, then clear the run or wait for the next one.", retryable=False)
@@ -203,6 +212,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         log.info("dry run: %d contacts would be sent and %d removed from the list; nothing was sent",
                  len(contacts), len(leavers))
         return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=len(contacts))
+    keep_outcome(staging, plan, None)
     run = _LoadRun(staging, client, plan, store, settings, contacts)
     owed = run.owed()
     chosen = select(contacts, run.resume(), owed, settings.max_contacts_per_run)
@@ -217,6 +227,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     errors = new_push_errors(client, store)
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
     outcome = summarise_load(staging, plan, {i for i, _, _ in contacts})
+    keep_outcome(staging, plan, outcome)
     verdict = rejection_verdict(outcome, owed, refused_whole, errors, settings.max_rejected_share,
                                 store.push_errors.last_polled() if store is not None else ())
     if verdict:
@@ -402,8 +413,29 @@ def summarise_load(staging: Path, plan: Plan, staged: set[str]) -> LoadOutcome:
         failed_ids=by_outcome[PushOutcome.FAILED],
         refused_oversized=len(read_ndjson(staging / OVERSIZED)),
         removed_from_list=sum(removed.values()), failed_removal_ids=[i for i, done in removed.items() if not done],
-        errors={i: e.error for e in everything for i in e.ids}, reached=frozenset(i for e in everything for i in e.ids),
+        errors=_latest_errors(everything), reached=frozenset(i for e in everything for i in e.ids),
     )
+
+
+def _latest_errors(entries: list[JournalEntry]) -> dict[str, str]:
+    latest = {i: e.error for e in entries for i in e.ids}
+    return {i: error for i, error in latest.items() if error}
+
+
+def keep_outcome(staging: Path, plan: Plan, outcome: LoadOutcome | None) -> None:
+    """Write the load's account of its attempt for the report (None: a try is under way, its outcome unknown)."""
+    kept = {"attempt": plan.attempt, "outcome": outcome.as_dict() if outcome is not None else None}
+    (staging / OUTCOME).write_text(json.dumps(kept, ensure_ascii=False), encoding="utf-8")
+
+
+def load_outcome(staging: Path, plan: Plan, staged: set[str]) -> LoadOutcome:
+    """The load's account of this attempt; from its journal when the load stopped before giving one (a crash, a
+    refused API key)."""
+    path = staging / OUTCOME
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if kept.get("attempt") == plan.attempt and kept.get("outcome") is not None:
+        return LoadOutcome.of(kept["outcome"])
+    return summarise_load(staging, plan, staged)
 
 
 def _latest_outcomes(entries: list[JournalEntry], staged: set[str]) -> dict[PushOutcome, list[str]]:

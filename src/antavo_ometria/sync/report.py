@@ -10,7 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES, kilobytes
-from antavo_ometria.sync.load import LoadOutcome, summarise_load
+from antavo_ometria.sync.load import LoadOutcome, load_outcome
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
     DEFERRED,
@@ -38,7 +38,7 @@ class RunResults:
     extracted: Extracted
     transformed: Transformed
     loaded: Loaded | None  # None: the load step failed
-    load: LoadOutcome  # what the load's journal says of each staged contact
+    load: LoadOutcome  # the load's account of each staged contact
     staged_ids: list[str]  # the contacts the transform staged to send
     quarantined: list[dict] = field(default_factory=list)  # {"id", "reasons"}
     oversized: list[dict] = field(default_factory=list)  # {"id", "reasons"}
@@ -53,7 +53,7 @@ def gather(staging: Path, plan: Plan, extracted: Extracted, transformed: Transfo
            loaded: Loaded | None) -> RunResults:
     """Read what the steps left in the staging folder."""
     staged = read_contacts(staging)
-    outcome = summarise_load(staging, plan, {i for i, _, _ in staged})
+    outcome = load_outcome(staging, plan, {i for i, _, _ in staged})
     results = RunResults(
         plan, extracted, transformed, loaded, outcome, [i for i, _, _ in staged],
         quarantined=[{"id": q["id"], "reasons": q["reasons"]} for q in read_ndjson(staging / QUARANTINE)],
