@@ -26,6 +26,7 @@ from antavo_ometria.sync.step_results import Extracted, Loaded, Plan, RunStatus,
 
 log = logging.getLogger(__name__)
 
+
 class RunNotDelivered(Exception):
     """The run's report does not add up, or some contacts were not delivered: the run must not count as synced."""
 
@@ -60,9 +61,8 @@ def gather(staging: Path, plan: Plan, extracted: Extracted, transformed: Transfo
         oversized=read_ndjson(staging / OVERSIZED), deferred_ids=[d["id"] for d in _ndjson_if_any(staging / DEFERRED)],
         async_errors=_json_if_any(staging / ASYNC_ERRORS), duplicates=_json_if_any(staging / DUPLICATES),
         staging=str(staging))
-    undelivered = set(outcome.rejected_ids) | set(unreached(results))
-    if outcome.failed_ids or undelivered:
-        failing = undelivered | set(outcome.failed_ids)
+    failing = set(outcome.rejected_ids) | set(outcome.failed_ids) | set(unreached(results))
+    if failing:  # their payloads are kept with them in the state store
         results = replace(results, payloads={i: json.loads(b) for i, b, _ in staged if i in failing})
     return results
 
