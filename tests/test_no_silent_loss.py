@@ -145,7 +145,7 @@ def test_the_state_store_is_repaired_from_the_journal_on_retry(store, sandbox, a
     plan = plan_run(store, mapping, DAG, "run-1")
     extract(antavo_client, staging, plan)
     transform_staged(staging, mapping, plan, store)
-    record = store.record_accepted
+    record = store.contacts.record_accepted
     calls = []
 
     def gone_after_two_batches(*args, **kwargs):
@@ -154,7 +154,7 @@ def test_the_state_store_is_repaired_from_the_journal_on_retry(store, sandbox, a
             raise ConnectionError("state store went away")
         return record(*args, **kwargs)
 
-    monkeypatch.setattr(store, "record_accepted", gone_after_two_batches)
+    monkeypatch.setattr(store.contacts, "record_accepted", gone_after_two_batches)
     with pytest.raises(ConnectionError):
         load_staged(staging, ometria_client, plan, store)
     monkeypatch.undo()
