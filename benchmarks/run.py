@@ -183,7 +183,7 @@ def measure_object_storage(size: int) -> dict:
 
 def full_plan(run_id: str, mapping):
     """A full load's plan without a state store: every contact is sent."""
-    from antavo_ometria.sync.records import Plan
+    from antavo_ometria.sync.step_results import Plan
 
     return Plan("benchmark", run_id, run_id, "full", "benchmark", None, True, False, mapping.version, None,
                 datetime.now(UTC).isoformat(), None)
@@ -288,8 +288,8 @@ def measure_incremental(size: int) -> dict:
     from antavo_ometria.sync.extract import extract
     from antavo_ometria.sync.mapping import load_contact_mapping
     from antavo_ometria.sync.prepare import transform_staged
-    from antavo_ometria.sync.records import Plan
     from antavo_ometria.sync.state import StateStore
+    from antavo_ometria.sync.step_results import Plan
     from antavo_ometria_tools.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, ANTAVO_SECRET
     from benchmarks.antavo_server import changed_ids
 
@@ -352,7 +352,7 @@ def _synced_before(source: Path, url: str) -> None:
     store.migrate()
     full = staging_copy(source)
     transform_staged(full, mapping, full_plan("full", mapping))
-    store.record_accepted([(i, h) for i, _, h in read_contacts(full)], mapping.version, "full")
+    store.contacts.record_accepted([(i, h) for i, _, h in read_contacts(full)], mapping.version, "full")
     shutil.rmtree(full)
 
 

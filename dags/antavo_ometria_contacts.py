@@ -93,7 +93,7 @@ def antavo_ometria_contacts():
         context = get_current_context()
         store = _store()
         removed = prune_staging(staging_root(), DAG_ID, keep=_staging())
-        forgotten = store.prune_released(datetime.now(UTC) - staging_retention())
+        forgotten = store.held.prune_released(datetime.now(UTC) - staging_retention())
         if removed or forgotten:
             logging.getLogger(__name__).info("retention: removed %d staging folder(s) and %d released held record(s)",
                                              len(removed), forgotten)

@@ -159,7 +159,7 @@ class Deployment:
         events = {i.split(":", 1)[-1] for i in self.sandbox.ometria.events}  # `<rule>:<Antavo event id>`
         stored_twice, resent = _repeats(self.sandbox.ometria.deliveries)
         held = {r["antavo_id"].split(":", 1)[-1] if r["kind"].startswith("event_") else r["antavo_id"]
-                for r in self.store.held_records(limit=100_000) if r["reasons"] and r["antavo_id"]}
+                for r in self.store.held.find(limit=100_000) if r["reasons"] and r["antavo_id"]}
         poison = self.poison_customers | self.poison_events
         return Outcome(
             scenario=name, runs=runs,
@@ -170,7 +170,7 @@ class Deployment:
             stored_twice=stored_twice + sum(len(records) > 1 for records in stored.values()),
             poison_sent=len(poison & (set(stored) | events)),
             resent=resent,
-            owed=self.store.owed_count(),
+            owed=self.store.contacts.owed_count(),
             removed_from_list=sum(LIST_ID not in stored[i][0]["lists"] for i in self.leavers  # joined, then left
                                   if stored[i] and "lists" in stored[i][0]),
             leavers=len(self.leavers),

@@ -17,8 +17,8 @@ import requests
 from antavo_ometria.sync.extract import choose_reads, extract
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.records import Plan
 from antavo_ometria.sync.staging import read_contacts
+from antavo_ometria.sync.step_results import Plan
 
 PROJECT = Path(__file__).resolve().parents[1]
 SINCE = datetime(2026, 6, 1, tzinfo=UTC)

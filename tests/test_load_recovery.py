@@ -71,7 +71,7 @@ def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url)
     assert loaded.sent == loaded.accepted == 290 and loaded.delivered_earlier == 200
     assert len(sandbox.ometria.contacts) == 290
     assert set(sandbox.ometria.received.values()) == {1}  # no contact was sent twice
-    assert store.contact_count() == 290
+    assert store.contacts.known_count() == 290
 
 
 def test_a_clear_of_only_the_load_says_it_sent_nothing_again(staged, sandbox):
@@ -107,12 +107,12 @@ def test_plan_backfill_and_manual_runs(state_url):
     first = plan_run(store, mapping, "d", "r1", (datetime(2026, 3, 1, 11, tzinfo=UTC),
                                                   datetime(2026, 3, 1, 12, tzinfo=UTC)))
     assert first.mode == "full" and first.send_unchanged
-    store.finish_run("d", "r1", "success")
+    store.runs.finish("d", "r1", "success")
     backfill = plan_run(store, mapping, "d", "r2", (datetime(2026, 2, 1, 11, tzinfo=UTC),
                                                      datetime(2026, 2, 1, 12, tzinfo=UTC)), run_type="backfill")
     assert backfill.mode == "incremental" and backfill.send_unchanged  # a backfill re-sends its interval
     assert backfill.since == "2026-02-01T10:50:00+00:00" and backfill.until == "2026-02-01T12:00:00+00:00"
-    store.finish_run("d", "r2", "success")
+    store.runs.finish("d", "r2", "success")
     manual = plan_run(store, mapping, "d", "r3")  # no data interval: resume where syncing got to
     assert manual.mode == "incremental" and not manual.send_unchanged
     assert manual.since == "2026-03-01T11:50:00+00:00"

@@ -94,8 +94,8 @@ def test_counts_add_up_after_isolation_and_a_5xx_then_a_retry(store, sandbox, an
                         DAG, plan.run_id)
     assert (report["sent"], report["accepted"], report["rejected"], report["failed"], report["unaccounted"]) == (
         290, 289, 1, 0, 0)
-    assert [r["antavo_id"] for r in store.held_records(kind="failed")] == []
-    assert [r["antavo_id"] for r in store.held_records(kind="rejected")] == ["c00000005"]
+    assert [r["antavo_id"] for r in store.held.find(kind="failed")] == []
+    assert [r["antavo_id"] for r in store.held.find(kind="rejected")] == ["c00000005"]
     assert len(sandbox.ometria.contacts) == 289 and ("antavo", "c00000005") not in sandbox.ometria.contacts
 
 
@@ -107,13 +107,13 @@ def test_a_run_with_undelivered_contacts_fails_and_the_next_run_sends_them(store
     sandbox.ometria.faults.add({"status": 503, "count": 10**6, "path": "/v2/push"})
     with pytest.raises(RunNotDelivered, match="5 contact\\(s\\) were not delivered .*HTTP 503"):
         sync(store, antavo_client, ometria_client, tmp_path / "s2", run_id="run-2")
-    assert store.runs(DAG)[0]["status"] == "failed"
-    held = store.held_records(run_id="run-2", kind="failed")
+    assert store.runs.recent(DAG)[0]["status"] == "failed"
+    held = store.held.find(run_id="run-2", kind="failed")
     assert len(held) == 5 and "the next run sends it" in held[0]["reasons"][0]
     sandbox.ometria.faults.clear()
     report = sync(store, antavo_client, ometria_client, tmp_path / "s3", run_id="run-3")
     assert report["sent"] == 5 and report["status"] == "success"
-    assert store.held_records(kind="failed") == []  # delivered now: no longer shown as held
+    assert store.held.find(kind="failed") == []  # delivered now: no longer shown as held
     assert [sandbox.ometria.contacts[("antavo", f"c0000002{n}")]["firstname"] for n in range(5)] == [
         f"New{n}" for n in range(5)]
 
@@ -145,7 +145,7 @@ def test_the_state_store_is_repaired_from_the_journal_on_retry(store, sandbox, a
     plan = plan_run(store, mapping, DAG, "run-1")
     extract(antavo_client, staging, plan)
     transform_staged(staging, mapping, plan, store)
-    record = store.record_accepted
+    record = store.contacts.record_accepted
     calls = []
 
     def gone_after_two_batches(*args, **kwargs):
@@ -154,13 +154,13 @@ def test_the_state_store_is_repaired_from_the_journal_on_retry(store, sandbox, a
             raise ConnectionError("state store went away")
         return record(*args, **kwargs)
 
-    monkeypatch.setattr(store, "record_accepted", gone_after_two_batches)
+    monkeypatch.setattr(store.contacts, "record_accepted", gone_after_two_batches)
     with pytest.raises(ConnectionError):
         load_staged(staging, ometria_client, plan, store)
     monkeypatch.undo()
-    assert store.contact_count() == 200 and len(sandbox.ometria.contacts) == 290  # batch 3 pushed, not recorded
+    assert store.contacts.known_count() == 200 and len(sandbox.ometria.contacts) == 290  # batch 3 pushed, not recorded
     loaded = load_staged(staging, ometria_client, plan, store)
-    assert store.contact_count() == 290 and loaded.sent == 290
+    assert store.contacts.known_count() == 290 and loaded.sent == 290
     assert set(sandbox.ometria.received.values()) == {1}
 
 
@@ -185,16 +185,16 @@ def test_a_backfill_keeps_its_own_window_and_never_jumps_a_gap(store):
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     hour = datetime(2026, 3, 1, 12, tzinfo=UTC)
     plan_run(store, mapping, DAG, "r1", (hour, hour + timedelta(hours=1)))
-    store.finish_run(DAG, "r1", "success")
+    store.runs.finish(DAG, "r1", "success")
     backfill = plan_run(store, mapping, DAG, "b1", (hour - timedelta(days=2), hour - timedelta(days=2, hours=-1)),
                         run_type="backfill")
     assert backfill.resumed is None and backfill.since == "2026-02-27T11:50:00+00:00"
-    store.finish_run(DAG, "b1", "success")
+    store.runs.finish(DAG, "b1", "success")
     plan_run(store, mapping, DAG, "r2", (hour + timedelta(hours=1), hour + timedelta(hours=2)))
-    store.finish_run(DAG, "r2", "failed")  # 13:00-14:00 failed
+    store.runs.finish(DAG, "r2", "failed")  # 13:00-14:00 failed
     plan_run(store, mapping, DAG, "b2", (hour + timedelta(hours=2), hour + timedelta(hours=3)), run_type="backfill")
-    store.finish_run(DAG, "b2", "success")  # a backfill of 14:00-15:00 succeeds
-    assert store.synced_until(DAG) == hour + timedelta(hours=1)  # still before the failed hour
+    store.runs.finish(DAG, "b2", "success")  # a backfill of 14:00-15:00 succeeds
+    assert store.runs.synced_until(DAG) == hour + timedelta(hours=1)  # still before the failed hour
     nxt = plan_run(store, mapping, DAG, "r3", (hour + timedelta(hours=3), hour + timedelta(hours=4)))
     assert nxt.since == "2026-03-01T12:50:00+00:00" and nxt.resumed
 
@@ -202,12 +202,12 @@ def test_a_backfill_keeps_its_own_window_and_never_jumps_a_gap(store):
 def test_a_full_re_sync_that_failed_is_done_again(store):
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     plan_run(store, mapping, DAG, "r1")
-    store.finish_run(DAG, "r1", "success")
+    store.runs.finish(DAG, "r1", "success")
     plan_run(store, mapping, DAG, "r2", full_resync=True)
-    store.finish_run(DAG, "r2", "failed")
+    store.runs.finish(DAG, "r2", "failed")
     again = plan_run(store, mapping, DAG, "r3")
     assert again.mode == "full" and "full re-sync of run r2 did not complete" in again.full_resync_reason
-    store.finish_run(DAG, "r3", "success")
+    store.runs.finish(DAG, "r3", "success")
     assert plan_run(store, mapping, DAG, "r4").mode == "incremental"
 
 
@@ -314,5 +314,5 @@ def test_a_run_stopped_before_its_plan_is_recorded_as_failed(store, tmp_path):
     steps = {"check_connections": None, "plan": None, "extract": None, "transform": None, "load": None}
     with pytest.raises(RunNotDelivered, match="stopped at check_connections"):
         report_run(tmp_path, steps, store, DAG, "run-1")
-    (run,) = store.runs(DAG)
+    (run,) = store.runs.recent(DAG)
     assert (run["run_id"], run["status"], run["mode"]) == ("run-1", "failed", "not planned")

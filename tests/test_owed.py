@@ -72,7 +72,7 @@ def test_a_custom_field_deleted_in_ometria_fails_the_load_and_its_contacts_are_s
     stored = {i: sandbox.ometria.contacts[("antavo", i)]["firstname"] for i in changed
               if ("antavo", i) in sandbox.ometria.contacts}
     assert "Renamed" not in stored.values()  # nothing of it reached Ometria
-    owed = [store.contact(i) for i in changed]
+    owed = [store.contacts.get(i) for i in changed]
     assert all(c is not None and c["status"] in ("rejected", "failed") for c in owed)  # owed, not "unchanged"
 
     sandbox.ometria.custom_fields["loyalty_points"] = loyalty_points  # the field is created again
@@ -81,7 +81,7 @@ def test_a_custom_field_deleted_in_ometria_fails_the_load_and_its_contacts_are_s
     assert fixed["status"] == "success" and fixed["accepted"] >= len(changed)
     assert all(sandbox.ometria.contacts[("antavo", i)]["firstname"] == "Renamed" for i in changed)
     assert all(sandbox.ometria.received[("contact", i)] == 2 for i in changed)  # the first sync and this one
-    assert store.owed_count() == 0
+    assert store.contacts.owed_count() == 0
 
 
 def test_http_400_for_whole_requests_is_a_failed_batch_retried_never_permanent_rejections(
@@ -90,7 +90,7 @@ def test_http_400_for_whole_requests_is_a_failed_batch_retried_never_permanent_r
     report = sync(store, antavo_client, ometria_client, tmp_path, "first", (None, HOUR))
     assert report["status"] == "failed" and report["load_error"].retryable
     assert report["rejected"] == 0 and report["failed"] == 200
-    assert not store.held_records(kind="rejected")
+    assert not store.held.find(kind="rejected")
     retry = load_staged(tmp_path / "first", ometria_client, report["plan"], store)  # Airflow's retry of the load task
     assert retry.failed == 0 and retry.accepted == 290
     assert len(sandbox.ometria.contacts) == 290 and set(sandbox.ometria.received.values()) == {1}
@@ -137,7 +137,7 @@ def test_members_who_leave_the_programme_leave_the_list_and_a_truncated_read_rem
     after = sandbox.ometria.contacts[("antavo", "c00000001")]
     assert 8400 not in after["lists"]
     assert {k: v for k, v in after.items() if k != "lists"} == {k: v for k, v in before.items() if k != "lists"}
-    assert store.contact("c00000001")["status"] == "left" and store.contact_count() == 289
+    assert store.contacts.get("c00000001")["status"] == "left" and store.contacts.known_count() == 289
 
     for n in range(100, 130):  # 30 of 289 members missing at once: a truncated read, most likely
         sandbox.antavo.touch(f"c{n:08d}", {"status": "inactive"}, at=HOUR + timedelta(hours=1, minutes=5))
@@ -155,7 +155,7 @@ def test_a_member_read_as_inactive_by_an_incremental_run_leaves_the_list_and_is_
     assert hourly["status"] == "success" and hourly["leavers"] == 1 and hourly["removed_from_list"] == 1
     stored = sandbox.ometria.contacts[("antavo", "c00000001")]
     assert 8400 not in stored["lists"] and stored["firstname"] != "Gone"  # removed, not re-sent as a member
-    assert store.contact("c00000001")["status"] == "left"
+    assert store.contacts.get("c00000001")["status"] == "left"
 
 
 def test_a_cap_per_run_spreads_the_contacts_over_runs_each_sent_once(
@@ -164,7 +164,7 @@ def test_a_cap_per_run_spreads_the_contacts_over_runs_each_sent_once(
     settings.write_text(settings.read_text().replace("max_contacts_per_run = 0 ", "max_contacts_per_run = 100"))
     first = sync(store, antavo_client, ometria_client, tmp_path, "first", (None, HOUR), mappings=mappings)
     assert (first["status"], first["accepted"], first["deferred"], first["failed"]) == ("success", 100, 190, 0)
-    assert first["unaccounted"] == 0 and store.owed_count() == 190
+    assert first["unaccounted"] == 0 and store.contacts.owed_count() == 190
     assert "deferred          190   (over sync.max_contacts_per_run" in format_report(first)
     assert len(sandbox.ometria.contacts) == 100
 
@@ -173,7 +173,7 @@ def test_a_cap_per_run_spreads_the_contacts_over_runs_each_sent_once(
     assert (second["status"], second["accepted"], second["deferred"]) == ("success", 100, 90)
     third = sync(store, antavo_client, ometria_client, tmp_path, "third", hours[1], mappings=mappings)
     assert (third["status"], third["accepted"], third["deferred"]) == ("success", 90, 0)
-    assert store.owed_count() == 0 and store.contact_count() == 290
+    assert store.contacts.owed_count() == 0 and store.contacts.known_count() == 290
     assert len(sandbox.ometria.contacts) == 290
     assert set(sandbox.ometria.received[("contact", i)] for _, i in sandbox.ometria.contacts) == {1}  # each once
     quiet = sync(store, antavo_client, ometria_client, tmp_path, "quiet", hours[2], mappings=mappings)
@@ -189,7 +189,7 @@ def test_a_failed_reconciliation_is_done_again_and_never_becomes_a_full_re_send(
     first_sync(store, sandbox, antavo_client, ometria_client, tmp_path)
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     failed = plan_run(store, mapping, DAG, "reconcile", hours(0), reconcile=True)
-    store.finish_run(DAG, "reconcile", "failed")  # e.g. Antavo was down during its scan
+    store.runs.finish(DAG, "reconcile", "failed")  # e.g. Antavo was down during its scan
     again = plan_run(store, mapping, DAG, "next", hours(1))
     assert failed.mode == again.mode == "full" and again.full_resync_reason is None and not again.send_unchanged
     assert again.reconcile_reason == "the reconciliation of run reconcile did not complete: it is done again"
@@ -208,12 +208,12 @@ def test_contacts_owed_before_never_count_as_new_rejections_and_a_split_batch_is
     sandbox.ometria.reject_ids = set(rejected)
     first = sync(store, antavo_client, ometria_client, tmp_path, "first", (None, HOUR))
     assert first["status"] == "success" and first["rejected"] == 12  # 4 %: held, not a shared cause
-    assert {i for i in rejected if store.contact(i)["status"] == "rejected"} == rejected
+    assert {i for i in rejected if store.contacts.get(i)["status"] == "rejected"} == rejected
     reconciled = sync(store, antavo_client, ometria_client, tmp_path, "reconcile", hours(0), reconcile=True)
     assert reconciled["status"] == "success" and reconciled["rejected"] == len(rejected)  # tried again, still held
     assert reconciled["sent"] == len(rejected) and reconciled["retried"] == len(rejected)
     assert all(sandbox.ometria.received[("contact", i)] == 0 for i in rejected)
-    assert store.owed_count() == len(rejected)
+    assert store.contacts.owed_count() == len(rejected)
 
 
 def test_one_rejection_in_a_quiet_hour_is_held_and_the_run_stays_green(store, sandbox, antavo_client,
@@ -224,7 +224,7 @@ def test_one_rejection_in_a_quiet_hour_is_held_and_the_run_stays_green(store, sa
     sandbox.ometria.reject_ids = {"c00000031"}
     hourly = sync(store, antavo_client, ometria_client, tmp_path, "hourly", hours(0))
     assert hourly["status"] == "success" and hourly["rejected"] == 1 and hourly["accepted"] == 9
-    assert store.contact("c00000031")["status"] == "rejected"
+    assert store.contacts.get("c00000031")["status"] == "rejected"
 
 
 def test_a_push_whose_answer_was_lost_leaves_nothing_known_so_a_later_run_sends_it(
@@ -233,12 +233,12 @@ def test_a_push_whose_answer_was_lost_leaves_nothing_known_so_a_later_run_sends_
     # a push that timed out; Ometria may have stored a payload the customer has since reverted
     from antavo_ometria.sync.state import FAILED, Backoff
 
-    store.record_owed([("c00000005", "payload-that-timed-out")], FAILED, "not delivered: timed out", "v", "lost",
-                      Backoff())
-    assert store.accepted_hashes(["c00000005"]) == {} and store.contact_count() == 289
+    store.contacts.record_owed([("c00000005", "payload-that-timed-out")], FAILED, "not delivered: timed out", "v",
+                               "lost", Backoff())
+    assert store.contacts.accepted_hashes(["c00000005"]) == {} and store.contacts.known_count() == 289
     reconciled = sync(store, antavo_client, ometria_client, tmp_path, "reconcile", hours(0), reconcile=True)
     assert reconciled["sent"] == 1 and reconciled["retried_accepted"] == 1
-    assert sandbox.ometria.received[("contact", "c00000005")] == 2 and store.owed_count() == 0
+    assert sandbox.ometria.received[("contact", "c00000005")] == 2 and store.contacts.owed_count() == 0
 
 
 def test_a_removal_that_fails_turns_the_run_red_and_the_next_run_removes_the_member(
@@ -249,19 +249,19 @@ def test_a_removal_that_fails_turns_the_run_red_and_the_next_run_removes_the_mem
     hourly = sync(store, antavo_client, ometria_client, tmp_path, "hourly", hours(0))
     assert hourly["status"] == "failed" and "could not be removed from the list" in str(hourly["load_error"])
     assert 8400 in sandbox.ometria.contacts[("antavo", "c00000001")]["lists"]
-    member = store.contact("c00000001")
+    member = store.contacts.get("c00000001")
     assert member["status"] == "sent"  # still a member: not recorded as left
     with pytest.raises(LoadFailed, match="could not be removed"):  # Airflow's retry, while Ometria still refuses
         load_staged(tmp_path / "hourly", ometria_client, hourly["plan"], store,
                     load_contact_mapping(PROJECT / "include" / "mappings").settings)
-    assert store.contact("c00000001") == member  # the removal is no delivery: still a member
+    assert store.contacts.get("c00000001") == member  # the removal is no delivery: still a member
 
     sandbox.ometria.reject_ids = set()
     nxt = sync(store, antavo_client, ometria_client, tmp_path, "next", hours(1))
     assert nxt["reconcile_reason"].startswith("an earlier run suspected missed changes (1 leaver(s) could not be")
     assert nxt["status"] == "success" and nxt["removed_from_list"] == 1
     assert 8400 not in sandbox.ometria.contacts[("antavo", "c00000001")]["lists"]
-    assert store.contact("c00000001")["status"] == "left"
+    assert store.contacts.get("c00000001")["status"] == "left"
 
 
 def test_an_hourly_run_guards_leavers_too(store, sandbox, antavo_client, ometria_client, tmp_path):
@@ -277,13 +277,13 @@ def test_owed_contacts_that_leave_or_are_held_back_are_owed_no_more(store, sandb
                                                                     ometria_client, tmp_path):
     sandbox.ometria.reject_ids = {"c00000006", "c00000008"}
     first_sync_report = sync(store, antavo_client, ometria_client, tmp_path, "first", (None, HOUR))
-    assert first_sync_report["rejected"] == 2 and store.owed_count() == 2
+    assert first_sync_report["rejected"] == 2 and store.contacts.owed_count() == 2
     sandbox.antavo.touch("c00000006", {"status": "inactive"}, at=HOUR + timedelta(minutes=5))
     sandbox.antavo.touch("c00000008", {"email": "not an email"}, at=HOUR + timedelta(minutes=5))
     hourly = sync(store, antavo_client, ometria_client, tmp_path, "hourly", hours(0))
     assert hourly["status"] == "success" and hourly["quarantined"] == 1
-    assert store.contact("c00000006")["status"] == "left" and store.contact("c00000008")["status"] == "held"
-    assert store.owed_count() == 0
+    assert store.contacts.get("c00000006")["status"] == "left" and store.contacts.get("c00000008")["status"] == "held"
+    assert store.contacts.owed_count() == 0
     quiet = sync(store, antavo_client, ometria_client, tmp_path, "quiet", hours(1))
     assert quiet["extracted"] == 0  # not read again every run
 
@@ -303,13 +303,14 @@ def test_contacts_ometria_accepts_then_lists_invalid_stay_owed_and_are_sent_agai
     assert "then listed 20 validation errors" in str(listed["load_error"])
     assert "A custom field may be missing in Ometria: root > loyalty_points" in str(listed["load_error"])
     assert all(sandbox.ometria.contacts[("antavo", i)]["firstname"] != "Later" for i in changed)
-    assert store.owed_count() == 20 and store.accepted_hashes(changed) == {}, [store.contact(i) for i in changed[:2]]
+    assert store.contacts.owed_count() == 20 and store.contacts.accepted_hashes(changed) == {}, [
+        store.contacts.get(i) for i in changed[:2]]
     with pytest.raises(LoadFailed):  # a Clear of the load, errors no longer new: still not counted delivered
         load_staged(tmp_path / "listed", ometria_client, listed["plan"], store,
                     load_contact_mapping(PROJECT / "include" / "mappings").settings)
-    assert store.owed_count() == 20
+    assert store.contacts.owed_count() == 20
 
     sandbox.ometria.custom_fields["loyalty_points"] = field_type
     fixed = sync(store, antavo_client, ometria_client, tmp_path, "fixed", hours(1))
-    assert fixed["status"] == "success" and fixed["retried_accepted"] == 20 and store.owed_count() == 0
+    assert fixed["status"] == "success" and fixed["retried_accepted"] == 20 and store.contacts.owed_count() == 0
     assert all(sandbox.ometria.contacts[("antavo", i)]["firstname"] == "Later" for i in changed)

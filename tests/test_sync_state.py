@@ -67,7 +67,7 @@ def test_only_changed_contacts_are_sent(airflow_db, dag, connections):
     assert [sandbox.ometria.contacts[("antavo", c)]["firstname"] for c in changed] == [
         f"Renamed{n}" for n in range(5)]
 
-    history = StateStore(_state_url()).runs("antavo_ometria_contacts")
+    history = StateStore(_state_url()).runs.recent("antavo_ometria_contacts")
     assert [(r["mode"], r["sent"], r["status"]) for r in history] == [
         ("incremental", 5, "success"), ("incremental", 0, "success"), ("full", sent_first, "success")]
     assert len(report["history"]) == 3
@@ -113,21 +113,21 @@ def test_rejected_records_stay_owed_and_are_retried_until_ometria_accepts_them(a
     assert {"error_message": "identifier is already owned by another contact",
             "error_path": "root > email"} in report["async_errors"]
     store = StateStore(_state_url())
-    held = store.held_records(kind="rejected")
+    held = store.held.find(kind="rejected")
     assert {h["antavo_id"] for h in held} == rejected
     assert all(json.loads(h["payload"])["id"] == h["antavo_id"] for h in held)
-    assert store.contact_count() == report["accepted"]  # a rejected contact is not known to Ometria
+    assert store.contacts.known_count() == report["accepted"]  # a rejected contact is not known to Ometria
 
     _, again = run(dag, FIRST + timedelta(hours=1))  # nothing changed in Antavo: the owed ones are tried again
     assert again["retried"] == 3 and again["retried_accepted"] == 0 and again["rejected"] == 3
     assert len(again["async_errors"]) == 3  # the three new entries, not Ometria's whole list again (6 by now)
     assert len(sandbox.ometria.errors) > 3
-    owed = {i: store.contact(i) for i in rejected}
+    owed = {i: store.contacts.get(i) for i in rejected}
     assert {c["status"] for c in owed.values()} == {"rejected"} and {c["attempts"] for c in owed.values()} == {2}
     assert all(c["retry_at"] > datetime.now(UTC) + timedelta(minutes=50) for c in owed.values())  # then 1 h later
 
     _, waiting = run(dag, FIRST + timedelta(hours=2))  # not due yet: left alone, still owed
-    assert waiting["retried"] == 0 and store.owed_count() == 3
+    assert waiting["retried"] == 0 and store.contacts.owed_count() == 3
 
     sandbox.ometria.reject_ids = set()  # the owner of those emails fixed them; an hour passes
     contacts = store.table("sync_contacts")
@@ -135,7 +135,7 @@ def test_rejected_records_stay_owed_and_are_retried_until_ometria_accepts_them(a
         conn.execute(contacts.update().values(retry_at=datetime.now(UTC) - timedelta(seconds=1)))
     _, fixed = run(dag, FIRST + timedelta(hours=3))
     assert fixed["retried"] == 3 and fixed["retried_accepted"] == 3 and fixed["status"] == "success"
-    assert store.owed_count() == 0 and not store.held_records(kind="rejected")
+    assert store.contacts.owed_count() == 0 and not store.held.find(kind="rejected")
     assert {i for (_, i) in sandbox.ometria.contacts} >= rejected  # what the sandbox stored, per id
     assert all(sandbox.ometria.received[("contact", i)] == 1 for i in rejected)  # accepted exactly once
 

@@ -171,11 +171,11 @@ def test_a_customer_fixed_back_to_what_was_sent_is_no_longer_held(synced, antavo
     good = sandbox.antavo.by_id["c00000004"]["email"]
     sandbox.antavo.touch("c00000004", {"email": "broken.example.com"})
     again("run-2")
-    assert "c00000004" in store.held_ids("quarantined")
+    assert "c00000004" in store.held.ids("quarantined")
     sandbox.antavo.touch("c00000004", {"email": good})  # the same payload as was sent: not sent again
     again("run-3")
-    assert "c00000004" not in store.held_ids("quarantined")
+    assert "c00000004" not in store.held.ids("quarantined")
     fixed = trace("c00000004", store, mapping, antavo_client, root)
     assert fixed.verdict.startswith("sent and current") and fixed.history[0]["released_at"] is not None
-    assert store.prune_released(datetime.now(UTC) + timedelta(seconds=1)) >= 1
+    assert store.held.prune_released(datetime.now(UTC) + timedelta(seconds=1)) >= 1
     assert trace("c00000004", store, mapping, antavo_client, root).history == []

@@ -18,6 +18,7 @@ from fastapi.responses import HTMLResponse
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.sync.event_report import latency
+from antavo_ometria.sync.step_results import RunStatus
 
 if TYPE_CHECKING:  # the plugin is loaded by every Airflow process: pandas and the clients load with the first page
     from antavo_ometria.sync.state import StateStore
@@ -140,8 +141,8 @@ def _cards(store: StateStore, runs: list[dict]) -> str:
     return "".join(
         f'<div class="card"><span class="muted">{_e(title)}</span><b>{_e(value)}</b></div>' for title, value in (
             ("last run", f"{last['status']} · {last['mode']}" if last else "—"),
-            ("contacts known to Ometria", store.contact_count()),
-            ("owed (rejected or not delivered)", store.owed_count()),
+            ("contacts known to Ometria", store.contacts.known_count()),
+            ("owed (rejected or not delivered)", store.contacts.owed_count()),
             ("mapping version", last["mapping_version"] if last else "—"),
             ("runs recorded", len(runs)),
         ))
@@ -150,7 +151,7 @@ def _cards(store: StateStore, runs: list[dict]) -> str:
 def _run_rows(runs: list[dict]) -> str:
     """The latest twelve runs, newest first."""
     return "".join(
-        f"<tr><td>{_e(_minute(r['started_at']))}</td><td class={'ok' if r['status'] == 'success' else 'bad'}>"
+        f"<tr><td>{_e(_minute(r['started_at']))}</td><td class={'ok' if r['status'] == RunStatus.SUCCESS else 'bad'}>"
         f"{_e(r['status'])}</td><td>{_e(r['mode'])}</td>"
         + "".join(f"<td class=n>{int(r[k] or 0)}</td>" for k in ("extracted", "changed", "sent", "accepted", "rejected",
                                                                 "quarantined", "failed"))
@@ -190,15 +191,15 @@ def _event_rows(summary: dict, latencies: dict[str, list[float]]) -> str:
 
 
 def render(store: StateStore, runs_shown: int = 30) -> str:
-    runs = list(reversed(store.runs(CONTACTS_DAG, limit=runs_shown)))
-    finished = [r for r in runs if r["status"] in ("success", "dry_run")]
+    runs = list(reversed(store.runs.recent(CONTACTS_DAG, limit=runs_shown)))
+    finished = [r for r in runs if r["status"] in (RunStatus.SUCCESS, RunStatus.DRY_RUN)]
     labels = [r["started_at"].strftime("%m-%d %H:%M") for r in finished]
     chart = bar_chart(labels, {name: [int(r[name] or 0) for r in finished] for name, _ in SERIES})
     cards = _cards(store, runs)
-    held_rows = _held_rows(store.held_records(limit=25))
-    version_rows = _version_rows(store.runs(CONTACTS_DAG, limit=500))
-    latencies = store.event_latencies(datetime.now(UTC) - timedelta(hours=1))
-    event_rows = _event_rows(store.event_summary(), latencies)
+    held_rows = _held_rows(store.held.find(limit=25))
+    version_rows = _version_rows(store.runs.recent(CONTACTS_DAG, limit=500))
+    latencies = store.events.latencies(datetime.now(UTC) - timedelta(hours=1))
+    event_rows = _event_rows(store.events.summary(), latencies)
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>Antavo → Ometria sync</title>
 <style>{STYLE}</style></head><body>
 <h1>Antavo → Ometria sync</h1><p class="muted">From the sync's state store. Contacts per run of

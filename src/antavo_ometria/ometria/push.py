@@ -1,14 +1,15 @@
 """Pushing to Ometria: batches of at most 100 records, the 60 KB rule, and batches that isolate a refused record.
 
-A push's outcome is a journal entry (a dict, as written to the load journal): the ids and payload hashes of
-its records, and Ometria's answer (`status`, `request_id`, `accepted`, `rejected`) or the error.
+A push's outcome is a `JournalEntry` (as written to the load journal): the ids and payload hashes of its records,
+and Ometria's answer (`status`, `request_id`, `accepted`, `rejected`) or the error.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields, replace
+from enum import StrEnum
 
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.contract import MAX_BATCH_RECORDS, MAX_RECORD_BYTES
@@ -16,6 +17,56 @@ from antavo_ometria.ometria.payload import payload_hash
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)
+
+ANSWERED = "OK"  # Ometria's status for a push it answered (each record accepted or rejected)
+NOT_ANSWERED = "FAILED"  # the push got no usable answer: nothing is known to have arrived
+
+
+class PushOutcome(StrEnum):
+    """What a journal entry says of its records."""
+
+    SENT = "sent"  # accepted by Ometria
+    REJECTED = "rejected"  # refused by Ometria
+    FAILED = "failed"  # not delivered
+
+
+@dataclass(frozen=True)
+class JournalEntry:
+    """One push: its records (ids, payload hashes) and Ometria's answer, or the error that stopped it."""
+
+    ids: list[str]
+    hashes: list[str]
+    status: str  # ANSWERED or NOT_ANSWERED
+    accepted: int = 0
+    rejected: int = 0
+    request_id: str | None = None
+    error: str | None = None
+    retryable: bool = True  # for a push not answered: whether trying it again can help
+    attempt: str | None = None  # the run's attempt that pushed it (see `Plan.attempt`)
+    removal: bool = False  # a removal from the list, not a contact's data
+
+    @property
+    def outcome(self) -> PushOutcome:
+        """Sent, rejected (by Ometria), or failed (not delivered). A batch pushed without isolation in which only
+        some records were rejected counts as sent: which ones Ometria refused is only in its asynchronous errors."""
+        if self.status != ANSWERED:
+            return PushOutcome.FAILED
+        return PushOutcome.REJECTED if self.rejected >= len(self.ids) else PushOutcome.SENT
+
+    def tagged(self, attempt: str, removal: bool = False) -> JournalEntry:
+        return replace(self, attempt=attempt, removal=removal)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def of(cls, value: JournalEntry | dict) -> JournalEntry:
+        """An entry from the journal as written (keys this release does not know are ignored)."""
+        if isinstance(value, cls):
+            return value
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in value.items() if k in known})
+
 
 @dataclass(frozen=True)
 class OversizedRecord:
@@ -60,7 +111,7 @@ def split_oversized(
 
 
 def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes], hashes: list[str] | None = None,
-                   record_type: str = "contact", isolate: bool = True) -> list[dict]:
+                   record_type: str = "contact", isolate: bool = True) -> list[JournalEntry]:
     """Push one batch; journal entries (ids, hashes, Ometria's answer) for it and for any halves it was split into.
 
     With `isolate`, a batch in which Ometria rejected some records is halved until each rejected record stands
@@ -76,20 +127,13 @@ def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes], h
         raise  # a refused API key is refused for every batch: stop at the first
     except ApiError as exc:
         log.error("batch of %d records not delivered: %s", len(ids), exc)
-        return [{"ids": ids, "hashes": hashes, "status": "FAILED", "error": str(exc),
-                 "retryable": exc.retryable or exc.status == 400, "accepted": 0, "rejected": 0}]
+        return [JournalEntry(ids, hashes, NOT_ANSWERED, error=str(exc), retryable=exc.retryable or exc.status == 400)]
     if isolate and 0 < result.rejected < len(ids):  # find the rejected records
         return (push_isolating(client, ids[:halves], bodies[:halves], hashes[:halves], record_type, isolate)
                 + push_isolating(client, ids[halves:], bodies[halves:], hashes[halves:], record_type, isolate))
-    return [{"ids": ids, "hashes": hashes, "status": result.status, "request_id": result.request_id,
-             "accepted": result.accepted, "rejected": result.rejected}]
+    return [JournalEntry(ids, hashes, result.status, result.accepted, result.rejected, result.request_id)]
 
 
-def record_status(entry: dict) -> str:
-    """What a journal entry says of its records: sent, rejected (by Ometria), or failed (not delivered).
-
-    A batch pushed without isolation in which only some records were rejected counts as sent: which ones
-    Ometria refused is only in its asynchronous errors."""
-    if entry["status"] != "OK":
-        return "failed"
-    return "rejected" if entry["rejected"] >= len(entry["ids"]) else "sent"
+def record_status(entry: JournalEntry) -> PushOutcome:
+    """What a journal entry says of its records (see `JournalEntry.outcome`)."""
+    return entry.outcome

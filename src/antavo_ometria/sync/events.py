@@ -262,12 +262,12 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
         status = record_status(entry)
         if status == "failed":  # left unrecorded (and the cursor before it) so that the next try sends it
             out.failed.append(event)
-            out.failure = entry.get("error")
+            out.failure = entry.error
         elif status == "rejected":  # not recorded as pushed: held, and retried while it can start an automation
-            out.rejected.append((event, entry.get("error") or f"request {entry.get('request_id')}"))
+            out.rejected.append((event, entry.error or f"request {entry.request_id}"))
         else:
             out.accepted.append(event)
-            store.record_events([_event_row(rule, event, "sent", late_cut, entry["request_id"], run_id)])
+            store.record_events([_event_row(rule, event, "sent", late_cut, entry.request_id, run_id)])
     if out.rejected:
         log.warning("Ometria rejected %d %s event(s): %s; its reasons are at /v2/push/_errors", len(out.rejected),
                     rule.event_type, ", ".join(event_key(rule, e) or "?" for e, _ in out.rejected[:10]))
@@ -311,8 +311,8 @@ def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple
         entries = push_isolating(ometria, ids, bodies)
         remember_sent(store, entries, mapping.version, run_id, dict(zip(ids, bodies)))
         for entry in entries:
-            outcome[record_status(entry)] += entry["ids"]
-            outcome["error"] = entry.get("error") or outcome["error"]
+            outcome[record_status(entry)] += entry.ids
+            outcome["error"] = entry.error or outcome["error"]
     if unknown:
         log.info("pushed %d contact(s) first: their events refer to customers Ometria did not have; %d not delivered",
                  len(outcome["sent"]), len(outcome["failed"]))

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from antavo_ometria.antavo.client import PAGE_OVERLAP, READ_API_PAGE_LIMIT, AntavoClient
 from antavo_ometria.antavo.records import NOT_FOUND
-from antavo_ometria.sync.records import Extracted, Plan
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
     CONTACTS,
@@ -26,6 +25,7 @@ from antavo_ometria.sync.staging import (
     write_customers,
     write_ndjson,
 )
+from antavo_ometria.sync.step_results import Extracted, Plan
 
 log = logging.getLogger(__name__)
 

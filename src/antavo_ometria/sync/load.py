@@ -5,12 +5,21 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.payload import encode_record
-from antavo_ometria.ometria.push import batches, push_isolating, record_status, split_oversized
-from antavo_ometria.sync.records import Loaded, Plan
+from antavo_ometria.ometria.push import (
+    ANSWERED,
+    NOT_ANSWERED,
+    JournalEntry,
+    OversizedRecord,
+    PushOutcome,
+    batches,
+    push_isolating,
+    split_oversized,
+)
 from antavo_ometria.sync.settings import SyncSettings
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
@@ -24,13 +33,14 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
     write_ndjson,
 )
-from antavo_ometria.sync.state import DEFERRED as DEFERRED_STATUS
-from antavo_ometria.sync.state import FAILED, REJECTED, Backoff, StateStore
+from antavo_ometria.sync.state import Backoff, ContactStatus, HeldKind, StateStore
+from antavo_ometria.sync.step_results import Loaded, Plan
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)
 
 MIN_SHARED_CAUSE = 10  # new rejections that can show a shared cause: a whole batch of them, or a share of the run
+OUTCOME = "load_outcome.json"  # the load's account of its attempt, for the report
 
 
 class LoadFailed(Exception):
@@ -42,6 +52,146 @@ class LoadFailed(Exception):
     def __init__(self, message: str, retryable: bool):
         super().__init__(message)
         self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class LoadOutcome:
+    """What this attempt's load journal says of the staged contacts (for each, its latest push decides), of the
+    removals from the list, and of the oversized records held back."""
+
+    batches: int = 0  # pushes Ometria answered
+    accepted_ids: list[str] = field(default_factory=list)
+    rejected_ids: list[str] = field(default_factory=list)
+    failed_ids: list[str] = field(default_factory=list)  # not delivered
+    refused_oversized: int = 0
+    removed_from_list: int = 0
+    failed_removal_ids: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)  # id → the error of its latest push, when it had one
+    reached: frozenset[str] = frozenset()  # ids that some push of this attempt carried
+
+    @property
+    def sent(self) -> int:
+        return len(self.accepted_ids) + len(self.rejected_ids)
+
+    def counts(self) -> dict[str, int]:
+        return {"batches": self.batches, "sent": self.sent, "accepted": len(self.accepted_ids),
+                "rejected": len(self.rejected_ids), "failed": len(self.failed_ids),
+                "refused_oversized": self.refused_oversized, "removed_from_list": self.removed_from_list}
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "reached": sorted(self.reached)}
+
+    @classmethod
+    def of(cls, value: dict) -> LoadOutcome:
+        return cls(**{**value, "reached": frozenset(value["reached"])})
+
+
+@dataclass(frozen=True)
+class Selection:
+    """What this try of the load sends, and what it does not: a pure decision over the staged contacts."""
+
+    fits: list[tuple[str, bytes]]  # to push
+    oversized: list[OversizedRecord]  # over Ometria's record size: held back
+    deferred: list[tuple[str, bytes]]  # over the run's cap: owed, the next run sends them
+    delivered_earlier: int  # delivered by an earlier try of this attempt: not sent again
+
+
+def select(contacts: list[tuple[str, bytes, str]], delivered: set[tuple[str, str]], owed: set[str],
+           cap: int) -> Selection:
+    """The contacts this try sends: not those an earlier try delivered, nor oversized ones, within the cap."""
+    pending = [(i, b) for i, b, h in contacts if (i, h) not in delivered]
+    fits, oversized = split_oversized(pending)
+    earlier = len(contacts) - len(pending)
+    fits, deferred = within_cap(fits, cap, earlier, owed)
+    return Selection(fits, oversized, deferred, earlier)
+
+
+class _LoadRun:
+    """One try of the load: its staging folder, journal and recorder, and the steps that act."""
+
+    def __init__(self, staging: Path, client: OmetriaClient, plan: Plan, store: StateStore | None,
+                 settings: SyncSettings, contacts: list[tuple[str, bytes, str]]):
+        self.staging, self.client, self.plan, self.store, self.settings = staging, client, plan, store, settings
+        self.contacts, self.journal = contacts, Journal(staging)
+        self.hashes_of = {i: h for i, _, h in contacts}
+        self.record = Recorder(store, plan.mapping_version, plan.run_id,
+                               Backoff(settings.retry_first_hours, settings.retry_max_hours),
+                               {i: b for i, b, _ in contacts})
+
+    def resume(self) -> set[tuple[str, str]]:
+        """The (id, hash) pairs an earlier try of this attempt delivered, recorded again (the store may have
+        missed them before a crash)."""
+        earlier = [e for e in journal_entries(self.staging, self.plan) if not e.removal]  # not list removals
+        latest = {(i, h): accepted(e) for e in earlier for i, h in zip(e.ids, e.hashes)}  # the newest word counts
+        delivered = {pair for pair, ok in latest.items() if ok}
+        if delivered:
+            self.record([still_delivered(e, delivered) for e in earlier if accepted(e)])
+        return delivered
+
+    def owed(self) -> set[str]:
+        """Contacts owed by earlier runs (in any mode): rejected again, they stay held, and do not fail the load."""
+        if self.store is None:
+            return set(self.plan.retry_ids)
+        return self.store.contacts.owed_among([i for i, _, _ in self.contacts], self.plan.run_id)
+
+    def defer(self, deferred: list[tuple[str, bytes]]) -> None:
+        write_ndjson(self.staging / DEFERRED, ({"id": i} for i, _ in deferred))
+        if not deferred:
+            return
+        cap = self.settings.max_contacts_per_run
+        log.warning("%d contacts are over max_contacts_per_run (%d): they stay owed and the next run sends them",
+                    len(deferred), cap)
+        if self.store is not None:
+            self.store.contacts.record_owed(
+                [(i, self.hashes_of[i]) for i, _ in deferred], ContactStatus.DEFERRED,
+                f"deferred: over sync.max_contacts_per_run ({cap:,}) in run {self.plan.run_id}",
+                self.plan.mapping_version, self.plan.run_id, Backoff())
+
+    def push(self, fits: list[tuple[str, bytes]], owed: set[str]) -> JournalEntry | None:
+        """Push in batches, each on record before the next; the batch Ometria refused whole, which stops it."""
+        progress = Progress("load", "contacts", total=len(fits))
+        refused_whole = None
+        for ids, bodies in batches(fits):
+            entries = push_isolating(self.client, ids, bodies, [self.hashes_of[i] for i in ids])
+            self.journal.append([e.tagged(self.plan.attempt).as_dict() for e in entries])
+            self.record(entries)
+            progress.advance(len(ids))
+            if len(entries) == 1 and refused_as_a_whole(entries[0], owed):
+                refused_whole = entries[0]
+                log.error("Ometria rejected every record of a batch of %d: sending stopped", len(refused_whole.ids))
+                break
+        progress.advance(0, force=True)
+        return refused_whole
+
+    def take_back(self, outcome: LoadOutcome, late: list[dict]) -> LoadFailed:
+        """Ometria listed the accepted contacts invalid afterwards: nothing of this try counts as delivered."""
+        ids = outcome.accepted_ids
+        unconfirmed = JournalEntry(ids, [self.hashes_of[i] for i in ids], NOT_ANSWERED, retryable=False,
+                                   attempt=self.plan.attempt,
+                                   error=f"accepted, then listed invalid by Ometria ({len(late)} errors at "
+                                         "/v2/push/_errors, which do not say which record)")
+        self.journal.append([unconfirmed.as_dict()])  # a retry sends them again
+        self.record([unconfirmed])
+        keep_outcome(self.staging, self.plan, summarise_load(self.staging, self.plan, set(self.hashes_of)))
+        return LoadFailed(f"Ometria accepted the contacts, then listed {len(late)} validation errors on fields they "
+                          f"carry. {likely_cause(late)} The {len(ids)} contacts this try sent stay owed and are sent "
+                          "again: fix the cause, then clear the run or wait for the next one.", retryable=False)
+
+    def undelivered(self, outcome: LoadOutcome) -> LoadFailed | None:
+        """Why the load fails for what it could not deliver (leavers not removed, contacts not sent), or None."""
+        stuck = len(outcome.failed_removal_ids)
+        if stuck:
+            if self.store is not None:  # the next run reads everyone, and removes them again
+                self.store.runs.request_reconciliation(self.plan.dag_id, self.plan.run_id,
+                                                       f"{stuck} leaver(s) could not be removed from the list")
+            return LoadFailed(f"{stuck} member(s) who left the programme could not be removed from the list; a "
+                              "retry, or the next run (a reconciliation), removes them", retryable=True)
+        if outcome.failed_ids:
+            failures = [e for e in journal_entries(self.staging, self.plan) if e.status != ANSWERED]
+            return LoadFailed(f"{len(outcome.failed_ids)} contact(s) were not delivered ({failures[-1].error}); see "
+                              f"{self.journal.folder}. A retry re-sends only those.",
+                              retryable=any(e.retryable for e in failures))
+        return None
 
 
 def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None,
@@ -62,88 +212,42 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
         log.info("dry run: %d contacts would be sent and %d removed from the list; nothing was sent",
                  len(contacts), len(leavers))
         return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=len(contacts))
-    journal = Journal(staging)
-    earlier = [e for e in journal_entries(staging, plan) if not e.get("removal")]  # contacts, not list removals
-    hashes_of = {i: h for i, _, h in contacts}
-    record = Recorder(store, plan.mapping_version, plan.run_id,
-                      Backoff(settings.retry_first_hours, settings.retry_max_hours), {i: b for i, b, _ in contacts})
-    latest = {(i, h): accepted(e) for e in earlier for i, h in zip(e["ids"], e["hashes"])}  # the newest word counts
-    delivered = {pair for pair, ok in latest.items() if ok}
-    if delivered:  # a retry: the store may have missed what was delivered before a crash
-        record([still_delivered(e, delivered) for e in earlier if accepted(e)])
-    pending = [(i, b, h) for i, b, h in contacts if (i, h) not in delivered]
-    fits, oversized = split_oversized((i, b) for i, b, _ in pending)
-    # owed by earlier runs (in any mode): rejected again, they stay held, and do not make the load fail
-    owed = set(plan.retry_ids) if store is None else store.owed_among([i for i, _, _ in contacts], plan.run_id)
-    fits, deferred = within_cap(fits, settings.max_contacts_per_run, len(contacts) - len(pending), owed)
-    write_ndjson(staging / DEFERRED, ({"id": i} for i, _ in deferred))
-    if deferred:
-        log.warning("%d contacts are over max_contacts_per_run (%d): they stay owed and the next run sends them",
-                    len(deferred), settings.max_contacts_per_run)
-        if store is not None:
-            store.record_owed([(i, hashes_of[i]) for i, _ in deferred], DEFERRED_STATUS,
-                              f"deferred: over sync.max_contacts_per_run ({settings.max_contacts_per_run:,}) in run "
-                              f"{plan.run_id}", plan.mapping_version, plan.run_id, Backoff())
-    if delivered:
+    keep_outcome(staging, plan, None)
+    run = _LoadRun(staging, client, plan, store, settings, contacts)
+    owed = run.owed()
+    chosen = select(contacts, run.resume(), owed, settings.max_contacts_per_run)
+    run.defer(chosen.deferred)
+    if chosen.delivered_earlier:
         log.info("resuming: %d contacts were delivered by an earlier try of this run; %d to send",
-                 len(contacts) - len(pending), len(fits))
-    progress = Progress("load", "contacts", total=len(fits))
-    refused_whole = None
-    for ids, bodies in batches(fits):
-        entries = push_isolating(client, ids, bodies, [hashes_of[i] for i in ids])
-        journal.append([{"attempt": plan.attempt, **e} for e in entries])
-        record(entries)
-        progress.advance(len(ids))
-        refused_whole = entries[0] if len(entries) == 1 and refused_as_a_whole(entries[0], owed) else None
-        if refused_whole is not None:
-            log.error("Ometria rejected every record of a batch of %d: sending stopped", len(refused_whole["ids"]))
-            break
-    progress.advance(0, force=True)
-    write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in oversized))
+                 chosen.delivered_earlier, len(chosen.fits))
+    refused_whole = run.push(chosen.fits, owed)
+    write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in chosen.oversized))
     if refused_whole is None:
-        push_leavers(client, staging, plan, store, settings, journal, leavers)
+        push_leavers(client, staging, plan, store, settings, run.journal, leavers)
     errors = new_push_errors(client, store)
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
-    summary = summarise_load(staging, plan, {i for i, _, _ in contacts})
-    verdict = rejection_verdict(summary, owed, refused_whole, errors, settings.max_rejected_share,
-                                store.last_push_errors() if store is not None else ())
+    outcome = summarise_load(staging, plan, {i for i, _, _ in contacts})
+    keep_outcome(staging, plan, outcome)
+    verdict = rejection_verdict(outcome, owed, refused_whole, errors, settings.max_rejected_share,
+                                store.push_errors.last_polled() if store is not None else ())
     if verdict:
         raise LoadFailed(verdict, retryable=False)
     # with no rejection in Ometria's answers, errors on the run's fields cannot be those of its rejected records
-    late = [] if summary["rejected"] else reported_later(errors, [b for _, b, _ in contacts],
-                                                         len(summary["accepted_ids"]), settings.max_rejected_share)
-    if late:
-        unconfirmed = {"attempt": plan.attempt, "ids": summary["accepted_ids"], "status": "FAILED", "retryable": False,
-                       "hashes": [hashes_of[i] for i in summary["accepted_ids"]], "accepted": 0, "rejected": 0,
-                       "error": f"accepted, then listed invalid by Ometria ({len(late)} errors at /v2/push/_errors, "
-                                "which do not say which record)"}
-        journal.append([unconfirmed])  # a retry sends them again: nothing of this try counts as delivered
-        record([unconfirmed])
-        raise LoadFailed(f"Ometria accepted the contacts, then listed {len(late)} validation errors on fields they "
-                         f"carry. {likely_cause(late)} The {len(summary['accepted_ids'])} contacts this try sent stay "
-                         "owed and are sent again: fix the cause, then clear the run or wait for the next one.",
-                         retryable=False)
-    stuck = len(summary["failed_removal_ids"])
-    if stuck:
-        if store is not None:  # the next run reads everyone, and removes them again
-            store.request_reconciliation(plan.dag_id, plan.run_id, f"{stuck} leaver(s) could not be removed from the list")
-        raise LoadFailed(f"{stuck} member(s) who left the programme could not be removed from the list; a retry, or "
-                         "the next run (a reconciliation), removes them", retryable=True)
-    if summary["failed"]:
-        failures = [e for e in journal_entries(staging, plan) if e["status"] != "OK"]
-        retryable = any(e.get("retryable", True) for e in failures)
-        raise LoadFailed(f"{summary['failed']} contact(s) were not delivered ({failures[-1].get('error')}); see "
-                         f"{journal.folder}. A retry re-sends only those.", retryable=retryable)
+    late = [] if outcome.rejected_ids else reported_later(errors, [b for _, b, _ in contacts],
+                                                          len(outcome.accepted_ids), settings.max_rejected_share)
+    failure = run.take_back(outcome, late) if late else run.undelivered(outcome)
+    if failure is not None:
+        raise failure
     retried = [i for i, _, _ in contacts if i in owed]
-    return Loaded(**{k: v for k, v in summary.items() if not k.endswith("_ids")}, async_errors=len(errors),
-                  delivered_earlier=len(contacts) - len(pending), deferred=len(deferred), retried=len(retried),
-                  retried_accepted=len(set(retried) & set(summary["accepted_ids"])))
+    return Loaded(**outcome.counts(), async_errors=len(errors), delivered_earlier=chosen.delivered_earlier,
+                  deferred=len(chosen.deferred), retried=len(retried),
+                  retried_accepted=len(set(retried) & set(outcome.accepted_ids)))
 
 
-def still_delivered(entry: dict, delivered: set[tuple[str, str]]) -> dict:
+def still_delivered(entry: JournalEntry, delivered: set[tuple[str, str]]) -> JournalEntry:
     """An accepted journal entry, without the records a later entry took back (listed invalid afterwards)."""
-    kept = [(i, h) for i, h in zip(entry["ids"], entry["hashes"]) if (i, h) in delivered]
-    return {**entry, "ids": [i for i, _ in kept], "hashes": [h for _, h in kept], "accepted": len(kept)}
+    kept = [(i, h) for i, h in zip(entry.ids, entry.hashes) if (i, h) in delivered]
+    return replace(entry, ids=[i for i, _ in kept], hashes=[h for _, h in kept], accepted=len(kept))
 
 
 def within_cap(fits: list[tuple[str, bytes]], cap: int, delivered: int, owed: set[str]
@@ -157,24 +261,24 @@ def within_cap(fits: list[tuple[str, bytes]], cap: int, delivered: int, owed: se
     return ordered[:room], ordered[room:]
 
 
-def accepted(entry: dict) -> bool:
-    return record_status(entry) == "sent"
+def accepted(entry: JournalEntry) -> bool:
+    return entry.outcome == PushOutcome.SENT
 
 
-def refused_as_a_whole(entry: dict, owed: set[str]) -> bool:
+def refused_as_a_whole(entry: JournalEntry, owed: set[str]) -> bool:
     """Ometria rejected every record of a batch with many new ones: not a few bad records, a cause they share."""
-    fresh = sum(i not in owed for i in entry["ids"])
-    return entry["status"] == "OK" and fresh >= MIN_SHARED_CAUSE and entry["rejected"] >= len(entry["ids"])
+    fresh = sum(i not in owed for i in entry.ids)
+    return entry.outcome == PushOutcome.REJECTED and fresh >= MIN_SHARED_CAUSE
 
 
-def rejection_verdict(summary: dict, owed: set[str], refused_whole: dict | None, errors: list[dict],
+def rejection_verdict(outcome: LoadOutcome, owed: set[str], refused_whole: JournalEntry | None, errors: list[dict],
                       max_share: float, listed: list[dict] = ()) -> str:
     """Why the load fails for what Ometria rejected, or "" when the rejections are few and stay held (owed)."""
-    rejected = sum(i not in owed for i in summary["rejected_ids"])
-    tried = rejected + sum(i not in owed for i in summary["accepted_ids"])
+    rejected = sum(i not in owed for i in outcome.rejected_ids)
+    tried = rejected + sum(i not in owed for i in outcome.accepted_ids)
     share = rejected / tried if tried else 0.0
     if refused_whole is not None:
-        why = f"Ometria rejected every record of a batch of {len(refused_whole['ids'])}; sending stopped"
+        why = f"Ometria rejected every record of a batch of {len(refused_whole.ids)}; sending stopped"
     elif share > max_share and rejected >= MIN_SHARED_CAUSE:  # a quiet hour's one reject is held, not a cause
         why = (f"Ometria rejected {rejected} of {tried} contacts ({share:.1%}, more than "
                f"max_rejected_share {max_share:.0%})")
@@ -222,26 +326,28 @@ class Recorder:
         self.store, self.mapping_version, self.run_id = store, mapping_version, run_id
         self.backoff, self.bodies = backoff, bodies
 
-    def __call__(self, entries: list[dict]) -> None:
+    def __call__(self, entries: list[JournalEntry]) -> None:
         if self.store is None:
             return
         for entry in entries:
             self.record(entry)
 
-    def record(self, entry: dict) -> None:
-        pairs, status = list(zip(entry["ids"], entry["hashes"])), record_status(entry)
-        if status == "sent":
-            self.store.record_accepted(pairs, self.mapping_version, self.run_id, entry["request_id"],
-                                       {i: self.bodies[i] for i in entry["ids"] if i in self.bodies} or None)
-            self.store.release_held(entry["ids"], ("quarantined", "failed", "rejected"))
+    def record(self, entry: JournalEntry) -> None:
+        pairs, outcome = list(zip(entry.ids, entry.hashes)), entry.outcome
+        if outcome == PushOutcome.SENT:
+            self.store.contacts.record_accepted(pairs, self.mapping_version, self.run_id, entry.request_id,
+                                                {i: self.bodies[i] for i in entry.ids if i in self.bodies} or None)
+            self.store.held.release(entry.ids, (HeldKind.QUARANTINED, HeldKind.FAILED, HeldKind.REJECTED))
             return
-        reason = (f"rejected by Ometria (request {entry.get('request_id')}); see /v2/push/_errors"
-                  if status == "rejected" else f"not delivered: {entry.get('error')}")
-        self.store.record_owed(pairs, REJECTED if status == "rejected" else FAILED, reason, self.mapping_version,
-                               self.run_id, self.backoff, entry.get("request_id"))
+        rejected = outcome == PushOutcome.REJECTED
+        reason = (f"rejected by Ometria (request {entry.request_id}); see /v2/push/_errors"
+                  if rejected else f"not delivered: {entry.error}")
+        status = ContactStatus.REJECTED if rejected else ContactStatus.FAILED
+        self.store.contacts.record_owed(pairs, status, reason, self.mapping_version, self.run_id, self.backoff,
+                                        entry.request_id)
 
 
-def remember_sent(store: StateStore, entries: list[dict], mapping_version: str, run_id: str,
+def remember_sent(store: StateStore, entries: list[JournalEntry], mapping_version: str, run_id: str,
                   bodies: dict[str, bytes] | None = None) -> None:
     """Record what Ometria answered for these journal entries (accepted, or owed)."""
     Recorder(store, mapping_version, run_id, Backoff(), bodies or {})(entries)
@@ -259,13 +365,13 @@ def push_leavers(client: OmetriaClient, staging: Path, plan: Plan, store: StateS
         removals = [(i, encode_record({**head, "id": i})) for i in ids]
         for batch_ids, bodies in batches(removals):
             entries = push_isolating(client, batch_ids, bodies)
-            journal.append([{"attempt": plan.attempt, "removal": True, **e} for e in entries])
-            done = [i for e in entries if accepted(e) for i in e["ids"]]
+            journal.append([e.tagged(plan.attempt, removal=True).as_dict() for e in entries])
+            done = [i for e in entries if accepted(e) for i in e.ids]
             if store is not None and done:
-                store.record_left(done, plan.run_id, "left the programme: removed from the list")
+                store.contacts.record_left(done, plan.run_id, "left the programme: removed from the list")
         return
     if store is not None:
-        store.record_left(ids, plan.run_id, "left the programme (no list configured)")
+        store.contacts.record_left(ids, plan.run_id, "left the programme (no list configured)")
 
 
 def new_push_errors(client: OmetriaClient, store: StateStore | None) -> list[dict]:
@@ -278,7 +384,7 @@ def new_push_errors(client: OmetriaClient, store: StateStore | None) -> list[dic
         return [{"error_path": "", "error_message": f"could not read /v2/push/_errors: {exc}"}]
     if store is None:
         return errors
-    seen = Counter((str(e.get("error_path")), str(e.get("error_message"))) for e in store.last_push_errors())
+    seen = Counter((str(e.get("error_path")), str(e.get("error_message"))) for e in store.push_errors.last_polled())
     fresh = []
     for error in errors:
         key = (str(error.get("error_path")), str(error.get("error_message")))
@@ -286,33 +392,61 @@ def new_push_errors(client: OmetriaClient, store: StateStore | None) -> list[dic
             seen[key] -= 1
         else:
             fresh.append(error)
-    store.remember_push_errors(errors)
+    store.push_errors.remember(errors)
     return fresh
 
 
-def journal_entries(staging: Path, plan: Plan) -> list[dict]:
+def journal_entries(staging: Path, plan: Plan) -> list[JournalEntry]:
     """This attempt's entries of the load journal (earlier attempts of the same run id are ignored)."""
-    return [e for e in read_journal(staging) if e.get("attempt") == plan.attempt]
+    return [JournalEntry.of(e) for e in read_journal(staging) if e.get("attempt") == plan.attempt]
 
 
-def summarise_load(staging: Path, plan: Plan, staged: set[str]) -> dict:
-    """Counts and ids from this attempt's load journal, per contact of the `staged` ones: its latest push decides."""
-    entries = [e for e in journal_entries(staging, plan) if not e.get("removal")]
-    removed = {i: accepted(e) for e in journal_entries(staging, plan) if e.get("removal") for i in e["ids"]}
-    latest = {i: record_status(e) for e in entries for i in e["ids"] if i in staged}
-    by_status: dict[str, list[str]] = {"sent": [], "rejected": [], "failed": []}
-    for contact_id, status in latest.items():
-        by_status[status].append(contact_id)
-    return {
-        "batches": sum(1 for e in entries if e["status"] == "OK"),
-        "sent": len(by_status["sent"]) + len(by_status["rejected"]),
-        "accepted": len(by_status["sent"]),
-        "rejected": len(by_status["rejected"]),
-        "failed": len(by_status["failed"]),
-        "refused_oversized": len(read_ndjson(staging / OVERSIZED)),
-        "removed_from_list": sum(removed.values()),
-        "failed_removal_ids": [i for i, done in removed.items() if not done],
-        "rejected_ids": by_status["rejected"],
-        "accepted_ids": by_status["sent"],
-        "failed_ids": by_status["failed"],
-    }
+def summarise_load(staging: Path, plan: Plan, staged: set[str]) -> LoadOutcome:
+    """What this attempt's load journal says of the `staged` contacts: for each, its latest push decides."""
+    everything = journal_entries(staging, plan)
+    contacts = [e for e in everything if not e.removal]
+    by_outcome = _latest_outcomes(contacts, staged)
+    removed = _removals(everything)
+    return LoadOutcome(
+        batches=sum(1 for e in contacts if e.status == ANSWERED),
+        accepted_ids=by_outcome[PushOutcome.SENT], rejected_ids=by_outcome[PushOutcome.REJECTED],
+        failed_ids=by_outcome[PushOutcome.FAILED],
+        refused_oversized=len(read_ndjson(staging / OVERSIZED)),
+        removed_from_list=sum(removed.values()), failed_removal_ids=[i for i, done in removed.items() if not done],
+        errors=_latest_errors(everything), reached=frozenset(i for e in everything for i in e.ids),
+    )
+
+
+def _latest_errors(entries: list[JournalEntry]) -> dict[str, str]:
+    latest = {i: e.error for e in entries for i in e.ids}
+    return {i: error for i, error in latest.items() if error}
+
+
+def keep_outcome(staging: Path, plan: Plan, outcome: LoadOutcome | None) -> None:
+    """Write the load's account of its attempt for the report (None: a try is under way, its outcome unknown)."""
+    kept = {"attempt": plan.attempt, "outcome": outcome.as_dict() if outcome is not None else None}
+    (staging / OUTCOME).write_text(json.dumps(kept, ensure_ascii=False), encoding="utf-8")
+
+
+def load_outcome(staging: Path, plan: Plan, staged: set[str]) -> LoadOutcome:
+    """The load's account of this attempt; from its journal when the load stopped before giving one (a crash, a
+    refused API key)."""
+    path = staging / OUTCOME
+    kept = json.loads(path.read_text()) if path.exists() else {}
+    if kept.get("attempt") == plan.attempt and kept.get("outcome") is not None:
+        return LoadOutcome.of(kept["outcome"])
+    return summarise_load(staging, plan, staged)
+
+
+def _latest_outcomes(entries: list[JournalEntry], staged: set[str]) -> dict[PushOutcome, list[str]]:
+    """The staged contacts by the outcome of their latest push."""
+    latest = {i: e.outcome for e in entries for i in e.ids if i in staged}
+    by_outcome: dict[PushOutcome, list[str]] = {outcome: [] for outcome in PushOutcome}
+    for contact_id, outcome in latest.items():
+        by_outcome[outcome].append(contact_id)
+    return by_outcome
+
+
+def _removals(entries: list[JournalEntry]) -> dict[str, bool]:
+    """Leaver id → whether Ometria accepted its removal from the list (its latest push decides)."""
+    return {i: accepted(e) for e in entries if e.removal for i in e.ids}

@@ -28,7 +28,6 @@ from antavo_ometria.antavo.records import HELD
 from antavo_ometria.ometria.payload import encode_contact_array, encode_contacts, payload_hash
 from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.quality import GateResult, GxBlock, QualityGateFailed, batch_verdict, check_rows, run_gate
-from antavo_ometria.sync.records import Plan, Transformed
 from antavo_ometria.sync.staging import (
     CONTACTS,
     CONTACTS_SCHEMA,
@@ -42,6 +41,7 @@ from antavo_ometria.sync.staging import (
     write_ndjson,
 )
 from antavo_ometria.sync.state import HELD_BACK, LEFT, StateStore
+from antavo_ometria.sync.step_results import Plan, Transformed
 from antavo_ometria.sync.transform import CHUNK_ROWS, customer_frame, staged_chunks, transform
 
 log = logging.getLogger(__name__)

@@ -4,6 +4,10 @@ It remembers every run (the counts a run report shows), the hash of the last pay
 contact (so unchanged contacts are not sent again), records held back (quarantined, rejected,
 failed) with reasons and payloads, custom events already pushed, and Ometria's asynchronous errors.
 The schema is managed by Alembic migrations in `migrations/`, applied by `migrate()`.
+
+`StateStore` is one part per concept, each owning its tables, on one connection: `runs` (sync_runs),
+`contacts` (sync_contacts), `held` (sync_held_records), `push_errors` (sync_push_errors) and `events` (sync_events,
+sync_event_leases, sync_event_cursors).
 """
 
 from __future__ import annotations
@@ -14,10 +18,13 @@ import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from functools import cache
 from pathlib import Path
 
 import sqlalchemy as sa
+
+from antavo_ometria.sync.step_results import RunStatus
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +34,29 @@ metadata = sa.MetaData()
 _IN_CHUNK = 900  # below SQLite's bound-parameter limit
 
 
-ACCEPTED, REJECTED, FAILED, LEFT = "sent", "rejected", "failed", "left"  # a contact's status
-DEFERRED = "deferred"  # over the run's cap (sync.max_contacts_per_run): not tried yet, the next run sends it
-HELD_BACK = "held"  # was owed, now held back by the quality gate: sent again once it changes in Antavo
+
+
+class ContactStatus(StrEnum):
+    """A contact's status in `sync_contacts` (stored as its value)."""
+
+    SENT = "sent"  # Ometria accepted its last push
+    REJECTED = "rejected"  # owed: Ometria refused it
+    FAILED = "failed"  # owed: not delivered
+    DEFERRED = "deferred"  # owed: over the run's cap (sync.max_contacts_per_run), not tried yet
+    LEFT = "left"  # left the programme
+    HELD = "held"  # was owed, now held back by the quality gate: sent again once it changes in Antavo
+
+
+class HeldKind(StrEnum):
+    """Why a contact is in `sync_held_records` (events have kinds of their own)."""
+
+    QUARANTINED = "quarantined"  # by the quality gate
+    REJECTED = "rejected"  # by Ometria
+    FAILED = "failed"  # not delivered
+
+
+ACCEPTED, REJECTED, FAILED, LEFT = ContactStatus.SENT, ContactStatus.REJECTED, ContactStatus.FAILED, ContactStatus.LEFT
+DEFERRED, HELD_BACK = ContactStatus.DEFERRED, ContactStatus.HELD
 OWED = (REJECTED, FAILED, DEFERRED)
 LAST_POLL = "(last poll)"  # the run id under which Ometria's error list as last polled is kept
 
@@ -61,13 +88,462 @@ def _chunks(items: list, size: int = _IN_CHUNK) -> Iterator[list]:
         yield items[start: start + size]
 
 
-class StateStore:
+class Database:
+    """The connection the store's parts share: the engine, the tables as the migrations made them, and upserts."""
+
     def __init__(self, url: str):
-        self.url = url
         self.engine = sa.create_engine(url, future=True, pool_pre_ping=True)
         if self.engine.dialect.name == "sqlite":
             sa.event.listen(self.engine, "connect", lambda conn, _: conn.execute("PRAGMA busy_timeout = 30000"))
         self._tables: dict[str, sa.Table] = {}
+
+    def table(self, name: str) -> sa.Table:
+        if name not in self._tables:
+            self._tables[name] = sa.Table(name, metadata, autoload_with=self.engine, extend_existing=True)
+        return self._tables[name]
+
+    def upsert(self, table: sa.Table, rows: list[dict], keys: list[str]) -> None:
+        rows = list({tuple(r[k] for k in keys): r for r in rows}.values())  # one row per key: the last wins
+        if not rows:
+            return
+        dialect = self.engine.dialect.name
+        if dialect == "postgresql":
+            from sqlalchemy.dialects.postgresql import insert
+        elif dialect == "sqlite":
+            from sqlalchemy.dialects.sqlite import insert
+        else:  # other databases: delete then insert
+            with self.engine.begin() as conn:
+                for chunk in _chunks(rows):
+                    conn.execute(table.delete().where(table.c[keys[0]].in_([r[keys[0]] for r in chunk])))
+                    conn.execute(table.insert(), chunk)
+            return
+        statement = insert(table)  # one statement, executed for many rows (compiled once)
+        statement = statement.on_conflict_do_update(
+            index_elements=keys, set_={c: statement.excluded[c] for c in rows[0] if c not in keys})
+        with self.engine.begin() as conn:
+            for chunk in _chunks(rows, 10_000):
+                conn.execute(statement, chunk)
+
+
+class _Part:
+    """A part of the store: it owns some tables, and reaches them through the shared `Database`."""
+
+    def __init__(self, db: Database):
+        self.db = db
+
+
+class RunLog(_Part):
+    """`sync_runs`: every run, its status and the counts its report shows; where syncing got to."""
+
+    def start(self, dag_id: str, run_id: str, **fields) -> None:
+        runs = self.db.table("sync_runs")
+        row = {"dag_id": dag_id, "run_id": run_id, "status": str(RunStatus.RUNNING), "started_at": now(),
+               "finished_at": None, **fields}
+        with self.db.engine.begin() as conn:
+            conn.execute(runs.delete().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id)))
+            conn.execute(runs.insert().values(**row))
+
+    def finish(self, dag_id: str, run_id: str, status: RunStatus, report: dict | None = None, **counts) -> None:
+        runs = self.db.table("sync_runs")
+        values = {"status": str(status), "finished_at": now(), **counts}
+        if report is not None:
+            values["report"] = json.dumps(report, default=str, ensure_ascii=False)
+        with self.db.engine.begin() as conn:
+            conn.execute(runs.update().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id)).values(**values))
+
+    def recent(self, dag_id: str, limit: int = 20) -> list[dict]:
+        runs = self.db.table("sync_runs")
+        query = (sa.select(*[c for c in runs.c if c.name != "report"]).where(runs.c.dag_id == dag_id)
+                 .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(limit))
+        with self.db.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def last_successful(self, dag_id: str, full_only: bool = False) -> dict | None:
+        runs = self.db.table("sync_runs")
+        query = sa.select(runs).where((runs.c.dag_id == dag_id) & (runs.c.status == str(RunStatus.SUCCESS))
+                                      & (runs.c.dry_run == sa.false()))
+        if full_only:
+            query = query.where(runs.c.mode == "full")
+        with self.db.engine.connect() as conn:
+            row = conn.execute(query.order_by(runs.c.finished_at.desc(), runs.c.id.desc()).limit(1)).first()
+        return dict(row._mapping) if row else None
+
+    def synced_until(self, dag_id: str) -> datetime | None:
+        """Where syncing got to without a gap: the end of the last full load, moved forward by each successful
+        run whose window starts at or before it. A run that covered a later window (a backfill of a later hour
+        while an earlier one failed) does not move it past the gap."""
+        runs = self.db.table("sync_runs")
+        query = (sa.select(runs.c.mode, runs.c.interval_start, runs.c.interval_end)
+                 .where((runs.c.dag_id == dag_id) & (runs.c.status == str(RunStatus.SUCCESS)) & (runs.c.dry_run == sa.false()))
+                 .order_by(runs.c.finished_at, runs.c.id))
+        with self.db.engine.connect() as conn:
+            rows = conn.execute(query).all()
+        mark: datetime | None = None
+        for mode, start, end in rows:
+            start, end = utc(start), utc(end)
+            if end is None:
+                continue
+            if mode == "full":
+                mark = end if mark is None else max(mark, end)
+            elif mark is not None and (start is None or start <= mark):
+                mark = max(mark, end)
+        return mark
+
+    def reconciliation_requested(self, dag_id: str) -> str | None:
+        """Why a run since the last successful full read asked for a reconciliation (it suspected missed changes)."""
+        runs = self.db.table("sync_runs")
+        last_full = self.last_successful(dag_id, full_only=True)
+        query = sa.select(runs.c.reconcile_requested).where(
+            (runs.c.dag_id == dag_id) & runs.c.reconcile_requested.is_not(None))
+        if last_full is not None:
+            query = query.where(runs.c.started_at > last_full["started_at"])
+        with self.db.engine.connect() as conn:
+            return conn.execute(query.order_by(runs.c.started_at.desc()).limit(1)).scalar()
+
+    def request_reconciliation(self, dag_id: str, run_id: str, reason: str) -> None:
+        runs = self.db.table("sync_runs")
+        with self.db.engine.begin() as conn:
+            conn.execute(runs.update().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id))
+                         .values(reconcile_requested=reason[:500]))
+
+    def pending_full_resync(self, dag_id: str) -> str | None:
+        """The run id of a full re-sync that did not complete and that no full load has made good since."""
+        return self._unfinished_full_run(dag_id, resync=True)
+
+    def pending_reconciliation(self, dag_id: str) -> str | None:
+        """The run id of a reconciliation that did not complete and that no full load has made good since."""
+        return self._unfinished_full_run(dag_id, resync=False)
+
+    def _unfinished_full_run(self, dag_id: str, resync: bool) -> str | None:
+        """The newest failed full read of the kind asked (a re-sync: it has a reason; else a reconciliation)
+        after the last successful full read. A failed reconciliation is not a re-sync: it does not re-send all."""
+        runs = self.db.table("sync_runs")
+        query = (sa.select(runs.c.run_id, runs.c.status, runs.c.full_resync_reason).where(
+            (runs.c.dag_id == dag_id) & (runs.c.mode == "full") & (runs.c.dry_run == sa.false()))
+            .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(50))
+        with self.db.engine.connect() as conn:
+            for row in conn.execute(query):
+                if row.status == RunStatus.SUCCESS:
+                    return None
+                if (row.full_resync_reason is not None) == resync:
+                    return row.run_id
+        return None
+
+
+class ContactLedger(_Part):
+    """`sync_contacts`: what Ometria accepted of each contact, and what is owed.
+
+    A contact's row says what Ometria *accepted* (accepted_hash) apart from what was last pushed (payload_hash,
+    status): a contact rejected, or not delivered, stays owed (status "rejected" or "failed") until a later
+    push of it is accepted; `retry_at` spaces its tries out. A contact that left the programme is "left"."""
+
+    def accepted_hashes(self, ids: list[str]) -> dict[str, str]:
+        """id → hash of the payload Ometria last accepted (a rejected payload is not in it: it is owed)."""
+        contacts = self.db.table("sync_contacts")
+        found: dict[str, str] = {}
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                rows = conn.execute(sa.select(contacts.c.antavo_id, contacts.c.accepted_hash)
+                                    .where(contacts.c.antavo_id.in_(chunk) & contacts.c.accepted_hash.is_not(None)
+                                           & (contacts.c.status != LEFT)))
+                found.update(dict(rows.all()))
+        return found
+
+    def record_accepted(self, rows: Iterable[tuple[str, str]], mapping_version: str, run_id: str,
+                        request_id: str | None = None, bodies: dict[str, bytes] | None = None) -> None:
+        """Ometria accepted these (id, payload hash) pairs; with `bodies`, the payload is kept (compressed)."""
+        moment = now()
+        self.db.upsert(self.db.table("sync_contacts"), [
+            {"antavo_id": i, "payload_hash": h, "accepted_hash": h, "status": ACCEPTED, "attempts": 0,
+             "retry_at": None, "reason": None, "left_at": None, "mapping_version": mapping_version,
+             "request_id": request_id, "run_id": run_id, "synced_at": moment,
+             **({"payload": zlib.compress(bodies[i])} if bodies else {})} for i, h in rows
+        ], ["antavo_id"])
+
+    def record_owed(self, rows: Iterable[tuple[str, str]], status: str, reason: str, mapping_version: str,
+                    run_id: str, backoff: Backoff, request_id: str | None = None) -> None:
+        """These (id, payload hash) pairs were rejected, not delivered or deferred: still owed, tried again at
+        `retry_at` (the next run after a first failure, then after growing waits; a deferred one is not a try,
+        and is due at once). What Ometria accepted before is kept, except after a failed push: it may have been
+        applied, so nothing counts as known until a push is accepted."""
+        rows = list(rows)
+        contacts = self.db.table("sync_contacts")
+        before: dict[str, tuple] = {}
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks([i for i, _ in rows]):
+                query = sa.select(contacts.c.antavo_id, contacts.c.attempts, contacts.c.accepted_hash)
+                before.update({r[0]: r[1:] for r in conn.execute(query.where(contacts.c.antavo_id.in_(chunk)))})
+        moment = now()
+        values = []
+        tried = status != DEFERRED
+        for i, h in rows:
+            attempts, accepted = before.get(i, (0, None))
+            if status == FAILED:  # an unanswered push may have been applied: what Ometria holds is unknown
+                accepted = None
+            attempts = (attempts or 0) + tried
+            values.append({"antavo_id": i, "payload_hash": h, "accepted_hash": accepted, "status": status,
+                           "attempts": attempts, "retry_at": backoff.next_try(moment, attempts) if tried else moment,
+                           "reason": reason[:2000], "left_at": None, "mapping_version": mapping_version,
+                           "request_id": request_id, "run_id": run_id, "synced_at": moment})
+        self.db.upsert(contacts, values, ["antavo_id"])
+
+    def record_left(self, ids: list[str], run_id: str, reason: str) -> None:
+        """These members left the programme (and the list): no longer known to Ometria as members; if they come
+        back, their contact is sent again."""
+        contacts = self.db.table("sync_contacts")
+        moment = now()
+        with self.db.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(contacts.update().where(contacts.c.antavo_id.in_(chunk)).values(
+                    status=LEFT, accepted_hash=None, left_at=moment, retry_at=None, attempts=0, reason=reason[:2000],
+                    run_id=run_id, synced_at=moment))
+
+    def owed_ids(self, due_by: datetime | None = None, limit: int | None = None) -> list[str]:
+        """Contacts owed to Ometria (rejected or not delivered), those due by `due_by` only when given; the
+        longest owed first."""
+        contacts = self.db.table("sync_contacts")
+        query = sa.select(contacts.c.antavo_id).where(contacts.c.status.in_(OWED)).order_by(contacts.c.synced_at)
+        if due_by is not None:
+            query = query.where(contacts.c.retry_at.is_(None) | (contacts.c.retry_at <= due_by))
+        with self.db.engine.connect() as conn:
+            return list(conn.execute(query.limit(limit) if limit else query).scalars())
+
+    def close_owed(self, ids: list[str], run_id: str, status: str, reason: str) -> None:
+        """These owed contacts are owed no more (`status`: left, or held back); what Ometria accepted is kept."""
+        contacts = self.db.table("sync_contacts")
+        with self.db.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(contacts.update().where(contacts.c.antavo_id.in_(chunk) & contacts.c.status.in_(OWED))
+                             .values(status=status, retry_at=None, reason=reason[:2000], run_id=run_id))
+
+    def owed_among(self, ids: list[str], not_of_run: str) -> set[str]:
+        """Which of these contacts an earlier run left owed (this run's own first rejections are not among them;
+        a retried contact that this run saw rejected again is: it has more than one try)."""
+        contacts = self.db.table("sync_contacts")
+        found: set[str] = set()
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                found.update(conn.execute(sa.select(contacts.c.antavo_id).where(
+                    contacts.c.antavo_id.in_(chunk) & contacts.c.status.in_(OWED)
+                    & ((contacts.c.run_id != not_of_run) | (contacts.c.attempts > 1)))).scalars())
+        return found
+
+    def owed_count(self) -> int:
+        contacts = self.db.table("sync_contacts")
+        with self.db.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).where(contacts.c.status.in_(OWED))).scalar_one()
+
+    def member_ids(self) -> set[str]:
+        """Contacts Ometria accepted and that have not left: the members a full read should find again."""
+        contacts = self.db.table("sync_contacts")
+        query = sa.select(contacts.c.antavo_id).where(contacts.c.accepted_hash.is_not(None)
+                                                      & (contacts.c.status != LEFT))
+        with self.db.engine.connect() as conn:
+            return set(conn.execute(query).scalars())
+
+    def get(self, antavo_id: str) -> dict | None:
+        """What was last sent for one contact: status, when, by which run and mapping, and the payload."""
+        contacts = self.db.table("sync_contacts")
+        with self.db.engine.connect() as conn:
+            row = conn.execute(sa.select(contacts).where(contacts.c.antavo_id == antavo_id)).first()
+        if row is None:
+            return None
+        found = dict(row._mapping)
+        found["payload"] = json.loads(zlib.decompress(found["payload"])) if found.get("payload") else None
+        for name in ("synced_at", "retry_at", "left_at"):
+            found[name] = utc(found.get(name))
+        return found
+
+    def known_count(self) -> int:
+        """Contacts known to Ometria: accepted at least once, and not left since."""
+        contacts = self.db.table("sync_contacts")
+        with self.db.engine.connect() as conn:
+            return conn.execute(sa.select(sa.func.count()).where(
+                contacts.c.accepted_hash.is_not(None) & (contacts.c.status != LEFT))).scalar_one()
+
+
+class HeldRecords(_Part):
+    """`sync_held_records`: records held back (quarantined, rejected, not delivered; events too) with reasons."""
+
+    def record(self, run_id: str, kind: str, rows: Iterable[dict]) -> None:
+        """Add held-back records: {"id", "reasons": [...], "payload": dict | None}."""
+        held = self.db.table("sync_held_records")
+        moment = now()
+        values = [{"run_id": run_id, "antavo_id": r.get("id"), "kind": kind, "customer_id": r.get("customer_id"),
+                   "reasons": json.dumps(r["reasons"], ensure_ascii=False, default=str),
+                   "payload": json.dumps(r["payload"], ensure_ascii=False, default=str) if r.get("payload") else None,
+                   "created_at": moment} for r in rows]
+        with self.db.engine.begin() as conn:
+            for chunk in _chunks(values, 500):
+                conn.execute(held.insert(), chunk)
+
+    def clear(self, run_id: str, kind: str) -> None:
+        """Forget what a run held back of one kind (before a retry of that step records it again)."""
+        held = self.db.table("sync_held_records")
+        with self.db.engine.begin() as conn:
+            conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)))
+
+    def release(self, ids: list[str], kinds: tuple[str, ...]) -> None:
+        """These records are no longer held back (they were delivered, or are held again by a new row): kept as
+        history, no longer shown as held."""
+        held = self.db.table("sync_held_records")
+        moment = now()
+        with self.db.engine.begin() as conn:
+            for chunk in _chunks(ids):
+                conn.execute(held.update().where(held.c.antavo_id.in_(chunk) & held.c.kind.in_(kinds)
+                                                 & held.c.released_at.is_(None)).values(released_at=moment))
+
+    def ids(self, kind: str) -> set[str]:
+        """The ids held back now for this kind of reason."""
+        held = self.db.table("sync_held_records")
+        query = sa.select(held.c.antavo_id).where((held.c.kind == kind) & held.c.released_at.is_(None)).distinct()
+        with self.db.engine.connect() as conn:
+            return {i for i in conn.execute(query).scalars() if i is not None}
+
+    def prune_released(self, older_than: datetime) -> int:
+        """Forget held records released before `older_than` (the history a trace shows is kept that long)."""
+        held = self.db.table("sync_held_records")
+        with self.db.engine.begin() as conn:
+            return conn.execute(held.delete().where(held.c.released_at < older_than)).rowcount
+
+    def find(self, run_id: str | None = None, kind: str | tuple[str, ...] | None = None, limit: int = 100,
+                     antavo_id: str | None = None, history: bool = False) -> list[dict]:
+        """Records held back now (newest first); with `history`, also those released since. `antavo_id` also
+        finds the events held back for that customer."""
+        held = self.db.table("sync_held_records")
+        query = sa.select(held).order_by(held.c.id.desc()).limit(limit)
+        if not history:
+            query = query.where(held.c.released_at.is_(None))
+        if run_id:
+            query = query.where(held.c.run_id == run_id)
+        if kind:
+            query = query.where(held.c.kind.in_([kind] if isinstance(kind, str) else kind))
+        if antavo_id is not None:
+            query = query.where((held.c.antavo_id == antavo_id) | (held.c.customer_id == antavo_id))
+        with self.db.engine.connect() as conn:
+            return [{**row._mapping, "reasons": json.loads(row.reasons), "created_at": utc(row.created_at),
+                     "released_at": utc(row.released_at)} for row in conn.execute(query)]
+
+
+class PushErrorLog(_Part):
+    """`sync_push_errors`: Ometria's asynchronous validation errors, per run and as last polled."""
+
+    def record(self, run_id: str, errors: list[dict]) -> None:
+        table = self.db.table("sync_push_errors")
+        moment = now()
+        with self.db.engine.begin() as conn:
+            conn.execute(table.delete().where(table.c.run_id == run_id))
+            if errors:
+                conn.execute(table.insert(), [{"run_id": run_id, "error_path": str(e.get("error_path"))[:500],
+                                               "error_message": str(e.get("error_message"))[:1000],
+                                               "fetched_at": moment} for e in errors])
+
+    def remember(self, errors: list[dict]) -> None:
+        """Ometria's whole error list as last polled, so that the next poll tells what is new."""
+        self.record(LAST_POLL, errors)
+
+    def last_polled(self) -> list[dict]:
+        table = self.db.table("sync_push_errors")
+        query = sa.select(table.c.error_path, table.c.error_message).where(table.c.run_id == LAST_POLL)
+        with self.db.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query.order_by(table.c.id))]
+
+
+class EventLedger(_Part):
+    """`sync_events`, `sync_event_leases`, `sync_event_cursors`: custom events pushed, who delivers a rule now, and
+    how far each rule got."""
+
+    def pushed_ids(self, ids: list[str]) -> set[str]:
+        events = self.db.table("sync_events")
+        found: set[str] = set()
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks(ids):
+                found.update(conn.execute(sa.select(events.c.event_id).where(events.c.event_id.in_(chunk))).scalars())
+        return found
+
+    def record(self, rows: list[dict]) -> None:
+        self.db.upsert(self.db.table("sync_events"), [{**r, "pushed_at": now()} for r in rows], ["event_id"])
+
+    def of_customer(self, customer_id: str) -> list[dict]:
+        events = self.db.table("sync_events")
+        query = sa.select(events).where(events.c.customer_id == customer_id).order_by(events.c.event_time)
+        with self.db.engine.connect() as conn:
+            return [dict(row._mapping) for row in conn.execute(query)]
+
+    def summary(self) -> dict[tuple[str, str], tuple[dict[str, int], int]]:
+        """(rule, event type) → (events per status, events delivered late)."""
+        events = self.db.table("sync_events")
+        query = (sa.select(events.c.rule, events.c.event_type, events.c.status, events.c.late, sa.func.count())
+                 .group_by(events.c.rule, events.c.event_type, events.c.status, events.c.late))
+        summary: dict[tuple[str, str], tuple[dict[str, int], int]] = {}
+        with self.db.engine.connect() as conn:
+            for rule, event_type, status, late, count in conn.execute(query):
+                counts, late_sent = summary.setdefault((rule, event_type), ({}, 0))
+                counts[status] = counts.get(status, 0) + count
+                if late and status == "sent":
+                    summary[(rule, event_type)] = (counts, late_sent + count)
+        return summary
+
+    def take_lease(self, rule: str, holder: str, ttl: timedelta) -> bool:
+        """Take or renew the rule's delivery lease for `ttl`; False while another holder's has not expired."""
+        leases = self.db.table("sync_event_leases")
+        moment = now()
+        with self.db.engine.begin() as conn:
+            free = (leases.c.rule == rule) & ((leases.c.holder == holder) | (leases.c.expires_at < moment))
+            if conn.execute(leases.update().where(free).values(holder=holder, expires_at=moment + ttl)).rowcount:
+                return True
+        try:  # no lease yet: of two deliveries inserting at once, one wins
+            with self.db.engine.begin() as conn:
+                conn.execute(leases.insert().values(rule=rule, holder=holder, expires_at=moment + ttl))
+            return True
+        except sa.exc.IntegrityError:
+            return False
+
+    def release_lease(self, rule: str, holder: str) -> None:
+        leases = self.db.table("sync_event_leases")
+        with self.db.engine.begin() as conn:
+            conn.execute(leases.delete().where((leases.c.rule == rule) & (leases.c.holder == holder)))
+
+    def lease_holder(self, rule: str) -> str | None:
+        leases = self.db.table("sync_event_leases")
+        with self.db.engine.connect() as conn:
+            return conn.execute(sa.select(leases.c.holder).where(leases.c.rule == rule)).scalar()
+
+    def latencies(self, since: datetime) -> dict[str, list[float]]:
+        """Rule → seconds from each event to Ometria accepting it, for the events sent since `since` (late ones
+        left out: they waited for a catch-up, not for the fast path)."""
+        events = self.db.table("sync_events")
+        query = sa.select(events.c.rule, events.c.event_time, events.c.pushed_at).where(
+            (events.c.status == "sent") & (events.c.pushed_at >= since) & (events.c.late == sa.false()))
+        found: dict[str, list[float]] = {}
+        with self.db.engine.connect() as conn:
+            for rule, moment, pushed in conn.execute(query):
+                found.setdefault(rule, []).append((utc(pushed) - utc(moment)).total_seconds())
+        return found
+
+    def cursor(self, rule: str) -> datetime | None:
+        cursors = self.db.table("sync_event_cursors")
+        with self.db.engine.connect() as conn:
+            return utc(conn.execute(sa.select(cursors.c.processed_until).where(cursors.c.rule == rule)).scalar())
+
+    def set_cursor(self, rule: str, processed_until: datetime) -> None:
+        self.db.upsert(self.db.table("sync_event_cursors"),
+                       [{"rule": rule, "processed_until": processed_until, "updated_at": now()}], ["rule"])
+
+
+
+class StateStore:
+    """The sync's state, one part per concept, each owning its tables, all on one connection (`db`)."""
+
+    def __init__(self, url: str):
+        self.url = url
+        self.db = Database(url)
+        self.engine = self.db.engine
+        self.runs = RunLog(self.db)
+        self.contacts = ContactLedger(self.db)
+        self.held = HeldRecords(self.db)
+        self.push_errors = PushErrorLog(self.db)
+        self.events = EventLedger(self.db)
 
     def __repr__(self) -> str:  # never show a password in the URL
         return f"StateStore({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -104,413 +580,67 @@ class StateStore:
             self.migrate()
 
     def table(self, name: str) -> sa.Table:
-        if name not in self._tables:
-            self._tables[name] = sa.Table(name, metadata, autoload_with=self.engine, extend_existing=True)
-        return self._tables[name]
+        return self.db.table(name)
 
-    def _upsert(self, table: sa.Table, rows: list[dict], keys: list[str]) -> None:
-        rows = list({tuple(r[k] for k in keys): r for r in rows}.values())  # one row per key: the last wins
-        if not rows:
-            return
-        dialect = self.engine.dialect.name
-        if dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        elif dialect == "sqlite":
-            from sqlalchemy.dialects.sqlite import insert
-        else:  # other databases: delete then insert
-            with self.engine.begin() as conn:
-                for chunk in _chunks(rows):
-                    conn.execute(table.delete().where(table.c[keys[0]].in_([r[keys[0]] for r in chunk])))
-                    conn.execute(table.insert(), chunk)
-            return
-        statement = insert(table)  # one statement, executed for many rows (compiled once)
-        statement = statement.on_conflict_do_update(
-            index_elements=keys, set_={c: statement.excluded[c] for c in rows[0] if c not in keys})
-        with self.engine.begin() as conn:
-            for chunk in _chunks(rows, 10_000):
-                conn.execute(statement, chunk)
-
-    # -- runs --------------------------------------------------------------------------------
-    def start_run(self, dag_id: str, run_id: str, **fields) -> None:
-        runs = self.table("sync_runs")
-        row = {"dag_id": dag_id, "run_id": run_id, "status": "running", "started_at": now(),
-               "finished_at": None, **fields}
-        with self.engine.begin() as conn:
-            conn.execute(runs.delete().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id)))
-            conn.execute(runs.insert().values(**row))
-
-    def finish_run(self, dag_id: str, run_id: str, status: str, report: dict | None = None, **counts) -> None:
-        runs = self.table("sync_runs")
-        values = {"status": status, "finished_at": now(), **counts}
-        if report is not None:
-            values["report"] = json.dumps(report, default=str, ensure_ascii=False)
-        with self.engine.begin() as conn:
-            conn.execute(runs.update().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id)).values(**values))
-
-    def runs(self, dag_id: str, limit: int = 20) -> list[dict]:
-        runs = self.table("sync_runs")
-        query = (sa.select(*[c for c in runs.c if c.name != "report"]).where(runs.c.dag_id == dag_id)
-                 .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(limit))
-        with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
-
-    def last_successful_run(self, dag_id: str, full_only: bool = False) -> dict | None:
-        runs = self.table("sync_runs")
-        query = sa.select(runs).where((runs.c.dag_id == dag_id) & (runs.c.status == "success")
-                                      & (runs.c.dry_run == sa.false()))
-        if full_only:
-            query = query.where(runs.c.mode == "full")
-        with self.engine.connect() as conn:
-            row = conn.execute(query.order_by(runs.c.finished_at.desc(), runs.c.id.desc()).limit(1)).first()
-        return dict(row._mapping) if row else None
-
-    def synced_until(self, dag_id: str) -> datetime | None:
-        """Where syncing got to without a gap: the end of the last full load, moved forward by each successful
-        run whose window starts at or before it. A run that covered a later window (a backfill of a later hour
-        while an earlier one failed) does not move it past the gap."""
-        runs = self.table("sync_runs")
-        query = (sa.select(runs.c.mode, runs.c.interval_start, runs.c.interval_end)
-                 .where((runs.c.dag_id == dag_id) & (runs.c.status == "success") & (runs.c.dry_run == sa.false()))
-                 .order_by(runs.c.finished_at, runs.c.id))
-        with self.engine.connect() as conn:
-            rows = conn.execute(query).all()
-        mark: datetime | None = None
-        for mode, start, end in rows:
-            start, end = utc(start), utc(end)
-            if end is None:
-                continue
-            if mode == "full":
-                mark = end if mark is None else max(mark, end)
-            elif mark is not None and (start is None or start <= mark):
-                mark = max(mark, end)
-        return mark
-
-    def reconciliation_requested(self, dag_id: str) -> str | None:
-        """Why a run since the last successful full read asked for a reconciliation (it suspected missed changes)."""
-        runs = self.table("sync_runs")
-        last_full = self.last_successful_run(dag_id, full_only=True)
-        query = sa.select(runs.c.reconcile_requested).where(
-            (runs.c.dag_id == dag_id) & runs.c.reconcile_requested.is_not(None))
-        if last_full is not None:
-            query = query.where(runs.c.started_at > last_full["started_at"])
-        with self.engine.connect() as conn:
-            return conn.execute(query.order_by(runs.c.started_at.desc()).limit(1)).scalar()
-
-    def request_reconciliation(self, dag_id: str, run_id: str, reason: str) -> None:
-        runs = self.table("sync_runs")
-        with self.engine.begin() as conn:
-            conn.execute(runs.update().where((runs.c.dag_id == dag_id) & (runs.c.run_id == run_id))
-                         .values(reconcile_requested=reason[:500]))
-
-    def pending_full_resync(self, dag_id: str) -> str | None:
-        """The run id of a full re-sync that did not complete and that no full load has made good since."""
-        return self._unfinished_full_run(dag_id, resync=True)
-
-    def pending_reconciliation(self, dag_id: str) -> str | None:
-        """The run id of a reconciliation that did not complete and that no full load has made good since."""
-        return self._unfinished_full_run(dag_id, resync=False)
-
-    def _unfinished_full_run(self, dag_id: str, resync: bool) -> str | None:
-        """The newest failed full read of the kind asked (a re-sync: it has a reason; else a reconciliation)
-        after the last successful full read. A failed reconciliation is not a re-sync: it does not re-send all."""
-        runs = self.table("sync_runs")
-        query = (sa.select(runs.c.run_id, runs.c.status, runs.c.full_resync_reason).where(
-            (runs.c.dag_id == dag_id) & (runs.c.mode == "full") & (runs.c.dry_run == sa.false()))
-            .order_by(runs.c.started_at.desc(), runs.c.id.desc()).limit(50))
-        with self.engine.connect() as conn:
-            for row in conn.execute(query):
-                if row.status == "success":
-                    return None
-                if (row.full_resync_reason is not None) == resync:
-                    return row.run_id
-        return None
-
-    # -- contacts ----------------------------------------------------------------------------
-    # A contact's row says what Ometria *accepted* (accepted_hash) apart from what was last pushed (payload_hash,
-    # status): a contact rejected, or not delivered, stays owed (status "rejected" or "failed") until a later
-    # push of it is accepted; `retry_at` spaces its tries out. A contact that left the programme is "left".
+    # -- the calls of the event delivery and the transform step, on the store as a whole -------------------
     def accepted_hashes(self, ids: list[str]) -> dict[str, str]:
-        """id → hash of the payload Ometria last accepted (a rejected payload is not in it: it is owed)."""
-        contacts = self.table("sync_contacts")
-        found: dict[str, str] = {}
-        with self.engine.connect() as conn:
-            for chunk in _chunks(ids):
-                rows = conn.execute(sa.select(contacts.c.antavo_id, contacts.c.accepted_hash)
-                                    .where(contacts.c.antavo_id.in_(chunk) & contacts.c.accepted_hash.is_not(None)
-                                           & (contacts.c.status != LEFT)))
-                found.update(dict(rows.all()))
-        return found
+        return self.contacts.accepted_hashes(ids)
 
     def record_accepted(self, rows: Iterable[tuple[str, str]], mapping_version: str, run_id: str,
                         request_id: str | None = None, bodies: dict[str, bytes] | None = None) -> None:
-        """Ometria accepted these (id, payload hash) pairs; with `bodies`, the payload is kept (compressed)."""
-        moment = now()
-        self._upsert(self.table("sync_contacts"), [
-            {"antavo_id": i, "payload_hash": h, "accepted_hash": h, "status": ACCEPTED, "attempts": 0,
-             "retry_at": None, "reason": None, "left_at": None, "mapping_version": mapping_version,
-             "request_id": request_id, "run_id": run_id, "synced_at": moment,
-             **({"payload": zlib.compress(bodies[i])} if bodies else {})} for i, h in rows
-        ], ["antavo_id"])
-
-    def record_owed(self, rows: Iterable[tuple[str, str]], status: str, reason: str, mapping_version: str,
-                    run_id: str, backoff: Backoff, request_id: str | None = None) -> None:
-        """These (id, payload hash) pairs were rejected, not delivered or deferred: still owed, tried again at
-        `retry_at` (the next run after a first failure, then after growing waits; a deferred one is not a try,
-        and is due at once). What Ometria accepted before is kept, except after a failed push: it may have been
-        applied, so nothing counts as known until a push is accepted."""
-        rows = list(rows)
-        contacts = self.table("sync_contacts")
-        before: dict[str, tuple] = {}
-        with self.engine.connect() as conn:
-            for chunk in _chunks([i for i, _ in rows]):
-                query = sa.select(contacts.c.antavo_id, contacts.c.attempts, contacts.c.accepted_hash)
-                before.update({r[0]: r[1:] for r in conn.execute(query.where(contacts.c.antavo_id.in_(chunk)))})
-        moment = now()
-        values = []
-        tried = status != DEFERRED
-        for i, h in rows:
-            attempts, accepted = before.get(i, (0, None))
-            if status == FAILED:  # an unanswered push may have been applied: what Ometria holds is unknown
-                accepted = None
-            attempts = (attempts or 0) + tried
-            values.append({"antavo_id": i, "payload_hash": h, "accepted_hash": accepted, "status": status,
-                           "attempts": attempts, "retry_at": backoff.next_try(moment, attempts) if tried else moment,
-                           "reason": reason[:2000], "left_at": None, "mapping_version": mapping_version,
-                           "request_id": request_id, "run_id": run_id, "synced_at": moment})
-        self._upsert(contacts, values, ["antavo_id"])
-
-    def record_left(self, ids: list[str], run_id: str, reason: str) -> None:
-        """These members left the programme (and the list): no longer known to Ometria as members; if they come
-        back, their contact is sent again."""
-        contacts = self.table("sync_contacts")
-        moment = now()
-        with self.engine.begin() as conn:
-            for chunk in _chunks(ids):
-                conn.execute(contacts.update().where(contacts.c.antavo_id.in_(chunk)).values(
-                    status=LEFT, accepted_hash=None, left_at=moment, retry_at=None, attempts=0, reason=reason[:2000],
-                    run_id=run_id, synced_at=moment))
+        self.contacts.record_accepted(rows, mapping_version, run_id, request_id, bodies)
 
     def owed_ids(self, due_by: datetime | None = None, limit: int | None = None) -> list[str]:
-        """Contacts owed to Ometria (rejected or not delivered), those due by `due_by` only when given; the
-        longest owed first."""
-        contacts = self.table("sync_contacts")
-        query = sa.select(contacts.c.antavo_id).where(contacts.c.status.in_(OWED)).order_by(contacts.c.synced_at)
-        if due_by is not None:
-            query = query.where(contacts.c.retry_at.is_(None) | (contacts.c.retry_at <= due_by))
-        with self.engine.connect() as conn:
-            return list(conn.execute(query.limit(limit) if limit else query).scalars())
+        return self.contacts.owed_ids(due_by, limit)
 
     def close_owed(self, ids: list[str], run_id: str, status: str, reason: str) -> None:
-        """These owed contacts are owed no more (`status`: left, or held back); what Ometria accepted is kept."""
-        contacts = self.table("sync_contacts")
-        with self.engine.begin() as conn:
-            for chunk in _chunks(ids):
-                conn.execute(contacts.update().where(contacts.c.antavo_id.in_(chunk) & contacts.c.status.in_(OWED))
-                             .values(status=status, retry_at=None, reason=reason[:2000], run_id=run_id))
-
-    def owed_among(self, ids: list[str], not_of_run: str) -> set[str]:
-        """Which of these contacts an earlier run left owed (this run's own first rejections are not among them;
-        a retried contact that this run saw rejected again is: it has more than one try)."""
-        contacts = self.table("sync_contacts")
-        found: set[str] = set()
-        with self.engine.connect() as conn:
-            for chunk in _chunks(ids):
-                found.update(conn.execute(sa.select(contacts.c.antavo_id).where(
-                    contacts.c.antavo_id.in_(chunk) & contacts.c.status.in_(OWED)
-                    & ((contacts.c.run_id != not_of_run) | (contacts.c.attempts > 1)))).scalars())
-        return found
-
-    def owed_count(self) -> int:
-        contacts = self.table("sync_contacts")
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).where(contacts.c.status.in_(OWED))).scalar_one()
+        self.contacts.close_owed(ids, run_id, status, reason)
 
     def member_ids(self) -> set[str]:
-        """Contacts Ometria accepted and that have not left: the members a full read should find again."""
-        contacts = self.table("sync_contacts")
-        query = sa.select(contacts.c.antavo_id).where(contacts.c.accepted_hash.is_not(None)
-                                                      & (contacts.c.status != LEFT))
-        with self.engine.connect() as conn:
-            return set(conn.execute(query).scalars())
-
-    def contact(self, antavo_id: str) -> dict | None:
-        """What was last sent for one contact: status, when, by which run and mapping, and the payload."""
-        contacts = self.table("sync_contacts")
-        with self.engine.connect() as conn:
-            row = conn.execute(sa.select(contacts).where(contacts.c.antavo_id == antavo_id)).first()
-        if row is None:
-            return None
-        found = dict(row._mapping)
-        found["payload"] = json.loads(zlib.decompress(found["payload"])) if found.get("payload") else None
-        for name in ("synced_at", "retry_at", "left_at"):
-            found[name] = utc(found.get(name))
-        return found
+        return self.contacts.member_ids()
 
     def contact_count(self) -> int:
-        """Contacts known to Ometria: accepted at least once, and not left since."""
-        contacts = self.table("sync_contacts")
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(sa.func.count()).where(
-                contacts.c.accepted_hash.is_not(None) & (contacts.c.status != LEFT))).scalar_one()
+        return self.contacts.known_count()
 
-    # -- held-back records -------------------------------------------------------------------
     def record_held(self, run_id: str, kind: str, rows: Iterable[dict]) -> None:
-        """Add held-back records: {"id", "reasons": [...], "payload": dict | None}."""
-        held = self.table("sync_held_records")
-        moment = now()
-        values = [{"run_id": run_id, "antavo_id": r.get("id"), "kind": kind, "customer_id": r.get("customer_id"),
-                   "reasons": json.dumps(r["reasons"], ensure_ascii=False, default=str),
-                   "payload": json.dumps(r["payload"], ensure_ascii=False, default=str) if r.get("payload") else None,
-                   "created_at": moment} for r in rows]
-        with self.engine.begin() as conn:
-            for chunk in _chunks(values, 500):
-                conn.execute(held.insert(), chunk)
+        self.held.record(run_id, kind, rows)
 
     def clear_held(self, run_id: str, kind: str) -> None:
-        """Forget what a run held back of one kind (before a retry of that step records it again)."""
-        held = self.table("sync_held_records")
-        with self.engine.begin() as conn:
-            conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)))
+        self.held.clear(run_id, kind)
 
     def release_held(self, ids: list[str], kinds: tuple[str, ...]) -> None:
-        """These records are no longer held back (they were delivered, or are held again by a new row): kept as
-        history, no longer shown as held."""
-        held = self.table("sync_held_records")
-        moment = now()
-        with self.engine.begin() as conn:
-            for chunk in _chunks(ids):
-                conn.execute(held.update().where(held.c.antavo_id.in_(chunk) & held.c.kind.in_(kinds)
-                                                 & held.c.released_at.is_(None)).values(released_at=moment))
+        self.held.release(ids, kinds)
 
     def held_ids(self, kind: str) -> set[str]:
-        """The ids held back now for this kind of reason."""
-        held = self.table("sync_held_records")
-        query = sa.select(held.c.antavo_id).where((held.c.kind == kind) & held.c.released_at.is_(None)).distinct()
-        with self.engine.connect() as conn:
-            return {i for i in conn.execute(query).scalars() if i is not None}
-
-    def prune_released(self, older_than: datetime) -> int:
-        """Forget held records released before `older_than` (the history a trace shows is kept that long)."""
-        held = self.table("sync_held_records")
-        with self.engine.begin() as conn:
-            return conn.execute(held.delete().where(held.c.released_at < older_than)).rowcount
+        return self.held.ids(kind)
 
     def held_records(self, run_id: str | None = None, kind: str | tuple[str, ...] | None = None, limit: int = 100,
                      antavo_id: str | None = None, history: bool = False) -> list[dict]:
-        """Records held back now (newest first); with `history`, also those released since. `antavo_id` also
-        finds the events held back for that customer."""
-        held = self.table("sync_held_records")
-        query = sa.select(held).order_by(held.c.id.desc()).limit(limit)
-        if not history:
-            query = query.where(held.c.released_at.is_(None))
-        if run_id:
-            query = query.where(held.c.run_id == run_id)
-        if kind:
-            query = query.where(held.c.kind.in_([kind] if isinstance(kind, str) else kind))
-        if antavo_id is not None:
-            query = query.where((held.c.antavo_id == antavo_id) | (held.c.customer_id == antavo_id))
-        with self.engine.connect() as conn:
-            return [{**row._mapping, "reasons": json.loads(row.reasons), "created_at": utc(row.created_at),
-                     "released_at": utc(row.released_at)} for row in conn.execute(query)]
+        return self.held.find(run_id, kind, limit, antavo_id, history)
 
-    # -- Ometria's asynchronous errors -------------------------------------------------------
-    def record_push_errors(self, run_id: str, errors: list[dict]) -> None:
-        table = self.table("sync_push_errors")
-        moment = now()
-        with self.engine.begin() as conn:
-            conn.execute(table.delete().where(table.c.run_id == run_id))
-            if errors:
-                conn.execute(table.insert(), [{"run_id": run_id, "error_path": str(e.get("error_path"))[:500],
-                                               "error_message": str(e.get("error_message"))[:1000],
-                                               "fetched_at": moment} for e in errors])
-
-    def remember_push_errors(self, errors: list[dict]) -> None:
-        """Ometria's whole error list as last polled, so that the next poll tells what is new."""
-        self.record_push_errors(LAST_POLL, errors)
-
-    def last_push_errors(self) -> list[dict]:
-        table = self.table("sync_push_errors")
-        query = sa.select(table.c.error_path, table.c.error_message).where(table.c.run_id == LAST_POLL)
-        with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query.order_by(table.c.id))]
-
-    # -- custom events -----------------------------------------------------------------------
     def pushed_event_ids(self, ids: list[str]) -> set[str]:
-        events = self.table("sync_events")
-        found: set[str] = set()
-        with self.engine.connect() as conn:
-            for chunk in _chunks(ids):
-                found.update(conn.execute(sa.select(events.c.event_id).where(events.c.event_id.in_(chunk))).scalars())
-        return found
+        return self.events.pushed_ids(ids)
 
     def record_events(self, rows: list[dict]) -> None:
-        self._upsert(self.table("sync_events"), [{**r, "pushed_at": now()} for r in rows], ["event_id"])
+        self.events.record(rows)
 
     def events_of(self, customer_id: str) -> list[dict]:
-        events = self.table("sync_events")
-        query = sa.select(events).where(events.c.customer_id == customer_id).order_by(events.c.event_time)
-        with self.engine.connect() as conn:
-            return [dict(row._mapping) for row in conn.execute(query)]
-
-    def event_summary(self) -> dict[tuple[str, str], tuple[dict[str, int], int]]:
-        """(rule, event type) → (events per status, events delivered late)."""
-        events = self.table("sync_events")
-        query = (sa.select(events.c.rule, events.c.event_type, events.c.status, events.c.late, sa.func.count())
-                 .group_by(events.c.rule, events.c.event_type, events.c.status, events.c.late))
-        summary: dict[tuple[str, str], tuple[dict[str, int], int]] = {}
-        with self.engine.connect() as conn:
-            for rule, event_type, status, late, count in conn.execute(query):
-                counts, late_sent = summary.setdefault((rule, event_type), ({}, 0))
-                counts[status] = counts.get(status, 0) + count
-                if late and status == "sent":
-                    summary[(rule, event_type)] = (counts, late_sent + count)
-        return summary
+        return self.events.of_customer(customer_id)
 
     def take_lease(self, rule: str, holder: str, ttl: timedelta) -> bool:
-        """Take or renew the rule's delivery lease for `ttl`; False while another holder's has not expired."""
-        leases = self.table("sync_event_leases")
-        moment = now()
-        with self.engine.begin() as conn:
-            free = (leases.c.rule == rule) & ((leases.c.holder == holder) | (leases.c.expires_at < moment))
-            if conn.execute(leases.update().where(free).values(holder=holder, expires_at=moment + ttl)).rowcount:
-                return True
-        try:  # no lease yet: of two deliveries inserting at once, one wins
-            with self.engine.begin() as conn:
-                conn.execute(leases.insert().values(rule=rule, holder=holder, expires_at=moment + ttl))
-            return True
-        except sa.exc.IntegrityError:
-            return False
+        return self.events.take_lease(rule, holder, ttl)
 
     def release_lease(self, rule: str, holder: str) -> None:
-        leases = self.table("sync_event_leases")
-        with self.engine.begin() as conn:
-            conn.execute(leases.delete().where((leases.c.rule == rule) & (leases.c.holder == holder)))
+        self.events.release_lease(rule, holder)
 
     def lease_holder(self, rule: str) -> str | None:
-        leases = self.table("sync_event_leases")
-        with self.engine.connect() as conn:
-            return conn.execute(sa.select(leases.c.holder).where(leases.c.rule == rule)).scalar()
-
-    def event_latencies(self, since: datetime) -> dict[str, list[float]]:
-        """Rule → seconds from each event to Ometria accepting it, for the events sent since `since` (late ones
-        left out: they waited for a catch-up, not for the fast path)."""
-        events = self.table("sync_events")
-        query = sa.select(events.c.rule, events.c.event_time, events.c.pushed_at).where(
-            (events.c.status == "sent") & (events.c.pushed_at >= since) & (events.c.late == sa.false()))
-        found: dict[str, list[float]] = {}
-        with self.engine.connect() as conn:
-            for rule, moment, pushed in conn.execute(query):
-                found.setdefault(rule, []).append((utc(pushed) - utc(moment)).total_seconds())
-        return found
+        return self.events.lease_holder(rule)
 
     def event_cursor(self, rule: str) -> datetime | None:
-        cursors = self.table("sync_event_cursors")
-        with self.engine.connect() as conn:
-            return utc(conn.execute(sa.select(cursors.c.processed_until).where(cursors.c.rule == rule)).scalar())
+        return self.events.cursor(rule)
 
     def set_event_cursor(self, rule: str, processed_until: datetime) -> None:
-        self._upsert(self.table("sync_event_cursors"),
-                     [{"rule": rule, "processed_until": processed_until, "updated_at": now()}], ["rule"])
+        self.events.set_cursor(rule, processed_until)
 
 
 @cache

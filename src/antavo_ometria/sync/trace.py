@@ -58,8 +58,8 @@ def trace(query: str, store: StateStore, mapping: ContactMapping, antavo: Antavo
         return result
     if customer is not None:
         _today(result, customer, mapping)
-    result.last_sent = store.contact(customer_id)
-    result.history = store.held_records(antavo_id=customer_id, kind=CONTACT_KINDS, history=True, limit=50)
+    result.last_sent = store.contacts.get(customer_id)
+    result.history = store.held.find(antavo_id=customer_id, kind=CONTACT_KINDS, history=True, limit=50)
     result.events = _events(store, customer_id)
     sent = result.last_sent
     if sent and sent.get("payload") and result.record:
@@ -125,11 +125,11 @@ def _today(result: Trace, customer: dict, mapping: ContactMapping) -> None:
 def _events(store: StateStore, customer_id: str) -> list[dict]:
     """Her events: what was pushed or skipped, then those held back (the newest verdict per event only: an
     event re-read in the overlap is held again by each run)."""
-    done = store.events_of(customer_id)
+    done = store.events.of_customer(customer_id)
     events = [{"event_id": e["event_id"], "rule": e["rule"], "when": e["event_time"], "status": e["status"]
                + (" (late: no automation)" if e["late"] and e["status"] == "sent" else "")} for e in done]
     seen = {e["event_id"] for e in done}
-    for held in store.held_records(antavo_id=customer_id, kind=("event_held", "event_rejected", "event_expired"),
+    for held in store.held.find(antavo_id=customer_id, kind=("event_held", "event_rejected", "event_expired"),
                                      history=True, limit=200):
         if held["antavo_id"] not in seen:
             seen.add(held["antavo_id"])

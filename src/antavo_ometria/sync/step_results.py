@@ -7,7 +7,17 @@ DAG, the CLI and the tests call the steps the same way. The run report is a JSON
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from enum import StrEnum
 from typing import Self
+
+
+class RunStatus(StrEnum):
+    """A contact run's status, as the state store keeps it and the report shows it."""
+
+    RUNNING = "running"
+    SUCCESS = "success"  # everything delivered, or visibly held back with a reason
+    FAILED = "failed"
+    DRY_RUN = "dry_run"  # nothing was sent
 
 
 class Record:
