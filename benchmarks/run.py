@@ -111,8 +111,9 @@ class Memory:
 def measure_transform(size: int, gate: bool) -> dict:
     """Staged customers → push-ready contacts, as the transform step runs (on its worker processes): without the
     quality gate (parse, map, encode, hash) or with it (and the quarantine, GX results and contacts files)."""
+    from antavo_ometria.sync.columnar import prepared_chunks, transform_threads
     from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.prepare import prepared_chunks, transform_staged, transform_workers
+    from antavo_ometria.sync.prepare import transform_staged
 
     mapping = load_contact_mapping(V2_MAPPING)
     staging = staging_copy(population(size))
@@ -126,7 +127,7 @@ def measure_transform(size: int, gate: bool) -> dict:
         seconds = time.perf_counter() - started
     shutil.rmtree(staging)
     return {"seconds": seconds, "rate": size / seconds, **memory.figures(), "ready": ready,
-            "fields": len(mapping.fields), "workers": transform_workers()}
+            "fields": len(mapping.fields), "threads": transform_threads()}
 
 
 def measure_floor(size: int) -> dict:

@@ -30,7 +30,7 @@ from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.quality import ALL_TEXT, NOT_TEXT, SOURCE, UNIQUE_IN_CHUNK, GateResult, check_rows, row_checks
 from antavo_ometria.sync.transform import customer_columns, transform
 
-CHUNK_ROWS = 200_000  # customers a chunk holds: the pandas path's fixed cost is paid per chunk, memory stays flat
+CHUNK_ROWS = 50_000  # customers DuckDB hands over at a time: the fewer it holds ahead, the less memory
 THREADS = "ANTAVO_OMETRIA_TRANSFORM_THREADS"  # DuckDB threads that transform (default: the cores, at most four)
 
 
@@ -181,8 +181,7 @@ def prepared_chunks(path: Path, mapping: ContactMapping, gate: bool = True, rows
         db.execute("SET enable_progress_bar = false")
         if not isinstance(path, Path):  # object storage: DuckDB reads through the path's filesystem
             db.register_filesystem(path.fs)
-        reader = db.sql(query.sql).to_arrow_reader(rows)
-        for batch in reader:
+        for batch in db.sql(query.sql).to_arrow_reader(rows):
             yield prepare_batch(batch, mapping, query.checks, gate)
 
 
@@ -225,21 +224,22 @@ def _verdict(batch: pa.RecordBatch, mapping: ContactMapping, checks: list[str], 
     rows, rules = batch.num_rows, row_checks(mapping.fields)
     fast = np.ones(rows, dtype=bool)
     fast[slow] = False
-    frame = pd.DataFrame({c: batch.column(c).to_numpy(zero_copy_only=False) for c in checks})
     gate = GateResult(valid=pd.Series(True, index=range(rows)), failures={}, checked=rows)
-    gate.non_null = {f.remote_field: int(frame[_checked(f)].notna().to_numpy()[fast].sum()) for f in mapping.fields}
-    frame = frame[list(dict.fromkeys(["id", *(r.column for r in rules if r.column != UNIQUE_IN_CHUNK)]))]
+    gate.non_null = {f.remote_field: rows - len(slow) - batch.column(_checked(f)).filter(pa.array(fast)).null_count
+                     for f in mapping.fields}
+    needed = list(dict.fromkeys(["id", *(r.column for r in rules if r.column != UNIQUE_IN_CHUNK)]))
     gate.expected = [np.zeros(0, dtype=np.int64) for _ in rules]
+    columns = {c: batch.column(c) for c in needed}
     if result is not None:
-        for column in frame.columns:
-            values = frame[column].to_numpy(dtype=object if column != "record_bytes" else np.int64, copy=True)
-            values[slow] = result.checks[column].to_numpy(dtype=values.dtype)
-            frame[column] = values
+        mask = pa.array(~fast)
+        for column in needed:
+            values = pa.array(result.checks[column].to_numpy(dtype=object), columns[column].type, from_pandas=True)
+            columns[column] = pc.replace_with_mask(columns[column], mask, values)
         gate.failures = {int(slow[row]): fails for row, fails in result.failures.items()}
         gate.expected = [slow[found] for found in result.expected]
         gate.valid.iloc[list(gate.failures)] = False
         gate.non_null = {name: count + result.non_null[name] for name, count in gate.non_null.items()}
-    gate.checks = frame.astype({c: "str" for c in frame.columns if c != "record_bytes"})
+    gate.checks = pa.table(columns).to_pandas()
     return gate
 
 
