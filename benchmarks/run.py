@@ -531,7 +531,8 @@ def measured_when(results: dict) -> list[str]:
                      f"incremental hour and DAG parse times are from the full run of {results['others_measured_at']}.")
     large = results.get("large")
     if large:
-        lines.append(f"At 3,000,000 customers the step with the gate took {large['seconds']:.1f} s, "
+        lines.append(f"At 3,000,000 customers ({large.get('population_note', 'generated')}) the step with the gate "
+                     f"took {large['seconds']:.1f} s, "
                      f"{large['cpu_s']:.1f} CPU-s ({results['gate_3m_per_million_cpu_s']:.1f} per million) and "
                      f"{large['peak_rss_mb']:,} MB at its peak.")
     return ["", " ".join(lines)] if lines else []
