@@ -1,19 +1,14 @@
-"""The transform step's worker processes: how many, where they may not run, failures, and their end."""
+"""The transform step's parallelism: DuckDB's threads in the task's own process, however many, wherever it runs
+(a Celery pool process is a daemon and may not start processes), and failures that fail the step."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 
 from antavo_ometria.antavo.records import normalise_customer
-from antavo_ometria.sync import prepare
+from antavo_ometria.sync import columnar
 from antavo_ometria.sync.mapping import load_contact_mapping
 from antavo_ometria.sync.staging import write_customers
 from antavo_ometria_tools.population import make_population
@@ -23,7 +18,9 @@ PROJECT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture
 def staged(tmp_path) -> Path:
-    write_customers(tmp_path, [[normalise_customer(c) for c in make_population(600)]])
+    customers = [normalise_customer(c) for c in make_population(600)]
+    customers[260]["score"] = "lots"  # a value of another kind than its format: the pandas path, in chunk two
+    write_customers(tmp_path, [customers])
     return tmp_path / "customers.ndjson"
 
 
@@ -31,28 +28,32 @@ def mapping():
     return load_contact_mapping(PROJECT / "include" / "mappings")
 
 
-def test_the_number_of_workers_comes_from_the_environment_or_the_cores(monkeypatch):
-    monkeypatch.delenv(prepare.WORKERS, raising=False)
-    assert 1 <= prepare.transform_workers() <= 4
-    monkeypatch.setenv(prepare.WORKERS, "3")
-    assert prepare.transform_workers() == 3
+def test_the_number_of_threads_comes_from_the_environment_or_the_cores(monkeypatch):
+    monkeypatch.delenv(columnar.THREADS, raising=False)
+    assert 1 <= columnar.transform_threads() <= 4
+    monkeypatch.setenv(columnar.THREADS, "3")
+    assert columnar.transform_threads() == 3
     for wrong in ("auto", "0", "-2", "1.5"):
-        monkeypatch.setenv(prepare.WORKERS, wrong)
-        with pytest.raises(ValueError, match="ANTAVO_OMETRIA_TRANSFORM_WORKERS must be a whole number"):
-            prepare.transform_workers()
+        monkeypatch.setenv(columnar.THREADS, wrong)
+        with pytest.raises(ValueError, match="ANTAVO_OMETRIA_TRANSFORM_THREADS must be a whole number"):
+            columnar.transform_threads()
+
+
+def _summary(path: Path, threads: int) -> list:
+    chunks = list(columnar.prepared_chunks(path, mapping(), rows=250, threads=threads))
+    return [(c.ids, c.encoded.to_pylist(), c.hashes.to_pylist(), sorted(c.gate.failures)) for c in chunks]
 
 
 def _prepare_in_a_daemon(path: str, results) -> None:
     try:
-        chunks = list(prepare.prepared_chunks(Path(path), mapping(), rows=250, workers=2))
-        results.put([len(c.ids) for c in chunks])
+        results.put(_summary(Path(path), threads=2))
     except BaseException as exc:  # noqa: BLE001  (reported to the test)
         results.put(repr(exc))
 
 
-def test_in_a_daemon_process_as_under_celery_the_chunks_are_prepared_in_process(staged):
-    """A Celery pool process is a daemon, and so is the task Airflow forks from it: a daemon may not start
-    processes (multiprocessing refuses), so the transform runs in it rather than failing."""
+def test_in_a_daemon_process_as_under_celery_two_threads_prepare_the_same_chunks(staged):
+    """A Celery pool process is a daemon, and so is the task Airflow forks from it: the transform's threads run
+    in it, and give the chunks one thread gives (same ids, bodies, hashes and quarantined rows, in order)."""
     import billiard
 
     results = billiard.Queue()
@@ -60,56 +61,20 @@ def test_in_a_daemon_process_as_under_celery_the_chunks_are_prepared_in_process(
     daemon.start()
     outcome = results.get(timeout=120)
     daemon.join(timeout=30)
-    assert outcome == [250, 250, 100]
+    assert not isinstance(outcome, str), outcome
+    assert [len(ids) for ids, *_ in outcome] == [250, 250, 100]
+    assert 10 in outcome[1][3]  # c00000260, held back in its chunk (with the population's malformed ones)
+    assert outcome == _summary(staged, threads=1)
 
 
-def test_a_failure_in_a_worker_fails_the_step(staged, monkeypatch):
-    """Workers are forked: the failing function below is theirs too. The error reaches the task, which fails."""
-    original = prepare.transform
+def test_a_failure_on_the_pandas_path_fails_the_step(staged, monkeypatch):
+    original = columnar.transform
 
-    def fails_on_the_second_chunk(columns, mapping_, *args):
-        if columns["id"].iloc[0] == "c00000250":
+    def fails(columns, mapping_, *args):
+        if "c00000260" in columns["id"].tolist():
             raise RuntimeError("broken chunk")
         return original(columns, mapping_, *args)
 
-    monkeypatch.setattr(prepare, "transform", fails_on_the_second_chunk)
+    monkeypatch.setattr(columnar, "transform", fails)
     with pytest.raises(RuntimeError, match="broken chunk"):
-        list(prepare.prepared_chunks(staged, mapping(), rows=250, workers=2))
-
-
-CHILD = """
-import json, sys, time
-from antavo_ometria.sync.prepare import worker_pool
-pool = worker_pool(2)
-pids = sorted({pool.submit(__import__("os").getpid).result() for _ in range(8)})
-print(json.dumps(pids), flush=True)
-time.sleep(600)
-"""
-
-
-def test_workers_end_when_the_task_process_is_killed():
-    """An out-of-memory kill ends only the task's process: its workers must not live on, orphaned."""
-    if sys.platform != "linux":
-        pytest.skip("the parent-death signal is Linux's")
-    child = subprocess.Popen([sys.executable, "-c", CHILD], stdout=subprocess.PIPE, text=True)
-    try:
-        workers = json.loads(child.stdout.readline())
-        assert workers and child.pid not in workers
-        os.kill(child.pid, signal.SIGKILL)
-        child.wait(timeout=10)
-        deadline = time.monotonic() + 10
-        alive = workers
-        while alive and time.monotonic() < deadline:
-            time.sleep(0.1)
-            alive = [pid for pid in workers if _alive(pid)]
-        assert not alive
-    finally:
-        child.kill()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ")[1][0] != "Z"  # a zombie has ended; it only waits to be reaped
-    except FileNotFoundError:
-        return False
+        list(columnar.prepared_chunks(staged, mapping(), rows=250, threads=2))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from antavo_ometria.ometria import format_sql as sql
 from antavo_ometria.ometria.contract import (
     CALENDAR_DATE,
     CONTROL_CHARACTERS,
@@ -237,6 +238,7 @@ class Format:
     text: bool = False  # a text value: no control characters, no lists or objects
     custom: bool = False  # a custom field can be written in it
     writable_as: frozenset[str] | None = None  # what a loyalty field in this format can be written as (None: any)
+    sql: sql.SqlFormat = sql.never  # the same conversion in DuckDB SQL, for the columnar engine
 
 
 def _fixed(*names: str) -> Callable[[], Collection[str]]:
@@ -248,26 +250,28 @@ def _as(*names: str) -> frozenset[str]:
 
 
 FORMATS: dict[str, Format] = {f.name: f for f in (
-    Format("string", "text", to_string, text=True, custom=True, writable_as=_as(
+    Format("string", "text", to_string, text=True, custom=True, sql=sql.string, writable_as=_as(
         "string", "email", "gender", "country", "phone", "date", "datetime", "optin", "integer", "number", "boolean")),
-    Format("email", "an email address", to_email, "email_format", pattern=EMAIL, text=True,
+    Format("email", "an email address", to_email, "email_format", pattern=EMAIL, text=True, sql=sql.email,
            writable_as=_as("email", "string")),
     Format("integer", "a whole number", to_integer, "type", types=("int",), numeric=True, custom=True,
-           writable_as=_as("integer", "number", "string")),
+           sql=sql.number, writable_as=_as("integer", "number", "string")),
     Format("number", "a number", to_number, "type", types=("int", "float"), numeric=True, custom=True,
-           writable_as=_as("number", "integer", "string")),
-    Format("boolean", "true or false", to_boolean, "type", types=("bool",), custom=True,
+           sql=sql.number, writable_as=_as("number", "integer", "string")),
+    Format("boolean", "true or false", to_boolean, "type", types=("bool",), custom=True, sql=sql.boolean,
            writable_as=_as("boolean", "optin", "string")),
-    Format("date", "a YYYY-MM-DD date", to_date, "date_format", pattern=CALENDAR_DATE, custom=True,
+    Format("date", "a YYYY-MM-DD date", to_date, "date_format", pattern=CALENDAR_DATE, custom=True, sql=sql.date,
            writable_as=_as("date", "datetime", "string")),
     Format("datetime", "an ISO 8601 date-time", to_datetime, "datetime_format", pattern=ISO_DATETIME, custom=True,
-           writable_as=_as("datetime", "date", "string")),
-    Format("gender", "m or f", to_gender, "gender", values=_fixed(*GENDERS), writable_as=_as("gender", "string")),
+           sql=sql.datetime, writable_as=_as("datetime", "date", "string")),
+    Format("gender", "m or f", to_gender, "gender", values=_fixed(*GENDERS), sql=sql.gender,
+           writable_as=_as("gender", "string")),
     Format("country", "an ISO 3166-1 alpha-2 country code", to_country, "country", values=iso_countries,
-           writable_as=_as("country", "string")),
-    Format("phone", "an E.164 phone number", to_phone, "phone", pattern=PHONE_E164,
+           sql=sql.country, writable_as=_as("country", "string")),
+    Format("phone", "an E.164 phone number", to_phone, "phone", pattern=PHONE_E164, sql=sql.phone,
            writable_as=_as("phone", "string")),
-    Format("list", "a list", to_list, "type", types=("list",), custom=True, writable_as=_as("list")),
+    Format("list", "a list", to_list, "type", types=("list",), custom=True, sql=sql.text_list,
+           writable_as=_as("list")),
     Format("optin", "a consent value", to_optin, "consent", values=_fixed(*OPTIN)),
 )}
 CUSTOM_FORMATS = tuple(name for name, f in FORMATS.items() if f.custom)

@@ -4,30 +4,22 @@ Maps (transform.py), checks (quality.py), quarantines with every reason, and ski
 
 from __future__ import annotations
 
-import ctypes
-import itertools
 import json
 import logging
-import multiprocessing
-import os
-import signal
-import sys
-from collections import Counter, deque
-from collections.abc import Collection, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from antavo_ometria.antavo.records import HELD
-from antavo_ometria.ometria.payload import encode_contact_array, encode_contacts, payload_hash
+from antavo_ometria.ometria.payload import encode_contacts
+from antavo_ometria.sync.columnar import CHUNK_ROWS, prepared_chunks
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.quality import GateResult, GxBlock, QualityGateFailed, batch_verdict, check_rows, run_gate
+from antavo_ometria.sync.quality import GxBlock, QualityGateFailed, batch_verdict, run_gate
 from antavo_ometria.sync.staging import (
     CONTACTS,
     CONTACTS_SCHEMA,
@@ -42,23 +34,12 @@ from antavo_ometria.sync.staging import (
 )
 from antavo_ometria.sync.state import HELD_BACK, LEFT, StateStore
 from antavo_ometria.sync.step_results import Plan, Transformed
-from antavo_ometria.sync.transform import CHUNK_ROWS, customer_frame, staged_chunks, transform
+from antavo_ometria.sync.transform import transform
 
 log = logging.getLogger(__name__)
 
-GX_BLOCK_ROWS = 250_000  # customers Great Expectations validates per call: its fixed cost is paid per block
-WORKERS = "ANTAVO_OMETRIA_TRANSFORM_WORKERS"  # processes that transform and check chunks side by side
-PR_SET_PDEATHSIG = 1  # Linux prctl: a signal for this process when its parent ends
-
-
-def transform_workers() -> int:
-    """How many processes transform: $ANTAVO_OMETRIA_TRANSFORM_WORKERS, or one per core this process may use
-    (at most four)."""
-    value = os.environ.get(WORKERS, "").strip()
-    if value and not (value.isdigit() and int(value) >= 1):
-        raise ValueError(f"{WORKERS} must be a whole number of processes, at least 1; it is {value!r}")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return int(value) if value else min(cores, 4)
+GX_BLOCK_ROWS = 125_000  # customers Great Expectations validates per call: its fixed cost (~0.4 s) is paid per block;
+# GX holds several copies of a block, so memory grows with it
 
 
 def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, duplicate_ids: Collection[str] = ()):
@@ -69,79 +50,12 @@ def prepare_contacts(columns: pd.DataFrame, mapping: ContactMapping, duplicate_i
     return frame, encoded, run_gate(frame, mapping, [len(body) for body in encoded], duplicate_ids, problems)
 
 
-@dataclass
-class PreparedChunk:
-    """One chunk of staged customers, mapped, encoded and checked: row for row."""
-
-    ids: list
-    encoded: pa.BinaryArray
-    hashes: pa.StringArray
-    gate: GateResult | None  # the boolean columns' verdict, for a GxBlock to confirm; None when only transformed
-
-
-def prepare_chunk(data: bytes, mapping: ContactMapping, gate: bool = True) -> PreparedChunk:
-    """A block of staged NDJSON → its contacts (runs in a worker process, or in this one)."""
-    columns = customer_frame(data, [*mapping.loyalty_fields, HELD])
-    frame = transform(columns, mapping)
-    encoded = encode_contact_array(frame, mapping.shape)
-    problems = columns[HELD] if HELD in columns else None
-    result = check_rows(frame, mapping, pc.binary_length(encoded).to_numpy(), (), problems) if gate else None
-    hashes = pa.array([payload_hash(body) for body in encoded.to_pylist()], pa.string())
-    return PreparedChunk(frame["id"].tolist(), encoded, hashes, result)
-
-
-def prepared_chunks(path: Path, mapping: ContactMapping, gate: bool = True, rows: int = CHUNK_ROWS,
-                    workers: int | None = None) -> Iterator[PreparedChunk]:
-    """The staged customers, prepared chunk by chunk, in order. With more than one chunk, `workers` processes
-    (default: transform_workers()) prepare them side by side; a few chunks at most are in flight at a time,
-    so memory does not grow with the programme."""
-    chunks = staged_chunks(path, rows)
-    head = list(itertools.islice(chunks, 2))
-    workers = transform_workers() if workers is None else workers
-    if workers > 1 and multiprocessing.current_process().daemon:
-        log.info("transforming in this process: it is a daemon (a Celery pool process, or forked from one), "
-                 "which may not start worker processes")
-        workers = 1
-    if len(head) < 2 or workers < 2:
-        for data in itertools.chain(head, chunks):
-            yield prepare_chunk(data, mapping, gate)
-        return
-    pool = worker_pool(workers)
-    try:
-        pending: deque = deque()
-        for data in itertools.chain(head, chunks):
-            pending.append(pool.submit(prepare_chunk, data, mapping, gate))
-            if len(pending) > workers:
-                yield pending.popleft().result()
-        while pending:
-            yield pending.popleft().result()
-    finally:
-        pool.shutdown(cancel_futures=True)
-
-
-def worker_pool(workers: int) -> ProcessPoolExecutor:
-    """Processes that prepare chunks: forked on Linux (they start at once, with the modules already imported),
-    spawned elsewhere. Each ends when the process that started it ends, even when that one is killed."""
-    start = "fork" if sys.platform == "linux" else "spawn"
-    return ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(start), initializer=_worker_started,
-                               initargs=(os.getpid(),))
-
-
-def _worker_started(parent: int) -> None:
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # not the task runner's handler, inherited by the fork
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    if sys.platform == "linux":
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != parent:  # the parent ended before that was set
-            os._exit(1)
-
-
 def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, store: StateStore | None = None,
-                     rows: int = CHUNK_ROWS, workers: int | None = None) -> Transformed:
+                     rows: int = CHUNK_ROWS, threads: int | None = None) -> Transformed:
     """Staged customers → checked, encoded Ometria contacts that differ from what was last sent.
 
-    Streams the staged customers in chunks of `rows`, prepared by `workers` processes side by side (see
-    prepared_chunks), so memory does not grow with the programme. Quarantined customers go to
+    Streams the staged customers in chunks of `rows`, prepared by DuckDB on `threads` (see columnar.py), so
+    memory does not grow with the programme. Quarantined customers go to
     quarantine.ndjson (and the state store) with every reason. Raises QualityGateFailed, after writing the
     quarantine and GX's results, when the run as a whole fails.
     """
@@ -161,7 +75,7 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
     progress = Progress("transform and check", "customers")
     with (staging / QUARANTINE).open("w", encoding="utf-8") as held, \
             (staging / CONTACTS).open("wb") as sink, pq.ParquetWriter(sink, CONTACTS_SCHEMA) as writer:
-        for chunk in prepared_chunks(staging / CUSTOMERS, mapping, rows=rows, workers=workers):
+        for chunk in prepared_chunks(staging / CUSTOMERS, mapping, rows=rows, threads=threads):
             ids, encoded, hashes, gate = chunk.ids, chunk.encoded, chunk.hashes.to_pylist(), chunk.gate
             rows_held = [{"id": ids[row], "reasons": [f["message"] for f in fails], "failures": fails,
                           "payload": json.loads(encoded[row].as_py())} for row, fails in sorted(gate.failures.items())]

@@ -143,11 +143,17 @@ def _drop_lines(path: Path, lines: set[int]) -> None:
         rewritten.rename(path)  # object storage: copied over the old object
 
 
-def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
+def contact_batches(staging: Path, rows: int = 100_000) -> Iterator[list[tuple[str, bytes, str]]]:
+    """The staged contacts (id, body, hash), in order, `rows` at a time: the file is never read whole."""
     with (staging / CONTACTS).open("rb") as handle:
-        table = pq.read_table(handle)
-    return list(zip(table.column("id").to_pylist(), table.column("body").to_pylist(),
-                    table.column("hash").to_pylist()))
+        for batch in pq.ParquetFile(handle).iter_batches(rows):
+            yield list(zip(batch.column("id").to_pylist(), batch.column("body").to_pylist(),
+                           batch.column("hash").to_pylist(), strict=True))
+
+
+def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
+    """Every staged contact (id, body, hash), read batch by batch (no Arrow copy of the whole file beside it)."""
+    return [contact for batch in contact_batches(staging) for contact in batch]
 
 
 def staging_dir(root: Path, dag_id: str, run_id: str) -> Path:
