@@ -251,36 +251,7 @@ def check_rows(
     checked = check_frame(frame, mapping, record_bytes, source_problems)
     rules = row_checks(mapping.fields, duplicate_ids)
     failing = [rule.failing(checked) for rule in rules]
-    failures: dict[int, list[dict]] = {}
-    values: dict[str, np.ndarray] = {}  # payload columns, taken out only for rows that fail
-
-    def value_of(column: str, row: int) -> object:
-        if column not in values:
-            values[column] = (checked if column == "record_bytes" else frame)[column].to_numpy(dtype=object)
-        return values[column][row]
-
-    for rule, rows in zip(rules, failing, strict=True):
-        field_name = rule.column.split(":")[0]
-        for row in np.flatnonzero(rows).tolist():
-            if rule.column == ALL_TEXT:  # which text fields hold the control characters
-                for f in mapping.fields:
-                    value = value_of(f.remote_field, row)
-                    if FORMATS[f.format].text and isinstance(value, str) and re.search(CONTROL_CHARACTERS, value):
-                        failures.setdefault(row, []).append({
-                            "check": rule.name, "field": f.remote_field, "value": value,
-                            "message": rule.message.format(field=f.remote_field, loyalty=f.loyalty_field)})
-                continue
-            if rule.column in (SOURCE, NOT_TEXT):  # the checked value is the message itself
-                failures.setdefault(row, []).append({"check": rule.name, "field": "", "value": None,
-                                                     "message": checked[rule.column].iat[row]})
-                continue
-            value = value_of(field_name, row)
-            failures.setdefault(row, []).append({
-                "check": rule.name, "field": field_name, "value": _jsonable(value),
-                "message": rule.message.format(value=_show(value)),
-            })
-    for row, fails in failures.items():
-        failures[row] = _causes(fails)
+    failures = _failures(rules, failing, _FailingValues(frame, checked), mapping)
     result = GateResult(valid=pd.Series(True, index=frame.index), failures=failures, checked=len(frame))
     result.non_null = {f.remote_field: int(frame[f.remote_field].notna().sum()) for f in mapping.fields}
     if failures:
@@ -291,13 +262,47 @@ def check_rows(
     return result
 
 
-def run_gate(
-    frame: pd.DataFrame,
-    mapping: ContactMapping,
-    record_bytes: Sequence[int],
-    duplicate_ids: Collection[str] = (),
-    source_problems: pd.Series | None = None,
-) -> GateResult:
+class _FailingValues:
+    """Payload values, taken out of their columns only for the rows that fail."""
+
+    def __init__(self, frame: pd.DataFrame, checked: pd.DataFrame):
+        self.frame, self.checked, self.columns = frame, checked, {}
+
+    def __call__(self, column: str, row: int) -> object:
+        if column not in self.columns:
+            source = self.checked if column in ("record_bytes", SOURCE, NOT_TEXT) else self.frame
+            self.columns[column] = source[column].to_numpy(dtype=object)
+        return self.columns[column][row]
+
+
+def _failures(rules: list, failing: list[np.ndarray], value_of: _FailingValues,
+              mapping: ContactMapping) -> dict[int, list[dict]]:
+    """Each failing row's failures, by row number: built for the failing rows only."""
+    failures: dict[int, list[dict]] = {}
+    for rule, rows in zip(rules, failing, strict=True):
+        for row in np.flatnonzero(rows).tolist():
+            failures.setdefault(row, []).extend(_failures_of(rule, row, value_of, mapping))
+    return {row: _causes(fails) for row, fails in failures.items()}
+
+
+def _failures_of(rule, row: int, value_of: _FailingValues, mapping: ContactMapping) -> list[dict]:
+    """What one rule found wrong in one row."""
+    if rule.column == ALL_TEXT:  # which text fields hold the control characters
+        return [{"check": rule.name, "field": f.remote_field, "value": value,
+                 "message": rule.message.format(field=f.remote_field, loyalty=f.loyalty_field)}
+                for f in mapping.fields
+                if FORMATS[f.format].text and isinstance(value := value_of(f.remote_field, row), str)
+                and re.search(CONTROL_CHARACTERS, value)]
+    if rule.column in (SOURCE, NOT_TEXT):  # the checked value is the message itself
+        return [{"check": rule.name, "field": "", "value": None, "message": value_of(rule.column, row)}]
+    field_name = rule.column.split(":")[0]
+    value = value_of(field_name, row)
+    return [{"check": rule.name, "field": field_name, "value": _jsonable(value),
+             "message": rule.message.format(value=_show(value))}]
+
+
+def run_gate(frame: pd.DataFrame, mapping: ContactMapping, record_bytes: Sequence[int],
+             duplicate_ids: Collection[str] = (), source_problems: pd.Series | None = None) -> GateResult:
     """Check one frame of contacts and validate it with Great Expectations at once (a few customers: an event
     delivery, a trace); see check_rows."""
     result = check_rows(frame, mapping, record_bytes, duplicate_ids, source_problems)
