@@ -70,15 +70,35 @@ def encode_contact_array(frame: pd.DataFrame, shape: ContactShape) -> pa.BinaryA
     """encode_contacts as one Arrow array: it crosses processes and reaches Parquet as a few buffers."""
     if frame.empty:
         return pa.array([], pa.binary())
-    v2, rows = shape.v2, len(frame)
+    rows = len(frame)
+    top, sms, nested = _field_members(frame, shape)
+    parts = [_head(frame, shape), _joined(top, "", "")]
+    if sms:
+        parts.append(_joined(sms, ',"channels":{"sms":{', "}}"))
+    if nested:
+        parts.append(_joined(nested, ',"properties":{', "}"))
+    parts.append(pa.array(np.full(rows, "}", dtype=object), pa.string()))
+    return pc.binary_join_element_wise(*parts, "", null_handling="skip").cast(pa.binary())
+
+
+def _head(frame: pd.DataFrame, shape: ContactShape) -> pa.Array:
+    """The envelope's members per row, with `@force_optin` where the record carries consent and the mode forces it."""
+    rows = len(frame)
     prefix = json.dumps(envelope(shape), ensure_ascii=False, separators=(",", ":"))[:-1] + ","
     forced = frame["marketing_optin"].notna().to_numpy() if shape.force_optin and "marketing_optin" in frame \
         else np.zeros(rows, dtype=bool)
+    if forced.any():
+        return pc.if_else(forced, prefix + '"@force_optin":true,', prefix)
+    return pa.array(np.full(rows, prefix, dtype=object), pa.string())
+
+
+def _field_members(frame: pd.DataFrame, shape: ContactShape) -> tuple[list, list, list]:
+    """Each mapped field's `"name":value` column, sorted by where it goes: top level, the SMS channel, properties."""
     top, sms, nested = [_members(frame["id"], "id")], [], []
     for f in shape.fields:
         values = frame[f.remote_field]
         # which rows carry the field: present, or empty but allowed to overwrite
-        carried = np.ones(rows, dtype=bool) if f.overwrite_empty else values.notna().to_numpy()
+        carried = np.ones(len(frame), dtype=bool) if f.overwrite_empty else values.notna().to_numpy()
         if not carried.any():
             continue
         sms_field = f.remote_field.startswith(SMS)
@@ -86,19 +106,11 @@ def encode_contact_array(frame: pd.DataFrame, shape: ContactShape) -> pa.BinaryA
         members = members if carried.all() else pc.if_else(carried, members, pa.scalar(None, pa.string()))
         if sms_field:
             sms.append(members)
-        if (f.builtin or not v2) and not sms_field:
+        if (f.builtin or not shape.v2) and not sms_field:
             top.append(members)
-        if not f.builtin and v2:
+        if not f.builtin and shape.v2:
             nested.append(members)
-    head = pc.if_else(forced, prefix + '"@force_optin":true,', prefix) if forced.any() \
-        else pa.array(np.full(rows, prefix, dtype=object), pa.string())
-    parts = [head, _joined(top, "", "")]
-    if sms:
-        parts.append(_joined(sms, ',"channels":{"sms":{', "}}"))
-    if nested:
-        parts.append(_joined(nested, ',"properties":{', "}"))
-    parts.append(pa.array(np.full(rows, "}", dtype=object), pa.string()))
-    return pc.binary_join_element_wise(*parts, "", null_handling="skip").cast(pa.binary())
+    return top, sms, nested
 
 
 def _members(values: pd.Series, name: str) -> pa.Array:
@@ -109,25 +121,29 @@ def _members(values: pd.Series, name: str) -> pa.Array:
         array = pa.array(values.to_numpy(dtype=object), from_pandas=True)
     except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):
         array = None
-    if array is not None and (pa.types.is_string(array.type) or pa.types.is_large_string(array.type)):
-        encoded = _json_strings(array)
-    elif array is not None and pa.types.is_integer(array.type):
-        encoded = pc.cast(array, pa.string())
-    elif array is not None and pa.types.is_boolean(array.type):
-        encoded = pc.if_else(array, "true", "false")
-    elif array is not None and pa.types.is_list(array.type) and pa.types.is_string(array.type.value_type) \
-            and array.values.null_count == 0:
-        items = _json_strings(array.values)
-        encoded = _UNSAFE if items is _UNSAFE else pc.if_else(pc.is_valid(array), pc.binary_join_element_wise(
-            "[", pc.binary_join(pa.ListArray.from_arrays(array.offsets, items), ","), "]", ""), None)
-    elif array is not None and pa.types.is_null(array.type):
-        encoded = pa.nulls(len(array), pa.string())
-    else:
-        encoded = None
+    encoded = None if array is None else _arrow_encoded(array)
     if encoded is None or encoded is _UNSAFE:
         text = values.to_frame(name).to_json(orient="records", lines=True, force_ascii=False, double_precision=15)
         return pc.utf8_slice_codeunits(pa.array(text.rstrip("\n").split("\n"), pa.string()), 1, -1)
     return pc.binary_join_element_wise(key, pc.fill_null(encoded, "null"), "")
+
+
+def _arrow_encoded(array: pa.Array) -> pa.Array | object | None:
+    """The JSON text of each value by Arrow, or None (or _UNSAFE) where pandas' writer must encode them."""
+    kind = array.type
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+        return _json_strings(array)
+    if pa.types.is_integer(kind):
+        return pc.cast(array, pa.string())
+    if pa.types.is_boolean(kind):
+        return pc.if_else(array, "true", "false")
+    if pa.types.is_null(kind):
+        return pa.nulls(len(array), pa.string())
+    if pa.types.is_list(kind) and pa.types.is_string(kind.value_type) and array.values.null_count == 0:
+        items = _json_strings(array.values)
+        return _UNSAFE if items is _UNSAFE else pc.if_else(pc.is_valid(array), pc.binary_join_element_wise(
+            "[", pc.binary_join(pa.ListArray.from_arrays(array.offsets, items), ","), "]", ""), None)
+    return None
 
 
 _UNSAFE = object()  # text with control characters: left to pandas' writer, which escapes them
