@@ -8,12 +8,15 @@ description, …) fill the tags of the Ometria email. The rules are rows in
 comes from (`event.*`, `reward.*`, `customer.*`).
 
 **Continuous:** one run at a time, the next as soon as one ends. Per rule, a deferrable sensor waits in the
-triggerer (no worker slot) and asks Antavo for new matching events every `ANTAVO_OMETRIA_EVENT_POKE_SECONDS`
-(default 5); the first one found wakes `deliver_<rule>`, which pushes each new event once: the contact first if
+triggerer (no worker slot) and asks Antavo for new matching events every `events.poll_seconds` (settings.toml,
+default 5); the first one found wakes `deliver_<rule>`, which pushes each new event once: the contact first if
 Ometria does not have it yet, then the custom event (`id` = `<rule>:<Antavo event ID>`, so two rules on one
-action each deliver). A claim reaches Ometria in about 11 s (p95 15 s, BENCHMARKS.md). The sensor fails when
-Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run sends them; an event
-Ometria rejects is held with the reason and retried by every run while it can still start an automation.
+action each deliver). A claim reaches Ometria in about 12 s (p95 22 s at 5 s polling, `make bench-events`).
+The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run
+sends them; an event Ometria rejects is held with the reason and retried by every run while it can still start
+an automation. After a failed run the sensor backs off (as long as deliveries have been failing, 1 to 15
+minutes) before it reads Antavo again, so an outage neither alerts every minute nor hammers the APIs; the alert
+says how long.
 
 **Catch-up:** every delivery re-reads Ometria's whole 4-hour window (or from the rule's cursor, when further
 back), so what the fast path missed (a triggerer restart, an outage, an event Antavo lists late) is sent by the
@@ -29,14 +32,15 @@ import os
 
 from airflow.sdk import dag, get_current_context, task
 
-from antavo_ometria.airflow.dag_defaults import DAG_ARGS, PUSH_POOL
+from antavo_ometria.airflow.dag_defaults import DAG_ARGS, EVENT_BACK_OFF, PUSH_POOL
 from antavo_ometria.airflow.dag_defaults import EVENTS_DAG as DAG_ID
 from antavo_ometria.airflow.sensors import AntavoEventSensor
 from antavo_ometria.sync.event_rules import rule_actions
-from antavo_ometria.sync.settings import mappings_dir
+from antavo_ometria.sync.settings import mappings_dir, read_settings
 
-# how often the trigger asks Antavo for new events: a claim waits up to this long to be seen (BENCHMARKS.md)
-POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS", 5))
+# how often the trigger asks Antavo for new events (`events.poll_seconds`; tests override it by the variable)
+POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS")
+                     or read_settings(mappings_dir() / "settings.toml").settings.event_poll_seconds)
 # a quiet run ends after this wait; its delivery still re-reads the 4-hour window: the catch-up by cursor
 WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60))
 
@@ -97,7 +101,7 @@ def antavo_ometria_events():
             return summary
 
         wait = AntavoEventSensor(task_id=f"wait_for_{name}", rule=name, action=action,
-                                 poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS,
+                                 poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS, back_off=EVENT_BACK_OFF,
                                  doc_md=f"Waits (in the triggerer) for new Antavo events of rule `{name}`.")
         checked >> wait >> deliver()
 

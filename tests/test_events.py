@@ -15,6 +15,26 @@ from antavo_ometria.sync.state import StateStore
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEADER = "rule,antavo_action,ometria_event_type,property,source\n"
+# the rules these tests deliver, in a mappings folder of their own: the shipped table may gain rules or change
+REWARD_CLAIMED = "".join(f"reward_claimed,reward,loyalty_reward_claimed,{p}\n" for p in (
+    "reward_id,event.reward", "reward_name,reward.title", "reward_description,reward.description",
+    "points_spent,reward.points", "first_name,customer.first_name", "loyalty_points,customer.score"))
+REWARD_POINTS = "reward_points,reward,loyalty_points_spent,points,event.points\n"
+
+
+def rule_named(mappings: Path, name: str):
+    return next(rule for rule in load_rules(mappings) if rule.name == name)
+
+
+@pytest.fixture
+def mappings(tmp_path) -> Path:
+    """A mappings folder: the shipped contact mapping and settings, and these tests' own trigger rules."""
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    for name in ("contacts.csv", "settings.toml"):
+        (folder / name).write_bytes((PROJECT / "include" / "mappings" / name).read_bytes())
+    (folder / "triggers.csv").write_text(HEADER + REWARD_CLAIMED + REWARD_POINTS, encoding="utf-8")
+    return folder
 
 
 def oid(event: dict, rule: str = "reward_claimed") -> str:
@@ -23,7 +43,7 @@ def oid(event: dict, rule: str = "reward_claimed") -> str:
 
 
 def test_shipped_reward_claim_rule():
-    (rule,) = load_rules(PROJECT / "include" / "mappings")
+    rule = rule_named(PROJECT / "include" / "mappings", "reward_claimed")
     assert (rule.name, rule.action, rule.event_type) == ("reward_claimed", "reward", "loyalty_reward_claimed")
     assert ("reward_name", "reward.title") in rule.properties and rule.needs_rewards
 
@@ -57,11 +77,10 @@ def test_more_than_1000_events_on_one_timestamp_are_staggered():
 
 
 @pytest.fixture
-def parts(sandbox, antavo_client, ometria_client, state_url):
+def parts(sandbox, antavo_client, ometria_client, state_url, mappings):
     store = StateStore(state_url)
     store.migrate()
-    (rule,) = load_rules(PROJECT / "include" / "mappings")
-    return rule, store, load_contact_mapping(PROJECT / "include" / "mappings")
+    return rule_named(mappings, "reward_claimed"), store, load_contact_mapping(mappings)
 
 
 def test_reward_claim_becomes_one_custom_event_and_the_contact_comes_first(parts, sandbox, antavo_client, ometria_client):
@@ -252,14 +271,13 @@ def test_an_event_listed_twice_and_a_held_event_re_read_count_once(parts, sandbo
     assert [r["antavo_id"] for r in store.held_records(kind="event_held")] == [oid(held)]
 
 
-def test_an_event_listed_twice_on_postgresql(sandbox, antavo_client, ometria_client, postgres_state_url):
+def test_an_event_listed_twice_on_postgresql(sandbox, antavo_client, ometria_client, postgres_state_url, mappings):
     store = StateStore(postgres_state_url)
     store.migrate()
-    (rule,) = load_rules(PROJECT / "include" / "mappings")
+    rule = rule_named(mappings, "reward_claimed")
     claim = sandbox.antavo.claim_reward("c00000081", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=3))
     sandbox.antavo.events.append(dict(claim))
-    summary = deliver(rule, antavo_client, ometria_client, store, load_contact_mapping(PROJECT / "include" / "mappings"),
-                      "run-1")
+    summary = deliver(rule, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-1")
     assert summary["sent"] == 1 and store.pushed_event_ids([oid(claim)]) == {oid(claim)}
     store.engine.dispose()
 
@@ -317,15 +335,12 @@ def test_a_rejected_event_whose_window_passed_is_held_as_expired_and_not_retried
     assert sandbox.ometria.received[("custom_event", oid(claim))] == 0
 
 
-def test_two_rules_on_the_same_antavo_action_both_deliver(sandbox, antavo_client, ometria_client, state_url, tmp_path):
+def test_two_rules_on_the_same_antavo_action_both_deliver(sandbox, antavo_client, ometria_client, state_url, mappings):
     store = StateStore(state_url)
     store.migrate()
-    shipped = (PROJECT / "include" / "mappings" / "triggers.csv").read_text(encoding="utf-8")
-    (tmp_path / "triggers.csv").write_text(shipped + "reward_points,reward,loyalty_points_spent,points,event.points\n",
-                                           encoding="utf-8")
-    rules = load_rules(tmp_path)
+    rules = [rule_named(mappings, "reward_claimed"), rule_named(mappings, "reward_points")]
     assert [r.action for r in rules] == ["reward", "reward"]
-    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    mapping = load_contact_mapping(mappings)
     claim = sandbox.antavo.claim_reward("c00000096", "rw-10off", at=datetime.now(UTC) - timedelta(minutes=2))
     for run in ("run-1", "run-2"):  # the second run re-reads the claim: neither rule sends it again
         for rule in rules:
@@ -408,3 +423,48 @@ def test_the_dashboard_shows_the_last_hours_claim_to_ometria_latency_next_to_the
     assert cells[2] == "2"  # delivered
     p50, p95, most = (float(x) for x in re.fullmatch(r"(\d+) s / (\d+) s / (\d+) s \(2\)", cells[-1]).groups())
     assert 19 <= p50 <= (accepted - now).total_seconds() + 21 and 39 <= p95 == most <= (accepted - now).total_seconds() + 41
+
+
+# -- back-off while an API is down ---------------------------------------------------------------
+def test_while_deliveries_fail_each_attempt_waits_as_long_as_they_have_failed_within_bounds():
+    from antavo_ometria.sync.events import back_off
+
+    now, first, most = datetime(2026, 12, 4, 12, tzinfo=UTC), timedelta(minutes=1), timedelta(minutes=15)
+    assert back_off(None, now, first, most) == timedelta(0)  # the last run succeeded: no wait
+    assert back_off(now - timedelta(seconds=20), now, first, most) == first
+    assert back_off(now - timedelta(minutes=4), now, first, most) == timedelta(minutes=4)  # so the waits double
+    assert back_off(now - timedelta(hours=3), now, first, most) == most
+
+
+@pytest.mark.airflow
+def test_after_a_failed_run_the_next_one_backs_off_the_alert_says_so_and_nothing_is_lost(
+        airflow_db, connections, monkeypatch):
+    from airflow.models import DagBag
+    from airflow.utils.state import DagRunState
+    from test_dags import Inbox
+
+    from antavo_ometria.airflow import dag_defaults
+
+    monkeypatch.setattr(dag_defaults, "EVENT_BACK_OFF", (timedelta(seconds=3), timedelta(seconds=4)))
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).get_dag("antavo_ometria_events")
+    inbox = Inbox()
+    try:
+        monkeypatch.setenv("AIRFLOW_VAR_ANTAVO_OMETRIA_ALERT_WEBHOOK", inbox.server.url + "/hook")
+        connections.antavo.faults.add({"status": 401, "count": 10**6, "path": "/customers/-/events", "body": {
+            "error": {"message": "Unauthorized", "code": 2132, "resendable": False}}})
+        claim = connections.antavo.claim_reward("c00000012", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
+        assert dag.test().state == DagRunState.FAILED
+    finally:
+        inbox.close()
+    (alert,) = [m for m in inbox.received if m["task_id"] == "wait_for_reward_claimed"]
+    assert "the next attempt waits" in alert["text"] and "sends everything not delivered" in alert["text"]
+
+    connections.antavo.faults.clear()  # Antavo is back
+    polls = connections.antavo.requests_by_path["/customers/-/events"]
+    run = dag.test()
+    assert run.state == DagRunState.SUCCESS
+    wait = next(ti for ti in run.get_task_instances() if ti.task_id == "wait_for_reward_claimed")
+    assert (wait.end_date - wait.start_date).total_seconds() >= 3  # it backed off before asking Antavo again
+    assert connections.ometria.received[("custom_event", oid(claim))] == 1
+    assert connections.antavo.requests_by_path["/customers/-/events"] - polls <= 3  # one look, then the delivery
+

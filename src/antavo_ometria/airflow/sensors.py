@@ -5,16 +5,20 @@ worker slot. With `deferrable=False` it pokes instead (use `mode="reschedule"` t
 between pokes). With no new event before `timeout`, the task is skipped; an error (Antavo down,
 credentials revoked) fails it, so that the failure alert fires. `soft_fail` is deliberately not
 used: Airflow turns every error of a soft-failing deferred sensor into a skip (apache/airflow#71255).
+After a failed run (an outage) it first waits as long as deliveries have been failing (1 to 15 minutes), so an
+outage neither alerts every minute nor hammers the APIs.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
+from antavo_ometria.airflow.dag_defaults import EVENT_BACK_OFF
 from antavo_ometria.airflow.triggers import AntavoEventTrigger
 
 
@@ -23,10 +27,28 @@ class AntavoEventSensor(BaseSensorOperator):
     ui_color = "#f0eee4"
 
     def __init__(self, *, rule: str, action: str, antavo_conn_id: str = "antavo_default",
-                 deferrable: bool = True, **kwargs: Any):
+                 deferrable: bool = True, back_off: tuple[timedelta, timedelta] | None = None, **kwargs: Any):
         kwargs.setdefault("timeout", 14 * 60)
         super().__init__(**kwargs)
         self.rule, self.action, self.antavo_conn_id, self.deferrable = rule, action, antavo_conn_id, deferrable
+        self.back_off = back_off or EVENT_BACK_OFF  # (first, longest) wait after failed runs
+
+    def _back_off(self, context: Any) -> float:
+        """Seconds to wait before the first look at Antavo: longer while the runs before this one failed."""
+        from antavo_ometria.sync.events import back_off
+
+        try:
+            previous = context["ti"].get_previous_dagrun()
+            if previous is None or previous.state != "failed":
+                return 0.0
+            failing_since = context["prev_end_date_success"] or previous.start_date
+        except Exception as exc:  # no run history (a bare `task test`): no back-off, never a failure
+            self.log.info("no back-off: the previous run could not be read (%s)", type(exc).__name__)
+            return 0.0
+        wait = back_off(failing_since, datetime.now(UTC), *self.back_off).total_seconds()
+        self.log.warning("deliveries have failed since %s: backing off %.0f s before asking Antavo again (nothing is "
+                         "lost: the delivery reads from the rule's cursor)", failing_since.isoformat(), wait)
+        return wait
 
     def _since(self) -> datetime:
         """The rule's cursor in the state store; on a first run, the last 4 hours (Ometria's window)."""
@@ -47,7 +69,9 @@ class AntavoEventSensor(BaseSensorOperator):
             if found else False
 
     def execute(self, context: Any) -> Any:
+        delay = self._back_off(context)
         if not self.deferrable:
+            time.sleep(delay)
             try:
                 return super().execute(context)
             except AirflowSensorTimeout as timeout:  # nothing new: skipped; any other error fails the task
@@ -56,7 +80,8 @@ class AntavoEventSensor(BaseSensorOperator):
         self.log.info("deferring: waiting in the triggerer for %s events after %s", self.action, since)
         self.defer(
             trigger=AntavoEventTrigger(self.action, since, self.antavo_conn_id,
-                                       poll_interval=float(self.poke_interval), timeout=float(self.timeout)),
+                                       poll_interval=float(self.poke_interval), timeout=float(self.timeout),
+                                       delay=delay),
             method_name="execute_complete",
         )
 

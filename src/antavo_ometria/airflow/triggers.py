@@ -13,18 +13,19 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
 class AntavoEventTrigger(BaseTrigger):
-    """Polls Antavo's event feed until an event of `action` newer than `since` appears, or `timeout` passes."""
+    """Polls Antavo's event feed until an event of `action` newer than `since` appears, or `timeout` passes;
+    after waiting `delay` seconds first (the back-off after failed runs)."""
 
     def __init__(self, action: str, since: str, antavo_conn_id: str = "antavo_default",
-                 poll_interval: float = 60.0, timeout: float = 3600.0):
+                 poll_interval: float = 60.0, timeout: float = 3600.0, delay: float = 0.0):
         super().__init__()
         self.action, self.since, self.antavo_conn_id = action, since, antavo_conn_id
-        self.poll_interval, self.timeout = poll_interval, timeout
+        self.poll_interval, self.timeout, self.delay = poll_interval, timeout, delay  # delay: the back-off
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("antavo_ometria.airflow.triggers.AntavoEventTrigger", {
             "action": self.action, "since": self.since, "antavo_conn_id": self.antavo_conn_id,
-            "poll_interval": self.poll_interval, "timeout": self.timeout})
+            "poll_interval": self.poll_interval, "timeout": self.timeout, "delay": self.delay})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from antavo_ometria.airflow.hooks import antavo_config
@@ -33,6 +34,7 @@ class AntavoEventTrigger(BaseTrigger):
 
         client = AntavoClient(antavo_config(await BaseHook.aget_connection(self.antavo_conn_id)))
         since = datetime.fromisoformat(self.since)
+        await asyncio.sleep(self.delay)
         deadline = time.monotonic() + self.timeout
         polls = 0
         while True:

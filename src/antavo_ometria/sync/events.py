@@ -63,6 +63,15 @@ class Pushed:
     failure: str | None = None
 
 
+def back_off(failing_since: datetime | None, now: datetime, first: timedelta, most: timedelta) -> timedelta:
+    """How long the next delivery attempt waits: none when the last one succeeded; else as long as deliveries
+    have been failing (so the waits double), within [first, most]. Nothing is lost meanwhile: the cursor stays
+    before what was not delivered, and the next delivery reads from there."""
+    if failing_since is None:
+        return timedelta(0)
+    return min(most, max(first, now - failing_since))
+
+
 def event_key(rule: Rule, event: dict) -> str | None:
     """The rule's id for an Antavo event: its Ometria custom event id and its key in the state store."""
     return ometria_event_id(rule.name, event["id"]) if event["id"] else None
