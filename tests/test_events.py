@@ -468,3 +468,42 @@ def test_after_a_failed_run_the_next_one_backs_off_the_alert_says_so_and_nothing
     assert connections.ometria.received[("custom_event", oid(claim))] == 1
     assert connections.antavo.requests_by_path["/customers/-/events"] - polls <= 3  # one look, then the delivery
 
+
+
+# -- the decision, without I/O -------------------------------------------------------------------
+def antavo_event(number: int, customer: str, minutes_ago: float, now: datetime, **extra) -> dict:
+    moment = (now - timedelta(minutes=minutes_ago)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return {"id": f"ev{number:08d}", "action": "reward", "customer_id": customer, "timestamp": moment,
+            "properties": {"reward": "rw-coffee"}, **extra}
+
+
+@pytest.mark.parametrize("policy", ["send", "skip"])
+def test_each_matching_event_is_sendable_held_skipped_or_waiting_for_its_contact(policy):
+    from antavo_ometria.antavo.records import HELD
+    from antavo_ometria.sync.events import classify
+
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    fresh, old = antavo_event(1, "c1", 5, now), antavo_event(2, "c1", 5 * 60, now)
+    broken = antavo_event(3, "", 5, now, **{HELD: ["the event names no customer"]})
+    bad_email, gone, waiting = (antavo_event(4, "c2", 5, now), antavo_event(5, "c3", 5, now),
+                                antavo_event(6, "c4", 5, now))
+    decision = classify([fresh, old, broken, bad_email, gone, waiting], known={"c1", "c2", "c4"},
+                        problems={"c2": "email is not an email address"}, waiting_for_contact={"c4"},
+                        late_cut=now - timedelta(hours=4), late_policy=policy)
+    assert decision.sendable == ([fresh, old] if policy == "send" else [fresh])
+    assert decision.skipped == ([] if policy == "send" else [old])
+    assert decision.late == (1 if policy == "send" else 0)
+    assert decision.held == [(broken, "the event names no customer"),
+                             (bad_email, "customer c2: email is not an email address"),
+                             (gone, "customer c3: not found in Antavo")]
+    assert decision.waiting == [waiting]
+
+
+def test_event_delivery_does_not_reach_into_the_contact_runs_steps():
+    import ast
+
+    source = (PROJECT / "src" / "antavo_ometria" / "sync" / "events.py").read_text(encoding="utf-8")
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"antavo_ometria.sync.load", "antavo_ometria.sync.prepare"}
+    assert "antavo_ometria.sync.contact_push" in imported  # the contacts first, remembered as the contact run does
+

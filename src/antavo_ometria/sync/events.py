@@ -24,14 +24,12 @@ from antavo_ometria.antavo.records import event_time
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.contract import LATE_AFTER, hours
 from antavo_ometria.ometria.payload import encode_record
-from antavo_ometria.ometria.push import batches, push_isolating, record_status
+from antavo_ometria.ometria.push import push_isolating, record_status
+from antavo_ometria.sync.contact_push import ContactsFirst, push_contacts_first, ready_contacts
 from antavo_ometria.sync.event_report import format_event_report
 from antavo_ometria.sync.event_rules import Rule, custom_event, ometria_event_id, stagger, unsendable
-from antavo_ometria.sync.load import remember_sent
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.state import StateStore
-from antavo_ometria.sync.transform import customer_columns
 
 log = logging.getLogger(__name__)
 
@@ -180,53 +178,84 @@ def expire_rejected(store: StateStore, rule: Rule, late_cut: datetime, run_id: s
     return len(stale)
 
 
-def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> tuple[dict, list]:
-    """Deliver events not pushed yet: (summary, the events that could not be delivered)."""
-    customer_ids = sorted({e["customer_id"] for e in events if HELD_REASONS not in e})
-    paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD_REASONS})
-    customers = {c["id"]: c for c in antavo.get_customers(customer_ids, paths)}
-    frame, encoded, gate = prepare_contacts(customer_columns(list(customers.values()), paths), mapping)
-    ids = frame["id"].tolist()
-    reasons = {ids[row]: "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}
-    contacts = _push_unknown_contacts(store, ometria, mapping, run_id,
-                                      [(ids[i], encoded[i]) for i in range(len(ids)) if gate.valid.iloc[i]])
-    reasons |= {i: "Ometria rejected the contact" for i in contacts["rejected"]}
-    identities = {row["id"]: {k: v for k, v in (("identity_email", row.get("email")),
-                                                 ("identity_account_id", row.get("customer_id"))) if v}
-                  for row in frame.to_dict("records")}
-    deliverable = {e["customer_id"] for e in events
-                   if HELD_REASONS not in e and e["customer_id"] in customers and e["customer_id"] not in reasons}
-    rewards = {cid: {r.get("id"): r for r in antavo.get_claimed_rewards(cid)}
-               for cid in sorted(deliverable)} if rule.needs_rewards else {}
+@dataclass
+class Customers:
+    """What delivering a rule's events needs to know of their customers, read from Antavo (contacts pushed first)."""
 
-    late_cut = now - LATE_AFTER
-    sendable, held, skipped, failed = [], [], [], []
+    records: dict[str, dict]  # Antavo id → customer, for those Antavo has
+    identities: dict[str, dict]  # Antavo id → the identity fields of its Ometria events
+    problems: dict[str, str]  # Antavo id → why its events are held (its contact failed a check, Ometria rejected it)
+    rewards: dict[str, dict]  # Antavo id → {reward id: claimed reward}, when the rule needs them
+    contacts: ContactsFirst
+
+
+@dataclass
+class Decision:
+    """What happens to each matching event not pushed yet: the pure part of a delivery."""
+
+    sendable: list[dict] = field(default_factory=list)
+    held: list[tuple[dict, str]] = field(default_factory=list)  # (event, why)
+    skipped: list[dict] = field(default_factory=list)  # over 4 hours old, under late_event_policy = skip
+    waiting: list[dict] = field(default_factory=list)  # its contact could not be pushed first: the next try sends both
+    late: int = 0  # sendable events over 4 hours old (sent, with a warning)
+
+
+def classify(events: list[dict], known: set[str], problems: dict[str, str], waiting_for_contact: set[str],
+             late_cut: datetime, late_policy: str) -> Decision:
+    """Sendable, held (with the reason), skipped as late, or waiting for its contact: each event once."""
+    decision = Decision()
     for event in events:
         cid = event["customer_id"]
         if HELD_REASONS in event:
-            held.append((event, "; ".join(event[HELD_REASONS])))
-        elif cid in contacts["failed"]:
-            failed.append(event)  # its contact could not be pushed first: sent with it on the next try
-        elif cid not in deliverable:
-            held.append((event, f"customer {cid}: {reasons.get(cid, 'not found in Antavo')}"))
+            decision.held.append((event, "; ".join(event[HELD_REASONS])))
+        elif cid in waiting_for_contact:
+            decision.waiting.append(event)
+        elif cid not in known or cid in problems:
+            decision.held.append((event, f"customer {cid}: {problems.get(cid, 'not found in Antavo')}"))
         elif event_time(event) < late_cut and late_policy == "skip":
-            skipped.append(event)
+            decision.skipped.append(event)
         else:
-            sendable.append(event)
-    late = sum(event_time(e) < late_cut for e in sendable)
-    if late:
+            decision.sendable.append(event)
+    decision.late = sum(event_time(e) < late_cut for e in decision.sendable)
+    return decision
+
+
+def look_up_customers(rule: Rule, events: list[dict], antavo: AntavoClient, ometria: OmetriaClient,
+                      store: StateStore, mapping: ContactMapping, run_id: str) -> Customers:
+    """The events' customers from Antavo, their contacts pushed first where Ometria does not have them yet, and
+    (when the rule names reward fields) their claimed rewards."""
+    customer_ids = sorted({e["customer_id"] for e in events if HELD_REASONS not in e})
+    paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD_REASONS})
+    records = {c["id"]: c for c in antavo.get_customers(customer_ids, paths)}
+    ready = ready_contacts(list(records.values()), paths, mapping)
+    contacts = push_contacts_first(store, ometria, mapping.version, run_id, ready.valid)
+    problems = ready.problems | {i: "Ometria rejected the contact" for i in contacts.rejected}
+    deliverable = sorted(i for i in records if i not in problems)
+    rewards = {cid: {r.get("id"): r for r in antavo.get_claimed_rewards(cid)}
+               for cid in deliverable} if rule.needs_rewards else {}
+    return Customers(records, ready.identities, problems, rewards, contacts)
+
+
+def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> tuple[dict, list]:
+    """Deliver events not pushed yet: (summary, the events that could not be delivered)."""
+    late_cut = now - LATE_AFTER
+    customers = look_up_customers(rule, events, antavo, ometria, store, mapping, run_id)
+    decision = classify(events, set(customers.records), customers.problems, set(customers.contacts.failed),
+                        late_cut, late_policy)
+    if decision.late:
         log.warning("%d %s event(s) are over %s old: Ometria will not start an automation for them",
-                    late, rule.event_type, hours(LATE_AFTER))
-    built, unsendable_ = _build(rule, sendable, customers, rewards, identities, mapping.settings.language)
+                    decision.late, rule.event_type, hours(LATE_AFTER))
+    built, unsendable_ = _build(rule, decision.sendable, customers, mapping.settings.language)
     pushed = push_events(rule, built, ometria, store, late_cut, run_id)
-    store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in skipped])
-    _record_held(store, rule, run_id, events, held + unsendable_, pushed.rejected, late_cut)
-    failed += pushed.failed
+    held = decision.held + unsendable_
+    store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in decision.skipped])
+    _record_held(store, rule, run_id, events, held, pushed.rejected, late_cut)
+    failed = decision.waiting + pushed.failed
     return {"sent": len(pushed.accepted) + len(pushed.rejected), "accepted": len(pushed.accepted),
-            "rejected": len(pushed.rejected), "late": late, "skipped_late": len(skipped),
-            "held": len(held) + len(unsendable_), "failed": len(failed), "failure": pushed.failure or contacts["error"],
-            "contacts_pushed_first": len(contacts["sent"]),
-            "held_reasons": _reasons(rule, held + unsendable_, pushed.rejected, late_cut),
+            "rejected": len(pushed.rejected), "late": decision.late, "skipped_late": len(decision.skipped),
+            "held": len(held), "failed": len(failed), "failure": pushed.failure or customers.contacts.error,
+            "contacts_pushed_first": len(customers.contacts.sent),
+            "held_reasons": _reasons(rule, held, pushed.rejected, late_cut),
             "accepted_keys": [event_key(rule, e) for e in pushed.accepted]}, failed
 
 
@@ -239,14 +268,13 @@ def _reasons(rule: Rule, held: list[tuple[dict, str]], rejected: list[tuple[dict
     return rows[:limit]
 
 
-def _build(rule, events, customers, rewards, identities, language) -> tuple[list, list]:
+def _build(rule: Rule, events: list[dict], customers: Customers, language: str) -> tuple[list, list]:
     """(event, encoded custom event) for each event, and (event, why) for those that cannot be sent as they are."""
     built, held = [], []
     for event, stamp in zip(events, stagger([event_time(e) for e in events])):
-        props = event.get("properties", {})
-        reward = rewards.get(event["customer_id"], {}).get(props.get("reward") or props.get("reward_id"))
-        record = custom_event(rule, event, customers[event["customer_id"]], reward, identities[event["customer_id"]],
-                              language, stamp)
+        cid, props = event["customer_id"], event.get("properties", {})
+        reward = customers.rewards.get(cid, {}).get(props.get("reward") or props.get("reward_id"))
+        record = custom_event(rule, event, customers.records[cid], reward, customers.identities[cid], language, stamp)
         problems = unsendable(record)
         if problems:
             held.append((event, "; ".join(problems)))
@@ -290,42 +318,29 @@ def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict],
     for kind in RETRIED_KINDS:
         store.clear_held(tag, kind)  # a retry of this task records them again
     store.release_held([k for e in events if (k := event_key(rule, e))], RETRIED_KINDS)  # held again below
-    retry = [(e, why) for e, why in rejected if event_time(e) >= late_cut]
-    expired = [(e, why) for e, why in rejected if event_time(e) < late_cut]
-    deadline = {id(e): (event_time(e) + LATE_AFTER).isoformat(timespec="minutes") for e, _ in rejected}
-    groups = {
-        HELD: [(e, why) for e, why in held],
-        REJECTED: [(e, f"Ometria rejected it ({why}); retried on each run until {deadline[id(e)]}")
-                   for e, why in retry],
-        EXPIRED: [(e, f"Ometria rejected it ({why}); its {hours(LATE_AFTER)} window passed at {deadline[id(e)]}: "
-                      "it can no longer start an automation, so it is not retried") for e, why in expired],
-    }
+    groups = held_groups(held, rejected, late_cut)
     for kind, rows in groups.items():
         if rows:
             log.warning("%d %s event(s) held back (%s): %s", len(rows), rule.event_type, kind,
                         "; ".join(f"{event_key(rule, e) or '?'}: {why}" for e, why in rows[:5]))
             store.record_held(tag, kind, [{"id": event_key(rule, e), "customer_id": e["customer_id"],
                                            "reasons": [why], "payload": e} for e, why in rows])
-    store.record_events([_event_row(rule, e, "expired", late_cut, None, run_id) for e, _ in expired])
+    store.record_events([_event_row(rule, e, "expired", late_cut, None, run_id) for e, _ in groups[EXPIRED]])
 
 
-def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple[str, bytes]]) -> dict:
-    """Push the contacts Ometria has not received from us yet, so their events find a profile.
-
-    Returns the ids that were sent, rejected and not delivered, and the last delivery error."""
-    known = store.accepted_hashes([i for i, _ in contacts])
-    unknown = [(i, body) for i, body in contacts if i not in known]
-    outcome: dict = {"sent": [], "rejected": [], "failed": [], "error": None}
-    for ids, bodies in batches(unknown):
-        entries = push_isolating(ometria, ids, bodies)
-        remember_sent(store, entries, mapping.version, run_id, dict(zip(ids, bodies)))
-        for entry in entries:
-            outcome[record_status(entry)] += entry["ids"]
-            outcome["error"] = entry.get("error") or outcome["error"]
-    if unknown:
-        log.info("pushed %d contact(s) first: their events refer to customers Ometria did not have; %d not delivered",
-                 len(outcome["sent"]), len(outcome["failed"]))
-    return outcome
+def held_groups(held: list[tuple[dict, str]], rejected: list[tuple[dict, str]],
+                late_cut: datetime) -> dict[str, list[tuple[dict, str]]]:
+    """Kind → (event, reason) of what is held back: held as it was read, rejected and retried while it can start
+    an automation, rejected past that window (expired, not retried)."""
+    groups: dict[str, list[tuple[dict, str]]] = {HELD: list(held), REJECTED: [], EXPIRED: []}
+    for event, why in rejected:
+        deadline = (event_time(event) + LATE_AFTER).isoformat(timespec="minutes")
+        if event_time(event) >= late_cut:
+            groups[REJECTED].append((event, f"Ometria rejected it ({why}); retried on each run until {deadline}"))
+        else:
+            groups[EXPIRED].append((event, f"Ometria rejected it ({why}); its {hours(LATE_AFTER)} window passed at "
+                                           f"{deadline}: it can no longer start an automation, so it is not retried"))
+    return groups
 
 
 def _event_row(rule: Rule, event: dict, status: str, late_cut: datetime, request_id, run_id: str) -> dict:

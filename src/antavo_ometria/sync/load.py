@@ -10,6 +10,7 @@ from pathlib import Path
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.payload import encode_record
 from antavo_ometria.ometria.push import batches, push_isolating, record_status, split_oversized
+from antavo_ometria.sync.contact_push import Recorder
 from antavo_ometria.sync.records import Loaded, Plan
 from antavo_ometria.sync.settings import SyncSettings
 from antavo_ometria.sync.staging import (
@@ -25,7 +26,7 @@ from antavo_ometria.sync.staging import (
     write_ndjson,
 )
 from antavo_ometria.sync.state import DEFERRED as DEFERRED_STATUS
-from antavo_ometria.sync.state import FAILED, REJECTED, Backoff, StateStore
+from antavo_ometria.sync.state import Backoff, StateStore
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)
@@ -212,39 +213,6 @@ def likely_cause(errors: list[dict], listed_before: list[dict] = ()) -> str:
         return (f"{hint}Ometria's error list shows nothing new since the last poll (it keeps the newest 100, "
                 f"without times); its newest entries, maybe older than this run: {listed}.")
     return f"{hint}Ometria's newest errors: {listed}."
-
-
-class Recorder:
-    """Writes what Ometria answered into the state store: accepted, or owed with the reason and the next try."""
-
-    def __init__(self, store: StateStore | None, mapping_version: str, run_id: str, backoff: Backoff,
-                 bodies: dict[str, bytes]):
-        self.store, self.mapping_version, self.run_id = store, mapping_version, run_id
-        self.backoff, self.bodies = backoff, bodies
-
-    def __call__(self, entries: list[dict]) -> None:
-        if self.store is None:
-            return
-        for entry in entries:
-            self.record(entry)
-
-    def record(self, entry: dict) -> None:
-        pairs, status = list(zip(entry["ids"], entry["hashes"])), record_status(entry)
-        if status == "sent":
-            self.store.record_accepted(pairs, self.mapping_version, self.run_id, entry["request_id"],
-                                       {i: self.bodies[i] for i in entry["ids"] if i in self.bodies} or None)
-            self.store.release_held(entry["ids"], ("quarantined", "failed", "rejected"))
-            return
-        reason = (f"rejected by Ometria (request {entry.get('request_id')}); see /v2/push/_errors"
-                  if status == "rejected" else f"not delivered: {entry.get('error')}")
-        self.store.record_owed(pairs, REJECTED if status == "rejected" else FAILED, reason, self.mapping_version,
-                               self.run_id, self.backoff, entry.get("request_id"))
-
-
-def remember_sent(store: StateStore, entries: list[dict], mapping_version: str, run_id: str,
-                  bodies: dict[str, bytes] | None = None) -> None:
-    """Record what Ometria answered for these journal entries (accepted, or owed)."""
-    Recorder(store, mapping_version, run_id, Backoff(), bodies or {})(entries)
 
 
 def push_leavers(client: OmetriaClient, staging: Path, plan: Plan, store: StateStore | None,
