@@ -30,7 +30,7 @@ from tests.stack import AirflowStack
 
 PROJECT = Path(__file__).resolve().parents[1]
 DAG = "antavo_ometria_events"
-SENSOR = "wait_for_reward_claimed"
+SENSOR = "wait_for_events"
 FEED = "/customers/-/events"
 SEED = 24
 

@@ -7,11 +7,11 @@ description, …) fill the tags of the Ometria email. The rules are rows in
 `include/mappings/triggers.csv`: the Antavo action, the Ometria event type, and where each property
 comes from (`event.*`, `reward.*`, `customer.*`).
 
-**Continuous:** one run at a time, the next as soon as one ends. Per rule, a deferrable sensor waits in the
-triggerer (no worker slot) and asks Antavo for new matching events every `events.poll_seconds` (settings.toml,
-default 5); the first one found wakes `deliver_<rule>`, which pushes each new event once: the contact first if
-Ometria does not have it yet, then the custom event (`id` = `<rule>:<Antavo event ID>`, so two rules on one
-action each deliver). A claim reaches Ometria in about 12 s (p95 22 s at 5 s polling, `make bench-events`).
+**Continuous:** one run at a time, the next as soon as one ends. A deferrable sensor waits in the triggerer
+(no worker slot) and reads Antavo's event feed every `events.poll_seconds` (settings.toml, default 5), one read
+for every rule; the first matching event wakes `deliver_events`, which reads the feed once for all rules and
+pushes each new event once per rule: the contact first if Ometria does not have it yet, then the custom event
+(`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver). A claim reaches Ometria in about 12 s (p95 22 s at 5 s polling, `make bench-events`).
 The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run
 sends them; an event Ometria rejects is held with the reason and retried by every run while it can still start
 an automation. After a failed run the sensor backs off (as long as deliveries have been failing, 1 to 15
@@ -74,36 +74,37 @@ def antavo_ometria_events():
         with fail_fast_on(ConfigError):
             return [rule.name for rule in load_rules(mappings_dir())]
 
+    # runs after the wait even when nothing new woke it (skipped): it re-reads the last 4 hours, so an event
+    # Antavo made visible late is still sent and a rejected one retried; a failed wait does not run it
+    @task(pool=PUSH_POOL, trigger_rule="none_failed")
+    def deliver_events() -> list[dict]:
+        """Push every rule's new events to Ometria as custom events, each exactly once, from one read of Antavo's
+        event feed."""
+        import logging
+
+        from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
+        from antavo_ometria.sync.event_report import format_event_report
+        from antavo_ometria.sync.event_rules import load_rules
+        from antavo_ometria.sync.events import deliver_all
+        from antavo_ometria.sync.mapping import load_contact_mapping
+        from antavo_ometria.transport import ApiError
+
+        mapping = load_contact_mapping(mappings_dir())
+        with fail_fast_on(ApiError):  # e.g. refused credentials; undelivered events and 5xx are retried
+            summaries = deliver_all(load_rules(mappings_dir()), AntavoHook().get_conn(), OmetriaHook().get_conn(),
+                                    StateStoreHook().get_conn(), mapping, get_current_context()["run_id"],
+                                    late_policy=mapping.settings.late_event_policy)
+        logging.getLogger(__name__).info("\n%s", format_event_report(summaries))
+        return summaries
+
+    rules = rule_actions(mappings_dir())
     checked = check_connections() >> check_rules()
-    for name, action in rule_actions(mappings_dir()).items():
-
-        # runs after the wait even when nothing new woke it (skipped): it re-reads the last 4 hours, so an event
-        # Antavo made visible late is still sent and a rejected one retried; a failed wait does not run it
-        @task(task_id=f"deliver_{name}", pool=PUSH_POOL, trigger_rule="none_failed")
-        def deliver(rule_name: str = name) -> dict:
-            """Push the rule's new events to Ometria as custom events, each exactly once."""
-            import logging
-
-            from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
-            from antavo_ometria.sync.event_report import format_event_report
-            from antavo_ometria.sync.event_rules import load_rules
-            from antavo_ometria.sync.events import deliver
-            from antavo_ometria.sync.mapping import load_contact_mapping
-            from antavo_ometria.transport import ApiError
-
-            mapping = load_contact_mapping(mappings_dir())
-            rule = next(r for r in load_rules(mappings_dir()) if r.name == rule_name)
-            with fail_fast_on(ApiError):  # e.g. refused credentials; undelivered events and 5xx are retried
-                summary = deliver(rule, AntavoHook().get_conn(), OmetriaHook().get_conn(),
-                                  StateStoreHook().get_conn(), mapping, get_current_context()["run_id"],
-                                  late_policy=mapping.settings.late_event_policy)
-            logging.getLogger(__name__).info("\n%s", format_event_report([summary]))
-            return summary
-
-        wait = AntavoEventSensor(task_id=f"wait_for_{name}", rule=name, action=action,
+    if rules:
+        wait = AntavoEventSensor(task_id="wait_for_events", rules=list(rules), actions=sorted(set(rules.values())),
                                  poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS, back_off=EVENT_BACK_OFF,
-                                 doc_md=f"Waits (in the triggerer) for new Antavo events of rule `{name}`.")
-        checked >> wait >> deliver()
+                                 doc_md="Waits (in the triggerer) for new Antavo events of any rule: one read of "
+                                        "the feed each time serves them all.")
+        checked >> wait >> deliver_events()
 
 
 antavo_ometria_events()

@@ -138,14 +138,13 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
     run = dag.test()
     assert run.state == DagRunState.SUCCESS
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states == {"check_connections": "success", "check_rules": "success", "wait_for_reward_claimed": "success",
-                      "deliver_reward_claimed": "success"}
+    assert states["wait_for_events"] == states["deliver_events"] == "success"
     assert list(connections.ometria.events) == [oid(claim)]
     assert connections.ometria.events[oid(claim)]["properties"]["reward_name"] == "£10 off your next order"
 
     quiet = dag.test()  # nothing new: the sensor gives up after its wait; the delivery still re-reads the overlap
     states = {ti.task_id: ti.state for ti in quiet.get_task_instances()}
-    assert states["wait_for_reward_claimed"] == "skipped" and states["deliver_reward_claimed"] == "success"
+    assert states["wait_for_events"] == "skipped" and states["deliver_events"] == "success"
     assert connections.ometria.received[("custom_event", oid(claim))] == 1
 
 
@@ -228,8 +227,8 @@ def test_a_sensor_whose_trigger_errors_fails_instead_of_skipping(airflow_db, con
         "error": {"message": "Unauthorized", "code": 2132, "resendable": False}}})
     run = dag.test()
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["wait_for_reward_claimed"] == "failed", states
-    assert states["deliver_reward_claimed"] == "upstream_failed"
+    assert states["wait_for_events"] == "failed", states
+    assert states["deliver_events"] == "upstream_failed"
 
 
 def test_an_event_with_a_number_json_cannot_carry_is_held_not_sent_as_infinity(parts, sandbox, antavo_client,
@@ -456,14 +455,14 @@ def test_after_a_failed_run_the_next_one_backs_off_the_alert_says_so_and_nothing
         assert dag.test().state == DagRunState.FAILED
     finally:
         inbox.close()
-    (alert,) = [m for m in inbox.received if m["task_id"] == "wait_for_reward_claimed"]
+    (alert,) = [m for m in inbox.received if m["task_id"] == "wait_for_events"]
     assert "the next attempt waits" in alert["text"] and "sends everything not delivered" in alert["text"]
 
     connections.antavo.faults.clear()  # Antavo is back
     polls = connections.antavo.requests_by_path["/customers/-/events"]
     run = dag.test()
     assert run.state == DagRunState.SUCCESS
-    wait = next(ti for ti in run.get_task_instances() if ti.task_id == "wait_for_reward_claimed")
+    wait = next(ti for ti in run.get_task_instances() if ti.task_id == "wait_for_events")
     assert (wait.end_date - wait.start_date).total_seconds() >= 3  # it backed off before asking Antavo again
     assert connections.ometria.received[("custom_event", oid(claim))] == 1
     assert connections.antavo.requests_by_path["/customers/-/events"] - polls <= 3  # one look, then the delivery
@@ -507,3 +506,23 @@ def test_event_delivery_does_not_reach_into_the_contact_runs_steps():
     assert not imported & {"antavo_ometria.sync.load", "antavo_ometria.sync.prepare"}
     assert "antavo_ometria.sync.contact_push" in imported  # the contacts first, remembered as the contact run does
 
+
+def test_one_read_of_antavo_s_feed_serves_every_rule(sandbox, antavo_client, ometria_client, state_url, mappings):
+    from antavo_ometria.sync.events import deliver_all
+
+    store = StateStore(state_url)
+    store.migrate()
+    (mappings / "triggers.csv").write_text(HEADER + REWARD_CLAIMED + REWARD_POINTS
+                                           + "points_added,point_add,loyalty_points_added,points,event.points\n")
+    rules = load_rules(mappings)
+    now = datetime.now(UTC)
+    claim = sandbox.antavo.claim_reward("c00000031", "rw-coffee", at=now - timedelta(minutes=2))
+    added = sandbox.antavo.add_event("c00000032", "point_add", {"points": 50}, at=now - timedelta(minutes=1))
+    reads = sandbox.antavo.requests_by_path["/customers/-/events"]
+    summaries = deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-1")
+    assert sandbox.antavo.requests_by_path["/customers/-/events"] - reads == 1  # one page, read once for three rules
+    assert {s["rule"]: s["accepted"] for s in summaries} == {"reward_claimed": 1, "reward_points": 1, "points_added": 1}
+    assert {i: sandbox.ometria.received[("custom_event", i)] for i in sandbox.ometria.events} == {
+        oid(claim, "reward_claimed"): 1, oid(claim, "reward_points"): 1, oid(added, "points_added"): 1}
+    deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-2")
+    assert max(sandbox.ometria.received.values()) == 1  # the next run re-reads them and sends none again

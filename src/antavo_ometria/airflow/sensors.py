@@ -1,4 +1,4 @@
-"""A sensor that waits for new Antavo events matching a trigger rule.
+"""A sensor that waits for new Antavo events matching any trigger rule: one read of the feed serves them all.
 
 Deferrable by default: the waiting happens in Airflow's triggerer (`AntavoEventTrigger`), not in a
 worker slot. With `deferrable=False` it pokes instead (use `mode="reschedule"` to free the slot
@@ -23,14 +23,14 @@ from antavo_ometria.airflow.triggers import AntavoEventTrigger
 
 
 class AntavoEventSensor(BaseSensorOperator):
-    template_fields = ("action",)
+    template_fields = ("actions",)
     ui_color = "#f0eee4"
 
-    def __init__(self, *, rule: str, action: str, antavo_conn_id: str = "antavo_default",
+    def __init__(self, *, rules: list[str], actions: list[str], antavo_conn_id: str = "antavo_default",
                  deferrable: bool = True, back_off: tuple[timedelta, timedelta] | None = None, **kwargs: Any):
         kwargs.setdefault("timeout", 14 * 60)
         super().__init__(**kwargs)
-        self.rule, self.action, self.antavo_conn_id, self.deferrable = rule, action, antavo_conn_id, deferrable
+        self.rules, self.actions, self.antavo_conn_id, self.deferrable = rules, sorted(actions), antavo_conn_id, deferrable
         self.back_off = back_off or EVENT_BACK_OFF  # (first, longest) wait after failed runs
 
     def _back_off(self, context: Any) -> float:
@@ -51,20 +51,22 @@ class AntavoEventSensor(BaseSensorOperator):
         return wait
 
     def _since(self) -> datetime:
-        """The rule's cursor in the state store; on a first run, the last 4 hours (Ometria's window)."""
+        """The earliest of the rules' cursors in the state store; for a rule's first run, the last 4 hours
+        (Ometria's window)."""
         from antavo_ometria.airflow.hooks import StateStoreHook
         from antavo_ometria.ometria.contract import LATE_AFTER
 
-        return StateStoreHook().get_conn().event_cursor(self.rule) or datetime.now(UTC) - LATE_AFTER
+        store, first = StateStoreHook().get_conn(), datetime.now(UTC) - LATE_AFTER
+        return min((store.event_cursor(rule) or first for rule in self.rules), default=first)
 
     def poke(self, context: Any) -> PokeReturnValue | bool:
         from antavo_ometria.airflow.hooks import AntavoHook
-        from antavo_ometria.sync.events import new_matching_events
+        from antavo_ometria.sync.events import read_feed
 
         since = self._since()
-        found = new_matching_events(AntavoHook(self.antavo_conn_id).get_conn(), self.action, since,
-                                    datetime.now(UTC))
-        self.log.info("%d new %s event(s) since %s", len(found), self.action, since.isoformat())
+        feed = read_feed(AntavoHook(self.antavo_conn_id).get_conn(), set(self.actions), since, datetime.now(UTC))
+        found = [e for events in feed.by_action.values() for e in events]
+        self.log.info("%d new %s event(s) since %s", len(found), "/".join(self.actions), since.isoformat())
         return PokeReturnValue(is_done=True, xcom_value={"found": len(found), "since": since.isoformat()}) \
             if found else False
 
@@ -75,11 +77,11 @@ class AntavoEventSensor(BaseSensorOperator):
             try:
                 return super().execute(context)
             except AirflowSensorTimeout as timeout:  # nothing new: skipped; any other error fails the task
-                raise AirflowSkipException(f"no new {self.action} events: {timeout}") from None
+                raise AirflowSkipException(f"no new {'/'.join(self.actions)} events: {timeout}") from None
         since = self._since().isoformat()
-        self.log.info("deferring: waiting in the triggerer for %s events after %s", self.action, since)
+        self.log.info("deferring: waiting in the triggerer for %s events after %s", "/".join(self.actions), since)
         self.defer(
-            trigger=AntavoEventTrigger(self.action, since, self.antavo_conn_id,
+            trigger=AntavoEventTrigger(self.actions, since, self.antavo_conn_id,
                                        poll_interval=float(self.poke_interval), timeout=float(self.timeout),
                                        delay=delay),
             method_name="execute_complete",
@@ -90,7 +92,7 @@ class AntavoEventSensor(BaseSensorOperator):
             failure = AirflowException if event.get("retryable", True) else AirflowFailException
             raise failure(f"watching Antavo events failed: {event['message']}")
         if event["status"] == "timeout":
-            raise AirflowSkipException(f"no new {self.action} events since {event['since']} "
+            raise AirflowSkipException(f"no new {'/'.join(self.actions)} events since {event['since']} "
                                        f"({event['polls']} checks)")
-        self.log.info("%d new %s event(s) after %d check(s)", event["found"], self.action, event["polls"])
+        self.log.info("%d new %s event(s) after %d check(s)", event["found"], "/".join(self.actions), event["polls"])
         return event

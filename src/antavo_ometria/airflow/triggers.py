@@ -13,24 +13,24 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
 class AntavoEventTrigger(BaseTrigger):
-    """Polls Antavo's event feed until an event of `action` newer than `since` appears, or `timeout` passes;
-    after waiting `delay` seconds first (the back-off after failed runs)."""
+    """Polls Antavo's event feed (one read for every rule) until an event of one of `actions` newer than `since`
+    appears, or `timeout` passes; after waiting `delay` seconds first (the back-off after failed runs)."""
 
-    def __init__(self, action: str, since: str, antavo_conn_id: str = "antavo_default",
+    def __init__(self, actions: list[str], since: str, antavo_conn_id: str = "antavo_default",
                  poll_interval: float = 60.0, timeout: float = 3600.0, delay: float = 0.0):
         super().__init__()
-        self.action, self.since, self.antavo_conn_id = action, since, antavo_conn_id
+        self.actions, self.since, self.antavo_conn_id = sorted(actions), since, antavo_conn_id
         self.poll_interval, self.timeout, self.delay = poll_interval, timeout, delay  # delay: the back-off
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("antavo_ometria.airflow.triggers.AntavoEventTrigger", {
-            "action": self.action, "since": self.since, "antavo_conn_id": self.antavo_conn_id,
+            "actions": self.actions, "since": self.since, "antavo_conn_id": self.antavo_conn_id,
             "poll_interval": self.poll_interval, "timeout": self.timeout, "delay": self.delay})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from antavo_ometria.airflow.hooks import antavo_config
         from antavo_ometria.antavo.client import AntavoClient
-        from antavo_ometria.sync.events import new_matching_events
+        from antavo_ometria.sync.events import read_feed
 
         client = AntavoClient(antavo_config(await BaseHook.aget_connection(self.antavo_conn_id)))
         since = datetime.fromisoformat(self.since)
@@ -40,8 +40,8 @@ class AntavoEventTrigger(BaseTrigger):
         while True:
             polls += 1
             try:
-                found = await asyncio.to_thread(new_matching_events, client, self.action, since,
-                                                datetime.now(UTC))
+                feed = await asyncio.to_thread(read_feed, client, set(self.actions), since, datetime.now(UTC))
+                found = [e for events in feed.by_action.values() for e in events]
             except Exception as exc:  # reported to the task, which fails with the reason
                 yield TriggerEvent({"status": "error", "message": str(exc), "polls": polls,
                                     "retryable": getattr(exc, "retryable", True)})

@@ -80,12 +80,33 @@ def read_start(cursor: datetime, now: datetime) -> datetime:
     return min(cursor - OVERLAP, now - LOOKBACK)
 
 
+@dataclass(frozen=True)
+class Feed:
+    """One read of Antavo's event feed that serves every rule on it: the events of each rule's action."""
+
+    since: datetime
+    until: datetime
+    by_action: dict[str, list[dict]]
+
+    def events(self, action: str, since: datetime) -> list[dict]:
+        """The events of `action` after `since` (and those too broken to have a timestamp)."""
+        return [e for e in self.by_action.get(action, []) if e["timestamp"] is None or event_time(e) > since]
+
+
+def read_feed(client: AntavoClient, actions: set[str], since: datetime, until: datetime) -> Feed:
+    """Antavo's events of these actions with a timestamp after `since` and before `until`, in one read (and
+    those too broken to have a timestamp: they are held back with the reason)."""
+    found: dict[str, dict] = {action: {} for action in actions}
+    for page in client.iter_events(since, until):
+        for e in page:
+            if e["action"] in found and (e["timestamp"] is None or event_time(e) > since):
+                found[e["action"]][e["id"] or id(e)] = e  # an event listed twice is one event
+    return Feed(since, until, {action: list(events.values()) for action, events in found.items()})
+
+
 def new_matching_events(client: AntavoClient, action: str, since: datetime, until: datetime) -> list[dict]:
-    """Events of `action` with a timestamp after `since` and before `until` (and those of `action` too broken
-    to have a timestamp: they are held back with the reason)."""
-    matching = [e for page in client.iter_events(since, until) for e in page
-                if e["action"] == action and (e["timestamp"] is None or event_time(e) > since)]
-    return list({e["id"] or id(e): e for e in matching}.values())  # an event listed twice is one event
+    """Events of `action` after `since` and before `until` (see read_feed)."""
+    return read_feed(client, {action}, since, until).by_action[action]
 
 
 def not_pushed(store: StateStore, rule: Rule, events: list[dict]) -> list[dict]:
@@ -106,17 +127,38 @@ def deliver(
     until: datetime | None = None,
     late_policy: str = "send",
     now: datetime | None = None,
+    feed: Feed | None = None,
 ) -> dict:
     """Push the rule's new events. Raises EventsNotDelivered, after recording what was delivered, when
     some could not be pushed; the cursor never moves past an event that was neither delivered nor held.
 
     Holds the rule's lease in the state store meanwhile: a delivery of the same rule by another run (two runs
-    overlapping, `make events` next to the deployment) waits for it, then finds those events already pushed."""
+    overlapping, `make events` next to the deployment) waits for it, then finds those events already pushed.
+    With `feed` (one read for every rule) it reads Antavo's feed only when the feed starts after its cursor."""
     take_lease(store, rule, run_id)
     try:
-        return _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now)
+        return _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now, feed)
     finally:
         store.release_lease(rule.name, run_id)
+
+
+def deliver_all(rules: list[Rule], antavo: AntavoClient, ometria: OmetriaClient, store: StateStore,
+                mapping: ContactMapping, run_id: str, late_policy: str = "send") -> list[dict]:
+    """Every rule's new events from one read of Antavo's feed, rule by rule; a rule that cannot deliver does not
+    stop the others, and EventsNotDelivered names every such rule at the end."""
+    now = datetime.now(UTC)
+    since = min((read_start(store.event_cursor(r.name) or now - LATE_AFTER, now) for r in rules), default=now)
+    feed = read_feed(antavo, {r.action for r in rules}, since, now)
+    summaries, failures = [], []
+    for rule in rules:
+        try:
+            summaries.append(deliver(rule, antavo, ometria, store, mapping, run_id, until=now, late_policy=late_policy,
+                                      now=now, feed=feed))
+        except EventsNotDelivered as exc:
+            failures.append(str(exc))
+    if failures:
+        raise EventsNotDelivered("\n\n".join(failures))
+    return summaries
 
 
 def take_lease(store: StateStore, rule: Rule, holder: str, wait: float | None = None) -> None:
@@ -129,12 +171,15 @@ def take_lease(store: StateStore, rule: Rule, holder: str, wait: float | None = 
         time.sleep(0.5)
 
 
-def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now) -> dict:
+def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now, feed) -> dict:
     now = now or datetime.now(UTC)
     until = until or now
     expired = expire_rejected(store, rule, now - LATE_AFTER, run_id)
     since = read_start(store.event_cursor(rule.name) or now - LATE_AFTER, now)
-    events = new_matching_events(antavo, rule.action, since, until)
+    if feed is not None and feed.since <= since:  # the run's one read covers this rule
+        events = feed.events(rule.action, since)
+    else:
+        events = new_matching_events(antavo, rule.action, since, until)
     fresh = not_pushed(store, rule, events)
     retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh)
     summary = {"rule": rule.name, "event_type": rule.event_type, "matched": len(events),
