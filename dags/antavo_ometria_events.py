@@ -100,7 +100,7 @@ def antavo_ometria_events():
     rules = rule_actions(mappings_dir())
     checked = check_connections() >> check_rules()
     if rules:
-        wait = AntavoEventSensor(task_id="wait_for_events", rules=list(rules), actions=sorted(set(rules.values())),
+        wait = AntavoEventSensor(task_id="wait_for_events", rules=rules,
                                  poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS, back_off=EVENT_BACK_OFF,
                                  doc_md="Waits (in the triggerer) for new Antavo events of any rule: one read of "
                                         "the feed each time serves them all.")

@@ -526,3 +526,14 @@ def test_one_read_of_antavo_s_feed_serves_every_rule(sandbox, antavo_client, ome
         oid(claim, "reward_claimed"): 1, oid(claim, "reward_points"): 1, oid(added, "points_added"): 1}
     deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-2")
     assert max(sandbox.ometria.received.values()) == 1  # the next run re-reads them and sends none again
+
+
+def test_only_an_event_new_to_a_rule_of_its_action_wakes_the_delivery():
+    from antavo_ometria.sync.events import Feed
+
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    claim, added = antavo_event(1, "c1", 30, now), {**antavo_event(2, "c2", 10, now), "action": "point_add"}
+    feed = Feed(now - timedelta(hours=4), now, {"reward": [claim], "point_add": [added]})
+    # the point_add rule's cursor is past its event: the reward rule's earlier cursor does not make it new
+    assert feed.newer_than({"reward": now - timedelta(minutes=20), "point_add": now - timedelta(minutes=5)}) == []
+    assert feed.newer_than({"reward": now - timedelta(minutes=40), "point_add": now - timedelta(minutes=5)}) == [claim]

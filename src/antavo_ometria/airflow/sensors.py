@@ -23,14 +23,15 @@ from antavo_ometria.airflow.triggers import AntavoEventTrigger
 
 
 class AntavoEventSensor(BaseSensorOperator):
-    template_fields = ("actions",)
+    template_fields = ("rules",)
     ui_color = "#f0eee4"
 
-    def __init__(self, *, rules: list[str], actions: list[str], antavo_conn_id: str = "antavo_default",
+    def __init__(self, *, rules: dict[str, str], antavo_conn_id: str = "antavo_default",
                  deferrable: bool = True, back_off: tuple[timedelta, timedelta] | None = None, **kwargs: Any):
         kwargs.setdefault("timeout", 14 * 60)
         super().__init__(**kwargs)
-        self.rules, self.actions, self.antavo_conn_id, self.deferrable = rules, sorted(actions), antavo_conn_id, deferrable
+        self.rules, self.antavo_conn_id, self.deferrable = dict(rules), antavo_conn_id, deferrable  # rule → action
+        self.actions = sorted(set(self.rules.values()))
         self.back_off = back_off or EVENT_BACK_OFF  # (first, longest) wait after failed runs
 
     def _back_off(self, context: Any) -> float:
@@ -50,24 +51,29 @@ class AntavoEventSensor(BaseSensorOperator):
                          "lost: the delivery reads from the rule's cursor)", failing_since.isoformat(), wait)
         return wait
 
-    def _since(self) -> datetime:
-        """The earliest of the rules' cursors in the state store; for a rule's first run, the last 4 hours
-        (Ometria's window)."""
+    def _since(self) -> dict[str, datetime]:
+        """Per Antavo action, the earliest cursor of its rules in the state store (for a rule's first run, the
+        last 4 hours: Ometria's window): an event after it is new to at least one rule."""
         from antavo_ometria.airflow.hooks import StateStoreHook
         from antavo_ometria.ometria.contract import LATE_AFTER
 
         store, first = StateStoreHook().get_conn(), datetime.now(UTC) - LATE_AFTER
-        return min((store.event_cursor(rule) or first for rule in self.rules), default=first)
+        since: dict[str, datetime] = {}
+        for rule, action in self.rules.items():
+            cursor = store.event_cursor(rule) or first
+            since[action] = min(since.get(action, cursor), cursor)
+        return since
 
     def poke(self, context: Any) -> PokeReturnValue | bool:
         from antavo_ometria.airflow.hooks import AntavoHook
         from antavo_ometria.sync.events import read_feed
 
         since = self._since()
-        feed = read_feed(AntavoHook(self.antavo_conn_id).get_conn(), set(self.actions), since, datetime.now(UTC))
-        found = [e for events in feed.by_action.values() for e in events]
-        self.log.info("%d new %s event(s) since %s", len(found), "/".join(self.actions), since.isoformat())
-        return PokeReturnValue(is_done=True, xcom_value={"found": len(found), "since": since.isoformat()}) \
+        earliest = min(since.values())
+        feed = read_feed(AntavoHook(self.antavo_conn_id).get_conn(), set(since), earliest, datetime.now(UTC))
+        found = feed.newer_than(since)
+        self.log.info("%d new %s event(s) since %s", len(found), "/".join(self.actions), earliest.isoformat())
+        return PokeReturnValue(is_done=True, xcom_value={"found": len(found), "since": earliest.isoformat()}) \
             if found else False
 
     def execute(self, context: Any) -> Any:
@@ -78,10 +84,10 @@ class AntavoEventSensor(BaseSensorOperator):
                 return super().execute(context)
             except AirflowSensorTimeout as timeout:  # nothing new: skipped; any other error fails the task
                 raise AirflowSkipException(f"no new {'/'.join(self.actions)} events: {timeout}") from None
-        since = self._since().isoformat()
-        self.log.info("deferring: waiting in the triggerer for %s events after %s", "/".join(self.actions), since)
+        since = {action: moment.isoformat() for action, moment in self._since().items()}
+        self.log.info("deferring: waiting in the triggerer for new events after %s", since)
         self.defer(
-            trigger=AntavoEventTrigger(self.actions, since, self.antavo_conn_id,
+            trigger=AntavoEventTrigger(since, self.antavo_conn_id,
                                        poll_interval=float(self.poke_interval), timeout=float(self.timeout),
                                        delay=delay),
             method_name="execute_complete",

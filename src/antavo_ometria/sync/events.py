@@ -92,6 +92,11 @@ class Feed:
         """The events of `action` after `since` (and those too broken to have a timestamp)."""
         return [e for e in self.by_action.get(action, []) if e["timestamp"] is None or event_time(e) > since]
 
+    def newer_than(self, since: dict[str, datetime]) -> list[dict]:
+        """The events new to some rule: of each action, those after that action's own `since` (the earliest
+        cursor of its rules), so that events another action's rules already delivered wake nothing."""
+        return [e for action, moment in since.items() for e in self.events(action, moment)]
+
 
 def read_feed(client: AntavoClient, actions: set[str], since: datetime, until: datetime) -> Feed:
     """Antavo's events of these actions with a timestamp after `since` and before `until`, in one read (and
