@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 UV_VERSION := 0.13.9
 export GX_ANALYTICS_ENABLED := false
 
-.PHONY: install migrate run events check trace ui keys test validate fields preview diff sandbox lock lint bench reliability clean
+.PHONY: install migrate run events check trace ui keys test validate fields preview diff sandbox lock lint bench bench-events reliability clean
 
 install: $(VENV)/.installed
 
@@ -80,8 +80,12 @@ lint: install            ## ruff, then the complexity budget (benchmarks/complex
 clean:
 	rm -rf $(VENV) .airflow .pytest_cache
 
-bench: install           ## benchmarks (100k and 1M customers); writes BENCHMARKS.md
+bench: install           ## benchmarks (100k and 1M customers, then reward claims → Ometria); writes BENCHMARKS.md
 	$(BIN)/python -m benchmarks.run
+	$(BIN)/python -m benchmarks.events
+
+bench-events: install    ## 50 reward claims over 5 minutes on a real scheduler and triggerer: claim → Ometria latency
+	$(BIN)/python -m benchmarks.events
 
 reliability: install     ## every fault scenario, for real; writes the reliability table into BENCHMARKS.md
 	$(BIN)/python -m benchmarks.reliability

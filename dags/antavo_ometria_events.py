@@ -7,13 +7,16 @@ description, …) fill the tags of the Ometria email. The rules are rows in
 `include/mappings/triggers.csv`: the Antavo action, the Ometria event type, and where each property
 comes from (`event.*`, `reward.*`, `customer.*`).
 
-**Continuous:** one run at a time, the next as soon as one ends. Per rule, a deferrable sensor waits in the
-triggerer (no worker slot) and asks Antavo for new matching events every `ANTAVO_OMETRIA_EVENT_POKE_SECONDS`
-(default 5); the first one found wakes `deliver_<rule>`, which pushes each new event once: the contact first if
-Ometria does not have it yet, then the custom event (`id` = `<rule>:<Antavo event ID>`, so two rules on one
-action each deliver). A claim reaches Ometria in about 11 s (p95 15 s, BENCHMARKS.md). The sensor fails when
-Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run sends them; an event
-Ometria rejects is held with the reason and retried by every run while it can still start an automation.
+**Continuous:** one run at a time, the next as soon as one ends. A deferrable sensor waits in the triggerer
+(no worker slot) and reads Antavo's event feed every `events.poll_seconds` (settings.toml, default 5), one read
+for every rule; the first matching event wakes `deliver_events`, which reads the feed once for all rules and
+pushes each new event once per rule: the contact first if Ometria does not have it yet, then the custom event
+(`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver). A claim reaches Ometria in about 17 s (p95 30 s at 5 s polling, `make bench-events`).
+The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run
+sends them; an event Ometria rejects is held with the reason and retried by every run while it can still start
+an automation. After a failed run the sensor backs off (as long as deliveries have been failing, 1 to 15
+minutes) before it reads Antavo again, so an outage neither alerts every minute nor hammers the APIs; the alert
+says how long.
 
 **Catch-up:** every delivery re-reads Ometria's whole 4-hour window (or from the rule's cursor, when further
 back), so what the fast path missed (a triggerer restart, an outage, an event Antavo lists late) is sent by the
@@ -29,14 +32,15 @@ import os
 
 from airflow.sdk import dag, get_current_context, task
 
-from antavo_ometria.airflow.dag_defaults import DAG_ARGS, PUSH_POOL
+from antavo_ometria.airflow.dag_defaults import DAG_ARGS, EVENT_BACK_OFF, PUSH_POOL
 from antavo_ometria.airflow.dag_defaults import EVENTS_DAG as DAG_ID
 from antavo_ometria.airflow.sensors import AntavoEventSensor
 from antavo_ometria.sync.event_rules import rule_actions
-from antavo_ometria.sync.settings import mappings_dir
+from antavo_ometria.sync.settings import mappings_dir, read_settings
 
-# how often the trigger asks Antavo for new events: a claim waits up to this long to be seen (BENCHMARKS.md)
-POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS", 5))
+# how often the trigger asks Antavo for new events (`events.poll_seconds`; tests override it by the variable)
+POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS")
+                     or read_settings(mappings_dir() / "settings.toml").settings.event_poll_seconds)
 # a quiet run ends after this wait; its delivery still re-reads the 4-hour window: the catch-up by cursor
 WAIT_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_WAIT_SECONDS", 14 * 60))
 
@@ -70,36 +74,37 @@ def antavo_ometria_events():
         with fail_fast_on(ConfigError):
             return [rule.name for rule in load_rules(mappings_dir())]
 
+    # runs after the wait even when nothing new woke it (skipped): it re-reads the last 4 hours, so an event
+    # Antavo made visible late is still sent and a rejected one retried; a failed wait does not run it
+    @task(pool=PUSH_POOL, trigger_rule="none_failed")
+    def deliver_events() -> list[dict]:
+        """Push every rule's new events to Ometria as custom events, each exactly once, from one read of Antavo's
+        event feed."""
+        import logging
+
+        from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
+        from antavo_ometria.sync.event_report import format_event_report
+        from antavo_ometria.sync.event_rules import load_rules
+        from antavo_ometria.sync.events import deliver_all
+        from antavo_ometria.sync.mapping import load_contact_mapping
+        from antavo_ometria.transport import ApiError
+
+        mapping = load_contact_mapping(mappings_dir())
+        with fail_fast_on(ApiError):  # e.g. refused credentials; undelivered events and 5xx are retried
+            summaries = deliver_all(load_rules(mappings_dir()), AntavoHook().get_conn(), OmetriaHook().get_conn(),
+                                    StateStoreHook().get_conn(), mapping, get_current_context()["run_id"],
+                                    late_policy=mapping.settings.late_event_policy)
+        logging.getLogger(__name__).info("\n%s", format_event_report(summaries))
+        return summaries
+
+    rules = rule_actions(mappings_dir())
     checked = check_connections() >> check_rules()
-    for name, action in rule_actions(mappings_dir()).items():
-
-        # runs after the wait even when nothing new woke it (skipped): it re-reads the last 4 hours, so an event
-        # Antavo made visible late is still sent and a rejected one retried; a failed wait does not run it
-        @task(task_id=f"deliver_{name}", pool=PUSH_POOL, trigger_rule="none_failed")
-        def deliver(rule_name: str = name) -> dict:
-            """Push the rule's new events to Ometria as custom events, each exactly once."""
-            import logging
-
-            from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
-            from antavo_ometria.sync.event_report import format_event_report
-            from antavo_ometria.sync.event_rules import load_rules
-            from antavo_ometria.sync.events import deliver
-            from antavo_ometria.sync.mapping import load_contact_mapping
-            from antavo_ometria.transport import ApiError
-
-            mapping = load_contact_mapping(mappings_dir())
-            rule = next(r for r in load_rules(mappings_dir()) if r.name == rule_name)
-            with fail_fast_on(ApiError):  # e.g. refused credentials; undelivered events and 5xx are retried
-                summary = deliver(rule, AntavoHook().get_conn(), OmetriaHook().get_conn(),
-                                  StateStoreHook().get_conn(), mapping, get_current_context()["run_id"],
-                                  late_policy=mapping.settings.late_event_policy)
-            logging.getLogger(__name__).info("\n%s", format_event_report([summary]))
-            return summary
-
-        wait = AntavoEventSensor(task_id=f"wait_for_{name}", rule=name, action=action,
-                                 poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS,
-                                 doc_md=f"Waits (in the triggerer) for new Antavo events of rule `{name}`.")
-        checked >> wait >> deliver()
+    if rules:
+        wait = AntavoEventSensor(task_id="wait_for_events", rules=rules,
+                                 poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS, back_off=EVENT_BACK_OFF,
+                                 doc_md="Waits (in the triggerer) for new Antavo events of any rule: one read of "
+                                        "the feed each time serves them all.")
+        checked >> wait >> deliver_events()
 
 
 antavo_ometria_events()

@@ -326,10 +326,10 @@ def _sensor_trigger_errors(dep: Deployment) -> list[str]:
     dep.sandbox.antavo.faults.add({"status": 401, "count": FOREVER, "path": "/customers/-/events",
                                    "body": {"error": {"message": "Unauthorized", "code": 2132, "resendable": False}}})
     os.environ.update(dep.sandbox.connections())
-    trigger = AntavoEventTrigger(dep.rule.action, (datetime.now(UTC) - timedelta(hours=1)).isoformat(),
+    trigger = AntavoEventTrigger({dep.rule.action: (datetime.now(UTC) - timedelta(hours=1)).isoformat()},
                                  poll_interval=0.1, timeout=5)
     event = asyncio.run(anext(trigger.run())).payload
-    sensor = AntavoEventSensor(task_id="wait", rule=dep.rule.name, action=dep.rule.action)
+    sensor = AntavoEventSensor(task_id="wait", rules={dep.rule.name: dep.rule.action})
     try:
         sensor.execute_complete({}, event)
         runs.append("success")

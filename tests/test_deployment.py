@@ -184,11 +184,11 @@ def test_event_sensor_defers_to_the_triggerer_and_resumes(stack):
     airflow, sandbox = stack
     airflow.unpause("antavo_ometria_events")  # the scheduler starts the latest interval's run
     run_id = airflow.wait_for_run("antavo_ometria_events",
-                                  lambda states: states.get("wait_for_reward_claimed") == "deferred")
+                                  lambda states: states.get("wait_for_events") == "deferred")
     claim = sandbox.antavo.claim_reward("c00000020", "rw-coffee", at=datetime.now(UTC) - timedelta(seconds=5))
     assert airflow.wait_for_state("antavo_ometria_events", run_id) == "success"
     states = airflow.task_states("antavo_ometria_events", run_id)
-    assert states["wait_for_reward_claimed"] == "success" and states["deliver_reward_claimed"] == "success"
+    assert states["wait_for_events"] == "success" and states["deliver_events"] == "success"
     assert sandbox.ometria.events[f"reward_claimed:{claim['id']}"]["properties"]["reward_name"] == "Free coffee"
     assert sandbox.ometria.received[("custom_event", f"reward_claimed:{claim['id']}")] == 1
 

@@ -15,11 +15,26 @@ from antavo_ometria.sync.state import StateStore
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEADER = "rule,antavo_action,ometria_event_type,property,source\n"
+# the rules these tests deliver, in a mappings folder of their own: the shipped table may gain rules or change
+REWARD_CLAIMED = "".join(f"reward_claimed,reward,loyalty_reward_claimed,{p}\n" for p in (
+    "reward_id,event.reward", "reward_name,reward.title", "reward_description,reward.description",
+    "points_spent,reward.points", "first_name,customer.first_name", "loyalty_points,customer.score"))
+REWARD_POINTS = "reward_points,reward,loyalty_points_spent,points,event.points\n"
 
 
-def shipped_rule(name: str):
-    """A rule of the shipped trigger table, by name (the table may hold others)."""
-    return next(rule for rule in load_rules(PROJECT / "include" / "mappings") if rule.name == name)
+def rule_named(mappings: Path, name: str):
+    return next(rule for rule in load_rules(mappings) if rule.name == name)
+
+
+@pytest.fixture
+def mappings(tmp_path) -> Path:
+    """A mappings folder: the shipped contact mapping and settings, and these tests' own trigger rules."""
+    folder = tmp_path / "mappings"
+    folder.mkdir()
+    for name in ("contacts.csv", "settings.toml"):
+        (folder / name).write_bytes((PROJECT / "include" / "mappings" / name).read_bytes())
+    (folder / "triggers.csv").write_text(HEADER + REWARD_CLAIMED + REWARD_POINTS, encoding="utf-8")
+    return folder
 
 
 def oid(event: dict, rule: str = "reward_claimed") -> str:
@@ -28,7 +43,7 @@ def oid(event: dict, rule: str = "reward_claimed") -> str:
 
 
 def test_shipped_reward_claim_rule():
-    rule = shipped_rule("reward_claimed")
+    rule = rule_named(PROJECT / "include" / "mappings", "reward_claimed")
     assert (rule.name, rule.action, rule.event_type) == ("reward_claimed", "reward", "loyalty_reward_claimed")
     assert ("reward_name", "reward.title") in rule.properties and rule.needs_rewards
 
@@ -62,11 +77,10 @@ def test_more_than_1000_events_on_one_timestamp_are_staggered():
 
 
 @pytest.fixture
-def parts(sandbox, antavo_client, ometria_client, state_url):
+def parts(sandbox, antavo_client, ometria_client, state_url, mappings):
     store = StateStore(state_url)
     store.migrate()
-    rule = shipped_rule("reward_claimed")
-    return rule, store, load_contact_mapping(PROJECT / "include" / "mappings")
+    return rule_named(mappings, "reward_claimed"), store, load_contact_mapping(mappings)
 
 
 def test_reward_claim_becomes_one_custom_event_and_the_contact_comes_first(parts, sandbox, antavo_client, ometria_client):
@@ -124,13 +138,13 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
     run = dag.test()
     assert run.state == DagRunState.SUCCESS
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["wait_for_reward_claimed"] == states["deliver_reward_claimed"] == "success", states
+    assert states["wait_for_events"] == states["deliver_events"] == "success"
     assert list(connections.ometria.events) == [oid(claim)]
     assert connections.ometria.events[oid(claim)]["properties"]["reward_name"] == "£10 off your next order"
 
     quiet = dag.test()  # nothing new: the sensor gives up after its wait; the delivery still re-reads the overlap
     states = {ti.task_id: ti.state for ti in quiet.get_task_instances()}
-    assert states["wait_for_reward_claimed"] == "skipped" and states["deliver_reward_claimed"] == "success"
+    assert states["wait_for_events"] == "skipped" and states["deliver_events"] == "success"
     assert connections.ometria.received[("custom_event", oid(claim))] == 1
 
 
@@ -213,8 +227,8 @@ def test_a_sensor_whose_trigger_errors_fails_instead_of_skipping(airflow_db, con
         "error": {"message": "Unauthorized", "code": 2132, "resendable": False}}})
     run = dag.test()
     states = {ti.task_id: ti.state for ti in run.get_task_instances()}
-    assert states["wait_for_reward_claimed"] == "failed", states
-    assert states["deliver_reward_claimed"] == "upstream_failed"
+    assert states["wait_for_events"] == "failed", states
+    assert states["deliver_events"] == "upstream_failed"
 
 
 def test_an_event_with_a_number_json_cannot_carry_is_held_not_sent_as_infinity(parts, sandbox, antavo_client,
@@ -256,14 +270,13 @@ def test_an_event_listed_twice_and_a_held_event_re_read_count_once(parts, sandbo
     assert [r["antavo_id"] for r in store.held_records(kind="event_held")] == [oid(held)]
 
 
-def test_an_event_listed_twice_on_postgresql(sandbox, antavo_client, ometria_client, postgres_state_url):
+def test_an_event_listed_twice_on_postgresql(sandbox, antavo_client, ometria_client, postgres_state_url, mappings):
     store = StateStore(postgres_state_url)
     store.migrate()
-    rule = shipped_rule("reward_claimed")
+    rule = rule_named(mappings, "reward_claimed")
     claim = sandbox.antavo.claim_reward("c00000081", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=3))
     sandbox.antavo.events.append(dict(claim))
-    summary = deliver(rule, antavo_client, ometria_client, store, load_contact_mapping(PROJECT / "include" / "mappings"),
-                      "run-1")
+    summary = deliver(rule, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-1")
     assert summary["sent"] == 1 and store.pushed_event_ids([oid(claim)]) == {oid(claim)}
     store.engine.dispose()
 
@@ -321,15 +334,12 @@ def test_a_rejected_event_whose_window_passed_is_held_as_expired_and_not_retried
     assert sandbox.ometria.received[("custom_event", oid(claim))] == 0
 
 
-def test_two_rules_on_the_same_antavo_action_both_deliver(sandbox, antavo_client, ometria_client, state_url, tmp_path):
+def test_two_rules_on_the_same_antavo_action_both_deliver(sandbox, antavo_client, ometria_client, state_url, mappings):
     store = StateStore(state_url)
     store.migrate()
-    shipped = (PROJECT / "include" / "mappings" / "triggers.csv").read_text(encoding="utf-8")
-    (tmp_path / "triggers.csv").write_text(shipped + "reward_points,reward,loyalty_points_spent,points,event.points\n",
-                                           encoding="utf-8")
-    rules = [r for r in load_rules(tmp_path) if r.name in ("reward_claimed", "reward_points")]
+    rules = [rule_named(mappings, "reward_claimed"), rule_named(mappings, "reward_points")]
     assert [r.action for r in rules] == ["reward", "reward"]
-    mapping = load_contact_mapping(PROJECT / "include" / "mappings")
+    mapping = load_contact_mapping(mappings)
     claim = sandbox.antavo.claim_reward("c00000096", "rw-10off", at=datetime.now(UTC) - timedelta(minutes=2))
     for run in ("run-1", "run-2"):  # the second run re-reads the claim: neither rule sends it again
         for rule in rules:
@@ -412,3 +422,118 @@ def test_the_dashboard_shows_the_last_hours_claim_to_ometria_latency_next_to_the
     assert cells[2] == "2"  # delivered
     p50, p95, most = (float(x) for x in re.fullmatch(r"(\d+) s / (\d+) s / (\d+) s \(2\)", cells[-1]).groups())
     assert 19 <= p50 <= (accepted - now).total_seconds() + 21 and 39 <= p95 == most <= (accepted - now).total_seconds() + 41
+
+
+# -- back-off while an API is down ---------------------------------------------------------------
+def test_while_deliveries_fail_each_attempt_waits_as_long_as_they_have_failed_within_bounds():
+    from antavo_ometria.sync.events import back_off
+
+    now, first, most = datetime(2026, 12, 4, 12, tzinfo=UTC), timedelta(minutes=1), timedelta(minutes=15)
+    assert back_off(None, now, first, most) == timedelta(0)  # the last run succeeded: no wait
+    assert back_off(now - timedelta(seconds=20), now, first, most) == first
+    assert back_off(now - timedelta(minutes=4), now, first, most) == timedelta(minutes=4)  # so the waits double
+    assert back_off(now - timedelta(hours=3), now, first, most) == most
+
+
+@pytest.mark.airflow
+def test_after_a_failed_run_the_next_one_backs_off_the_alert_says_so_and_nothing_is_lost(
+        airflow_db, connections, monkeypatch):
+    from airflow.models import DagBag
+    from airflow.utils.state import DagRunState
+    from test_dags import Inbox
+
+    from antavo_ometria.airflow import dag_defaults
+
+    monkeypatch.setattr(dag_defaults, "EVENT_BACK_OFF", (timedelta(seconds=3), timedelta(seconds=4)))
+    dag = DagBag(dag_folder=str(PROJECT / "dags")).get_dag("antavo_ometria_events")
+    inbox = Inbox()
+    try:
+        monkeypatch.setenv("AIRFLOW_VAR_ANTAVO_OMETRIA_ALERT_WEBHOOK", inbox.server.url + "/hook")
+        connections.antavo.faults.add({"status": 401, "count": 10**6, "path": "/customers/-/events", "body": {
+            "error": {"message": "Unauthorized", "code": 2132, "resendable": False}}})
+        claim = connections.antavo.claim_reward("c00000012", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
+        assert dag.test().state == DagRunState.FAILED
+    finally:
+        inbox.close()
+    (alert,) = [m for m in inbox.received if m["task_id"] == "wait_for_events"]
+    assert "the next attempt waits" in alert["text"] and "sends everything not delivered" in alert["text"]
+
+    connections.antavo.faults.clear()  # Antavo is back
+    polls = connections.antavo.requests_by_path["/customers/-/events"]
+    run = dag.test()
+    assert run.state == DagRunState.SUCCESS
+    wait = next(ti for ti in run.get_task_instances() if ti.task_id == "wait_for_events")
+    assert (wait.end_date - wait.start_date).total_seconds() >= 3  # it backed off before asking Antavo again
+    assert connections.ometria.received[("custom_event", oid(claim))] == 1
+    assert connections.antavo.requests_by_path["/customers/-/events"] - polls <= 3  # one look, then the delivery
+
+
+
+# -- the decision, without I/O -------------------------------------------------------------------
+def antavo_event(number: int, customer: str, minutes_ago: float, now: datetime, **extra) -> dict:
+    moment = (now - timedelta(minutes=minutes_ago)).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+    return {"id": f"ev{number:08d}", "action": "reward", "customer_id": customer, "timestamp": moment,
+            "properties": {"reward": "rw-coffee"}, **extra}
+
+
+@pytest.mark.parametrize("policy", ["send", "skip"])
+def test_each_matching_event_is_sendable_held_skipped_or_waiting_for_its_contact(policy):
+    from antavo_ometria.antavo.records import HELD
+    from antavo_ometria.sync.events import classify
+
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    fresh, old = antavo_event(1, "c1", 5, now), antavo_event(2, "c1", 5 * 60, now)
+    broken = antavo_event(3, "", 5, now, **{HELD: ["the event names no customer"]})
+    bad_email, gone, waiting = (antavo_event(4, "c2", 5, now), antavo_event(5, "c3", 5, now),
+                                antavo_event(6, "c4", 5, now))
+    decision = classify([fresh, old, broken, bad_email, gone, waiting], known={"c1", "c2", "c4"},
+                        problems={"c2": "email is not an email address"}, waiting_for_contact={"c4"},
+                        late_cut=now - timedelta(hours=4), late_policy=policy)
+    assert decision.sendable == ([fresh, old] if policy == "send" else [fresh])
+    assert decision.skipped == ([] if policy == "send" else [old])
+    assert decision.late == (1 if policy == "send" else 0)
+    assert decision.held == [(broken, "the event names no customer"),
+                             (bad_email, "customer c2: email is not an email address"),
+                             (gone, "customer c3: not found in Antavo")]
+    assert decision.waiting == [waiting]
+
+
+def test_event_delivery_does_not_reach_into_the_contact_runs_steps():
+    import ast
+
+    source = (PROJECT / "src" / "antavo_ometria" / "sync" / "events.py").read_text(encoding="utf-8")
+    imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
+    assert not imported & {"antavo_ometria.sync.load", "antavo_ometria.sync.prepare"}
+    assert "antavo_ometria.sync.contact_push" in imported  # the contacts first, remembered as the contact run does
+
+
+def test_one_read_of_antavo_s_feed_serves_every_rule(sandbox, antavo_client, ometria_client, state_url, mappings):
+    from antavo_ometria.sync.events import deliver_all
+
+    store = StateStore(state_url)
+    store.migrate()
+    (mappings / "triggers.csv").write_text(HEADER + REWARD_CLAIMED + REWARD_POINTS
+                                           + "points_added,point_add,loyalty_points_added,points,event.points\n")
+    rules = load_rules(mappings)
+    now = datetime.now(UTC)
+    claim = sandbox.antavo.claim_reward("c00000031", "rw-coffee", at=now - timedelta(minutes=2))
+    added = sandbox.antavo.add_event("c00000032", "point_add", {"points": 50}, at=now - timedelta(minutes=1))
+    reads = sandbox.antavo.requests_by_path["/customers/-/events"]
+    summaries = deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-1")
+    assert sandbox.antavo.requests_by_path["/customers/-/events"] - reads == 1  # one page, read once for three rules
+    assert {s["rule"]: s["accepted"] for s in summaries} == {"reward_claimed": 1, "reward_points": 1, "points_added": 1}
+    assert {i: sandbox.ometria.received[("custom_event", i)] for i in sandbox.ometria.events} == {
+        oid(claim, "reward_claimed"): 1, oid(claim, "reward_points"): 1, oid(added, "points_added"): 1}
+    deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-2")
+    assert max(sandbox.ometria.received.values()) == 1  # the next run re-reads them and sends none again
+
+
+def test_only_an_event_new_to_a_rule_of_its_action_wakes_the_delivery():
+    from antavo_ometria.sync.events import Feed
+
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    claim, added = antavo_event(1, "c1", 30, now), {**antavo_event(2, "c2", 10, now), "action": "point_add"}
+    feed = Feed(now - timedelta(hours=4), now, {"reward": [claim], "point_add": [added]})
+    # the point_add rule's cursor is past its event: the reward rule's earlier cursor does not make it new
+    assert feed.newer_than({"reward": now - timedelta(minutes=20), "point_add": now - timedelta(minutes=5)}) == []
+    assert feed.newer_than({"reward": now - timedelta(minutes=40), "point_add": now - timedelta(minutes=5)}) == [claim]

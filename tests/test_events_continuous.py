@@ -22,7 +22,7 @@ from antavo_ometria_tools.sandbox import Sandbox
 pytestmark = pytest.mark.airflow
 PROJECT = Path(__file__).resolve().parents[1]
 DAG = "antavo_ometria_events"
-SENSOR = "wait_for_reward_claimed"
+SENSOR = "wait_for_events"
 
 
 @pytest.fixture(scope="module")

@@ -284,8 +284,9 @@ def read_event_summaries(dag_id: str, started: float) -> list[dict]:
         if run is None or run.start_date is None or run.start_date < datetime.fromtimestamp(started, UTC):
             return []
         rows = session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=dag_id, key="return_value")).all()
-        return sorted((XComModel.deserialize_value(r) for r in rows if r.task_id.startswith("deliver_")),
-                      key=lambda summary: summary["rule"])
+        values = [XComModel.deserialize_value(r) for r in rows if r.task_id.startswith("deliver_")]
+        summaries = [s for value in values for s in (value if isinstance(value, list) else [value])]  # one per rule
+        return sorted(summaries, key=lambda summary: summary["rule"])
 
 
 PASSWORDS_FILE = "simple_auth_manager_passwords.json.generated"  # where SimpleAuthManager writes the login

@@ -1,62 +1,95 @@
-"""A sensor that waits for new Antavo events matching a trigger rule.
+"""A sensor that waits for new Antavo events matching any trigger rule: one read of the feed serves them all.
 
 Deferrable by default: the waiting happens in Airflow's triggerer (`AntavoEventTrigger`), not in a
 worker slot. With `deferrable=False` it pokes instead (use `mode="reschedule"` to free the slot
 between pokes). With no new event before `timeout`, the task is skipped; an error (Antavo down,
 credentials revoked) fails it, so that the failure alert fires. `soft_fail` is deliberately not
 used: Airflow turns every error of a soft-failing deferred sensor into a skip (apache/airflow#71255).
+After a failed run (an outage) it first waits as long as deliveries have been failing (1 to 15 minutes), so an
+outage neither alerts every minute nor hammers the APIs.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import time
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
+from antavo_ometria.airflow.dag_defaults import EVENT_BACK_OFF
 from antavo_ometria.airflow.triggers import AntavoEventTrigger
 
 
 class AntavoEventSensor(BaseSensorOperator):
-    template_fields = ("action",)
+    template_fields = ("rules",)
     ui_color = "#f0eee4"
 
-    def __init__(self, *, rule: str, action: str, antavo_conn_id: str = "antavo_default",
-                 deferrable: bool = True, **kwargs: Any):
+    def __init__(self, *, rules: dict[str, str], antavo_conn_id: str = "antavo_default",
+                 deferrable: bool = True, back_off: tuple[timedelta, timedelta] | None = None, **kwargs: Any):
         kwargs.setdefault("timeout", 14 * 60)
         super().__init__(**kwargs)
-        self.rule, self.action, self.antavo_conn_id, self.deferrable = rule, action, antavo_conn_id, deferrable
+        self.rules, self.antavo_conn_id, self.deferrable = dict(rules), antavo_conn_id, deferrable  # rule → action
+        self.actions = sorted(set(self.rules.values()))
+        self.back_off = back_off or EVENT_BACK_OFF  # (first, longest) wait after failed runs
 
-    def _since(self) -> datetime:
-        """The rule's cursor in the state store; on a first run, the last 4 hours (Ometria's window)."""
+    def _back_off(self, context: Any) -> float:
+        """Seconds to wait before the first look at Antavo: longer while the runs before this one failed."""
+        from antavo_ometria.sync.events import back_off
+
+        try:
+            previous = context["ti"].get_previous_dagrun()
+            if previous is None or previous.state != "failed":
+                return 0.0
+            failing_since = context["prev_end_date_success"] or previous.start_date
+        except Exception as exc:  # no run history (a bare `task test`): no back-off, never a failure
+            self.log.info("no back-off: the previous run could not be read (%s)", type(exc).__name__)
+            return 0.0
+        wait = back_off(failing_since, datetime.now(UTC), *self.back_off).total_seconds()
+        self.log.warning("deliveries have failed since %s: backing off %.0f s before asking Antavo again (nothing is "
+                         "lost: the delivery reads from the rule's cursor)", failing_since.isoformat(), wait)
+        return wait
+
+    def _since(self) -> dict[str, datetime]:
+        """Per Antavo action, the earliest cursor of its rules in the state store (for a rule's first run, the
+        last 4 hours: Ometria's window): an event after it is new to at least one rule."""
         from antavo_ometria.airflow.hooks import StateStoreHook
         from antavo_ometria.ometria.contract import LATE_AFTER
 
-        return StateStoreHook().get_conn().event_cursor(self.rule) or datetime.now(UTC) - LATE_AFTER
+        store, first = StateStoreHook().get_conn(), datetime.now(UTC) - LATE_AFTER
+        since: dict[str, datetime] = {}
+        for rule, action in self.rules.items():
+            cursor = store.event_cursor(rule) or first
+            since[action] = min(since.get(action, cursor), cursor)
+        return since
 
     def poke(self, context: Any) -> PokeReturnValue | bool:
         from antavo_ometria.airflow.hooks import AntavoHook
-        from antavo_ometria.sync.events import new_matching_events
+        from antavo_ometria.sync.events import read_feed
 
         since = self._since()
-        found = new_matching_events(AntavoHook(self.antavo_conn_id).get_conn(), self.action, since,
-                                    datetime.now(UTC))
-        self.log.info("%d new %s event(s) since %s", len(found), self.action, since.isoformat())
-        return PokeReturnValue(is_done=True, xcom_value={"found": len(found), "since": since.isoformat()}) \
+        earliest = min(since.values())
+        feed = read_feed(AntavoHook(self.antavo_conn_id).get_conn(), set(since), earliest, datetime.now(UTC))
+        found = feed.newer_than(since)
+        self.log.info("%d new %s event(s) since %s", len(found), "/".join(self.actions), earliest.isoformat())
+        return PokeReturnValue(is_done=True, xcom_value={"found": len(found), "since": earliest.isoformat()}) \
             if found else False
 
     def execute(self, context: Any) -> Any:
+        delay = self._back_off(context)
         if not self.deferrable:
+            time.sleep(delay)
             try:
                 return super().execute(context)
             except AirflowSensorTimeout as timeout:  # nothing new: skipped; any other error fails the task
-                raise AirflowSkipException(f"no new {self.action} events: {timeout}") from None
-        since = self._since().isoformat()
-        self.log.info("deferring: waiting in the triggerer for %s events after %s", self.action, since)
+                raise AirflowSkipException(f"no new {'/'.join(self.actions)} events: {timeout}") from None
+        since = {action: moment.isoformat() for action, moment in self._since().items()}
+        self.log.info("deferring: waiting in the triggerer for new events after %s", since)
         self.defer(
-            trigger=AntavoEventTrigger(self.action, since, self.antavo_conn_id,
-                                       poll_interval=float(self.poke_interval), timeout=float(self.timeout)),
+            trigger=AntavoEventTrigger(since, self.antavo_conn_id,
+                                       poll_interval=float(self.poke_interval), timeout=float(self.timeout),
+                                       delay=delay),
             method_name="execute_complete",
         )
 
@@ -65,7 +98,7 @@ class AntavoEventSensor(BaseSensorOperator):
             failure = AirflowException if event.get("retryable", True) else AirflowFailException
             raise failure(f"watching Antavo events failed: {event['message']}")
         if event["status"] == "timeout":
-            raise AirflowSkipException(f"no new {self.action} events since {event['since']} "
+            raise AirflowSkipException(f"no new {'/'.join(self.actions)} events since {event['since']} "
                                        f"({event['polls']} checks)")
-        self.log.info("%d new %s event(s) after %d check(s)", event["found"], self.action, event["polls"])
+        self.log.info("%d new %s event(s) after %d check(s)", event["found"], "/".join(self.actions), event["polls"])
         return event

@@ -13,41 +13,44 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 
 class AntavoEventTrigger(BaseTrigger):
-    """Polls Antavo's event feed until an event of `action` newer than `since` appears, or `timeout` passes."""
+    """Polls Antavo's event feed (one read for every rule) until an event newer than `since[its action]` appears,
+    or `timeout` passes; after waiting `delay` seconds first (the back-off after failed runs)."""
 
-    def __init__(self, action: str, since: str, antavo_conn_id: str = "antavo_default",
-                 poll_interval: float = 60.0, timeout: float = 3600.0):
+    def __init__(self, since: dict[str, str], antavo_conn_id: str = "antavo_default",
+                 poll_interval: float = 60.0, timeout: float = 3600.0, delay: float = 0.0):
         super().__init__()
-        self.action, self.since, self.antavo_conn_id = action, since, antavo_conn_id
-        self.poll_interval, self.timeout = poll_interval, timeout
+        self.since, self.antavo_conn_id = dict(since), antavo_conn_id  # Antavo action → ISO time
+        self.poll_interval, self.timeout, self.delay = poll_interval, timeout, delay  # delay: the back-off
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("antavo_ometria.airflow.triggers.AntavoEventTrigger", {
-            "action": self.action, "since": self.since, "antavo_conn_id": self.antavo_conn_id,
-            "poll_interval": self.poll_interval, "timeout": self.timeout})
+            "since": self.since, "antavo_conn_id": self.antavo_conn_id,
+            "poll_interval": self.poll_interval, "timeout": self.timeout, "delay": self.delay})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from antavo_ometria.airflow.hooks import antavo_config
         from antavo_ometria.antavo.client import AntavoClient
-        from antavo_ometria.sync.events import new_matching_events
+        from antavo_ometria.sync.events import read_feed
 
         client = AntavoClient(antavo_config(await BaseHook.aget_connection(self.antavo_conn_id)))
-        since = datetime.fromisoformat(self.since)
+        since = {action: datetime.fromisoformat(moment) for action, moment in self.since.items()}
+        earliest = min(self.since.values())
+        await asyncio.sleep(self.delay)
         deadline = time.monotonic() + self.timeout
         polls = 0
         while True:
             polls += 1
             try:
-                found = await asyncio.to_thread(new_matching_events, client, self.action, since,
-                                                datetime.now(UTC))
+                feed = await asyncio.to_thread(read_feed, client, set(since), min(since.values()), datetime.now(UTC))
+                found = feed.newer_than(since)
             except Exception as exc:  # reported to the task, which fails with the reason
                 yield TriggerEvent({"status": "error", "message": str(exc), "polls": polls,
                                     "retryable": getattr(exc, "retryable", True)})
                 return
             if found:
-                yield TriggerEvent({"status": "found", "found": len(found), "since": self.since, "polls": polls})
+                yield TriggerEvent({"status": "found", "found": len(found), "since": earliest, "polls": polls})
                 return
             if time.monotonic() >= deadline:
-                yield TriggerEvent({"status": "timeout", "since": self.since, "polls": polls})
+                yield TriggerEvent({"status": "timeout", "since": earliest, "polls": polls})
                 return
             await asyncio.sleep(self.poll_interval)

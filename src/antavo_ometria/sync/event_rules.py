@@ -75,42 +75,52 @@ def load_rules(mappings_dir: Path) -> list[Rule]:
     header, lines, problems = read_csv(path)
     if header != list(COLUMNS):
         raise ConfigError(problems + [Problem(file, 1, "", f"the header must be {','.join(COLUMNS)}")])
-
     rows: dict[str, list[tuple[int, dict]]] = defaultdict(list)
     for line, cells in rows_of(file, list(COLUMNS), lines, problems):
-        for column in COLUMNS:
-            if not cells[column]:
-                problems.append(Problem(file, line, column, f"{column} is empty; fill it in or delete the row"))
-        if cells["rule"] and not NAME.match(cells["rule"]):
-            problems.append(Problem(file, line, "rule", "rule names use lower-case letters, digits and _"))
-        if len(cells["ometria_event_type"]) > MAX_EVENT_TYPE:
-            problems.append(Problem(file, line, "ometria_event_type", f"Ometria event types must be under {MAX_EVENT_TYPE + 1} "
-                                    f"characters; {cells['ometria_event_type']!r} has {len(cells['ometria_event_type'])}"))
-        if cells["property"] and not re.match(r"^[A-Za-z0-9_]+$", cells["property"]):
-            problems.append(Problem(file, line, "property", "property names use letters, digits and _ (they become "
-                                    "merge tags such as {{ event.reward_name }})"))
-        problems += _check_source(file, line, cells["source"])
+        problems += _check_row(file, line, cells)
         rows[cells["rule"]].append((line, cells))
-
     rules = []
     for name, entries in rows.items():
-        first_line, first = entries[0]
-        for line, cells in entries[1:]:
-            for column in ("antavo_action", "ometria_event_type"):
-                if cells[column] != first[column]:
-                    problems.append(Problem(file, line, column, f"rule {name!r} has {column} {first[column]!r} on "
-                                            f"line {first_line}; every row of a rule must agree"))
-        seen: dict[str, int] = {}
-        for line, cells in entries:
-            if cells["property"] in seen:
-                problems.append(Problem(file, line, "property", f"{cells['property']!r} is already set on line "
-                                        f"{seen[cells['property']]}"))
-            seen[cells["property"]] = line
+        problems += _check_rule(file, name, entries)
+        first = entries[0][1]
         rules.append(Rule(name, first["antavo_action"], first["ometria_event_type"],
                           tuple((c["property"], c["source"]) for _, c in entries)))
     if problems:
         raise ConfigError(problems)
     return rules
+
+
+def _check_row(file: str, line: int, cells: dict) -> list[Problem]:
+    """The problems of one row on its own: empty cells, names, the event type's length, the source."""
+    problems = [Problem(file, line, column, f"{column} is empty; fill it in or delete the row")
+                for column in COLUMNS if not cells[column]]
+    if cells["rule"] and not NAME.match(cells["rule"]):
+        problems.append(Problem(file, line, "rule", "rule names use lower-case letters, digits and _"))
+    if len(cells["ometria_event_type"]) > MAX_EVENT_TYPE:
+        problems.append(Problem(file, line, "ometria_event_type", f"Ometria event types must be under {MAX_EVENT_TYPE + 1} "
+                                f"characters; {cells['ometria_event_type']!r} has {len(cells['ometria_event_type'])}"))
+    if cells["property"] and not re.match(r"^[A-Za-z0-9_]+$", cells["property"]):
+        problems.append(Problem(file, line, "property", "property names use letters, digits and _ (they become "
+                                "merge tags such as {{ event.reward_name }})"))
+    return problems + _check_source(file, line, cells["source"])
+
+
+def _check_rule(file: str, name: str, entries: list[tuple[int, dict]]) -> list[Problem]:
+    """The problems across a rule's rows: they agree on action and event type, and set each property once."""
+    problems = []
+    first_line, first = entries[0]
+    for line, cells in entries[1:]:
+        for column in ("antavo_action", "ometria_event_type"):
+            if cells[column] != first[column]:
+                problems.append(Problem(file, line, column, f"rule {name!r} has {column} {first[column]!r} on "
+                                        f"line {first_line}; every row of a rule must agree"))
+    seen: dict[str, int] = {}
+    for line, cells in entries:
+        if cells["property"] in seen:
+            problems.append(Problem(file, line, "property", f"{cells['property']!r} is already set on line "
+                                    f"{seen[cells['property']]}"))
+        seen[cells["property"]] = line
+    return problems
 
 
 def _check_source(file: str, line: int, source: str) -> list[Problem]:

@@ -24,14 +24,12 @@ from antavo_ometria.antavo.records import event_time
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.contract import LATE_AFTER, hours
 from antavo_ometria.ometria.payload import encode_record
-from antavo_ometria.ometria.push import batches, push_isolating, record_status
+from antavo_ometria.ometria.push import PushOutcome, push_isolating
+from antavo_ometria.sync.contact_push import ContactsFirst, push_contacts_first, ready_contacts
 from antavo_ometria.sync.event_report import format_event_report
 from antavo_ometria.sync.event_rules import Rule, custom_event, ometria_event_id, stagger, unsendable
-from antavo_ometria.sync.load import remember_sent
 from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.prepare import prepare_contacts
 from antavo_ometria.sync.state import StateStore
-from antavo_ometria.sync.transform import customer_columns
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +61,15 @@ class Pushed:
     failure: str | None = None
 
 
+def back_off(failing_since: datetime | None, now: datetime, first: timedelta, most: timedelta) -> timedelta:
+    """How long the next delivery attempt waits: none when the last one succeeded; else as long as deliveries
+    have been failing (so the waits double), within [first, most]. Nothing is lost meanwhile: the cursor stays
+    before what was not delivered, and the next delivery reads from there."""
+    if failing_since is None:
+        return timedelta(0)
+    return min(most, max(first, now - failing_since))
+
+
 def event_key(rule: Rule, event: dict) -> str | None:
     """The rule's id for an Antavo event: its Ometria custom event id and its key in the state store."""
     return ometria_event_id(rule.name, event["id"]) if event["id"] else None
@@ -73,12 +80,38 @@ def read_start(cursor: datetime, now: datetime) -> datetime:
     return min(cursor - OVERLAP, now - LOOKBACK)
 
 
+@dataclass(frozen=True)
+class Feed:
+    """One read of Antavo's event feed that serves every rule on it: the events of each rule's action."""
+
+    since: datetime
+    until: datetime
+    by_action: dict[str, list[dict]]
+
+    def events(self, action: str, since: datetime) -> list[dict]:
+        """The events of `action` after `since` (and those too broken to have a timestamp)."""
+        return [e for e in self.by_action.get(action, []) if e["timestamp"] is None or event_time(e) > since]
+
+    def newer_than(self, since: dict[str, datetime]) -> list[dict]:
+        """The events new to some rule: of each action, those after that action's own `since` (the earliest
+        cursor of its rules), so that events another action's rules already delivered wake nothing."""
+        return [e for action, moment in since.items() for e in self.events(action, moment)]
+
+
+def read_feed(client: AntavoClient, actions: set[str], since: datetime, until: datetime) -> Feed:
+    """Antavo's events of these actions with a timestamp after `since` and before `until`, in one read (and
+    those too broken to have a timestamp: they are held back with the reason)."""
+    found: dict[str, dict] = {action: {} for action in actions}
+    for page in client.iter_events(since, until):
+        for e in page:
+            if e["action"] in found and (e["timestamp"] is None or event_time(e) > since):
+                found[e["action"]][e["id"] or id(e)] = e  # an event listed twice is one event
+    return Feed(since, until, {action: list(events.values()) for action, events in found.items()})
+
+
 def new_matching_events(client: AntavoClient, action: str, since: datetime, until: datetime) -> list[dict]:
-    """Events of `action` with a timestamp after `since` and before `until` (and those of `action` too broken
-    to have a timestamp: they are held back with the reason)."""
-    matching = [e for page in client.iter_events(since, until) for e in page
-                if e["action"] == action and (e["timestamp"] is None or event_time(e) > since)]
-    return list({e["id"] or id(e): e for e in matching}.values())  # an event listed twice is one event
+    """Events of `action` after `since` and before `until` (see read_feed)."""
+    return read_feed(client, {action}, since, until).by_action[action]
 
 
 def not_pushed(store: StateStore, rule: Rule, events: list[dict]) -> list[dict]:
@@ -99,17 +132,38 @@ def deliver(
     until: datetime | None = None,
     late_policy: str = "send",
     now: datetime | None = None,
+    feed: Feed | None = None,
 ) -> dict:
     """Push the rule's new events. Raises EventsNotDelivered, after recording what was delivered, when
     some could not be pushed; the cursor never moves past an event that was neither delivered nor held.
 
     Holds the rule's lease in the state store meanwhile: a delivery of the same rule by another run (two runs
-    overlapping, `make events` next to the deployment) waits for it, then finds those events already pushed."""
+    overlapping, `make events` next to the deployment) waits for it, then finds those events already pushed.
+    With `feed` (one read for every rule) it reads Antavo's feed only when the feed starts after its cursor."""
     take_lease(store, rule, run_id)
     try:
-        return _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now)
+        return _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now, feed)
     finally:
         store.release_lease(rule.name, run_id)
+
+
+def deliver_all(rules: list[Rule], antavo: AntavoClient, ometria: OmetriaClient, store: StateStore,
+                mapping: ContactMapping, run_id: str, late_policy: str = "send") -> list[dict]:
+    """Every rule's new events from one read of Antavo's feed, rule by rule; a rule that cannot deliver does not
+    stop the others, and EventsNotDelivered names every such rule at the end."""
+    now = datetime.now(UTC)
+    since = min((read_start(store.event_cursor(r.name) or now - LATE_AFTER, now) for r in rules), default=now)
+    feed = read_feed(antavo, {r.action for r in rules}, since, now)
+    summaries, failures = [], []
+    for rule in rules:
+        try:
+            summaries.append(deliver(rule, antavo, ometria, store, mapping, run_id, until=now, late_policy=late_policy,
+                                      now=now, feed=feed))
+        except EventsNotDelivered as exc:
+            failures.append(str(exc))
+    if failures:
+        raise EventsNotDelivered("\n\n".join(failures))
+    return summaries
 
 
 def take_lease(store: StateStore, rule: Rule, holder: str, wait: float | None = None) -> None:
@@ -122,12 +176,15 @@ def take_lease(store: StateStore, rule: Rule, holder: str, wait: float | None = 
         time.sleep(0.5)
 
 
-def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now) -> dict:
+def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now, feed) -> dict:
     now = now or datetime.now(UTC)
     until = until or now
     expired = expire_rejected(store, rule, now - LATE_AFTER, run_id)
     since = read_start(store.event_cursor(rule.name) or now - LATE_AFTER, now)
-    events = new_matching_events(antavo, rule.action, since, until)
+    if feed is not None and feed.since <= since:  # the run's one read covers this rule
+        events = feed.events(rule.action, since)
+    else:
+        events = new_matching_events(antavo, rule.action, since, until)
     fresh = not_pushed(store, rule, events)
     retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh)
     summary = {"rule": rule.name, "event_type": rule.event_type, "matched": len(events),
@@ -171,53 +228,84 @@ def expire_rejected(store: StateStore, rule: Rule, late_cut: datetime, run_id: s
     return len(stale)
 
 
-def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> tuple[dict, list]:
-    """Deliver events not pushed yet: (summary, the events that could not be delivered)."""
-    customer_ids = sorted({e["customer_id"] for e in events if HELD_REASONS not in e})
-    paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD_REASONS})
-    customers = {c["id"]: c for c in antavo.get_customers(customer_ids, paths)}
-    frame, encoded, gate = prepare_contacts(customer_columns(list(customers.values()), paths), mapping)
-    ids = frame["id"].tolist()
-    reasons = {ids[row]: "; ".join(f["message"] for f in fails) for row, fails in gate.failures.items()}
-    contacts = _push_unknown_contacts(store, ometria, mapping, run_id,
-                                      [(ids[i], encoded[i]) for i in range(len(ids)) if gate.valid.iloc[i]])
-    reasons |= {i: "Ometria rejected the contact" for i in contacts["rejected"]}
-    identities = {row["id"]: {k: v for k, v in (("identity_email", row.get("email")),
-                                                 ("identity_account_id", row.get("customer_id"))) if v}
-                  for row in frame.to_dict("records")}
-    deliverable = {e["customer_id"] for e in events
-                   if HELD_REASONS not in e and e["customer_id"] in customers and e["customer_id"] not in reasons}
-    rewards = {cid: {r.get("id"): r for r in antavo.get_claimed_rewards(cid)}
-               for cid in sorted(deliverable)} if rule.needs_rewards else {}
+@dataclass
+class Customers:
+    """What delivering a rule's events needs to know of their customers, read from Antavo (contacts pushed first)."""
 
-    late_cut = now - LATE_AFTER
-    sendable, held, skipped, failed = [], [], [], []
+    records: dict[str, dict]  # Antavo id → customer, for those Antavo has
+    identities: dict[str, dict]  # Antavo id → the identity fields of its Ometria events
+    problems: dict[str, str]  # Antavo id → why its events are held (its contact failed a check, Ometria rejected it)
+    rewards: dict[str, dict]  # Antavo id → {reward id: claimed reward}, when the rule needs them
+    contacts: ContactsFirst
+
+
+@dataclass
+class Decision:
+    """What happens to each matching event not pushed yet: the pure part of a delivery."""
+
+    sendable: list[dict] = field(default_factory=list)
+    held: list[tuple[dict, str]] = field(default_factory=list)  # (event, why)
+    skipped: list[dict] = field(default_factory=list)  # over 4 hours old, under late_event_policy = skip
+    waiting: list[dict] = field(default_factory=list)  # its contact could not be pushed first: the next try sends both
+    late: int = 0  # sendable events over 4 hours old (sent, with a warning)
+
+
+def classify(events: list[dict], known: set[str], problems: dict[str, str], waiting_for_contact: set[str],
+             late_cut: datetime, late_policy: str) -> Decision:
+    """Sendable, held (with the reason), skipped as late, or waiting for its contact: each event once."""
+    decision = Decision()
     for event in events:
         cid = event["customer_id"]
         if HELD_REASONS in event:
-            held.append((event, "; ".join(event[HELD_REASONS])))
-        elif cid in contacts["failed"]:
-            failed.append(event)  # its contact could not be pushed first: sent with it on the next try
-        elif cid not in deliverable:
-            held.append((event, f"customer {cid}: {reasons.get(cid, 'not found in Antavo')}"))
+            decision.held.append((event, "; ".join(event[HELD_REASONS])))
+        elif cid in waiting_for_contact:
+            decision.waiting.append(event)
+        elif cid not in known or cid in problems:
+            decision.held.append((event, f"customer {cid}: {problems.get(cid, 'not found in Antavo')}"))
         elif event_time(event) < late_cut and late_policy == "skip":
-            skipped.append(event)
+            decision.skipped.append(event)
         else:
-            sendable.append(event)
-    late = sum(event_time(e) < late_cut for e in sendable)
-    if late:
+            decision.sendable.append(event)
+    decision.late = sum(event_time(e) < late_cut for e in decision.sendable)
+    return decision
+
+
+def look_up_customers(rule: Rule, events: list[dict], antavo: AntavoClient, ometria: OmetriaClient,
+                      store: StateStore, mapping: ContactMapping, run_id: str) -> Customers:
+    """The events' customers from Antavo, their contacts pushed first where Ometria does not have them yet, and
+    (when the rule names reward fields) their claimed rewards."""
+    customer_ids = sorted({e["customer_id"] for e in events if HELD_REASONS not in e})
+    paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD_REASONS})
+    records = {c["id"]: c for c in antavo.get_customers(customer_ids, paths)}
+    ready = ready_contacts(list(records.values()), paths, mapping)
+    contacts = push_contacts_first(store, ometria, mapping.version, run_id, ready.valid)
+    problems = ready.problems | {i: "Ometria rejected the contact" for i in contacts.rejected}
+    deliverable = sorted(i for i in records if i not in problems)
+    rewards = {cid: {r.get("id"): r for r in antavo.get_claimed_rewards(cid)}
+               for cid in deliverable} if rule.needs_rewards else {}
+    return Customers(records, ready.identities, problems, rewards, contacts)
+
+
+def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> tuple[dict, list]:
+    """Deliver events not pushed yet: (summary, the events that could not be delivered)."""
+    late_cut = now - LATE_AFTER
+    customers = look_up_customers(rule, events, antavo, ometria, store, mapping, run_id)
+    decision = classify(events, set(customers.records), customers.problems, set(customers.contacts.failed),
+                        late_cut, late_policy)
+    if decision.late:
         log.warning("%d %s event(s) are over %s old: Ometria will not start an automation for them",
-                    late, rule.event_type, hours(LATE_AFTER))
-    built, unsendable_ = _build(rule, sendable, customers, rewards, identities, mapping.settings.language)
+                    decision.late, rule.event_type, hours(LATE_AFTER))
+    built, unsendable_ = _build(rule, decision.sendable, customers, mapping.settings.language)
     pushed = push_events(rule, built, ometria, store, late_cut, run_id)
-    store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in skipped])
-    _record_held(store, rule, run_id, events, held + unsendable_, pushed.rejected, late_cut)
-    failed += pushed.failed
+    held = decision.held + unsendable_
+    store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in decision.skipped])
+    _record_held(store, rule, run_id, events, held, pushed.rejected, late_cut)
+    failed = decision.waiting + pushed.failed
     return {"sent": len(pushed.accepted) + len(pushed.rejected), "accepted": len(pushed.accepted),
-            "rejected": len(pushed.rejected), "late": late, "skipped_late": len(skipped),
-            "held": len(held) + len(unsendable_), "failed": len(failed), "failure": pushed.failure or contacts["error"],
-            "contacts_pushed_first": len(contacts["sent"]),
-            "held_reasons": _reasons(rule, held + unsendable_, pushed.rejected, late_cut),
+            "rejected": len(pushed.rejected), "late": decision.late, "skipped_late": len(decision.skipped),
+            "held": len(held), "failed": len(failed), "failure": pushed.failure or customers.contacts.error,
+            "contacts_pushed_first": len(customers.contacts.sent),
+            "held_reasons": _reasons(rule, held, pushed.rejected, late_cut),
             "accepted_keys": [event_key(rule, e) for e in pushed.accepted]}, failed
 
 
@@ -230,14 +318,13 @@ def _reasons(rule: Rule, held: list[tuple[dict, str]], rejected: list[tuple[dict
     return rows[:limit]
 
 
-def _build(rule, events, customers, rewards, identities, language) -> tuple[list, list]:
+def _build(rule: Rule, events: list[dict], customers: Customers, language: str) -> tuple[list, list]:
     """(event, encoded custom event) for each event, and (event, why) for those that cannot be sent as they are."""
     built, held = [], []
     for event, stamp in zip(events, stagger([event_time(e) for e in events])):
-        props = event.get("properties", {})
-        reward = rewards.get(event["customer_id"], {}).get(props.get("reward") or props.get("reward_id"))
-        record = custom_event(rule, event, customers[event["customer_id"]], reward, identities[event["customer_id"]],
-                              language, stamp)
+        cid, props = event["customer_id"], event.get("properties", {})
+        reward = customers.rewards.get(cid, {}).get(props.get("reward") or props.get("reward_id"))
+        record = custom_event(rule, event, customers.records[cid], reward, customers.identities[cid], language, stamp)
         problems = unsendable(record)
         if problems:
             held.append((event, "; ".join(problems)))
@@ -259,11 +346,11 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
             store.take_lease(rule.name, run_id, LEASE_TTL)
         (entry,) = push_isolating(ometria, [event_key(rule, event)], [body], record_type="custom_event",
                                   isolate=False)
-        status = record_status(entry)
-        if status == "failed":  # left unrecorded (and the cursor before it) so that the next try sends it
+        status = entry.outcome
+        if status == PushOutcome.FAILED:  # left unrecorded (and the cursor before it) so that the next try sends it
             out.failed.append(event)
             out.failure = entry.error
-        elif status == "rejected":  # not recorded as pushed: held, and retried while it can start an automation
+        elif status == PushOutcome.REJECTED:  # not recorded as pushed: held, and retried while it can start an automation
             out.rejected.append((event, entry.error or f"request {entry.request_id}"))
         else:
             out.accepted.append(event)
@@ -281,42 +368,29 @@ def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict],
     for kind in RETRIED_KINDS:
         store.clear_held(tag, kind)  # a retry of this task records them again
     store.release_held([k for e in events if (k := event_key(rule, e))], RETRIED_KINDS)  # held again below
-    retry = [(e, why) for e, why in rejected if event_time(e) >= late_cut]
-    expired = [(e, why) for e, why in rejected if event_time(e) < late_cut]
-    deadline = {id(e): (event_time(e) + LATE_AFTER).isoformat(timespec="minutes") for e, _ in rejected}
-    groups = {
-        HELD: [(e, why) for e, why in held],
-        REJECTED: [(e, f"Ometria rejected it ({why}); retried on each run until {deadline[id(e)]}")
-                   for e, why in retry],
-        EXPIRED: [(e, f"Ometria rejected it ({why}); its {hours(LATE_AFTER)} window passed at {deadline[id(e)]}: "
-                      "it can no longer start an automation, so it is not retried") for e, why in expired],
-    }
+    groups = held_groups(held, rejected, late_cut)
     for kind, rows in groups.items():
         if rows:
             log.warning("%d %s event(s) held back (%s): %s", len(rows), rule.event_type, kind,
                         "; ".join(f"{event_key(rule, e) or '?'}: {why}" for e, why in rows[:5]))
             store.record_held(tag, kind, [{"id": event_key(rule, e), "customer_id": e["customer_id"],
                                            "reasons": [why], "payload": e} for e, why in rows])
-    store.record_events([_event_row(rule, e, "expired", late_cut, None, run_id) for e, _ in expired])
+    store.record_events([_event_row(rule, e, "expired", late_cut, None, run_id) for e, _ in groups[EXPIRED]])
 
 
-def _push_unknown_contacts(store, ometria, mapping, run_id, contacts: list[tuple[str, bytes]]) -> dict:
-    """Push the contacts Ometria has not received from us yet, so their events find a profile.
-
-    Returns the ids that were sent, rejected and not delivered, and the last delivery error."""
-    known = store.accepted_hashes([i for i, _ in contacts])
-    unknown = [(i, body) for i, body in contacts if i not in known]
-    outcome: dict = {"sent": [], "rejected": [], "failed": [], "error": None}
-    for ids, bodies in batches(unknown):
-        entries = push_isolating(ometria, ids, bodies)
-        remember_sent(store, entries, mapping.version, run_id, dict(zip(ids, bodies)))
-        for entry in entries:
-            outcome[record_status(entry)] += entry.ids
-            outcome["error"] = entry.error or outcome["error"]
-    if unknown:
-        log.info("pushed %d contact(s) first: their events refer to customers Ometria did not have; %d not delivered",
-                 len(outcome["sent"]), len(outcome["failed"]))
-    return outcome
+def held_groups(held: list[tuple[dict, str]], rejected: list[tuple[dict, str]],
+                late_cut: datetime) -> dict[str, list[tuple[dict, str]]]:
+    """Kind → (event, reason) of what is held back: held as it was read, rejected and retried while it can start
+    an automation, rejected past that window (expired, not retried)."""
+    groups: dict[str, list[tuple[dict, str]]] = {HELD: list(held), REJECTED: [], EXPIRED: []}
+    for event, why in rejected:
+        deadline = (event_time(event) + LATE_AFTER).isoformat(timespec="minutes")
+        if event_time(event) >= late_cut:
+            groups[REJECTED].append((event, f"Ometria rejected it ({why}); retried on each run until {deadline}"))
+        else:
+            groups[EXPIRED].append((event, f"Ometria rejected it ({why}); its {hours(LATE_AFTER)} window passed at "
+                                           f"{deadline}: it can no longer start an automation, so it is not retried"))
+    return groups
 
 
 def _event_row(rule: Rule, event: dict, status: str, late_cut: datetime, request_id, run_id: str) -> dict:

@@ -20,6 +20,7 @@ from antavo_ometria.ometria.push import (
     push_isolating,
     split_oversized,
 )
+from antavo_ometria.sync.contact_push import Recorder
 from antavo_ometria.sync.settings import SyncSettings
 from antavo_ometria.sync.staging import (
     ASYNC_ERRORS,
@@ -33,7 +34,7 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
     write_ndjson,
 )
-from antavo_ometria.sync.state import Backoff, ContactStatus, HeldKind, StateStore
+from antavo_ometria.sync.state import Backoff, ContactStatus, StateStore
 from antavo_ometria.sync.step_results import Loaded, Plan
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
@@ -316,41 +317,6 @@ def likely_cause(errors: list[dict], listed_before: list[dict] = ()) -> str:
         return (f"{hint}Ometria's error list shows nothing new since the last poll (it keeps the newest 100, "
                 f"without times); its newest entries, maybe older than this run: {listed}.")
     return f"{hint}Ometria's newest errors: {listed}."
-
-
-class Recorder:
-    """Writes what Ometria answered into the state store: accepted, or owed with the reason and the next try."""
-
-    def __init__(self, store: StateStore | None, mapping_version: str, run_id: str, backoff: Backoff,
-                 bodies: dict[str, bytes]):
-        self.store, self.mapping_version, self.run_id = store, mapping_version, run_id
-        self.backoff, self.bodies = backoff, bodies
-
-    def __call__(self, entries: list[JournalEntry]) -> None:
-        if self.store is None:
-            return
-        for entry in entries:
-            self.record(entry)
-
-    def record(self, entry: JournalEntry) -> None:
-        pairs, outcome = list(zip(entry.ids, entry.hashes)), entry.outcome
-        if outcome == PushOutcome.SENT:
-            self.store.contacts.record_accepted(pairs, self.mapping_version, self.run_id, entry.request_id,
-                                                {i: self.bodies[i] for i in entry.ids if i in self.bodies} or None)
-            self.store.held.release(entry.ids, (HeldKind.QUARANTINED, HeldKind.FAILED, HeldKind.REJECTED))
-            return
-        rejected = outcome == PushOutcome.REJECTED
-        reason = (f"rejected by Ometria (request {entry.request_id}); see /v2/push/_errors"
-                  if rejected else f"not delivered: {entry.error}")
-        status = ContactStatus.REJECTED if rejected else ContactStatus.FAILED
-        self.store.contacts.record_owed(pairs, status, reason, self.mapping_version, self.run_id, self.backoff,
-                                        entry.request_id)
-
-
-def remember_sent(store: StateStore, entries: list[JournalEntry], mapping_version: str, run_id: str,
-                  bodies: dict[str, bytes] | None = None) -> None:
-    """Record what Ometria answered for these journal entries (accepted, or owed)."""
-    Recorder(store, mapping_version, run_id, Backoff(), bodies or {})(entries)
 
 
 def push_leavers(client: OmetriaClient, staging: Path, plan: Plan, store: StateStore | None,

@@ -113,6 +113,11 @@ class SyncSettings:
         "events", "late_event_policy", "send", str,
         "events older than 4 hours cannot start an automation: `send` (and warn) or `skip`",
         check=_one_of("late_event_policy", LATE_EVENT_POLICIES))
+    event_poll_seconds: float = _setting(
+        "events", "poll_seconds", 5.0, (int, float),
+        "seconds between the events DAG's reads of Antavo's event feed: 720 requests an hour at 5 (Antavo allows "
+        "1,500 a minute); the claim → Ometria latency it gives is in BENCHMARKS.md",
+        check=(lambda v: v >= 1, "poll_seconds must be at least 1 (Antavo's rate limit is shared by every call)"))
 
     @property
     def v2(self) -> bool:

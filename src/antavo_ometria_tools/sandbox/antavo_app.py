@@ -6,6 +6,7 @@ customers change while a client pages the `updated_at` search (`POST /_sandbox/c
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from datetime import UTC, datetime
 from urllib.parse import unquote
@@ -45,6 +46,7 @@ class AntavoApp(App):
         self.requests = 0
         self.seen: list[tuple[str, str]] = []  # (method, path and query) of every API request, for tests to read
         self.requests_by_path: Counter = Counter()  # e.g. how often the event feed is polled
+        self.request_times: list[tuple[float, str]] = []  # (epoch seconds, path) of every API request, in order
         self.searches = 0  # `updated_at` searches started (first pages answered)
         self.search_changes: list[tuple[int, list[str]]] = []  # (search number, customers to change after its page)
 
@@ -138,6 +140,7 @@ class AntavoApp(App):
         self.requests += 1
         self.seen.append((request.method, request.target))
         self.requests_by_path[request.path] += 1
+        self.request_times.append((time.time(), request.path))
         refused = self._refused(request)
         if refused is not None:
             return refused
