@@ -101,16 +101,27 @@ def _field_members(frame: pd.DataFrame, shape: ContactShape) -> tuple[list, list
         carried = np.ones(len(frame), dtype=bool) if f.overwrite_empty else values.notna().to_numpy()
         if not carried.any():
             continue
-        sms_field = f.remote_field.startswith(SMS)
-        members = _members(values, f.remote_field.removeprefix(SMS) if sms_field else f.remote_field)
+        members = _members(values, member_name(f))
         members = members if carried.all() else pc.if_else(carried, members, pa.scalar(None, pa.string()))
-        if sms_field:
-            sms.append(members)
-        if (f.builtin or not shape.v2) and not sms_field:
-            top.append(members)
-        if not f.builtin and shape.v2:
-            nested.append(members)
+        place(members, f, shape.v2, top, sms, nested)
     return top, sms, nested
+
+
+def member_name(f) -> str:
+    """The field's name in the record (an SMS channel field's within its channel)."""
+    return f.remote_field.removeprefix(SMS)
+
+
+def place(member, f, v2: bool, top: list, sms: list, nested: list) -> None:
+    """Where a field goes in the record: the SMS channel, the top level (built-ins; everything in legacy mode),
+    or `properties` (v2's custom fields)."""
+    sms_field = f.remote_field.startswith(SMS)
+    if sms_field:
+        sms.append(member)
+    if (f.builtin or not v2) and not sms_field:
+        top.append(member)
+    if not f.builtin and v2:
+        nested.append(member)
 
 
 def _members(values: pd.Series, name: str) -> pa.Array:

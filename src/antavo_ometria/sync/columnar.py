@@ -25,7 +25,7 @@ from antavo_ometria.antavo.records import HELD
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES
 from antavo_ometria.ometria.format_sql import Sql, Value, literal, quoted
 from antavo_ometria.ometria.formats import FORMATS
-from antavo_ometria.ometria.payload import SMS, encode_contact_array, envelope, payload_hash
+from antavo_ometria.ometria.payload import encode_contact_array, envelope, member_name, payload_hash, place
 from antavo_ometria.sync.mapping import ContactMapping
 from antavo_ometria.sync.quality import ALL_TEXT, NOT_TEXT, SOURCE, UNIQUE_IN_CHUNK, GateResult, check_rows, row_checks
 from antavo_ometria.sync.transform import customer_columns, transform
@@ -137,14 +137,7 @@ def _body(mapping: ContactMapping, columns: dict[str, Column]) -> str:
     for f in shape.fields:
         value = _json(columns[f.remote_field])
         value = f"coalesce({value}, 'null')" if f.overwrite_empty else value
-        sms_field = f.remote_field.startswith(SMS)
-        member = f"{_key(f.remote_field.removeprefix(SMS) if sms_field else f.remote_field)} || {value}"
-        if sms_field:
-            sms.append(member)
-        if (f.builtin or not shape.v2) and not sms_field:
-            top.append(member)
-        if not f.builtin and shape.v2:
-            nested.append(member)
+        place(f"{_key(member_name(f))} || {value}", f, shape.v2, top, sms, nested)
     parts = [literal(prefix), f"concat_ws(',', {', '.join(top)})"]
     for members, before, after in ((sms, ',"channels":{"sms":{', "}}"), (nested, ',"properties":{', "}")):
         if members:
