@@ -132,7 +132,7 @@ def write(result: dict, results_path: Path, report_path: Path) -> None:
 
 
 def main() -> None:
-    from antavo_ometria.sync.settings import SyncSettings
+    from antavo_ometria.sync.tables.settings import SyncSettings
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--claims", type=int, default=50)

@@ -15,7 +15,7 @@ from pathlib import Path
 from antavo_ometria.ometria.contract import CALENDAR_DATE, EMAIL, PHONE_E164, iso_countries
 from antavo_ometria.ometria.formats import GENDER_WORDS as GENDERS
 from antavo_ometria.ometria.payload import envelope
-from antavo_ometria.sync.mapping import ContactMapping
+from antavo_ometria.sync.tables.mapping import ContactMapping
 
 EMAIL_RE, PHONE_RE, DATE_RE = re.compile(EMAIL), re.compile(PHONE_E164), re.compile(CALENDAR_DATE)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.ometria.payload import encode_contacts
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.transform import customer_columns, transform
+from antavo_ometria.sync.contacts.transform import customer_columns, transform
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria_tools.population import make_customer
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -34,7 +34,7 @@ V2_MAPPING = PROJECT / "include" / "mappings" / "examples" / "v2"
 def population(size: int) -> Path:
     """bench-data/customers-<size>/customers.ndjson, in the shape extract stages (with a few malformed rows)."""
     from antavo_ometria.antavo.records import normalise_customer
-    from antavo_ometria.sync.staging import write_customers
+    from antavo_ometria.sync.contacts.staged_files import write_customers
     from antavo_ometria_tools.population import make_customer
 
     folder = DATA / f"customers-{size}"
@@ -111,9 +111,9 @@ class Memory:
 def measure_transform(size: int, gate: bool) -> dict:
     """Staged customers → push-ready contacts, as the transform step runs (on its worker processes): without the
     quality gate (parse, map, encode, hash) or with it (and the quarantine, GX results and contacts files)."""
-    from antavo_ometria.sync.columnar import prepared_chunks, transform_threads
-    from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.prepare import transform_staged
+    from antavo_ometria.sync.contacts.columnar import prepared_chunks, transform_threads
+    from antavo_ometria.sync.contacts.prepare import transform_staged
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
     mapping = load_contact_mapping(V2_MAPPING)
     staging = staging_copy(population(size))
@@ -149,8 +149,8 @@ def measure_object_storage(size: int) -> dict:
     import boto3
     from airflow.sdk import ObjectStoragePath
 
-    from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.prepare import transform_staged
+    from antavo_ometria.sync.contacts.prepare import transform_staged
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
     port = free_port()
     server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
@@ -184,14 +184,14 @@ def measure_object_storage(size: int) -> dict:
 
 def full_plan(run_id: str, mapping):
     """A full load's plan without a state store: every contact is sent."""
-    from antavo_ometria.sync.step_results import Plan
+    from antavo_ometria.sync.contacts.step_results import Plan
 
     return Plan("benchmark", run_id, run_id, "full", "benchmark", None, True, False, mapping.version, None,
                 datetime.now(UTC).isoformat(), None)
 
 
 def measure_naive(size: int) -> dict:
-    from antavo_ometria.sync.mapping import load_contact_mapping
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
     from benchmarks.naive import transform_file
 
     mapping = load_contact_mapping(V2_MAPPING)
@@ -240,9 +240,9 @@ class SandboxProcess:
 
 def _encoded(count: int) -> list[tuple[str, bytes]]:
     from antavo_ometria.antavo.records import normalise_customer
-    from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.prepare import prepare_contacts
-    from antavo_ometria.sync.transform import customer_columns
+    from antavo_ometria.sync.contacts.prepare import prepare_contacts
+    from antavo_ometria.sync.contacts.transform import customer_columns
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
     from antavo_ometria_tools.population import make_customer
 
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
@@ -286,11 +286,11 @@ def measure_incremental(size: int) -> dict:
     choosing profile reads or a Read API scan; transform, gate and state-store diff). Setup, not timed: a full
     sync already happened (its payload hashes are in the state store)."""
     from antavo_ometria.antavo.client import AntavoClient, AntavoConfig
-    from antavo_ometria.sync.extract import extract
-    from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.prepare import transform_staged
-    from antavo_ometria.sync.state import StateStore
-    from antavo_ometria.sync.step_results import Plan
+    from antavo_ometria.sync.contacts.extract import extract
+    from antavo_ometria.sync.contacts.prepare import transform_staged
+    from antavo_ometria.sync.contacts.step_results import Plan
+    from antavo_ometria.sync.store.state import StateStore
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
     from antavo_ometria_tools.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, ANTAVO_SECRET
     from benchmarks.antavo_server import changed_ids
 
@@ -343,10 +343,10 @@ def measure_incremental(size: int) -> dict:
 
 def _synced_before(source: Path, url: str) -> None:
     """The full sync before the hour: every contact's payload hash in the state store."""
-    from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.prepare import transform_staged
-    from antavo_ometria.sync.staging import read_contacts
-    from antavo_ometria.sync.state import StateStore
+    from antavo_ometria.sync.contacts.prepare import transform_staged
+    from antavo_ometria.sync.contacts.staged_files import read_contacts
+    from antavo_ometria.sync.store.state import StateStore
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
     mapping = load_contact_mapping(V2_MAPPING)
     store = StateStore(url)

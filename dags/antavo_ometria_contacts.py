@@ -32,8 +32,8 @@ OMETRIA_CONTACTS = Asset("ometria_contacts", uri="ometria://contacts")  # update
 
 
 def _staging():
-    from antavo_ometria.airflow.staging import staging_root
-    from antavo_ometria.sync.staging import staging_dir
+    from antavo_ometria.airflow.staging_location import staging_root
+    from antavo_ometria.sync.contacts.staged_files import staging_dir
 
     return staging_dir(staging_root(), DAG_ID, get_current_context()["run_id"])
 
@@ -41,8 +41,8 @@ def _staging():
 def _mapping():
     from antavo_ometria.airflow.hooks import fail_fast_on
     from antavo_ometria.problems import ConfigError
-    from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.settings import mappings_dir
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
+    from antavo_ometria.sync.tables.settings import mappings_dir
 
     with fail_fast_on(ConfigError):
         return load_contact_mapping(mappings_dir())
@@ -86,9 +86,9 @@ def antavo_ometria_contacts():
         import logging
         from datetime import UTC, datetime
 
-        from antavo_ometria.airflow.staging import staging_root
-        from antavo_ometria.sync.plan import plan_run
-        from antavo_ometria.sync.staging import prune_staging, staging_retention
+        from antavo_ometria.airflow.staging_location import staging_root
+        from antavo_ometria.sync.contacts.plan import plan_run
+        from antavo_ometria.sync.contacts.staged_files import prune_staging, staging_retention
 
         context = get_current_context()
         store = _store()
@@ -110,7 +110,7 @@ def antavo_ometria_contacts():
     def extract(plan: dict) -> dict:
         """Read the planned Antavo customers into the staging folder."""
         from antavo_ometria.airflow.hooks import AntavoHook, fail_fast_on
-        from antavo_ometria.sync.extract import extract
+        from antavo_ometria.sync.contacts.extract import extract
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(ApiError):  # e.g. refused credentials; network trouble and 5xx are retried
@@ -126,8 +126,8 @@ def antavo_ometria_contacts():
         when too many fail or a full load is far smaller than the last one.
         """
         from antavo_ometria.airflow.hooks import fail_fast_on
-        from antavo_ometria.sync.prepare import transform_staged
-        from antavo_ometria.sync.quality import QualityGateFailed
+        from antavo_ometria.sync.contacts.prepare import transform_staged
+        from antavo_ometria.sync.contacts.quality import QualityGateFailed
 
         with fail_fast_on(QualityGateFailed):
             return transform_staged(_staging(), _mapping(), plan, _store()).as_dict()
@@ -136,7 +136,7 @@ def antavo_ometria_contacts():
     def load(plan: dict, transformed: dict) -> dict:
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
         from antavo_ometria.airflow.hooks import OmetriaHook, fail_fast_on
-        from antavo_ometria.sync.load import LoadFailed, load_staged
+        from antavo_ometria.sync.contacts.load import LoadFailed, load_staged
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(LoadFailed, ApiError):  # e.g. a refused API key; network trouble and 5xx are retried
@@ -147,7 +147,7 @@ def antavo_ometria_contacts():
         """Write and log the run report and record the run in the state store, whatever happened; fail
         the run unless every contact was delivered or held back with a reason."""
         from antavo_ometria.airflow.hooks import fail_fast_on
-        from antavo_ometria.sync.report import RunNotDelivered, report_run
+        from antavo_ometria.sync.contacts.report import RunNotDelivered, report_run
 
         context = get_current_context()
         steps = {name: context["ti"].xcom_pull(task_ids=name)

@@ -35,8 +35,8 @@ from airflow.sdk import dag, get_current_context, task
 from antavo_ometria.airflow.dag_defaults import DAG_ARGS, EVENT_BACK_OFF, PUSH_POOL
 from antavo_ometria.airflow.dag_defaults import EVENTS_DAG as DAG_ID
 from antavo_ometria.airflow.sensors import AntavoEventSensor
-from antavo_ometria.sync.event_rules import rule_actions
-from antavo_ometria.sync.settings import mappings_dir, read_settings
+from antavo_ometria.sync.events.rules import rule_actions
+from antavo_ometria.sync.tables.settings import mappings_dir, read_settings
 
 # how often the trigger asks Antavo for new events (`events.poll_seconds`; tests override it by the variable)
 POKE_SECONDS = float(os.environ.get("ANTAVO_OMETRIA_EVENT_POKE_SECONDS")
@@ -58,7 +58,7 @@ def antavo_ometria_events():
         """Connect first: a signed Antavo request, an authenticated Ometria call, and the configured list."""
         from antavo_ometria.airflow.hooks import connect_or_fail, fail_fast_on
         from antavo_ometria.problems import ConfigError
-        from antavo_ometria.sync.mapping import load_contact_mapping
+        from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
         with fail_fast_on(ConfigError):
             list_id = load_contact_mapping(mappings_dir()).settings.list_id
@@ -69,7 +69,7 @@ def antavo_ometria_events():
         """Validate the trigger rules; a broken file stops the run before any request."""
         from antavo_ometria.airflow.hooks import fail_fast_on
         from antavo_ometria.problems import ConfigError
-        from antavo_ometria.sync.event_rules import load_rules
+        from antavo_ometria.sync.events.rules import load_rules
 
         with fail_fast_on(ConfigError):
             return [rule.name for rule in load_rules(mappings_dir())]
@@ -83,10 +83,10 @@ def antavo_ometria_events():
         import logging
 
         from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
-        from antavo_ometria.sync.event_report import format_event_report
-        from antavo_ometria.sync.event_rules import load_rules
-        from antavo_ometria.sync.events import deliver_all
-        from antavo_ometria.sync.mapping import load_contact_mapping
+        from antavo_ometria.sync.events.delivery import deliver_all
+        from antavo_ometria.sync.events.report import format_event_report
+        from antavo_ometria.sync.events.rules import load_rules
+        from antavo_ometria.sync.tables.mapping import load_contact_mapping
         from antavo_ometria.transport import ApiError
 
         mapping = load_contact_mapping(mappings_dir())

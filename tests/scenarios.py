@@ -25,16 +25,16 @@ from antavo_ometria.airflow.dag_defaults import DEFAULT_ARGS
 from antavo_ometria.antavo.client import AntavoClient, AntavoConfig
 from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sync.event_rules import load_rules
-from antavo_ometria.sync.events import deliver
-from antavo_ometria.sync.extract import extract
-from antavo_ometria.sync.load import load_staged
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.plan import plan_run
-from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.quality import QualityGateFailed
-from antavo_ometria.sync.report import RunNotDelivered, report_run
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.contacts.extract import extract
+from antavo_ometria.sync.contacts.load import load_staged
+from antavo_ometria.sync.contacts.plan import plan_run
+from antavo_ometria.sync.contacts.prepare import transform_staged
+from antavo_ometria.sync.contacts.quality import QualityGateFailed
+from antavo_ometria.sync.contacts.report import RunNotDelivered, report_run
+from antavo_ometria.sync.events.delivery import deliver
+from antavo_ometria.sync.events.rules import load_rules
+from antavo_ometria.sync.store.state import StateStore
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria.transport import RetryPolicy
 from antavo_ometria_tools.population import defects_of
 from antavo_ometria_tools.sandbox import ANTAVO_ENVIRONMENT, ANTAVO_KEY, ANTAVO_SECRET, OMETRIA_KEY, Sandbox
@@ -491,8 +491,8 @@ def bad_input_population(per_class: int = 3, valid: int = 30) -> tuple[list[dict
 
 def run_bad_inputs() -> list[tuple[str, int, int, int]]:
     """(class, held back by the expected check, delivered, lost) for each bad-input class, then the valid ones."""
-    from antavo_ometria.sync.prepare import prepare_contacts
-    from antavo_ometria.sync.transform import customer_columns
+    from antavo_ometria.sync.contacts.prepare import prepare_contacts
+    from antavo_ometria.sync.contacts.transform import customer_columns
 
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     customers, classes = bad_input_population()

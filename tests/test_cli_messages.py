@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from antavo_ometria.sync.report import format_report
+from antavo_ometria.sync.contacts.report import format_report
 from antavo_ometria_tools.cli import main
 
 PROJECT = Path(__file__).resolve().parents[1]

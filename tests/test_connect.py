@@ -88,12 +88,12 @@ def test_an_unreachable_host_is_named(sandbox):
 
 
 def test_a_refused_ometria_key_stops_the_load_at_the_first_batch(sandbox, antavo_client, state_url, tmp_path):
-    from antavo_ometria.sync.extract import extract
-    from antavo_ometria.sync.load import load_staged
-    from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.plan import plan_run
-    from antavo_ometria.sync.prepare import transform_staged
-    from antavo_ometria.sync.state import StateStore
+    from antavo_ometria.sync.contacts.extract import extract
+    from antavo_ometria.sync.contacts.load import load_staged
+    from antavo_ometria.sync.contacts.plan import plan_run
+    from antavo_ometria.sync.contacts.prepare import transform_staged
+    from antavo_ometria.sync.store.state import StateStore
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
     store = StateStore(state_url)
     store.migrate()
@@ -110,9 +110,9 @@ def test_a_refused_ometria_key_stops_the_load_at_the_first_batch(sandbox, antavo
 def test_a_refused_key_with_nothing_to_push_is_an_authentication_failure(sandbox, state_url, tmp_path):
     import pyarrow.parquet as pq
 
-    from antavo_ometria.sync.load import load_staged
-    from antavo_ometria.sync.plan import Plan
-    from antavo_ometria.sync.staging import CONTACTS, CONTACTS_SCHEMA
+    from antavo_ometria.sync.contacts.load import load_staged
+    from antavo_ometria.sync.contacts.plan import Plan
+    from antavo_ometria.sync.contacts.staged_files import CONTACTS, CONTACTS_SCHEMA
 
     pq.write_table(CONTACTS_SCHEMA.empty_table(), tmp_path / CONTACTS)
     _, wrong = clients(sandbox, key="wrong")

@@ -10,13 +10,13 @@ import json
 import pytest
 import requests
 
-from antavo_ometria.sync.extract import extract
-from antavo_ometria.sync.load import load_staged
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.plan import plan_run
-from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.staging import read_contacts
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.contacts.extract import extract
+from antavo_ometria.sync.contacts.load import load_staged
+from antavo_ometria.sync.contacts.plan import plan_run
+from antavo_ometria.sync.contacts.prepare import transform_staged
+from antavo_ometria.sync.contacts.staged_files import read_contacts
+from antavo_ometria.sync.store.state import StateStore
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
 CONSENT_ROWS = "properties.newsletter,marketing_optin,,\nproperties.newsletter,channels.sms.allow_marketing,,\n"

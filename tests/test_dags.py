@@ -58,8 +58,8 @@ def expected_contact(customer: dict) -> dict:
 def run_contacts_dag(dagbag):
     from airflow.utils.state import DagRunState
 
-    from antavo_ometria.airflow.staging import staging_root
-    from antavo_ometria.sync.staging import staging_dir
+    from antavo_ometria.airflow.staging_location import staging_root
+    from antavo_ometria.sync.contacts.staged_files import staging_dir
 
     run = dagbag.get_dag("antavo_ometria_contacts").test()
     assert run.state == DagRunState.SUCCESS
@@ -198,8 +198,8 @@ def test_secrets_never_reach_logs_xcom_reports_or_errors(airflow_db, dagbag, san
 
     from airflow.models.renderedtifields import RenderedTaskInstanceFields
 
-    from antavo_ometria.airflow.staging import staging_root
-    from antavo_ometria.sync.staging import staging_dir
+    from antavo_ometria.airflow.staging_location import staging_root
+    from antavo_ometria.sync.contacts.staged_files import staging_dir
     from antavo_ometria_tools.sandbox import ANTAVO_KEY
 
     antavo_secret, ometria_key, wrong_key = "S3CRET-antavo-7f3a9", "S3CRET-ometria-c41d2", "S3CRET-wrong-0b77e"

@@ -28,7 +28,7 @@ def test_a_user_with_a_role_may_read_it_and_one_without_may_not(simple_auth_mana
 
 def test_the_schema_is_migrated_once_not_on_every_page(tmp_path, monkeypatch):
     from antavo_ometria.airflow import dashboard
-    from antavo_ometria.sync.state import StateStore
+    from antavo_ometria.sync.store.state import StateStore
 
     monkeypatch.setenv("ANTAVO_OMETRIA_STATE_URL", f"sqlite:///{tmp_path / 'state.db'}")
     migrations, migrate = [], StateStore.migrate

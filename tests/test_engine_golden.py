@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.antavo.records import normalise_customer
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.staging import CONTACTS, QUARANTINE, read_contacts, write_customers
-from antavo_ometria.sync.step_results import Plan
+from antavo_ometria.sync.contacts.prepare import transform_staged
+from antavo_ometria.sync.contacts.staged_files import CONTACTS, QUARANTINE, read_contacts, write_customers
+from antavo_ometria.sync.contacts.step_results import Plan
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria_tools.population import make_population
 
 GOLDEN = Path(__file__).resolve().parent / "golden"

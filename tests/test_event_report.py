@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from antavo_ometria.sync.event_report import format_event_report, unaccounted
+from antavo_ometria.sync.events.report import format_event_report, unaccounted
 
 
 def summary(**counts) -> dict:
@@ -41,7 +41,7 @@ def test_a_run_that_delivered_no_rule_says_why_there_is_nothing():
 
 
 def test_latency_is_shown_as_p50_p95_and_max_of_the_events():
-    from antavo_ometria.sync.event_report import latency
+    from antavo_ometria.sync.events.report import latency
 
     assert latency([]) == "—"
     assert latency([float(n) for n in range(1, 21)]) == "10 s / 19 s / 20 s (20)"

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sync.event_rules import load_rules, ometria_event_id, stagger
-from antavo_ometria.sync.events import deliver
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.events.delivery import deliver
+from antavo_ometria.sync.events.rules import load_rules, ometria_event_id, stagger
+from antavo_ometria.sync.store.state import StateStore
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
 PROJECT = Path(__file__).resolve().parents[1]
 HEADER = "rule,antavo_action,ometria_event_type,property,source\n"
@@ -151,7 +151,7 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
 # -- no silent loss ------------------------------------------------------------------------------
 def test_an_ometria_outage_fails_the_delivery_and_keeps_the_cursor_before_the_claims(
         parts, sandbox, antavo_client, ometria_client):
-    from antavo_ometria.sync.events import EventsNotDelivered
+    from antavo_ometria.sync.events.delivery import EventsNotDelivered
 
     rule, store, mapping = parts
     now = datetime.now(UTC)
@@ -172,7 +172,7 @@ def test_an_ometria_outage_fails_the_delivery_and_keeps_the_cursor_before_the_cl
 
 
 def test_events_of_a_contact_that_could_not_be_pushed_first_wait_for_it(parts, sandbox, antavo_client, ometria_client):
-    from antavo_ometria.sync.events import EventsNotDelivered
+    from antavo_ometria.sync.events.delivery import EventsNotDelivered
 
     rule, store, mapping = parts
     claim = sandbox.antavo.claim_reward("c00000030", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=5))
@@ -426,7 +426,7 @@ def test_the_dashboard_shows_the_last_hours_claim_to_ometria_latency_next_to_the
 
 # -- back-off while an API is down ---------------------------------------------------------------
 def test_while_deliveries_fail_each_attempt_waits_as_long_as_they_have_failed_within_bounds():
-    from antavo_ometria.sync.events import back_off
+    from antavo_ometria.sync.events.delivery import back_off
 
     now, first, most = datetime(2026, 12, 4, 12, tzinfo=UTC), timedelta(minutes=1), timedelta(minutes=15)
     assert back_off(None, now, first, most) == timedelta(0)  # the last run succeeded: no wait
@@ -479,7 +479,7 @@ def antavo_event(number: int, customer: str, minutes_ago: float, now: datetime, 
 @pytest.mark.parametrize("policy", ["send", "skip"])
 def test_each_matching_event_is_sendable_held_skipped_or_waiting_for_its_contact(policy):
     from antavo_ometria.antavo.records import HELD
-    from antavo_ometria.sync.events import classify
+    from antavo_ometria.sync.events.delivery import classify
 
     now = datetime(2026, 12, 4, 12, tzinfo=UTC)
     fresh, old = antavo_event(1, "c1", 5, now), antavo_event(2, "c1", 5 * 60, now)
@@ -503,12 +503,12 @@ def test_event_delivery_does_not_reach_into_the_contact_runs_steps():
 
     source = (PROJECT / "src" / "antavo_ometria" / "sync" / "events.py").read_text(encoding="utf-8")
     imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
-    assert not imported & {"antavo_ometria.sync.load", "antavo_ometria.sync.prepare"}
+    assert not imported & {"antavo_ometria.sync.contacts.load", "antavo_ometria.sync.contacts.prepare"}
     assert "antavo_ometria.sync.contact_push" in imported  # the contacts first, remembered as the contact run does
 
 
 def test_one_read_of_antavo_s_feed_serves_every_rule(sandbox, antavo_client, ometria_client, state_url, mappings):
-    from antavo_ometria.sync.events import deliver_all
+    from antavo_ometria.sync.events.delivery import deliver_all
 
     store = StateStore(state_url)
     store.migrate()
@@ -529,7 +529,7 @@ def test_one_read_of_antavo_s_feed_serves_every_rule(sandbox, antavo_client, ome
 
 
 def test_only_an_event_new_to_a_rule_of_its_action_wakes_the_delivery():
-    from antavo_ometria.sync.events import Feed
+    from antavo_ometria.sync.events.delivery import Feed
 
     now = datetime(2026, 12, 4, 12, tzinfo=UTC)
     claim, added = antavo_event(1, "c1", 30, now), {**antavo_event(2, "c2", 10, now), "action": "point_add"}

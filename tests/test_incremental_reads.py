@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 import requests
 
-from antavo_ometria.sync.extract import choose_reads, extract
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.staging import read_contacts
-from antavo_ometria.sync.step_results import Plan
+from antavo_ometria.sync.contacts.extract import choose_reads, extract
+from antavo_ometria.sync.contacts.prepare import transform_staged
+from antavo_ometria.sync.contacts.staged_files import read_contacts
+from antavo_ometria.sync.contacts.step_results import Plan
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
 PROJECT = Path(__file__).resolve().parents[1]
 SINCE = datetime(2026, 6, 1, tzinfo=UTC)
@@ -94,7 +94,7 @@ def test_a_scan_and_profile_reads_stage_the_same_customers_and_contacts(sandbox,
 
 
 def test_the_report_says_how_the_changed_customers_were_read(sandbox, antavo_client, changed, tmp_path):
-    from antavo_ometria.sync.report import build_report, format_report
+    from antavo_ometria.sync.contacts.report import build_report, format_report
 
     mapping = load_contact_mapping(PROJECT / "include" / "mappings")
     planned = replace(plan(300), dry_run=True)

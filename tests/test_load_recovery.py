@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
-from antavo_ometria.sync.extract import extract
-from antavo_ometria.sync.load import load_staged
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.plan import plan_run
-from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.report import build_report, format_report
-from antavo_ometria.sync.staging import read_journal
-from antavo_ometria.sync.state import StateStore, StateStoreUnavailable
+from antavo_ometria.sync.contacts.extract import extract
+from antavo_ometria.sync.contacts.load import load_staged
+from antavo_ometria.sync.contacts.plan import plan_run
+from antavo_ometria.sync.contacts.prepare import transform_staged
+from antavo_ometria.sync.contacts.report import build_report, format_report
+from antavo_ometria.sync.contacts.staged_files import read_journal
+from antavo_ometria.sync.store.state import StateStore, StateStoreUnavailable
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria_tools.sandbox import OMETRIA_KEY
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -28,9 +28,9 @@ CHILD = """
 import sys, json
 from pathlib import Path
 from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
-from antavo_ometria.sync.load import load_staged
+from antavo_ometria.sync.contacts.load import load_staged
 from antavo_ometria_tools.sandbox import OMETRIA_KEY
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.store.state import StateStore
 staging, url, state, plan = sys.argv[1:5]
 load_staged(Path(staging), OmetriaClient(OmetriaConfig(OMETRIA_KEY, url, requests_per_second=0)), json.loads(plan),
             StateStore(state))

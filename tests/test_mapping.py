@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sync.mapping import find_in_catalog, load_contact_mapping
-from antavo_ometria.sync.settings import SETTINGS, settings_table
+from antavo_ometria.sync.tables.mapping import find_in_catalog, load_contact_mapping
+from antavo_ometria.sync.tables.settings import SETTINGS, settings_table
 
 HEADER = "loyalty_field,remote_field,format,overwrite_empty\n"
 
@@ -62,7 +62,7 @@ def test_an_expiring_points_field_antavo_does_not_name_is_refused_with_the_reaso
 
 
 def test_the_sandbox_serves_expiring_points_with_only_the_fields_the_catalog_offers(antavo_client):
-    from antavo_ometria.sync.mapping import catalog
+    from antavo_ometria.sync.tables.mapping import catalog
 
     offered = {f.path.rpartition(".")[2] for f in catalog() if f.path.startswith("extensions.expiring_points.")}
     read_api = antavo_client.read_sample(100)  # the Read API's customer entity
@@ -134,7 +134,7 @@ def test_a_semicolon_table_keeps_a_quoted_cell_and_reports_a_short_row(mappings)
 
 
 def test_a_trigger_table_saved_with_semicolons_is_accepted(mappings):
-    from antavo_ometria.sync.event_rules import load_rules
+    from antavo_ometria.sync.events.rules import load_rules
 
     comma = load_rules(mappings)
     triggers = mappings / "triggers.csv"
@@ -312,7 +312,7 @@ def test_version_changes_with_either_file(mappings):
 
 
 def test_validate_command_reports_every_file(mappings, capsys):
-    from antavo_ometria.sync.event_rules import load_rules
+    from antavo_ometria.sync.events.rules import load_rules
     from antavo_ometria_tools.cli import main
 
     assert main(["validate", "--mappings", str(mappings)]) == 0
@@ -377,7 +377,7 @@ def test_diff_shows_a_format_change_column_by_column_with_the_same_customers_bef
 
 
 def test_a_trigger_table_saved_with_a_byte_order_mark_is_accepted(mappings):
-    from antavo_ometria.sync.event_rules import load_rules
+    from antavo_ometria.sync.events.rules import load_rules
 
     plain = load_rules(mappings)
     rules = mappings / "triggers.csv"
@@ -397,7 +397,7 @@ def test_a_quality_threshold_is_no_mapping_change_and_an_upgrade_keeps_the_versi
 
 
 def test_the_mappings_are_found_beside_the_dags_folder_when_the_package_is_installed(tmp_path, monkeypatch):
-    from antavo_ometria.sync.settings import mappings_dir
+    from antavo_ometria.sync.tables.settings import mappings_dir
 
     (tmp_path / "include" / "mappings").mkdir(parents=True)
     monkeypatch.delenv("ANTAVO_OMETRIA_MAPPINGS_DIR", raising=False)

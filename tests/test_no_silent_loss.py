@@ -12,14 +12,14 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.antavo.records import normalise_customer, normalise_event
-from antavo_ometria.sync.extract import extract
-from antavo_ometria.sync.load import LoadFailed, load_staged
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.plan import plan_run
-from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.report import RunNotDelivered, check_delivered, report_run
-from antavo_ometria.sync.staging import REPORT, prune_staging, read_ndjson, staging_dir, write_customers
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.contacts.extract import extract
+from antavo_ometria.sync.contacts.load import LoadFailed, load_staged
+from antavo_ometria.sync.contacts.plan import plan_run
+from antavo_ometria.sync.contacts.prepare import transform_staged
+from antavo_ometria.sync.contacts.report import RunNotDelivered, check_delivered, report_run
+from antavo_ometria.sync.contacts.staged_files import REPORT, prune_staging, read_ndjson, staging_dir, write_customers
+from antavo_ometria.sync.store.state import StateStore
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria.transport import ApiError
 
 PROJECT = Path(__file__).resolve().parents[1]

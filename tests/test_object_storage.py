@@ -61,26 +61,26 @@ def objects(s3_url: str, prefix: str) -> list[str]:
 STEP = """
 import json, sys
 from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook
-from antavo_ometria.airflow.staging import staging_root
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.settings import mappings_dir
-from antavo_ometria.sync.staging import staging_dir
+from antavo_ometria.airflow.staging_location import staging_root
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
+from antavo_ometria.sync.tables.settings import mappings_dir
+from antavo_ometria.sync.contacts.staged_files import staging_dir
 
 step, run_id = sys.argv[1:3]
 mapping, store = load_contact_mapping(mappings_dir()), StateStoreHook().get_conn()
 staging = staging_dir(staging_root(), "antavo_ometria_contacts", run_id)
 if step == "plan_extract":
-    from antavo_ometria.sync.extract import extract
-    from antavo_ometria.sync.plan import plan_run
+    from antavo_ometria.sync.contacts.extract import extract
+    from antavo_ometria.sync.contacts.plan import plan_run
     store.ensure_schema()
     plan = plan_run(store, mapping, "antavo_ometria_contacts", run_id)
     done = {"plan": plan.as_dict(), "extract": extract(AntavoHook().get_conn(), staging, plan,
                                                       paths=mapping.loyalty_fields).as_dict()}
 elif step == "transform":
-    from antavo_ometria.sync.prepare import transform_staged
+    from antavo_ometria.sync.contacts.prepare import transform_staged
     done = transform_staged(staging, mapping, json.loads(sys.argv[3]), store).as_dict()
 else:
-    from antavo_ometria.sync.load import load_staged
+    from antavo_ometria.sync.contacts.load import load_staged
     done = load_staged(staging, OmetriaHook().get_conn(), json.loads(sys.argv[3]), store).as_dict()
 print(json.dumps(done))
 """
@@ -91,10 +91,10 @@ def test_extract_and_transform_in_different_processes_share_nothing_but_the_buck
         s3, s3_staging, connections, tmp_path, monkeypatch):
     """Each step runs in its own process with its own (empty) AIRFLOW_HOME; only the bucket and the state
     store's database are shared, as between Celery workers on different machines."""
-    from antavo_ometria.airflow.staging import staging_root
-    from antavo_ometria.sync.report import report_run
-    from antavo_ometria.sync.staging import staging_dir
-    from antavo_ometria.sync.state import StateStore
+    from antavo_ometria.airflow.staging_location import staging_root
+    from antavo_ometria.sync.contacts.report import report_run
+    from antavo_ometria.sync.contacts.staged_files import staging_dir
+    from antavo_ometria.sync.store.state import StateStore
 
     def step(name: str, *args: str) -> dict:
         home = tmp_path / f"worker-{name}"
@@ -127,8 +127,8 @@ def test_both_dags_run_end_to_end_with_staging_at_a_url(airflow_db, connections,
     from airflow.models import DagBag
     from airflow.utils.state import DagRunState
 
-    from antavo_ometria.airflow.staging import staging_root
-    from antavo_ometria.sync.staging import staging_dir
+    from antavo_ometria.airflow.staging_location import staging_root
+    from antavo_ometria.sync.contacts.staged_files import staging_dir
 
     if where == "s3":
         url = request.getfixturevalue("s3_staging")
@@ -169,7 +169,7 @@ def test_wrong_credentials_are_named_in_the_staging_check(tmp_path, monkeypatch)
     from moto.server import ThreadedMotoServer
     from stack import free_port
 
-    from antavo_ometria.airflow.staging import StagingUnusable, check_staging, staging_root
+    from antavo_ometria.airflow.staging_location import StagingUnusable, check_staging, staging_root
 
     port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
@@ -190,7 +190,7 @@ def test_wrong_credentials_are_named_in_the_staging_check(tmp_path, monkeypatch)
 
 
 def test_credentials_in_the_url_or_a_relative_file_url_are_refused(monkeypatch):
-    from antavo_ometria.airflow.staging import staging_root
+    from antavo_ometria.airflow.staging_location import staging_root
 
     for wrong, why in (("s3://AKIAEXAMPLE:secret@bucket/runs", "must not hold credentials"),
                        ("file://shared/staging", "three slashes")):
@@ -201,8 +201,8 @@ def test_credentials_in_the_url_or_a_relative_file_url_are_refused(monkeypatch):
 
 
 def test_a_journal_in_parts_reads_back_in_the_order_it_was_written_and_after_a_legacy_file(s3, s3_staging):
-    from antavo_ometria.airflow.staging import staging_root
-    from antavo_ometria.sync.staging import LEGACY_JOURNAL, Journal, read_journal, staging_dir
+    from antavo_ometria.airflow.staging_location import staging_root
+    from antavo_ometria.sync.contacts.staged_files import LEGACY_JOURNAL, Journal, read_journal, staging_dir
 
     staging = staging_dir(staging_root(), DAG, "journal")
     assert read_journal(staging) == []
@@ -217,8 +217,8 @@ def test_a_journal_in_parts_reads_back_in_the_order_it_was_written_and_after_a_l
 def test_the_retention_removes_old_run_folders_from_the_bucket_too(s3, s3_staging):
     from datetime import timedelta
 
-    from antavo_ometria.airflow.staging import staging_root
-    from antavo_ometria.sync.staging import REPORT, prune_staging, staging_dir
+    from antavo_ometria.airflow.staging_location import staging_root
+    from antavo_ometria.sync.contacts.staged_files import REPORT, prune_staging, staging_dir
 
     root = staging_root()
     old, current = staging_dir(root, DAG, "old"), staging_dir(root, DAG, "current")

@@ -10,14 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.sync.extract import extract
-from antavo_ometria.sync.load import LoadFailed, load_staged
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.plan import plan_run
-from antavo_ometria.sync.prepare import TooManyLeavers, transform_staged
-from antavo_ometria.sync.report import RunNotDelivered, format_report, report_run
-from antavo_ometria.sync.staging import read_contacts
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.contacts.extract import extract
+from antavo_ometria.sync.contacts.load import LoadFailed, load_staged
+from antavo_ometria.sync.contacts.plan import plan_run
+from antavo_ometria.sync.contacts.prepare import TooManyLeavers, transform_staged
+from antavo_ometria.sync.contacts.report import RunNotDelivered, format_report, report_run
+from antavo_ometria.sync.contacts.staged_files import read_contacts
+from antavo_ometria.sync.store.state import StateStore
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
 PROJECT = Path(__file__).resolve().parents[1]
 DAG = "antavo_ometria_contacts"
@@ -231,7 +231,7 @@ def test_a_push_whose_answer_was_lost_leaves_nothing_known_so_a_later_run_sends_
         store, sandbox, antavo_client, ometria_client, tmp_path):
     first_sync(store, sandbox, antavo_client, ometria_client, tmp_path)
     # a push that timed out; Ometria may have stored a payload the customer has since reverted
-    from antavo_ometria.sync.state import FAILED, Backoff
+    from antavo_ometria.sync.store.state import FAILED, Backoff
 
     store.contacts.record_owed([("c00000005", "payload-that-timed-out")], FAILED, "not delivered: timed out", "v",
                                "lost", Backoff())

@@ -8,10 +8,10 @@ import pytest
 
 from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.prepare import prepare_contacts
-from antavo_ometria.sync.quality import batch_verdict
-from antavo_ometria.sync.transform import customer_columns
+from antavo_ometria.sync.contacts.prepare import prepare_contacts
+from antavo_ometria.sync.contacts.quality import batch_verdict
+from antavo_ometria.sync.contacts.transform import customer_columns
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 
 TABLE = """loyalty_field,remote_field,format,overwrite_empty
 email,email,,
@@ -126,7 +126,7 @@ def test_a_field_empty_for_everyone_is_a_warning(mapping):
 def test_the_run_stops_when_great_expectations_and_the_boolean_columns_disagree(mapping, monkeypatch):
     """GX validates the checks in blocks of chunks; a row it fails that the columns passed (or the reverse) stops
     the run instead of being sent or held back on one side's word."""
-    from antavo_ometria.sync import quality
+    from antavo_ometria.sync.contacts import quality
 
     customers = [good(i) for i in range(10)] + [good(101, email="not-an-email")]
     _, agreed = gate(mapping, customers)
@@ -139,7 +139,7 @@ def test_the_run_stops_when_great_expectations_and_the_boolean_columns_disagree(
 
 
 def test_chunks_are_validated_together_with_ids_unique_per_chunk(mapping):
-    from antavo_ometria.sync.quality import GxBlock, check_rows
+    from antavo_ometria.sync.contacts.quality import GxBlock, check_rows
 
     frames = [prepare_contacts(customer_columns([normalise_customer(c) for c in part], mapping.loyalty_fields),
                                mapping) for part in ([good(1), good(2)], [good(2), good(3, email="x")])]

@@ -16,9 +16,9 @@ from antavo_ometria.antavo.client import AntavoConfig
 from antavo_ometria.antavo.records import HELD, normalise_customer
 from antavo_ometria.ometria.client import OmetriaConfig
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.prepare import prepare_contacts
-from antavo_ometria.sync.transform import customer_columns
+from antavo_ometria.sync.contacts.prepare import prepare_contacts
+from antavo_ometria.sync.contacts.transform import customer_columns
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria_tools.sandbox.ometria_app import OmetriaApp
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from antavo_ometria.sync.load import LoadOutcome, keep_outcome, load_outcome
-from antavo_ometria.sync.report import RunResults, compute_report, format_report, held_rows
-from antavo_ometria.sync.state import HeldKind
-from antavo_ometria.sync.step_results import Extracted, Loaded, Plan, RunStatus, Transformed
+from antavo_ometria.sync.contacts.load import LoadOutcome, keep_outcome, load_outcome
+from antavo_ometria.sync.contacts.report import RunResults, compute_report, format_report, held_rows
+from antavo_ometria.sync.contacts.step_results import Extracted, Loaded, Plan, RunStatus, Transformed
+from antavo_ometria.sync.store.state import HeldKind
 
 IDS = [f"c{n:08}" for n in range(1, 11)]  # the ten contacts the transform staged
 

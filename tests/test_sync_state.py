@@ -8,7 +8,7 @@ from datetime import UTC, datetime, timedelta
 import pendulum
 import pytest
 
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.store.state import StateStore
 
 pytestmark = pytest.mark.airflow
 FIRST = pendulum.datetime(2026, 3, 1, 12, 30, tz="UTC")
@@ -33,8 +33,8 @@ def dag():
 
 def run(dag, when, **params):
 
-    from antavo_ometria.airflow.staging import staging_root
-    from antavo_ometria.sync.staging import staging_dir
+    from antavo_ometria.airflow.staging_location import staging_root
+    from antavo_ometria.sync.contacts.staged_files import staging_dir
 
     dag_run = dag.test(logical_date=when, run_conf={"full_resync": False, "dry_run": False, **params})
     report_file = staging_dir(staging_root(), "antavo_ometria_contacts", dag_run.run_id) / "report.json"

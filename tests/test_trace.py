@@ -7,15 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from antavo_ometria.sync.event_rules import load_rules
-from antavo_ometria.sync.events import deliver
-from antavo_ometria.sync.extract import extract
-from antavo_ometria.sync.load import load_staged
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.plan import plan_run
-from antavo_ometria.sync.prepare import transform_staged
-from antavo_ometria.sync.report import report_run
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.contacts.extract import extract
+from antavo_ometria.sync.contacts.load import load_staged
+from antavo_ometria.sync.contacts.plan import plan_run
+from antavo_ometria.sync.contacts.prepare import transform_staged
+from antavo_ometria.sync.contacts.report import report_run
+from antavo_ometria.sync.events.delivery import deliver
+from antavo_ometria.sync.events.rules import load_rules
+from antavo_ometria.sync.store.state import StateStore
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria.sync.trace import format_trace, trace
 
 PROJECT = Path(__file__).resolve().parents[1]

@@ -7,8 +7,8 @@ import pytest
 
 from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.ometria.formats import to_date, to_datetime, to_gender, to_phone
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.transform import customer_columns, transform
+from antavo_ometria.sync.contacts.transform import customer_columns, transform
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria_tools.preview import payloads
 
 TABLE = """loyalty_field,remote_field,format,overwrite_empty
@@ -173,7 +173,7 @@ def test_phone_numbers_are_e164(value, expected, is_bad):
 def test_columnar_reader_matches_the_per_record_path_and_survives_mixed_types(mappings, tmp_path):
     import json as _json
 
-    from antavo_ometria.sync.transform import read_customer_chunks
+    from antavo_ometria.sync.contacts.transform import read_customer_chunks
     from antavo_ometria_tools.population import make_population
 
     mapping = mapping_for(mappings, "v2")
@@ -194,8 +194,8 @@ def test_staged_chunks_cut_whole_lines_skipping_blank_ones(tmp_path, monkeypatch
     """`rows` non-blank lines at a time, whatever the read buffer's size, the last one with its line end."""
     import random
 
-    import antavo_ometria.sync.staging as staging
-    import antavo_ometria.sync.transform as engine
+    import antavo_ometria.sync.contacts.staged_files as staging
+    import antavo_ometria.sync.contacts.transform as engine
 
     def line_by_line(data: bytes, rows: int) -> list[bytes]:
         lines = [line + b"\n" for line in data.split(b"\n") if line.strip()]
@@ -218,7 +218,7 @@ def test_contact_bodies_are_the_bytes_pandas_json_writer_gives_for_every_kind_of
     import json as _json
 
     from antavo_ometria.ometria.payload import ContactShape, encode_contacts
-    from antavo_ometria.sync.mapping import FieldMapping
+    from antavo_ometria.sync.tables.mapping import FieldMapping
 
     texts = ["a/b", 'quote " and \\ back', "é 😀 \u2028 \x7f", "Tab\there", "", None, "</script>", "x" * 300]
     columns = {

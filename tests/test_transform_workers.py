@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from antavo_ometria.antavo.records import normalise_customer
-from antavo_ometria.sync import columnar
-from antavo_ometria.sync.mapping import load_contact_mapping
-from antavo_ometria.sync.staging import write_customers
+from antavo_ometria.sync.contacts import columnar
+from antavo_ometria.sync.contacts.staged_files import write_customers
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
 from antavo_ometria_tools.population import make_population
 
 PROJECT = Path(__file__).resolve().parents[1]

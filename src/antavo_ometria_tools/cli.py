@@ -30,8 +30,8 @@ from pathlib import Path
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.problems import ConfigError
-from antavo_ometria.sync.mapping import NOT_OFFERED, catalog, load_contact_mapping
-from antavo_ometria.sync.settings import mappings_dir
+from antavo_ometria.sync.tables.mapping import NOT_OFFERED, catalog, load_contact_mapping
+from antavo_ometria.sync.tables.settings import mappings_dir
 from antavo_ometria.transport import RetryPolicy
 
 PROJECT = Path(__file__).resolve().parents[2]
@@ -184,11 +184,11 @@ def _print_reports(env: dict, home: Path, dag: str, dag_id: str, started: float)
     reports = [] if "://" in staged else sorted((Path(staged) / dag_id).glob("*/report.json"),
                                                 key=lambda p: p.stat().st_mtime)
     if reports and reports[-1].stat().st_mtime >= started:
-        from antavo_ometria.sync.report import format_report
+        from antavo_ometria.sync.contacts.report import format_report
 
         print("\n" + format_report(json.loads(reports[-1].read_text())))
     if dag == "events":
-        from antavo_ometria.sync.event_report import format_event_report
+        from antavo_ometria.sync.events.report import format_event_report
 
         print("\n" + format_event_report(event_summaries(env, dag_id, started)))
     holds = sandbox_holdings(env)
@@ -447,9 +447,9 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
         logging.disable(logging.WARNING)  # the trace is the output, not the libraries' progress
         from antavo_ometria.airflow.hooks import antavo_config, state_store_url
-        from antavo_ometria.airflow.staging import staging_root
+        from antavo_ometria.airflow.staging_location import staging_root
         from antavo_ometria.antavo.client import AntavoClient
-        from antavo_ometria.sync.state import StateStore
+        from antavo_ometria.sync.store.state import StateStore
         from antavo_ometria.sync.trace import format_trace, trace
 
         store = StateStore(state_store_url(_connection))
@@ -460,7 +460,7 @@ def cmd_trace(args: argparse.Namespace) -> int:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    from antavo_ometria.sync.event_rules import load_rules
+    from antavo_ometria.sync.events.rules import load_rules
 
     directory = Path(args.mappings)
     problems, warnings = [], []

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from antavo_ometria.antavo.records import normalise_customer
-from antavo_ometria.sync.mapping import PAYLOAD_SETTINGS, ContactMapping, FieldMapping
-from antavo_ometria.sync.prepare import prepare_contacts
-from antavo_ometria.sync.transform import customer_columns
+from antavo_ometria.sync.contacts.prepare import prepare_contacts
+from antavo_ometria.sync.contacts.transform import customer_columns
+from antavo_ometria.sync.tables.mapping import PAYLOAD_SETTINGS, ContactMapping, FieldMapping
 
 
 def load_customers(path: Path | None, count: int) -> list[dict]:

@@ -26,7 +26,7 @@ def _back_off_note(context) -> str:
     from datetime import UTC, datetime
 
     from antavo_ometria.airflow.dag_defaults import EVENT_BACK_OFF, EVENTS_DAG
-    from antavo_ometria.sync.events import back_off
+    from antavo_ometria.sync.events.delivery import back_off
 
     if context["ti"].dag_id != EVENTS_DAG:
         return ""

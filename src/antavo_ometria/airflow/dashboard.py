@@ -17,11 +17,11 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse
 
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
-from antavo_ometria.sync.event_report import latency
-from antavo_ometria.sync.step_results import RunStatus
+from antavo_ometria.sync.contacts.step_results import RunStatus
+from antavo_ometria.sync.events.report import latency
 
 if TYPE_CHECKING:  # the plugin is loaded by every Airflow process: pandas and the clients load with the first page
-    from antavo_ometria.sync.state import StateStore
+    from antavo_ometria.sync.store.state import StateStore
     from antavo_ometria.sync.trace import Trace
 
 SERIES = (("sent", "#2a7ab9"), ("changed", "#8cc0e6"), ("quarantined", "#e0a030"), ("rejected", "#c0392b"))
@@ -238,7 +238,7 @@ _STORES: dict = {}  # one state store (and one schema check) per URL for the lif
 def _store():
     url = _state_url()
     if url not in _STORES:
-        from antavo_ometria.sync.state import StateStore
+        from antavo_ometria.sync.store.state import StateStore
 
         store = StateStore(url)
         store.ensure_schema()
@@ -257,10 +257,10 @@ def _trace_page(query: str) -> str:
     from airflow.models.connection import Connection
 
     from antavo_ometria.airflow.hooks import antavo_config
-    from antavo_ometria.airflow.staging import staging_root
+    from antavo_ometria.airflow.staging_location import staging_root
     from antavo_ometria.antavo.client import AntavoClient
-    from antavo_ometria.sync.mapping import load_contact_mapping
-    from antavo_ometria.sync.settings import mappings_dir
+    from antavo_ometria.sync.tables.mapping import load_contact_mapping
+    from antavo_ometria.sync.tables.settings import mappings_dir
     from antavo_ometria.sync.trace import trace
     from antavo_ometria.transport import RetryPolicy
 

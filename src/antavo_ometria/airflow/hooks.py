@@ -19,7 +19,7 @@ from airflow.sdk import BaseHook
 
 from antavo_ometria.antavo.client import AntavoClient, AntavoConfig, api_url, read_api_url
 from antavo_ometria.ometria.client import DEFAULT_BASE_URL, OmetriaClient, OmetriaConfig
-from antavo_ometria.sync.state import StateStore, default_url
+from antavo_ometria.sync.store.state import StateStore, default_url
 
 ANTAVO_KEYS_PAGE = "Antavo Management UI → Settings → API"
 OMETRIA_KEYS_PAGE = "Ometria → Settings → API keys; a new key can take up to 10 minutes to become active"
@@ -196,7 +196,7 @@ def connect_or_fail(list_id: str, staging: bool = True) -> list[str]:
 
     from airflow.sdk.exceptions import AirflowNotFoundException
 
-    from antavo_ometria.airflow.staging import StagingUnusable, check_staging, staging_root
+    from antavo_ometria.airflow.staging_location import StagingUnusable, check_staging, staging_root
     from antavo_ometria.sync.connect import ConnectionCheckFailed, check_connections
 
     with fail_fast_on(ValueError, AirflowNotFoundException, StagingUnusable):  # a connection missing or malformed,

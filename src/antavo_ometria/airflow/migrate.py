@@ -13,7 +13,7 @@ def main() -> int:
     from airflow.models.connection import Connection
 
     from antavo_ometria.airflow.hooks import state_store_url
-    from antavo_ometria.sync.state import StateStore
+    from antavo_ometria.sync.store.state import StateStore
 
     store = StateStore(state_store_url(Connection.get_connection_from_secrets))
     store.ensure_schema()

@@ -36,7 +36,7 @@ class AntavoEventSensor(BaseSensorOperator):
 
     def _back_off(self, context: Any) -> float:
         """Seconds to wait before the first look at Antavo: longer while the runs before this one failed."""
-        from antavo_ometria.sync.events import back_off
+        from antavo_ometria.sync.events.delivery import back_off
 
         try:
             previous = context["ti"].get_previous_dagrun()
@@ -66,7 +66,7 @@ class AntavoEventSensor(BaseSensorOperator):
 
     def poke(self, context: Any) -> PokeReturnValue | bool:
         from antavo_ometria.airflow.hooks import AntavoHook
-        from antavo_ometria.sync.events import read_feed
+        from antavo_ometria.sync.events.delivery import read_feed
 
         since = self._since()
         earliest = min(since.values())

@@ -30,7 +30,7 @@ class AntavoEventTrigger(BaseTrigger):
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from antavo_ometria.airflow.hooks import antavo_config
         from antavo_ometria.antavo.client import AntavoClient
-        from antavo_ometria.sync.events import read_feed
+        from antavo_ometria.sync.events.delivery import read_feed
 
         client = AntavoClient(antavo_config(await BaseHook.aget_connection(self.antavo_conn_id)))
         since = {action: datetime.fromisoformat(moment) for action, moment in self.since.items()}

@@ -1,4 +1,4 @@
-"""Each Ometria format as DuckDB SQL over a JSON value: the columnar engine's converters (sync/columnar.py).
+"""Each Ometria format as DuckDB SQL over a JSON value: the columnar engine's converters (sync/contacts/columnar.py).
 
 A format's SQL says, for one loyalty value `v` (DuckDB JSON; `t` its json_type, `s` its text), what the pandas
 converter in formats.py makes of it (`text`: the converted value as text; `json`: its JSON encoding, as the

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.push import JournalEntry, PushOutcome, batches, push_isolating
-from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.state import Backoff, ContactStatus, HeldKind, StateStore
+from antavo_ometria.sync.store.state import Backoff, ContactStatus, HeldKind, StateStore
+from antavo_ometria.sync.tables.mapping import ContactMapping
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +64,8 @@ class ReadyContacts:
 
 def ready_contacts(customers: list[dict], paths: list[str], mapping: ContactMapping) -> ReadyContacts:
     """Encode and check a few customers' contacts as the contact run does (its transform and checks)."""
-    from antavo_ometria.sync.prepare import prepare_contacts  # pandas and the quality gate: only when used
-    from antavo_ometria.sync.transform import customer_columns
+    from antavo_ometria.sync.contacts.prepare import prepare_contacts  # pandas and the quality gate: only when used
+    from antavo_ometria.sync.contacts.transform import customer_columns
 
     frame, encoded, gate = prepare_contacts(customer_columns(customers, paths), mapping)
     ids = frame["id"].tolist()

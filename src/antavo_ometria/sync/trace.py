@@ -17,11 +17,11 @@ from pathlib import Path
 from antavo_ometria.antavo.client import AntavoClient
 from antavo_ometria.antavo.records import HELD, NOT_FOUND
 from antavo_ometria.ometria.payload import payload_hash
-from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.prepare import prepare_contacts
-from antavo_ometria.sync.staging import CUSTOMERS
-from antavo_ometria.sync.state import DEFERRED, OWED, StateStore
-from antavo_ometria.sync.transform import customer_columns
+from antavo_ometria.sync.contacts.prepare import prepare_contacts
+from antavo_ometria.sync.contacts.staged_files import CUSTOMERS
+from antavo_ometria.sync.contacts.transform import customer_columns
+from antavo_ometria.sync.store.state import DEFERRED, OWED, StateStore
+from antavo_ometria.sync.tables.mapping import ContactMapping
 from antavo_ometria.transport import ApiError
 
 

@@ -20,8 +20,8 @@ import pyarrow.compute as pc
 import pyarrow.json as pajson
 
 from antavo_ometria.ometria.formats import FORMATS, as_text, plain
-from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.staging import lines_of
+from antavo_ometria.sync.contacts.staged_files import lines_of
+from antavo_ometria.sync.tables.mapping import ContactMapping
 from antavo_ometria.values import walk
 
 CHUNK_ROWS = 50_000  # customers transformed and checked at a time: memory stays flat as the programme grows

@@ -30,7 +30,7 @@ from antavo_ometria.ometria.contract import (
     STAGGER_STEP,
 )
 from antavo_ometria.problems import ConfigError, Problem
-from antavo_ometria.sync.tables import did_you_mean, read_csv, rows_of
+from antavo_ometria.sync.tables.csv_files import did_you_mean, read_csv, rows_of
 from antavo_ometria.values import is_translation, translated, walk
 
 TRIGGERS_FILE = "triggers.csv"
@@ -124,7 +124,10 @@ def _check_rule(file: str, name: str, entries: list[tuple[int, dict]]) -> list[P
 
 
 def _check_source(file: str, line: int, source: str) -> list[Problem]:
-    from antavo_ometria.sync.mapping import catalog, find_in_catalog  # not at import: DAG parsing reads rule_actions
+    from antavo_ometria.sync.tables.mapping import (  # not at import: DAG parsing reads rule_actions
+        catalog,
+        find_in_catalog,
+    )
 
     kind, _, rest = source.partition(".")
     if not source:

@@ -26,9 +26,17 @@ from antavo_ometria.ometria.contract import MAX_RECORD_BYTES
 from antavo_ometria.ometria.format_sql import Sql, Value, literal, quoted
 from antavo_ometria.ometria.formats import FORMATS
 from antavo_ometria.ometria.payload import encode_contact_array, envelope, member_name, payload_hash, place
-from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.quality import ALL_TEXT, NOT_TEXT, SOURCE, UNIQUE_IN_CHUNK, GateResult, check_rows, row_checks
-from antavo_ometria.sync.transform import customer_columns, transform
+from antavo_ometria.sync.contacts.quality import (
+    ALL_TEXT,
+    NOT_TEXT,
+    SOURCE,
+    UNIQUE_IN_CHUNK,
+    GateResult,
+    check_rows,
+    row_checks,
+)
+from antavo_ometria.sync.contacts.transform import customer_columns, transform
+from antavo_ometria.sync.tables.mapping import ContactMapping
 
 CHUNK_ROWS = 50_000  # customers DuckDB hands over at a time: the fewer it holds ahead, the less memory
 THREADS = "ANTAVO_OMETRIA_TRANSFORM_THREADS"  # DuckDB threads that transform (default: the cores, at most four)

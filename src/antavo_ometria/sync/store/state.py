@@ -24,7 +24,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from antavo_ometria.sync.step_results import RunStatus
+from antavo_ometria.sync.contacts.step_results import RunStatus
 
 log = logging.getLogger(__name__)
 

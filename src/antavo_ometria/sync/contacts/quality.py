@@ -25,7 +25,7 @@ import pandas as pd
 
 from antavo_ometria.ometria.contract import CONTROL_CHARACTERS, MAX_EXACT_NUMBER, MAX_RECORD_BYTES
 from antavo_ometria.ometria.formats import FORMATS
-from antavo_ometria.sync.mapping import ContactMapping, FieldMapping
+from antavo_ometria.sync.tables.mapping import ContactMapping, FieldMapping
 
 log = logging.getLogger(__name__)
 

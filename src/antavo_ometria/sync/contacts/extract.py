@@ -10,7 +10,7 @@ from pathlib import Path
 
 from antavo_ometria.antavo.client import PAGE_OVERLAP, READ_API_PAGE_LIMIT, AntavoClient
 from antavo_ometria.antavo.records import NOT_FOUND
-from antavo_ometria.sync.staging import (
+from antavo_ometria.sync.contacts.staged_files import (
     ASYNC_ERRORS,
     CONTACTS,
     CUSTOMERS,
@@ -25,7 +25,7 @@ from antavo_ometria.sync.staging import (
     write_customers,
     write_ndjson,
 )
-from antavo_ometria.sync.step_results import Extracted, Plan
+from antavo_ometria.sync.contacts.step_results import Extracted, Plan
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ from antavo_ometria.ometria.contract import CUSTOM_FIELD_ID
 from antavo_ometria.ometria.formats import CUSTOM_FORMATS, FORMATS
 from antavo_ometria.ometria.payload import ContactShape
 from antavo_ometria.problems import ConfigError, Problem
-from antavo_ometria.sync.settings import SETTINGS, SyncSettings, read_settings
-from antavo_ometria.sync.tables import did_you_mean, read_csv, rows_of
+from antavo_ometria.sync.tables.csv_files import did_you_mean, read_csv, rows_of
+from antavo_ometria.sync.tables.settings import SETTINGS, SyncSettings, read_settings
 
 CONTACTS_FILE = "contacts.csv"
 SETTINGS_FILE = "settings.toml"

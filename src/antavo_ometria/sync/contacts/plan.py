@@ -6,9 +6,9 @@ import logging
 import uuid
 from datetime import UTC, datetime, timedelta
 
-from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.state import StateStore, utc
-from antavo_ometria.sync.step_results import Plan
+from antavo_ometria.sync.contacts.step_results import Plan
+from antavo_ometria.sync.store.state import StateStore, utc
+from antavo_ometria.sync.tables.mapping import ContactMapping
 
 log = logging.getLogger(__name__)
 

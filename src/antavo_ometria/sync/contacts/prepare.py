@@ -18,10 +18,9 @@ import pyarrow.parquet as pq
 
 from antavo_ometria.antavo.records import HELD
 from antavo_ometria.ometria.payload import encode_contacts
-from antavo_ometria.sync.columnar import CHUNK_ROWS, prepared_chunks
-from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.quality import GxBlock, QualityGateFailed, batch_verdict, run_gate
-from antavo_ometria.sync.staging import (
+from antavo_ometria.sync.contacts.columnar import CHUNK_ROWS, prepared_chunks
+from antavo_ometria.sync.contacts.quality import GxBlock, QualityGateFailed, batch_verdict, run_gate
+from antavo_ometria.sync.contacts.staged_files import (
     CONTACTS,
     CONTACTS_SCHEMA,
     CUSTOMERS,
@@ -33,9 +32,10 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
     write_ndjson,
 )
-from antavo_ometria.sync.state import HELD_BACK, LEFT, StateStore
-from antavo_ometria.sync.step_results import Plan, Transformed
-from antavo_ometria.sync.transform import transform
+from antavo_ometria.sync.contacts.step_results import Plan, Transformed
+from antavo_ometria.sync.contacts.transform import transform
+from antavo_ometria.sync.store.state import HELD_BACK, LEFT, StateStore
+from antavo_ometria.sync.tables.mapping import ContactMapping
 
 log = logging.getLogger(__name__)
 

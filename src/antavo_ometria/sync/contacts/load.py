@@ -21,8 +21,7 @@ from antavo_ometria.ometria.push import (
     split_oversized,
 )
 from antavo_ometria.sync.contact_push import Recorder
-from antavo_ometria.sync.settings import SyncSettings
-from antavo_ometria.sync.staging import (
+from antavo_ometria.sync.contacts.staged_files import (
     ASYNC_ERRORS,
     DEFERRED,
     LEAVERS,
@@ -34,8 +33,9 @@ from antavo_ometria.sync.staging import (
     read_ndjson,
     write_ndjson,
 )
-from antavo_ometria.sync.state import Backoff, ContactStatus, StateStore
-from antavo_ometria.sync.step_results import Loaded, Plan
+from antavo_ometria.sync.contacts.step_results import Loaded, Plan
+from antavo_ometria.sync.store.state import Backoff, ContactStatus, StateStore
+from antavo_ometria.sync.tables.settings import SyncSettings
 from antavo_ometria.transport import ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)

@@ -2,7 +2,7 @@
 
 from alembic import context
 
-from antavo_ometria.sync.state import VERSION_TABLE
+from antavo_ometria.sync.store.state import VERSION_TABLE
 
 connection = context.config.attributes["connection"]
 context.configure(connection=connection, version_table=VERSION_TABLE)

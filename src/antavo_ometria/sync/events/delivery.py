@@ -26,10 +26,10 @@ from antavo_ometria.ometria.contract import LATE_AFTER, hours
 from antavo_ometria.ometria.payload import encode_record
 from antavo_ometria.ometria.push import PushOutcome, push_isolating
 from antavo_ometria.sync.contact_push import ContactsFirst, push_contacts_first, ready_contacts
-from antavo_ometria.sync.event_report import format_event_report
-from antavo_ometria.sync.event_rules import Rule, custom_event, ometria_event_id, stagger, unsendable
-from antavo_ometria.sync.mapping import ContactMapping
-from antavo_ometria.sync.state import StateStore
+from antavo_ometria.sync.events.report import format_event_report
+from antavo_ometria.sync.events.rules import Rule, custom_event, ometria_event_id, stagger, unsendable
+from antavo_ometria.sync.store.state import StateStore
+from antavo_ometria.sync.tables.mapping import ContactMapping
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ import uuid
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from antavo_ometria.sync.staging import make_folder
+from antavo_ometria.sync.contacts.staged_files import make_folder
 
 VARIABLE = "ANTAVO_OMETRIA_STAGING_DIR"
 

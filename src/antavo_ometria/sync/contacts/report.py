@@ -10,8 +10,8 @@ from datetime import datetime
 from pathlib import Path
 
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES, kilobytes
-from antavo_ometria.sync.load import LoadOutcome, load_outcome
-from antavo_ometria.sync.staging import (
+from antavo_ometria.sync.contacts.load import LoadOutcome, load_outcome
+from antavo_ometria.sync.contacts.staged_files import (
     ASYNC_ERRORS,
     DEFERRED,
     DUPLICATES,
@@ -21,8 +21,8 @@ from antavo_ometria.sync.staging import (
     read_contacts,
     read_ndjson,
 )
-from antavo_ometria.sync.state import HeldKind, StateStore
-from antavo_ometria.sync.step_results import Extracted, Loaded, Plan, RunStatus, Transformed
+from antavo_ometria.sync.contacts.step_results import Extracted, Loaded, Plan, RunStatus, Transformed
+from antavo_ometria.sync.store.state import HeldKind, StateStore
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,1 @@
+"""The contact run's steps: plan → extract → prepare (transform + quality gate) → load → report."""

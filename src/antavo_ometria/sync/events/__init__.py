@@ -1,0 +1,1 @@
+"""Event triggers: Antavo events → Ometria custom events (rules, delivery, report)."""

@@ -1,0 +1,1 @@
+"""What analysts edit: the mapping tables, the settings, and how the CSV files are read."""
