@@ -17,7 +17,10 @@ from antavo_ometria.ometria.contract import MAX_EXACT_NUMBER, iso_countries
 # code points Python's str.strip() takes off (its whitespace), as a condition on `c`
 BLANK = "({c} <= 32 OR {c} IN (133, 160, 5760, 8232, 8233, 8239, 8287, 12288) OR {c} BETWEEN 8192 AND 8202)"
 ASCII_EMAIL = r"[^@\s\p{Z}\x{85}]+@(?:[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?\.)+[A-Za-z]{2,}"
-MOMENT = r"(1[7-9]|2[01])[0-9]{2}-[0-9]{2}-[0-9]{2}(T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:[0-9]{2}))?"
+# only real times take this path: hour 00–23, minutes and seconds 00–59, offsets up to ±14:00 (anything else, which
+# DuckDB's cast would roll over into another day, takes the pandas path and its checks)
+MOMENT = (r"(1[7-9]|2[01])[0-9]{2}-[0-9]{2}-[0-9]{2}"
+          r"(T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-](0[0-9]|1[0-4]):[0-5][0-9]))?")
 GENDERS_SQL = {"male": "m", "m": "m", "female": "f", "f": "f"}
 
 
@@ -104,7 +107,7 @@ def phone(x: Value) -> Sql:
 
 
 def _moment(x: Value, pattern: str) -> Sql:
-    stamp = f"TRY_CAST({x.s} AS TIMESTAMPTZ)::TIMESTAMP"  # UTC (DuckDB without its time zone extension)
+    stamp = f"TRY_CAST({x.s} AS TIMESTAMPTZ)::TIMESTAMP"  # in UTC: the connection's TimeZone (columnar.py)
     text = f"strftime(date_trunc('second', {stamp}), {literal(pattern)})"
     return Sql(text, f"({x.t} = 'VARCHAR' AND regexp_full_match({x.s}, {literal(MOMENT)}) "
                                    f"AND {stamp} IS NOT NULL)")

@@ -228,14 +228,12 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     errors = new_push_errors(client, store)
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
     outcome = summarise_load(staging, plan, {i for i, _, _ in contacts})
-    keep_outcome(staging, plan, outcome)
-    verdict = rejection_verdict(outcome, owed, refused_whole, errors, settings.max_rejected_share,
-                                store.push_errors.last_polled() if store is not None else ())
+    verdict, late = _verdicts(outcome, owed, refused_whole, errors, [b for _, b, _ in contacts], settings,
+                              store.push_errors.last_polled() if store is not None else ())
+    if not late:  # else the account waits for the take-back: a crash meanwhile leaves the journal to tell
+        keep_outcome(staging, plan, outcome)
     if verdict:
         raise LoadFailed(verdict, retryable=False)
-    # with no rejection in Ometria's answers, errors on the run's fields cannot be those of its rejected records
-    late = [] if outcome.rejected_ids else reported_later(errors, [b for _, b, _ in contacts],
-                                                          len(outcome.accepted_ids), settings.max_rejected_share)
     failure = run.take_back(outcome, late) if late else run.undelivered(outcome)
     if failure is not None:
         raise failure
@@ -243,6 +241,15 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     return Loaded(**outcome.counts(), async_errors=len(errors), delivered_earlier=chosen.delivered_earlier,
                   deferred=len(chosen.deferred), retried=len(retried),
                   retried_accepted=len(set(retried) & set(outcome.accepted_ids)))
+
+
+def _verdicts(outcome: LoadOutcome, owed: set[str], refused_whole: JournalEntry | None, errors: list[dict],
+              bodies: list[bytes], settings: SyncSettings, listed_before: list[dict]) -> tuple[str | None, list[dict]]:
+    """Why the load fails for what Ometria rejected (or None), and the errors it listed later on the run's fields."""
+    verdict = rejection_verdict(outcome, owed, refused_whole, errors, settings.max_rejected_share, listed_before)
+    if verdict or outcome.rejected_ids:  # with rejections in its answers, its errors may be theirs
+        return verdict, []
+    return None, reported_later(errors, bodies, len(outcome.accepted_ids), settings.max_rejected_share)
 
 
 def still_delivered(entry: JournalEntry, delivered: set[tuple[str, str]]) -> JournalEntry:
@@ -390,8 +397,14 @@ def _latest_errors(entries: list[JournalEntry]) -> dict[str, str]:
 
 def keep_outcome(staging: Path, plan: Plan, outcome: LoadOutcome | None) -> None:
     """Write the load's account of its attempt for the report (None: a try is under way, its outcome unknown)."""
-    kept = {"attempt": plan.attempt, "outcome": outcome.as_dict() if outcome is not None else None}
-    (staging / OUTCOME).write_text(json.dumps(kept, ensure_ascii=False), encoding="utf-8")
+    kept = json.dumps({"attempt": plan.attempt, "outcome": outcome.as_dict() if outcome is not None else None},
+                      ensure_ascii=False)
+    if not isinstance(staging, Path):  # object storage: a put is whole or nothing
+        (staging / OUTCOME).write_text(kept, encoding="utf-8")
+        return
+    written = staging / f"{OUTCOME}.partial"  # a kill while writing leaves the previous account whole
+    written.write_text(kept, encoding="utf-8")
+    written.replace(staging / OUTCOME)
 
 
 def load_outcome(staging: Path, plan: Plan, staged: set[str]) -> LoadOutcome:
