@@ -170,49 +170,6 @@ def test_phone_numbers_are_e164(value, expected, is_bad):
     assert (values[0], bool(bad[0])) == (expected, is_bad)
 
 
-def test_columnar_reader_matches_the_per_record_path_and_survives_mixed_types(mappings, tmp_path):
-    import json as _json
-
-    from antavo_ometria.sync.contacts.transform import read_customer_chunks
-    from antavo_ometria_tools.population import make_population
-
-    mapping = mapping_for(mappings, "v2")
-    customers = [normalise_customer(c) for c in make_population(120)]
-    path = tmp_path / "customers.ndjson"
-    path.write_text("".join(_json.dumps(c) + "\n" for c in customers))
-    columnar = pd.concat(list(read_customer_chunks(path, mapping.loyalty_fields, rows=50)), ignore_index=True)
-    per_record = customer_columns(customers, mapping.loyalty_fields)
-    assert transform(columnar, mapping).to_dict("records") == transform(per_record, mapping).to_dict("records")
-
-    customers[3]["score"] = "lots"  # a number that is text in one record: pyarrow refuses the chunk
-    path.write_text("".join(_json.dumps(c) + "\n" for c in customers))
-    chunks = list(read_customer_chunks(path, mapping.loyalty_fields, rows=50))
-    assert [len(c) for c in chunks] == [50, 50, 20] and chunks[0]["score"][3] == "lots"
-
-
-def test_staged_chunks_cut_whole_lines_skipping_blank_ones(tmp_path, monkeypatch):
-    """`rows` non-blank lines at a time, whatever the read buffer's size, the last one with its line end."""
-    import random
-
-    import antavo_ometria.sync.contacts.staged_files as staging
-    import antavo_ometria.sync.contacts.transform as engine
-
-    def line_by_line(data: bytes, rows: int) -> list[bytes]:
-        lines = [line + b"\n" for line in data.split(b"\n") if line.strip()]
-        return [b"".join(lines[i: i + rows]) for i in range(0, len(lines), rows)]
-
-    rng = random.Random(7)
-    path = tmp_path / "customers.ndjson"
-    for _ in range(200):
-        pieces = [rng.choice([b'{"id":"%d"}' % i, b"  ", b"", b"\t", b' {"x":1}', b'{"y":"\xc3\xa9"}\r'])
-                  for i in range(rng.randint(0, 40))]
-        data = b"\n".join(pieces) + rng.choice([b"", b"\n", b"\n\n", b"  "])
-        path.write_bytes(data)
-        monkeypatch.setattr(staging, "READ_BUFFER", rng.choice([1, 5, 64, 1 << 20]))
-        for rows in (1, 3, 50):
-            assert list(engine.staged_chunks(path, rows)) == line_by_line(data, rows), (data, rows)
-
-
 def test_contact_bodies_are_the_bytes_pandas_json_writer_gives_for_every_kind_of_value():
     """The columnar encoder joins members per field; each must be what one whole-record write gives."""
     import json as _json
