@@ -14,7 +14,7 @@ pushes each new event once per rule: the contact first if Ometria does not have 
 (`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver). A claim reaches Ometria in about 17 s (p95 30 s at 5 s polling, `make bench-events`).
 The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run
 sends them; an event Ometria rejects is held with the reason and retried by every run while it can still start
-an automation. After a failed run the sensor backs off (as long as deliveries have been failing, 1 to 15
+an automation. After a failed run the first task, `back_off`, waits in the triggerer (as long as deliveries have been failing, 1 to 15
 minutes) before it reads Antavo again, so an outage neither alerts every minute nor hammers the APIs; the alert
 says how long.
 
@@ -34,7 +34,7 @@ from airflow.sdk import dag, get_current_context, task
 
 from antavo_ometria.airflow.dag_defaults import DAG_ARGS, EVENT_BACK_OFF, PUSH_POOL
 from antavo_ometria.airflow.dag_defaults import EVENTS_DAG as DAG_ID
-from antavo_ometria.airflow.sensors import AntavoEventSensor
+from antavo_ometria.airflow.sensors import AntavoEventSensor, RunBackOff
 from antavo_ometria.sync.events.rules import rule_actions
 from antavo_ometria.sync.tables.settings import mappings_dir, read_settings
 
@@ -98,10 +98,12 @@ def antavo_ometria_events():
         return summaries
 
     rules = rule_actions(mappings_dir())
-    checked = check_connections() >> check_rules()
+    back_off = RunBackOff(task_id="back_off", back_off=EVENT_BACK_OFF,
+                          doc_md="After failed runs, waits (in the triggerer) before asking Antavo and Ometria again.")
+    checked = back_off >> check_connections() >> check_rules()
     if rules:
         wait = AntavoEventSensor(task_id="wait_for_events", rules=rules,
-                                 poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS, back_off=EVENT_BACK_OFF,
+                                 poke_interval=POKE_SECONDS, timeout=WAIT_SECONDS,
                                  doc_md="Waits (in the triggerer) for new Antavo events of any rule: one read of "
                                         "the feed each time serves them all.")
         checked >> wait >> deliver_events()

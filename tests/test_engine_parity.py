@@ -45,9 +45,8 @@ def test_an_impossible_time_is_held_not_moved_to_another_day(value, tmp_path):
 
 
 SCRIPT = """
-import json, sys
+import json
 from pathlib import Path
-sys.path.insert(0, {tests!r})
 from test_engine_parity import run_transform
 bodies, held = run_transform(Path({staging!r}), {{"created_at": "2026-06-01T10:00:00Z"}})
 print(json.dumps([b.get("timestamp_acquired") for b in bodies.values()]))
@@ -58,14 +57,15 @@ print(json.dumps([b.get("timestamp_acquired") for b in bodies.values()]))
 def test_a_date_time_is_utc_whatever_the_workers_time_zone(zone, tmp_path):
     """DuckDB casts TIMESTAMPTZ to TIMESTAMP in the process's local time zone (ICU): a worker not on UTC would
     send every date-time shifted, and every contact's hash would change."""
-    script = SCRIPT.format(tests=str(Path(__file__).resolve().parent), staging=str(tmp_path / "s"))
+    script = SCRIPT.format(staging=str(tmp_path / "s"))  # run from tests/, which `-c` puts first on the import path
     out = subprocess.run([sys.executable, "-c", script], env={"TZ": zone, "PATH": "/usr/bin:/bin"},
+                         cwd=Path(__file__).resolve().parent,
                          capture_output=True, text=True, check=True, timeout=300)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == ["2026-06-01T10:00:00+00:00"]
 
 
 def test_a_record_over_60000_bytes_is_held_and_the_others_still_go(tmp_path):
-    """A customer whose values are all fine but whose body is over Ometria's record size must be quarantined
-    (record_too_large), as the pandas path does; the columnar pass hands the pandas path no line for it."""
+    """A customer whose values are all fine but whose body is over Ometria's record size is quarantined
+    (record_too_large) by the pandas path, and the step goes on."""
     bodies, held = run_transform(tmp_path, {"properties": {"city": "x" * 60_000, "newsletter": True}})
     assert held and not bodies

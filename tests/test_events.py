@@ -463,8 +463,8 @@ def test_after_a_failed_run_the_next_one_backs_off_the_alert_says_so_and_nothing
     polls = connections.antavo.requests_by_path["/customers/-/events"]
     run = dag.test()
     assert run.state == DagRunState.SUCCESS
-    wait = next(ti for ti in run.get_task_instances() if ti.task_id == "wait_for_events")
-    assert (wait.end_date - wait.start_date).total_seconds() >= 3  # it backed off before asking Antavo again
+    waited = next(ti for ti in run.get_task_instances() if ti.task_id == "back_off")
+    assert (waited.end_date - waited.start_date).total_seconds() >= 3  # it backed off before asking Antavo again
     assert connections.ometria.received[("custom_event", oid(claim))] == 1
     assert connections.antavo.requests_by_path["/customers/-/events"] - polls <= 3  # one look, then the delivery
 
@@ -502,7 +502,7 @@ def test_each_matching_event_is_sendable_held_skipped_or_waiting_for_its_contact
 def test_event_delivery_does_not_reach_into_the_contact_runs_steps():
     import ast
 
-    source = (PROJECT / "src" / "antavo_ometria" / "sync" / "events.py").read_text(encoding="utf-8")
+    source = (PROJECT / "src" / "antavo_ometria" / "sync" / "events" / "delivery.py").read_text(encoding="utf-8")
     imported = {node.module for node in ast.walk(ast.parse(source)) if isinstance(node, ast.ImportFrom)}
     assert not imported & {"antavo_ometria.sync.contacts.load", "antavo_ometria.sync.contacts.prepare"}
     assert "antavo_ometria.sync.contact_push" in imported  # the contacts first, remembered as the contact run does

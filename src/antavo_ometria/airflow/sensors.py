@@ -5,17 +5,18 @@ worker slot. With `deferrable=False` it pokes instead (use `mode="reschedule"` t
 between pokes). With no new event before `timeout`, the task is skipped; an error (Antavo down,
 credentials revoked) fails it, so that the failure alert fires. `soft_fail` is deliberately not
 used: Airflow turns every error of a soft-failing deferred sensor into a skip (apache/airflow#71255).
-After a failed run (an outage) it first waits as long as deliveries have been failing (1 to 15 minutes), so an
-outage neither alerts every minute nor hammers the APIs.
+
+`RunBackOff`, the events DAG's first task, waits (in the triggerer) after a failed run as long as deliveries have been
+failing (1 to 15 minutes), before anything asks Antavo or Ometria again: an outage neither alerts every minute nor
+hammers the APIs.
 """
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from airflow.sdk import BaseSensorOperator, PokeReturnValue
+from airflow.sdk import BaseOperator, BaseSensorOperator, PokeReturnValue
 from airflow.sdk.exceptions import AirflowException, AirflowFailException, AirflowSensorTimeout, AirflowSkipException
 
 from antavo_ometria.airflow.dag_defaults import EVENT_BACK_OFF
@@ -27,29 +28,11 @@ class AntavoEventSensor(BaseSensorOperator):
     ui_color = "#f0eee4"
 
     def __init__(self, *, rules: dict[str, str], antavo_conn_id: str = "antavo_default",
-                 deferrable: bool = True, back_off: tuple[timedelta, timedelta] | None = None, **kwargs: Any):
+                 deferrable: bool = True, **kwargs: Any):
         kwargs.setdefault("timeout", 14 * 60)
         super().__init__(**kwargs)
         self.rules, self.antavo_conn_id, self.deferrable = dict(rules), antavo_conn_id, deferrable  # rule → action
         self.actions = sorted(set(self.rules.values()))
-        self.back_off = back_off or EVENT_BACK_OFF  # (first, longest) wait after failed runs
-
-    def _back_off(self, context: Any) -> float:
-        """Seconds to wait before the first look at Antavo: longer while the runs before this one failed."""
-        from antavo_ometria.sync.events.delivery import back_off
-
-        try:
-            previous = context["ti"].get_previous_dagrun()
-            if previous is None or previous.state != "failed":
-                return 0.0
-            failing_since = context["prev_end_date_success"] or previous.start_date
-        except Exception as exc:  # no run history (a bare `task test`): no back-off, never a failure
-            self.log.info("no back-off: the previous run could not be read (%s)", type(exc).__name__)
-            return 0.0
-        wait = back_off(failing_since, datetime.now(UTC), *self.back_off).total_seconds()
-        self.log.warning("deliveries have failed since %s: backing off %.0f s before asking Antavo again (nothing is "
-                         "lost: the delivery reads from the rule's cursor)", failing_since.isoformat(), wait)
-        return wait
 
     def _since(self) -> dict[str, datetime]:
         """Per Antavo action, the earliest cursor of its rules in the state store (for a rule's first run, the
@@ -77,9 +60,7 @@ class AntavoEventSensor(BaseSensorOperator):
             if found else False
 
     def execute(self, context: Any) -> Any:
-        delay = self._back_off(context)
         if not self.deferrable:
-            time.sleep(delay)
             try:
                 return super().execute(context)
             except AirflowSensorTimeout as timeout:  # nothing new: skipped; any other error fails the task
@@ -88,8 +69,7 @@ class AntavoEventSensor(BaseSensorOperator):
         self.log.info("deferring: waiting in the triggerer for new events after %s", since)
         self.defer(
             trigger=AntavoEventTrigger(since, self.antavo_conn_id,
-                                       poll_interval=float(self.poke_interval), timeout=float(self.timeout),
-                                       delay=delay),
+                                       poll_interval=float(self.poke_interval), timeout=float(self.timeout)),
             method_name="execute_complete",
         )
 
@@ -102,3 +82,43 @@ class AntavoEventSensor(BaseSensorOperator):
                                        f"({event['polls']} checks)")
         self.log.info("%d new %s event(s) after %d check(s)", event["found"], "/".join(self.actions), event["polls"])
         return event
+
+
+class RunBackOff(BaseOperator):
+    """Waits in the triggerer, after failed runs, as long as deliveries have been failing (`back_off`: the first and
+    the longest wait); at once when the run before succeeded."""
+
+    ui_color = "#f0eee4"
+
+    def __init__(self, *, back_off: tuple[timedelta, timedelta] | None = None, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.back_off = back_off or EVENT_BACK_OFF
+
+    def _back_off(self, context: Any) -> float:
+        """Seconds to wait before the first look at Antavo: longer while the runs before this one failed."""
+        from antavo_ometria.sync.events.delivery import back_off
+
+        try:
+            previous = context["ti"].get_previous_dagrun()
+            if previous is None or previous.state != "failed":
+                return 0.0
+            failing_since = context["prev_end_date_success"] or previous.start_date
+        except Exception as exc:  # no run history (a bare `task test`): no back-off, never a failure
+            self.log.info("no back-off: the previous run could not be read (%s)", type(exc).__name__)
+            return 0.0
+        wait = back_off(failing_since, datetime.now(UTC), *self.back_off).total_seconds()
+        self.log.warning("deliveries have failed since %s: backing off %.0f s before asking Antavo and Ometria again "
+                         "(nothing is lost: the delivery reads from each rule's cursor)", failing_since.isoformat(), wait)
+        return wait
+
+
+    def execute(self, context: Any) -> None:
+        from airflow.providers.standard.triggers.temporal import DateTimeTrigger
+
+        delay = self._back_off(context)
+        if delay > 0:
+            self.defer(trigger=DateTimeTrigger(moment=datetime.now(UTC) + timedelta(seconds=delay)),
+                       method_name="execute_complete")
+
+    def execute_complete(self, context: Any, event: Any = None) -> None:
+        self.log.info("backed off; the run goes on")

@@ -14,18 +14,18 @@ from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 class AntavoEventTrigger(BaseTrigger):
     """Polls Antavo's event feed (one read for every rule) until an event newer than `since[its action]` appears,
-    or `timeout` passes; after waiting `delay` seconds first (the back-off after failed runs)."""
+    or `timeout` passes."""
 
     def __init__(self, since: dict[str, str], antavo_conn_id: str = "antavo_default",
-                 poll_interval: float = 60.0, timeout: float = 3600.0, delay: float = 0.0):
+                 poll_interval: float = 60.0, timeout: float = 3600.0):
         super().__init__()
         self.since, self.antavo_conn_id = dict(since), antavo_conn_id  # Antavo action → ISO time
-        self.poll_interval, self.timeout, self.delay = poll_interval, timeout, delay  # delay: the back-off
+        self.poll_interval, self.timeout = poll_interval, timeout
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return ("antavo_ometria.airflow.triggers.AntavoEventTrigger", {
             "since": self.since, "antavo_conn_id": self.antavo_conn_id,
-            "poll_interval": self.poll_interval, "timeout": self.timeout, "delay": self.delay})
+            "poll_interval": self.poll_interval, "timeout": self.timeout})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         from antavo_ometria.airflow.hooks import antavo_config
@@ -35,7 +35,6 @@ class AntavoEventTrigger(BaseTrigger):
         client = AntavoClient(antavo_config(await BaseHook.aget_connection(self.antavo_conn_id)))
         since = {action: datetime.fromisoformat(moment) for action, moment in self.since.items()}
         earliest = min(self.since.values())
-        await asyncio.sleep(self.delay)
         deadline = time.monotonic() + self.timeout
         polls = 0
         while True:

@@ -159,10 +159,14 @@ def deliver_all(rules: list[Rule], antavo: AntavoClient, ometria: OmetriaClient,
         try:
             summaries.append(deliver(rule, antavo, ometria, store, mapping, run_id, until=now, late_policy=late_policy,
                                       now=now, feed=feed))
-        except EventsNotDelivered as exc:
-            failures.append(str(exc))
-    if failures:
-        raise EventsNotDelivered("\n\n".join(failures))
+        except Exception as exc:  # the rule's cursor stays put; the task fails once all have run
+            log.error("rule %s: not delivered: %s", rule.name, exc)
+            failures.append(exc)
+    if failures:  # any other error first: e.g. refused credentials, which retrying does not mend
+        first = next((exc for exc in failures if not isinstance(exc, EventsNotDelivered)), None)
+        if first is not None:
+            raise first
+        raise EventsNotDelivered("\n\n".join(str(exc) for exc in failures))
     return summaries
 
 
@@ -278,8 +282,10 @@ def look_up_customers(rule: Rule, events: list[dict], antavo: AntavoClient, omet
     paths = sorted(set(mapping.loyalty_fields) | set(rule.customer_paths) | {HELD_REASONS})
     records = {c["id"]: c for c in antavo.get_customers(customer_ids, paths)}
     ready = ready_contacts(list(records.values()), paths, mapping)
-    contacts = push_contacts_first(store, ometria, mapping.version, run_id, ready.valid)
-    problems = ready.problems | {i: "Ometria rejected the contact" for i in contacts.rejected}
+    left = store.contacts.left_among([i for i, _ in ready.valid])  # pushing them would put them back on the list
+    contacts = push_contacts_first(store, ometria, mapping.version, run_id, [c for c in ready.valid if c[0] not in left])
+    problems = ready.problems | {i: "Ometria rejected the contact" for i in contacts.rejected} | {
+        i: "left the programme (removed from the list): their contact is not pushed again" for i in left}
     deliverable = sorted(i for i in records if i not in problems)
     rewards = {cid: {r.get("id"): r for r in antavo.get_claimed_rewards(cid)}
                for cid in deliverable} if rule.needs_rewards else {}
@@ -342,8 +348,10 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
     documented. Custom events are few (one per reward claim), so the extra requests are cheap."""
     out = Pushed()
     for n, (event, body) in enumerate(built):
-        if n and n % LEASE_RENEW_EVERY == 0:  # a long catch-up keeps its lease
-            store.take_lease(rule.name, run_id, LEASE_TTL)
+        if n % LEASE_RENEW_EVERY == 0 and not store.take_lease(rule.name, run_id, LEASE_TTL):  # kept, or lost
+            out.failed.extend(e for e, _ in built[n:])  # another delivery holds the rule now: it sends them
+            out.failure = f"the lease of rule {rule.name} passed to {store.lease_holder(rule.name)}"
+            break
         (entry,) = push_isolating(ometria, [event_key(rule, event)], [body], record_type="custom_event",
                                   isolate=False)
         status = entry.outcome
