@@ -11,7 +11,7 @@ comes from (`event.*`, `reward.*`, `customer.*`).
 (no worker slot) and reads Antavo's event feed every `events.poll_seconds` (settings.toml, default 5), one read
 for every rule; the first matching event wakes `deliver_events`, which reads the feed once for all rules and
 pushes each new event once per rule: the contact first if Ometria does not have it yet, then the custom event
-(`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver). A claim reaches Ometria in about 17 s (p95 30 s at 5 s polling, `make bench-events`).
+(`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver). A claim reaches Ometria in about 9 s (p95 15 s at 5 s polling, `make bench-events`).
 The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run
 sends them; an event Ometria rejects is held with the reason and retried by every run while it can still start
 an automation. After a failed run the first task, `back_off`, waits in the triggerer (as long as deliveries have been failing, 1 to 15
