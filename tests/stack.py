@@ -20,6 +20,8 @@ from pathlib import Path
 import requests
 import yaml
 
+from antavo_ometria.airflow import sqlite_metadata
+
 PROJECT = Path(__file__).resolve().parents[1]
 AIRFLOW = str(Path(sys.executable).with_name("airflow"))
 FAB_AUTH_MANAGER = "airflow.providers.fab.auth_manager.fab_auth_manager.FabAuthManager"
@@ -91,13 +93,14 @@ class AirflowStack:
 
     @classmethod
     def local(cls, home: Path, env: dict[str, str]) -> AirflowStack:
-        return cls(home, {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", **env},
+        return cls(home, {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", **sqlite_metadata.SETTING, **env},
                    ["api-server", "scheduler", "dag-processor", "triggerer"])
 
     @classmethod
     def api_server(cls, home: Path, env: dict[str, str]) -> AirflowStack:
         """The api-server alone, with the FAB auth manager, on SQLite: enough to ask it who may read what."""
-        return cls(home, {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", **env}, ["api-server"], fab=True)
+        return cls(home, {"AIRFLOW__CORE__EXECUTOR": "LocalExecutor", **sqlite_metadata.SETTING, **env},
+                   ["api-server"], fab=True)
 
     @classmethod
     def celery(cls, home: Path, env: dict[str, str], database_url: str, broker_url: str) -> AirflowStack:

@@ -28,6 +28,7 @@ from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 
+from antavo_ometria.airflow import sqlite_metadata
 from antavo_ometria.airflow.dag_defaults import CONTACTS_DAG, EVENTS_DAG
 from antavo_ometria.problems import ConfigError
 from antavo_ometria.sync.tables.mapping import NOT_OFFERED, catalog, load_contact_mapping
@@ -54,7 +55,9 @@ def airflow_env() -> dict[str, str]:
     env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
-    return env
+    if not env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
+        return env
+    return {**sqlite_metadata.SETTING, **env}
 
 
 def _airflow(args: list[str], env: dict[str, str], log_file: Path) -> int:
