@@ -111,12 +111,12 @@ def antavo_ometria_contacts():
         """Read the planned Antavo customers into the staging folder."""
         from antavo_ometria.airflow.hooks import AntavoHook, fail_fast_on
         from antavo_ometria.sync.contacts.extract import extract
+        from antavo_ometria.sync.contacts.step_results import Plan
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(ApiError):  # e.g. refused credentials; network trouble and 5xx are retried
-            mapping = _mapping()
-            return extract(AntavoHook().get_conn(), _staging(), plan, mapping.settings.customer_status,
-                           mapping.loyalty_fields).as_dict()
+            return extract(AntavoHook().get_conn(), _staging(), plan, Plan.of(plan).run_settings.customer_status,
+                           _mapping().loyalty_fields).as_dict()
 
     @task
     def transform(plan: dict, extracted: dict) -> dict:
@@ -140,7 +140,7 @@ def antavo_ometria_contacts():
         from antavo_ometria.transport import ApiError
 
         with fail_fast_on(LoadFailed, ApiError):  # e.g. a refused API key; network trouble and 5xx are retried
-            return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store(), _mapping().settings).as_dict()
+            return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store()).as_dict()
 
     @task(trigger_rule="all_done")
     def report() -> dict:

@@ -101,8 +101,7 @@ class Deployment:
                                                      reconcile=reconcile))
             steps["extract"] = attempt(lambda: extract(self.antavo, staging, steps["plan"], paths=mapping.loyalty_fields))
             steps["transform"] = attempt(lambda: transform_staged(staging, mapping, steps["plan"], self.store))
-            steps["load"] = attempt(lambda: load_staged(staging, self.ometria, steps["plan"], self.store,
-                                                        mapping.settings))
+            steps["load"] = attempt(lambda: load_staged(staging, self.ometria, steps["plan"], self.store))
         except Exception:
             pass  # that step failed for good; the report step runs all the same (trigger rule all_done)
         try:

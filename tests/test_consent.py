@@ -29,7 +29,7 @@ def sync(mappings, mode: str, store, antavo, ometria, staging) -> list[dict]:
     plan = plan_run(store, mapping, "antavo_ometria_contacts", f"run-{mode}")
     extract(antavo, staging, plan, paths=mapping.loyalty_fields)
     transform_staged(staging, mapping, plan, store)
-    loaded = load_staged(staging, ometria, plan, store, mapping.settings)
+    loaded = load_staged(staging, ometria, plan, store)
     assert loaded.failed == loaded.rejected == 0
     settings.write_text(settings.read_text().replace(f'mode = "{mode}"', 'mode = "never"'))
     return [json.loads(body) for _, body, _ in read_contacts(staging)]

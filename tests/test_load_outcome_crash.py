@@ -53,7 +53,7 @@ def test_a_load_killed_while_taking_back_late_errors_is_not_reported_delivered(
     steps["extract"] = extract(antavo_client, staging, steps["plan"], paths=mapping.loyalty_fields)
     steps["transform"] = transform_staged(staging, mapping, steps["plan"], store)
     with pytest.raises(WorkerKilled):
-        load.load_staged(staging, ometria_client, steps["plan"], store, mapping.settings)
+        load.load_staged(staging, ometria_client, steps["plan"], store)
     assert store.contacts.owed_count() == 20 and store.contacts.accepted_hashes(changed) == {}  # the store knows
     with pytest.raises(RunNotDelivered):
         report_run(staging, steps, store, DAG, "listed")  # the load step failed: no result of it

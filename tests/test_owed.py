@@ -41,7 +41,7 @@ def sync(store, antavo, ometria, tmp_path, run_id, interval=(None, None), reconc
     steps["transform"] = transform_staged(staging, mapping, steps["plan"], store)
     error = None
     try:
-        steps["load"] = load_staged(staging, ometria, steps["plan"], store, mapping.settings)
+        steps["load"] = load_staged(staging, ometria, steps["plan"], store)
     except LoadFailed as exc:
         error = exc
     try:
@@ -180,6 +180,22 @@ def test_a_cap_per_run_spreads_the_contacts_over_runs_each_sent_once(
     assert quiet["accepted"] == quiet["deferred"] == 0
 
 
+def test_a_run_keeps_the_settings_it_was_planned_with(store, sandbox, antavo_client, ometria_client, tmp_path,
+                                                    mappings):
+    settings = mappings / "settings.toml"
+    capped = settings.read_text().replace("max_contacts_per_run = 0 ", "max_contacts_per_run = 100")
+    settings.write_text(capped)
+    mapping = load_contact_mapping(mappings)
+    plan = plan_run(store, mapping, DAG, "first", (None, HOUR))
+    settings.write_text(capped.replace("max_contacts_per_run = 100", "max_contacts_per_run = 0 "))  # saved meanwhile
+    staging = tmp_path / "first"
+    extract(antavo_client, staging, plan, paths=mapping.loyalty_fields)
+    transform_staged(staging, load_contact_mapping(mappings), plan, store)
+    loaded = load_staged(staging, ometria_client, plan, store)
+    assert (loaded.accepted, loaded.deferred) == (100, 190)  # the cap the run was planned with
+    assert len(sandbox.ometria.contacts) == 100 and store.contacts.owed_count() == 190
+
+
 def hours(n: int) -> tuple[datetime, datetime]:
     return HOUR + timedelta(hours=n), HOUR + timedelta(hours=n + 1)
 
@@ -252,8 +268,7 @@ def test_a_removal_that_fails_turns_the_run_red_and_the_next_run_removes_the_mem
     member = store.contacts.get("c00000001")
     assert member["status"] == "sent"  # still a member: not recorded as left
     with pytest.raises(LoadFailed, match="could not be removed"):  # Airflow's retry, while Ometria still refuses
-        load_staged(tmp_path / "hourly", ometria_client, hourly["plan"], store,
-                    load_contact_mapping(PROJECT / "include" / "mappings").settings)
+        load_staged(tmp_path / "hourly", ometria_client, hourly["plan"], store)
     assert store.contacts.get("c00000001") == member  # the removal is no delivery: still a member
 
     sandbox.ometria.reject_ids = set()
@@ -306,8 +321,7 @@ def test_contacts_ometria_accepts_then_lists_invalid_stay_owed_and_are_sent_agai
     assert store.contacts.owed_count() == 20 and store.contacts.accepted_hashes(changed) == {}, [
         store.contacts.get(i) for i in changed[:2]]
     with pytest.raises(LoadFailed):  # a Clear of the load, errors no longer new: still not counted delivered
-        load_staged(tmp_path / "listed", ometria_client, listed["plan"], store,
-                    load_contact_mapping(PROJECT / "include" / "mappings").settings)
+        load_staged(tmp_path / "listed", ometria_client, listed["plan"], store)
     assert store.contacts.owed_count() == 20
 
     sandbox.ometria.custom_fields["loyalty_points"] = field_type

@@ -73,7 +73,8 @@ def gate(mapping, customers, duplicates=()):
 
 
 def verdict(mapping, result, previous_count=None):
-    return batch_verdict(result.checked, result.quarantined, result.non_null, previous_count, mapping)
+    return batch_verdict(result.checked, result.quarantined, result.non_null, previous_count, mapping.fields,
+                         mapping.settings)
 
 
 def test_each_failure_class_is_quarantined_with_its_reason_and_value(mapping):

@@ -195,8 +195,7 @@ class _LoadRun:
         return None
 
 
-def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None,
-                settings: SyncSettings = SyncSettings()) -> Loaded:
+def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None) -> Loaded:
     """Push the staged contacts in batches of 100; a retry of this attempt skips what it already delivered.
 
     What counts as delivered is an (id, payload hash) pair that this attempt of the run pushed and Ometria
@@ -207,6 +206,7 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     missing in the account) or more than `max_rejected_share` of the run's contacts.
     """
     plan = Plan.of(plan)
+    settings = plan.run_settings
     contacts = read_contacts(staging)
     leavers = read_ndjson(staging / LEAVERS)
     if plan.dry_run:

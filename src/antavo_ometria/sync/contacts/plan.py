@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 
 from antavo_ometria.sync.contacts.step_results import Plan
@@ -48,6 +49,7 @@ def plan_run(
         send_unchanged=reason is not None or run_type == "backfill",  # a backfill re-syncs what it covers
         dry_run=dry_run, mapping_version=mapping.version, until=end.isoformat(),
         previous_full_count=last_full["extracted"] if last_full else None, reconcile_reason=reconcile_reason,
+        settings=asdict(mapping.settings),
         **_incremental(mode, start, mapping.settings.overlap_minutes, resumed, retry_ids),
     )
     store.runs.start(dag_id, run_id, mode=mode, full_resync_reason=reason, dry_run=dry_run,

@@ -172,7 +172,8 @@ class _TransformRun:
         staging, t, plan = self.staging, self.tally, self.plan
         (staging / GX_RESULT).write_text(json.dumps(self.validations, default=str), encoding="utf-8")
         blocking, warnings = batch_verdict(t.checked, t.quarantined, dict(t.non_null),
-                                           plan.previous_full_count if plan.mode == "full" else None, self.mapping)
+                                           plan.previous_full_count if plan.mode == "full" else None,
+                                           self.mapping.fields, plan.run_settings)
         log.info("quality gate: %d checked, %d passed, %d quarantined %s", t.checked, t.checked - t.quarantined,
                  t.quarantined, dict(t.reasons))
         for warning in warnings:
@@ -194,7 +195,7 @@ class _TransformRun:
         if inactive and store is not None:  # read one by one and no longer active: members among them leave
             leavers += sorted(store.accepted_hashes(inactive))
         check_leavers(len(leavers), len(members) if members is not None else store.contact_count() if store else None,
-                      self.mapping.settings.max_leaver_share)
+                      plan.run_settings.max_leaver_share)
         if store is not None and not plan.dry_run:
             close_owed(store, plan, self.retrying, set(inactive) - set(leavers), self.quarantined_ids)
         return leavers

@@ -26,6 +26,7 @@ import pandas as pd
 from antavo_ometria.ometria.contract import CONTROL_CHARACTERS, MAX_EXACT_NUMBER, MAX_RECORD_BYTES
 from antavo_ometria.ometria.formats import FORMATS
 from antavo_ometria.sync.tables.mapping import ContactMapping, FieldMapping
+from antavo_ometria.sync.tables.settings import SyncSettings
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,8 @@ class GateResult:
 
 
 def batch_verdict(checked: int, quarantined: int, non_null: dict[str, int], previous_count: int | None,
-                  mapping: ContactMapping) -> tuple[list[str], list[str]]:
+                  fields: Sequence[FieldMapping], settings: SyncSettings) -> tuple[list[str], list[str]]:
     """(problems that stop the run, warnings) for a whole run, whose rows were checked chunk by chunk."""
-    settings = mapping.settings
     blocking, warnings = [], []
     if previous_count:
         minimum = math.ceil(previous_count * settings.min_rows_vs_last_run)
@@ -75,7 +75,7 @@ def batch_verdict(checked: int, quarantined: int, non_null: dict[str, int], prev
                         f"more than the allowed {settings.max_invalid_share:.1%} (quality.max_invalid_share)")
     if checked >= 20:
         warnings += [f"{f.remote_field} ({f.loyalty_field}) is empty for every customer: is the path right?"
-                     for f in mapping.fields if not non_null.get(f.remote_field)]
+                     for f in fields if not non_null.get(f.remote_field)]
     return blocking, warnings
 
 

@@ -6,9 +6,11 @@ DAG, the CLI and the tests call the steps the same way. The run report is a JSON
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Self
+
+from antavo_ometria.sync.tables.settings import SyncSettings
 
 
 class RunStatus(StrEnum):
@@ -51,6 +53,13 @@ class Plan(Record):
     previous_full_count: int | None  # customers in the last full load, for the quality gate's batch check
     retry_ids: tuple[str, ...] = ()  # owed contacts (rejected or not delivered) due a retry: read again
     reconcile_reason: str | None = None  # why this full read is a reconciliation (only what differs is sent)
+    # settings.toml as it was when the run was planned: every step of the run works with these, whatever
+    # an analyst saves meanwhile (empty: the defaults)
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def run_settings(self) -> SyncSettings:
+        return SyncSettings.of(self.settings)
 
 
 @dataclass(frozen=True)

@@ -119,6 +119,12 @@ class SyncSettings:
         "1,500 a minute); the claim → Ometria latency it gives is in BENCHMARKS.md",
         check=(lambda v: v >= 1, "poll_seconds must be at least 1 (Antavo's rate limit is shared by every call)"))
 
+    @classmethod
+    def of(cls, values: dict) -> SyncSettings:
+        """The settings a run's plan carries (`asdict`); a setting added since the plan was made takes its default."""
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
     @property
     def v2(self) -> bool:
         return self.payload_mode == "v2"
