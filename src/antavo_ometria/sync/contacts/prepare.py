@@ -92,14 +92,14 @@ def transform_staged(staging: Path, mapping: ContactMapping, plan: Plan | dict, 
 class _Tally:
     """The transform's counts, added up chunk by chunk."""
 
-    checked: int = 0
-    quarantined: int = 0
-    valid: int = 0
-    changed: int = 0
-    resent_unchanged: int = 0
-    owed_settled: int = 0
-    reasons: Counter = field(default_factory=Counter)
-    non_null: Counter = field(default_factory=Counter)
+    checked: int = 0  # customers the gate checked
+    quarantined: int = 0  # … held back by a check
+    valid: int = 0  # … that passed every check
+    changed: int = 0  # valid contacts to send
+    resent_unchanged: int = 0  # … sent although Ometria accepted the same body (a re-sync, a backfill)
+    owed_settled: int = 0  # owed contacts whose body Ometria had accepted after all: no longer owed
+    reasons: Counter = field(default_factory=Counter)  # check → customers it held back
+    non_null: Counter = field(default_factory=Counter)  # remote field → customers with a value
 
 
 class _TransformRun:
