@@ -342,9 +342,7 @@ class GxBlock:
         checked = pd.concat(self.frames, ignore_index=True) if len(self.frames) > 1 else self.frames[0]
         suite = gx.ExpectationSuite(name=f"ometria_contacts_{self.mapping.version}",
                                     expectations=[rule.expectation(i) for i, rule in enumerate(self.rules)])
-        validation = _batch(checked).validate(suite, result_format={
-            "result_format": "COMPLETE", "unexpected_index_column_names": ["row"],
-            "return_unexpected_index_query": False, "exclude_unexpected_values": True})
+        validation = _validator(checked).validate_expectation_suite(suite)
         outcomes = {outcome.expectation_config.meta["rule"]: outcome for outcome in validation.results}
         if sorted(outcomes) != list(range(len(self.rules))):
             raise GateDisagrees(f"Great Expectations returned {len(outcomes)} results for {len(self.rules)} checks")
@@ -375,9 +373,12 @@ def _causes(fails: list[dict]) -> list[dict]:
     return [f for f in fails if not (f["check"] == "type" and f["field"] in out_of_range)]
 
 
-def _batch(checked: pd.DataFrame):
-    """A GX batch over the frame, in an ephemeral context made once per process."""
+def _validator(checked: pd.DataFrame):
+    """A GX validator over the frame, in an ephemeral context made once per process. (It reads the frame once;
+    `get_batch(...).validate(...)` would read, and fingerprint, it twice.)"""
     global _ASSET
+    from great_expectations.validator.v1_validator import Validator
+
     if _ASSET is None:
         import great_expectations as gx
         from great_expectations.data_context.types.base import ProgressBarsConfig
@@ -386,7 +387,9 @@ def _batch(checked: pd.DataFrame):
         context.variables.progress_bars = ProgressBarsConfig(globally=False)
         _ASSET = context.data_sources.add_pandas("staged").add_dataframe_asset("contacts")
     definition = next(iter(_ASSET.batch_definitions), None) or _ASSET.add_batch_definition_whole_dataframe("run")
-    return definition.get_batch(batch_parameters={"dataframe": checked})
+    return Validator(batch_definition=definition, batch_parameters={"dataframe": checked}, result_format={
+        "result_format": "COMPLETE", "unexpected_index_column_names": ["row"],
+        "return_unexpected_index_query": False, "exclude_unexpected_values": True})
 
 
 _ASSET = None
