@@ -1,6 +1,5 @@
 """Event delivery under the failures that break it: a rule failing for another reason, a lost lease, an outage that
-fails the connection check, a member who left. One known defect is marked `xfail(strict=True)`: it passes once the
-defect is fixed, and the marker must then go."""
+fails the connection check, a member who left, an event held for its contact until Ometria accepts the contact."""
 
 from datetime import UTC, datetime, timedelta
 
@@ -10,8 +9,6 @@ from test_events import mappings, oid  # noqa: F401  (the fixture and the id hel
 from antavo_ometria.sync.events.rules import load_rules
 from antavo_ometria.sync.store.state import StateStore
 from antavo_ometria.sync.tables.mapping import load_contact_mapping
-
-DEFECT = pytest.mark.xfail(strict=True, raises=AssertionError, reason="a known defect: see the docstring")
 
 
 def test_a_rule_that_fails_for_another_reason_does_not_stop_the_other_rules(sandbox, antavo_client, ometria_client,
@@ -121,13 +118,12 @@ def parts_left(sandbox, antavo_client, ometria_client, state_url, mappings):  # 
     return sandbox, cid
 
 
-@DEFECT
 def test_an_event_whose_contact_ometria_rejected_is_sent_once_the_contact_is_accepted(sandbox, antavo_client,
                                                                                       ometria_client, state_url,
                                                                                       mappings):  # noqa: F811
-    """An event whose contact Ometria rejects is held (not waiting): the run is green and the rule's cursor moves
-    past it. It is retried only while it is in the 4-hour window; once a later event moved the cursor, a delivery
-    after that window never reads it again, even though the contact is accepted by then: lost, with a green run."""
+    """An event whose contact Ometria rejects is held with the reason, and the rule's cursor moves past it (a later
+    event moved it on). It stays owed beyond Ometria's 4-hour window: once the contact is accepted, the next
+    delivery sends it from the state store (late, under late_event_policy = send), once."""
     from antavo_ometria.sync.events.delivery import deliver
 
     store = StateStore(state_url)
@@ -141,6 +137,19 @@ def test_an_event_whose_contact_ometria_rejected_is_sent_once_the_contact_is_acc
     summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1", now=now)  # green
     assert (summary["accepted"], summary["held"]) == (1, 1)
     assert sandbox.ometria.received[("custom_event", oid(later))] == 1
-    sandbox.ometria.reject_ids.clear()  # the contact is fixed (the contact run delivers it)
-    deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=now + timedelta(hours=4, minutes=30))
-    assert sandbox.ometria.received[("custom_event", oid(stuck))] == 1, "held for its contact, then never read again"
+    assert [r["antavo_id"] for r in store.held_records(kind="event_held")] == [oid(stuck)]
+
+    sandbox.ometria.reject_ids.clear()  # the contact is fixed in Ometria's eyes...
+    past_window = now + timedelta(hours=4, minutes=30)
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=past_window)
+    assert summary["accepted"] == 0  # ...but not yet accepted by a push: the event stays held
+    assert ("custom_event", oid(stuck)) not in sandbox.ometria.received
+
+    store.contacts.record_accepted([("c00000053", "h")], mapping.version, "contacts-run")  # the contact run delivered it
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-3", now=past_window)
+    assert (summary["accepted"], summary["late"], summary["retried_accepted"]) == (1, 1, 1)
+    assert sandbox.ometria.received[("custom_event", oid(stuck))] == 1
+    assert store.held_records(kind="event_held") == []  # delivered: no longer held
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-4", now=past_window)
+    assert sandbox.ometria.received[("custom_event", oid(stuck))] == 1  # once
+    assert sandbox.ometria.received[("custom_event", oid(later))] == 1

@@ -7,7 +7,9 @@ claimed reward; push the contact first for a customer Ometria has not received y
 timing rules (an event over 4 hours old cannot start an automation: send and warn, or skip; more than
 1,000 events on one timestamp are staggered in 5-minute steps); push each event on its own, record
 the accepted ones, hold the rejected ones (retried while they can still start an automation, then
-held as expired) and move the cursor.
+held as expired) and move the cursor. An event held for its contact (Ometria rejected it, the quality gate held
+it back) stays owed whatever its age: once Ometria has accepted the contact, the next delivery sends the event
+from the state store, under the late-event policy.
 """
 
 from __future__ import annotations
@@ -189,8 +191,10 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
         events = feed.events(rule.action, since)
     else:
         events = new_matching_events(antavo, rule.action, since, until)
-    fresh = not_pushed(store, rule, events)
-    retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh)
+    owed = contact_now_accepted(store, rule, {e["id"] for e in events})
+    fresh = not_pushed(store, rule, events + owed)
+    retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh) | {
+        event_key(rule, e) for e in owed}
     summary = {"rule": rule.name, "event_type": rule.event_type, "matched": len(events),
                "already_pushed": len(events) - len(fresh), "sent": 0, "accepted": 0, "rejected": 0,
                "retried": len(retried), "retried_accepted": 0, "expired": expired,
@@ -201,16 +205,28 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
         outcome, undelivered = _deliver_fresh(rule, fresh, antavo, ometria, store, mapping, run_id, late_policy, now)
         summary |= outcome
         summary["retried_accepted"] = len(retried.intersection(outcome.pop("accepted_keys")))
-    moments = [event_time(e) for e in (undelivered or events) if e["timestamp"] is not None]
+    from_feed = [e for e in undelivered if e not in owed]  # the owed ones are still held: read again from there
+    moments = [event_time(e) for e in (from_feed or events) if e["timestamp"] is not None]
     if moments:
         # past every event when all were delivered or held; otherwise just before the first undelivered one
-        store.set_event_cursor(rule.name, min(moments) - timedelta(microseconds=1) if undelivered else max(moments))
+        store.set_event_cursor(rule.name, min(moments) - timedelta(microseconds=1) if from_feed else max(moments))
     log.info("rule %s: %d matching, %d already sent, %d sent, %d held, %d not delivered", rule.name,
              summary["matched"], summary["already_pushed"], summary["sent"], summary["held"], summary["failed"])
     if undelivered:
         raise EventsNotDelivered(f"{len(undelivered)} {rule.event_type} event(s) were not delivered "
                                  f"({summary['failure']}); the next try sends them.\n{format_event_report([summary])}")
     return summary
+
+
+def contact_now_accepted(store: StateStore, rule: Rule, read: set[str]) -> list[dict]:
+    """The rule's events held for their contact (not in this read of the feed) whose contact Ometria has accepted
+    since: owed, they are delivered now, whatever their age."""
+    rows = [r for r in store.held_records(kind=HELD, limit=100_000)
+            if r["run_id"].endswith(f":{rule.name}") and r.get("payload")
+            and r["reasons"][-1].startswith(f"customer {r['customer_id']}:")]
+    accepted = store.contacts.accepted_among(sorted({r["customer_id"] for r in rows}))
+    owed = [json.loads(r["payload"]) for r in rows if r["customer_id"] in accepted]
+    return [e for e in owed if e["id"] not in read]
 
 
 def expire_rejected(store: StateStore, rule: Rule, late_cut: datetime, run_id: str) -> int:
@@ -305,8 +321,8 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
     pushed = push_events(rule, built, ometria, store, late_cut, run_id)
     held = decision.held + unsendable_
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in decision.skipped])
-    _record_held(store, rule, run_id, events, held, pushed.rejected, late_cut)
     failed = decision.waiting + pushed.failed
+    _record_held(store, rule, run_id, [e for e in events if e not in failed], held, pushed.rejected, late_cut)
     return {"sent": len(pushed.accepted) + len(pushed.rejected), "accepted": len(pushed.accepted),
             "rejected": len(pushed.rejected), "late": decision.late, "skipped_late": len(decision.skipped),
             "held": len(held), "failed": len(failed), "failure": pushed.failure or customers.contacts.error,

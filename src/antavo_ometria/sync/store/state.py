@@ -328,14 +328,21 @@ class ContactLedger(_Part):
                     & ((contacts.c.run_id != not_of_run) | (contacts.c.attempts > 1)))).scalars())
         return found
 
+    def accepted_among(self, ids: list[str]) -> set[str]:
+        """Which of these contacts Ometria accepted on their last push (not owed, held or left)."""
+        return self._among(ids, ContactStatus.SENT)
+
     def left_among(self, ids: list[str]) -> set[str]:
         """Which of these contacts left the programme (removed from the list; pushing one would add it back)."""
+        return self._among(ids, ContactStatus.LEFT)
+
+    def _among(self, ids: list[str], status: ContactStatus) -> set[str]:
         contacts = self.db.table("sync_contacts")
         found: set[str] = set()
         with self.db.engine.connect() as conn:
             for chunk in _chunks(ids):
                 found.update(conn.execute(sa.select(contacts.c.antavo_id).where(
-                    contacts.c.antavo_id.in_(chunk) & (contacts.c.status == ContactStatus.LEFT))).scalars())
+                    contacts.c.antavo_id.in_(chunk) & (contacts.c.status == status))).scalars())
         return found
 
     def owed_count(self) -> int:
