@@ -339,7 +339,9 @@ class GxBlock:
         """GX's result (JSON) on the block; raises GateDisagrees when its failing rows differ from the columns'."""
         import great_expectations as gx
 
-        checked = pd.concat(self.frames, ignore_index=True) if len(self.frames) > 1 else self.frames[0]
+        frames, self.frames = self.frames, []  # held once: the chunks' frames go as the block's frame is made
+        checked = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+        del frames
         suite = gx.ExpectationSuite(name=f"ometria_contacts_{self.mapping.version}",
                                     expectations=[rule.expectation(i) for i, rule in enumerate(self.rules)])
         validation = _validator(checked).validate_expectation_suite(suite)
@@ -359,7 +361,7 @@ class GxBlock:
                 differ = sorted(set(rows.tolist()) ^ set(wanted.tolist()))[:5]
                 raise GateDisagrees(f"Great Expectations and the engine's checks disagree on {rule.name} "
                                     f"({rule.column}) for rows {differ} of a block of {self.rows}: nothing was sent")
-        self.frames, self.expected, self.rows = [], [[] for _ in self.rules], 0
+        self.expected, self.rows = [[] for _ in self.rules], 0
         return validation.to_json_dict()
 
 
