@@ -191,8 +191,8 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
         events = feed.events(rule.action, since)
     else:
         events = new_matching_events(antavo, rule.action, since, until)
+    fresh = not_pushed(store, rule, events)
     owed = contact_now_accepted(store, rule, {e["id"] for e in events})
-    fresh = not_pushed(store, rule, events + owed)
     retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh) | {
         event_key(rule, e) for e in owed}
     summary = {"rule": rule.name, "event_type": rule.event_type, "matched": len(events),
@@ -201,21 +201,25 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
                "late": 0, "skipped_late": 0, "held": 0, "failed": 0, "failure": None, "contacts_pushed_first": 0,
                "held_reasons": [], "since": since.isoformat(), "until": until.isoformat()}
     undelivered: list[dict] = []
-    if fresh:
-        outcome, undelivered = _deliver_fresh(rule, fresh, antavo, ometria, store, mapping, run_id, late_policy, now)
+    if fresh or owed:
+        outcome, undelivered = _deliver_fresh(rule, fresh + owed, antavo, ometria, store, mapping, run_id,
+                                              late_policy, now)
         summary |= outcome
         summary["retried_accepted"] = len(retried.intersection(outcome.pop("accepted_keys")))
-    from_feed = [e for e in undelivered if e not in owed]  # the owed ones are still held: read again from there
-    moments = [event_time(e) for e in (from_feed or events) if e["timestamp"] is not None]
-    if moments:
-        # past every event when all were delivered or held; otherwise just before the first undelivered one
-        store.set_event_cursor(rule.name, min(moments) - timedelta(microseconds=1) if from_feed else max(moments))
+    move_cursor(store, rule, events, [e for e in undelivered if e not in owed])  # the owed are still held
     log.info("rule %s: %d matching, %d already sent, %d sent, %d held, %d not delivered", rule.name,
              summary["matched"], summary["already_pushed"], summary["sent"], summary["held"], summary["failed"])
     if undelivered:
         raise EventsNotDelivered(f"{len(undelivered)} {rule.event_type} event(s) were not delivered "
                                  f"({summary['failure']}); the next try sends them.\n{format_event_report([summary])}")
     return summary
+
+
+def move_cursor(store: StateStore, rule: Rule, events: list[dict], undelivered: list[dict]) -> None:
+    """Past every event read when all were delivered or held; otherwise just before the first undelivered one."""
+    moments = [event_time(e) for e in (undelivered or events) if e["timestamp"] is not None]
+    if moments:
+        store.set_event_cursor(rule.name, min(moments) - timedelta(microseconds=1) if undelivered else max(moments))
 
 
 def contact_now_accepted(store: StateStore, rule: Rule, read: set[str]) -> list[dict]:
@@ -226,7 +230,7 @@ def contact_now_accepted(store: StateStore, rule: Rule, read: set[str]) -> list[
             and r["reasons"][-1].startswith(f"customer {r['customer_id']}:")]
     accepted = store.contacts.accepted_among(sorted({r["customer_id"] for r in rows}))
     owed = [json.loads(r["payload"]) for r in rows if r["customer_id"] in accepted]
-    return [e for e in owed if e["id"] not in read]
+    return not_pushed(store, rule, [e for e in owed if e["id"] not in read])
 
 
 def expire_rejected(store: StateStore, rule: Rule, late_cut: datetime, run_id: str) -> int:
