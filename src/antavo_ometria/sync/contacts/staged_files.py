@@ -39,6 +39,7 @@ QUARANTINE = "quarantine.ndjson"
 LOAD_JOURNAL = "load"  # a folder of NDJSON parts, one per push
 LEGACY_JOURNAL = "load.ndjson"
 READ_BUFFER = 8 << 20
+PAGE_BUFFER = 1 << 20  # the load's reads of contacts.parquet
 REPORT = "report.json"
 GX_RESULT = "gx_validation.json"
 DUPLICATES = "duplicate_ids.json"
@@ -160,9 +161,9 @@ def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
 
 
 def read_rows() -> int:
-    """How many staged contacts the load reads at a time: $ANTAVO_OMETRIA_LOAD_READ_ROWS, default 10,000 (their
+    """How many staged contacts the load reads at a time: $ANTAVO_OMETRIA_LOAD_READ_ROWS, default 2,000 (their
     bodies, about 1 KB each, are released before the next are read)."""
-    return int(os.environ.get("ANTAVO_OMETRIA_LOAD_READ_ROWS") or 10_000)
+    return int(os.environ.get("ANTAVO_OMETRIA_LOAD_READ_ROWS") or 2_000)
 
 
 @dataclass(frozen=True)
@@ -207,10 +208,11 @@ def contact_index(staging: Path, rows: int | None = None) -> StagedIndex:
     """The staged contacts' ids, hashes and body sizes, the bodies read `rows` at a time and let go."""
     ids, hashes, sizes = [], [], []
     with (staging / CONTACTS).open("rb") as handle:
-        for batch in pq.ParquetFile(handle).iter_batches(rows or read_rows()):
+        for batch in _streamed(handle).iter_batches(rows or read_rows(), use_threads=False):
             ids.append(batch.column("id"))
             hashes.append(batch.column("hash"))
             sizes.append(pc.binary_length(batch.column("body")).to_numpy(zero_copy_only=False))
+    pa.default_memory_pool().release_unused()  # the bodies' pages, kept by the allocator for reuse otherwise
     return StagedIndex(pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
                        pa.concat_arrays(hashes) if hashes else pa.array([], pa.string()),
                        np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64))
@@ -229,17 +231,22 @@ def contacts_at(staging: Path, positions: np.ndarray, rows: int | None = None
 
 def _increasing(staging: Path, positions: np.ndarray, rows: int) -> Iterator[list[tuple[str, bytes, str]]]:
     with (staging / CONTACTS).open("rb") as handle:
-        parquet = pq.ParquetFile(handle)
+        parquet = _streamed(handle)
         start = 0
         for group in range(parquet.num_row_groups):
             if start > positions[-1]:
                 return
             end = start + parquet.metadata.row_group(group).num_rows
             if np.searchsorted(positions, start) < np.searchsorted(positions, end):  # some of its rows are wanted
-                for batch in parquet.iter_batches(rows, row_groups=[group]):
+                for batch in parquet.iter_batches(rows, row_groups=[group], use_threads=False):
                     yield from _picked(batch, positions, start)
                     start += batch.num_rows
             start = end
+
+
+def _streamed(handle) -> pq.ParquetFile:
+    """The staged contacts file, its pages read as they are decoded (not a row group's columns at once)."""
+    return pq.ParquetFile(handle, pre_buffer=False, buffer_size=PAGE_BUFFER)
 
 
 def _picked(batch: pa.RecordBatch, positions: np.ndarray, start: int) -> Iterator[list[tuple[str, bytes, str]]]:
