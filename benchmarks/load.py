@@ -1,13 +1,15 @@
 """The load step alone on a staged run: peak memory and CPU seconds, this tree against another revision's.
 
     .venv/bin/python -m benchmarks.load --size 200000 --against main     # before (main) and after, side by side
+    .venv/bin/python -m benchmarks.load --against main --repeat 3         # each three times, alternately
     .venv/bin/python -m benchmarks.load --size 20000                      # this tree only, a quick run
 
 The staged run (contacts.parquet of `size` customers, shipped mapping, a full plan: every contact is sent) is
 made once into bench-data/load-<size>/ by the transform step. Each measurement runs in its own process: a
 fresh copy of the staged run, a fresh SQLite state store, and the Ometria sandbox in a process of its own with
 no rate limit (left out of the memory figures; its CPU is not counted). `--against REV` exports REV's src/ with
-`git archive` and runs the same measurement on it first (PYTHONPATH puts it before this tree's install).
+`git archive` and runs the same measurement on it first (PYTHONPATH puts it before this tree's install); with
+`--repeat`, the two alternate, and the medians are compared (the machine may be shared: CPU seconds vary).
 Writes its figures into benchmarks/results.json (`load_step`) and BENCHMARKS.md, keeping every other figure.
 """
 
@@ -17,6 +19,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -121,6 +124,10 @@ def load_section(results: dict) -> list[str]:
     ls = results["load_step"]
     rows = [f"| {run['label']} | {run['staged']:,} | {run['seconds']:.1f} s | {run['cpu_s']:.1f} "
             f"| {run['peak_rss_mb']:,} MB | {run['peak_rss_mb'] - run['rss_before_mb']:,} MB |" for run in ls["runs"]]
+    rows += [f"| **{label}, median of {len(runs)}** | | {median(r['seconds'] for r in runs):.1f} s "
+             f"| **{median(r['cpu_s'] for r in runs):.1f}** | **{median(r['peak_rss_mb'] for r in runs):,.0f} MB** "
+             f"| {median(r['peak_rss_mb'] - r['rss_before_mb'] for r in runs):,.0f} MB |"
+             for label, runs in by_label(ls["runs"]).items() if len(runs) > 1]
     return [
         "",
         "## The load step alone (`python -m benchmarks.load`)",
@@ -135,6 +142,17 @@ def load_section(results: dict) -> list[str]:
         "|---|---|---|---|---|---|",
         *rows,
     ]
+
+
+def by_label(runs: list[dict]) -> dict[str, list[dict]]:
+    grouped: dict[str, list[dict]] = {}
+    for run in runs:
+        grouped.setdefault(run["label"], []).append(run)
+    return grouped
+
+
+def median(values) -> float:
+    return statistics.median(list(values))
 
 
 def write(runs: list[dict], size: int, results_path: Path, report_path: Path) -> None:
@@ -152,6 +170,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", type=int, default=200_000)
     parser.add_argument("--against", help="a git revision to measure first (before), e.g. main")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each this many times, alternately")
     parser.add_argument("--measure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--output", default=str(PROJECT / "BENCHMARKS.md"))
     parser.add_argument("--results", default=str(PROJECT / "benchmarks" / "results.json"))
@@ -162,11 +181,14 @@ def main() -> None:
         return
     staged_run(args.size)
     runs = []
-    if args.against:
-        src, commit = exported(args.against)
-        runs.append({"label": f"{args.against} ({commit})", **child(args.size, src)})
+    src, commit = exported(args.against) if args.against else (None, "")
+    here = f"this tree ({this_tree()})"
+    for _ in range(args.repeat):
+        if src is not None:
+            runs.append({"label": f"{args.against} ({commit})", **child(args.size, src)})
+        runs.append({"label": here, **child(args.size, None)})
+    if src is not None:
         shutil.rmtree(src.parent)
-    runs.append({"label": f"this tree ({this_tree()})", **child(args.size, None)})
     for run in runs:
         print(f"{run['label']}: {run['staged']:,} staged, {run['accepted']:,} accepted in {run['seconds']:.1f} s, "
               f"{run['cpu_s']:.1f} CPU-s, peak RSS {run['peak_rss_mb']:,} MB "
