@@ -136,7 +136,8 @@ def load_section(results: dict) -> list[str]:
         "customers through the shipped mapping; every staged contact pushed in batches of 100, each answer recorded "
         "in a SQLite state store) against the Ometria sandbox in its own process with no rate limit. Memory is the "
         "peak RSS of the step's process (the sandbox left out); *growth* is that peak less the process's RSS before "
-        "the step began (Python, pyarrow, SQLAlchemy loaded).",
+        "the step began (Python, pyarrow, SQLAlchemy loaded). The machine was shared (load average "
+        f"{ls['load_average'][0]:.1f} on 2 cores at the end): wall times vary; CPU seconds and memory compare.",
         "",
         "| code | contacts | time | CPU s | peak RSS | growth |",
         "|---|---|---|---|---|---|",
@@ -182,10 +183,11 @@ def main() -> None:
     staged_run(args.size)
     runs = []
     src, commit = exported(args.against) if args.against else (None, "")
-    here = f"this tree ({this_tree()})"
+    here = f"after: {this_tree()}" if args.against else f"this tree: {this_tree()}"
     for _ in range(args.repeat):
         if src is not None:
-            runs.append({"label": f"{args.against} ({commit})", **child(args.size, src)})
+            runs.append({"label": f"before: {args.against}" + (f" ({commit})" if commit != args.against else ""),
+                         **child(args.size, src)})
         runs.append({"label": here, **child(args.size, None)})
     if src is not None:
         shutil.rmtree(src.parent)
