@@ -7,9 +7,9 @@
 The staged run (contacts.parquet of `size` customers, shipped mapping, a full plan: every contact is sent) is
 made once into bench-data/load-<size>/ by the transform step. Each measurement runs in its own process: a
 fresh copy of the staged run, a fresh SQLite state store, and the Ometria sandbox in a process of its own with
-no rate limit (left out of the memory figures; its CPU is not counted). `--against REV` exports REV's src/ with
-`git archive` and runs the same measurement on it first (PYTHONPATH puts it before this tree's install); with
-`--repeat`, the two alternate, and the medians are compared (the machine may be shared: CPU seconds vary).
+no rate limit (left out of the memory figures; its CPU is not counted). `--against REV` exports REV with
+`git archive`, installs it (`make install`: its own .venv) and runs the same measurement with that interpreter
+first; with `--repeat`, the two alternate, and the medians are compared (the machine may be shared).
 Writes its figures into benchmarks/results.json (`load_step`) and BENCHMARKS.md, keeping every other figure.
 """
 
@@ -88,25 +88,24 @@ def measure(size: int) -> dict:
             "rss_before_mb": round(rss_before), **memory.figures(), "sandbox": received}
 
 
-def child(size: int, src: Path | None) -> dict:
-    env = {**os.environ, "GX_ANALYTICS_ENABLED": "false"}
-    if src is not None:
-        env["PYTHONPATH"] = str(src)
-    done = subprocess.run([sys.executable, "-m", "benchmarks.load", "--measure", "--size", str(size)], cwd=PROJECT,
-                          capture_output=True, text=True, env=env)
+def child(size: int, python: str = sys.executable) -> dict:
+    """One measurement in a process of its own, by `python` (another revision's install) or this tree's."""
+    done = subprocess.run([python, "-m", "benchmarks.load", "--measure", "--size", str(size)], cwd=PROJECT,
+                          capture_output=True, text=True, env={**os.environ, "GX_ANALYTICS_ENABLED": "false"})
     if done.returncode:
         raise RuntimeError(f"the load of {size} failed:\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def exported(revision: str) -> tuple[Path, str]:
-    """REV's src/ in a temporary folder, and its commit."""
+def installed(revision: str) -> tuple[Path, str]:
+    """REV exported to a temporary folder and installed there (`make install`), and its commit."""
     commit = subprocess.run(["git", "rev-parse", "--short", revision], cwd=PROJECT, capture_output=True, text=True,
                             check=True).stdout.strip()
     folder = Path(tempfile.mkdtemp(prefix=f"bench-load-{commit}-"))
-    archive = subprocess.run(["git", "archive", commit, "src"], cwd=PROJECT, capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "archive", commit], cwd=PROJECT, capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder / "src", commit
+    subprocess.run(["make", "-C", str(folder), "install"], check=True, capture_output=True)
+    return folder, commit
 
 
 def this_tree() -> str:
@@ -182,15 +181,15 @@ def main() -> None:
         return
     staged_run(args.size)
     runs = []
-    src, commit = exported(args.against) if args.against else (None, "")
+    other, commit = installed(args.against) if args.against else (None, "")
     here = f"after: {this_tree()}" if args.against else f"this tree: {this_tree()}"
     for _ in range(args.repeat):
-        if src is not None:
+        if other is not None:
             runs.append({"label": f"before: {args.against}" + (f" ({commit})" if commit != args.against else ""),
-                         **child(args.size, src)})
-        runs.append({"label": here, **child(args.size, None)})
-    if src is not None:
-        shutil.rmtree(src.parent)
+                         **child(args.size, str(other / ".venv" / "bin" / "python"))})
+        runs.append({"label": here, **child(args.size)})
+    if other is not None:
+        shutil.rmtree(other)
     for run in runs:
         print(f"{run['label']}: {run['staged']:,} staged, {run['accepted']:,} accepted in {run['seconds']:.1f} s, "
               f"{run['cpu_s']:.1f} CPU-s, peak RSS {run['peak_rss_mb']:,} MB "
