@@ -419,7 +419,7 @@ def main() -> None:
     if not args.report_only:
         earlier = json.loads(Path(args.results).read_text(encoding="utf-8")) if Path(args.results).exists() else {}
         measured = measure_step(args.sizes, earlier, args.large) if args.step_only else measure_all(args.sizes)
-        kept = {key: value for key, value in earlier.items() if key.startswith(EVENT_KEYS)}  # make bench-events
+        kept = {key: value for key, value in earlier.items() if key.startswith(EVENT_KEYS + LOAD_KEYS)}
         Path(args.results).write_text(json.dumps({**measured, **kept}, indent=2) + "\n", encoding="utf-8")
         print(f"wrote {args.results}")
     write_report(Path(args.output), json.loads(Path(args.results).read_text(encoding="utf-8")))
@@ -427,6 +427,7 @@ def main() -> None:
 
 
 EVENT_KEYS = ("event", "antavo_event_requests_per_hour")  # written by benchmarks/events.py
+LOAD_KEYS = ("load_step",)  # written by benchmarks/load.py
 LARGE = 3_000_000  # the gate is measured here too: its cost per million must stay flat
 
 
@@ -569,6 +570,8 @@ def cpu_targets(results: dict, n: str) -> list[str]:
 
 def write_report(path: Path, results: dict) -> None:
     """BENCHMARKS.md from the results (benchmarks/results.json): every figure in it comes from there."""
+    from benchmarks.load import load_section
+
     largest, n = results["population"], label(results["population"])
     top, ratios, targets, inc = results["sizes"][str(largest)], results["ratios"], results["targets"], results["incremental"]
     inc_key = f"incremental_{label(inc['changed_in_antavo'])}_of_{n}_s"
@@ -666,6 +669,7 @@ def write_report(path: Path, results: dict) -> None:
         share = f" ({row['requests_per_s'] / row['limit_rps']:.0%} of the limit)" if row["limit_rps"] else ""
         lines.append(f"| {limit} | {row['records']:,} | {row['seconds']:.1f} s | {row['records_per_s']:,.0f} "
                      f"| {row['requests_per_s']:.2f}{share} | {row['throttled_429']} |")
+    lines += load_section(results)
     lines += [
         "",
         "## DAG parse times (`airflow dags report`)",

@@ -25,6 +25,8 @@ def pytest_configure(config: pytest.Config) -> None:
         "ANTAVO_OMETRIA_EVENT_POKE_SECONDS": "0.5",
         "ANTAVO_OMETRIA_EVENT_WAIT_SECONDS": "3",
         "ANTAVO_OMETRIA_RETRY_DELAY_SECONDS": "1",
+        # the load reads the staged contacts 64 at a time: every test's run spans several read batches
+        "ANTAVO_OMETRIA_LOAD_READ_ROWS": "64",
     })
 
 

@@ -98,16 +98,15 @@ def split_oversized(
     fits, refused = [], []
     for record_id, body in encoded:
         if len(body) > MAX_RECORD_BYTES:
-            refused.append(
-                OversizedRecord(
-                    record_id,
-                    len(body),
-                    f"record is {len(body)} bytes; Ometria accepts at most {MAX_RECORD_BYTES}",
-                )
-            )
+            refused.append(oversized(record_id, len(body)))
         else:
             fits.append((record_id, body))
     return fits, refused
+
+
+def oversized(record_id: str, size: int) -> OversizedRecord:
+    """A record of `size` bytes, over Ometria's 60 KB, held back with the reason."""
+    return OversizedRecord(record_id, size, f"record is {size} bytes; Ometria accepts at most {MAX_RECORD_BYTES}")
 
 
 def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes], hashes: list[str] | None = None,

@@ -21,22 +21,22 @@ log = logging.getLogger(__name__)
 class Recorder:
     """Writes what Ometria answered into the state store: accepted, or owed with the reason and the next try."""
 
-    def __init__(self, store: StateStore | None, mapping_version: str, run_id: str, backoff: Backoff,
-                 bodies: dict[str, bytes]):
+    def __init__(self, store: StateStore | None, mapping_version: str, run_id: str, backoff: Backoff):
         self.store, self.mapping_version, self.run_id = store, mapping_version, run_id
-        self.backoff, self.bodies = backoff, bodies
+        self.backoff = backoff
 
-    def __call__(self, entries: list[JournalEntry]) -> None:
+    def __call__(self, entries: list[JournalEntry], bodies: dict[str, bytes] | None = None) -> None:
+        """Record these entries; `bodies`: the payloads of their records (id → body), kept with those accepted."""
         if self.store is None:
             return
         for entry in entries:
-            self.record(entry)
+            self.record(entry, bodies or {})
 
-    def record(self, entry: JournalEntry) -> None:
+    def record(self, entry: JournalEntry, bodies: dict[str, bytes]) -> None:
         pairs, outcome = list(zip(entry.ids, entry.hashes)), entry.outcome
         if outcome == PushOutcome.SENT:
             self.store.contacts.record_accepted(pairs, self.mapping_version, self.run_id, entry.request_id,
-                                                {i: self.bodies[i] for i in entry.ids if i in self.bodies} or None)
+                                                {i: bodies[i] for i in entry.ids if i in bodies} or None)
             self.store.held.release(entry.ids, (HeldKind.QUARANTINED, HeldKind.FAILED, HeldKind.REJECTED))
             return
         rejected = outcome == PushOutcome.REJECTED
@@ -50,7 +50,7 @@ class Recorder:
 def remember_sent(store: StateStore, entries: list[JournalEntry], mapping_version: str, run_id: str,
                   bodies: dict[str, bytes] | None = None) -> None:
     """Record what Ometria answered for these journal entries (accepted, or owed)."""
-    Recorder(store, mapping_version, run_id, Backoff(), bodies or {})(entries)
+    Recorder(store, mapping_version, run_id, Backoff())(entries, bodies)
 
 
 @dataclass

@@ -5,10 +5,16 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
+from collections.abc import Container, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
+from itertools import islice
 from pathlib import Path
 
+import numpy as np
+
 from antavo_ometria.ometria.client import OmetriaClient
+from antavo_ometria.ometria.contract import MAX_BATCH_RECORDS, MAX_RECORD_BYTES
 from antavo_ometria.ometria.payload import encode_record
 from antavo_ometria.ometria.push import (
     ANSWERED,
@@ -17,8 +23,8 @@ from antavo_ometria.ometria.push import (
     OversizedRecord,
     PushOutcome,
     batches,
+    oversized,
     push_isolating,
-    split_oversized,
 )
 from antavo_ometria.sync.contact_push import Recorder
 from antavo_ometria.sync.contacts.staged_files import (
@@ -28,9 +34,13 @@ from antavo_ometria.sync.contacts.staged_files import (
     OVERSIZED,
     Journal,
     Progress,
-    read_contacts,
+    StagedIndex,
+    contact_index,
+    contacts_at,
+    first_bodies,
     read_journal,
     read_ndjson,
+    staged_count,
     write_ndjson,
 )
 from antavo_ometria.sync.contacts.step_results import Loaded, Plan
@@ -42,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MIN_SHARED_CAUSE = 10  # new rejections that can show a shared cause: a whole batch of them, or a share of the run
 OUTCOME = "load_outcome.json"  # the load's account of its attempt, for the report
+FIELDS_SAMPLE = 1000  # the fields a run sends show in its first contacts
 
 
 class LoadFailed(Exception):
@@ -89,35 +100,39 @@ class LoadOutcome:
 
 @dataclass(frozen=True)
 class Selection:
-    """What this try of the load sends, and what it does not: a pure decision over the staged contacts."""
+    """What this try of the load sends, and what it does not: a pure decision over the staged contacts' ids,
+    hashes and sizes (the bodies are read as they are sent)."""
 
-    fits: list[tuple[str, bytes]]  # to push
+    send: np.ndarray  # row positions of the staged contacts to push, in the order they are pushed
     oversized: list[OversizedRecord]  # over Ometria's record size: held back
-    deferred: list[tuple[str, bytes]]  # over the run's cap: owed, the next run sends them
+    deferred: list[tuple[str, str]]  # (id, hash) over the run's cap: owed, the next run sends them
     delivered_earlier: int  # delivered by an earlier try of this attempt: not sent again
 
 
-def select(contacts: list[tuple[str, bytes, str]], delivered: set[tuple[str, str]], owed: set[str],
-           cap: int) -> Selection:
+def select(staged: StagedIndex, delivered: set[tuple[str, str]], owed: set[str], cap: int) -> Selection:
     """The contacts this try sends: not those an earlier try delivered, nor oversized ones, within the cap."""
-    pending = [(i, b) for i, b, h in contacts if (i, h) not in delivered]
-    fits, oversized = split_oversized(pending)
-    earlier = len(contacts) - len(pending)
-    fits, deferred = within_cap(fits, cap, earlier, owed)
-    return Selection(fits, oversized, deferred, earlier)
+    pending = ~staged.pairs_among(delivered) if delivered else np.ones(len(staged), bool)
+    big = staged.sizes > MAX_RECORD_BYTES
+    held = np.flatnonzero(pending & big)
+    too_large = [oversized(i, int(size)) for (i, _), size in zip(staged.pairs_at(held), staged.sizes[held])]
+    earlier = len(staged) - int(pending.sum())
+    send, deferred = within_cap(pending & ~big, cap, earlier, staged.among(owed))
+    return Selection(send, too_large, staged.pairs_at(deferred), earlier)
 
 
 class _LoadRun:
     """One try of the load: its staging folder, journal and recorder, and the steps that act."""
 
     def __init__(self, staging: Path, client: OmetriaClient, plan: Plan, store: StateStore | None,
-                 settings: SyncSettings, contacts: list[tuple[str, bytes, str]]):
+                 settings: SyncSettings, staged: StagedIndex, rows: int | None):
         self.staging, self.client, self.plan, self.store, self.settings = staging, client, plan, store, settings
-        self.contacts, self.journal = contacts, Journal(staging)
-        self.hashes_of = {i: h for i, _, h in contacts}
+        self.staged, self.rows, self.journal = staged, rows, Journal(staging)
         self.record = Recorder(store, plan.mapping_version, plan.run_id,
-                               Backoff(settings.retry_first_hours, settings.retry_max_hours),
-                               {i: b for i, b, _ in contacts})
+                               Backoff(settings.retry_first_hours, settings.retry_max_hours))
+
+    @cached_property
+    def ids(self) -> set[str]:
+        return set(self.staged.ids.to_pylist())
 
     def resume(self) -> set[tuple[str, str]]:
         """The (id, hash) pairs an earlier try of this attempt delivered, recorded again (the store may have
@@ -125,17 +140,27 @@ class _LoadRun:
         earlier = [e for e in journal_entries(self.staging, self.plan) if not e.removal]  # not list removals
         latest = {(i, h): accepted(e) for e in earlier for i, h in zip(e.ids, e.hashes)}  # the newest word counts
         delivered = {pair for pair, ok in latest.items() if ok}
-        if delivered:
-            self.record([still_delivered(e, delivered) for e in earlier if accepted(e)])
+        if delivered and self.store is not None:
+            self.record_again([still_delivered(e, delivered) for e in earlier if accepted(e)])
         return delivered
+
+    def record_again(self, entries: list[JournalEntry]) -> None:
+        """Record accepted entries again, with their payloads, read from the staged file a batch at a time."""
+        wanted = {i for e in entries for i in e.ids}
+        for contacts in contacts_at(self.staging, np.flatnonzero(self.staged.among(wanted)), self.rows):
+            bodies = {i: body for i, body, _ in contacts}
+            self.record([part for e in entries if (part := only(e, bodies)).ids], bodies)
+        unstaged = wanted - self.ids  # no longer staged: recorded without a payload
+        if unstaged:
+            self.record([part for e in entries if (part := only(e, unstaged)).ids])
 
     def owed(self) -> set[str]:
         """Contacts owed by earlier runs (in any mode): rejected again, they stay held, and do not fail the load."""
         if self.store is None:
             return set(self.plan.retry_ids)
-        return self.store.contacts.owed_among([i for i, _, _ in self.contacts], self.plan.run_id)
+        return self.store.contacts.owed_among(self.staged.ids.to_pylist(), self.plan.run_id)
 
-    def defer(self, deferred: list[tuple[str, bytes]]) -> None:
+    def defer(self, deferred: list[tuple[str, str]]) -> None:
         write_ndjson(self.staging / DEFERRED, ({"id": i} for i, _ in deferred))
         if not deferred:
             return
@@ -144,18 +169,19 @@ class _LoadRun:
                     len(deferred), cap)
         if self.store is not None:
             self.store.contacts.record_owed(
-                [(i, self.hashes_of[i]) for i, _ in deferred], ContactStatus.DEFERRED,
+                deferred, ContactStatus.DEFERRED,
                 f"deferred: over sync.max_contacts_per_run ({cap:,}) in run {self.plan.run_id}",
                 self.plan.mapping_version, self.plan.run_id, Backoff())
 
-    def push(self, fits: list[tuple[str, bytes]], owed: set[str]) -> JournalEntry | None:
-        """Push in batches, each on record before the next; the batch Ometria refused whole, which stops it."""
-        progress = Progress("load", "contacts", total=len(fits))
+    def push(self, send: np.ndarray, owed: set[str]) -> JournalEntry | None:
+        """Push the staged contacts at these rows in batches, each on record before the next, their bodies read a
+        batch at a time; the batch Ometria refused whole, which stops it."""
+        progress = Progress("load", "contacts", total=len(send))
         refused_whole = None
-        for ids, bodies in batches(fits):
-            entries = push_isolating(self.client, ids, bodies, [self.hashes_of[i] for i in ids])
+        for ids, bodies, hashes in push_batches(contacts_at(self.staging, send, self.rows)):
+            entries = push_isolating(self.client, ids, bodies, hashes)
             self.journal.append([e.tagged(self.plan.attempt).as_dict() for e in entries])
-            self.record(entries)
+            self.record(entries, dict(zip(ids, bodies)))
             progress.advance(len(ids))
             if len(entries) == 1 and refused_as_a_whole(entries[0], owed):
                 refused_whole = entries[0]
@@ -167,13 +193,14 @@ class _LoadRun:
     def take_back(self, outcome: LoadOutcome, late: list[dict]) -> LoadFailed:
         """Ometria listed the accepted contacts invalid afterwards: nothing of this try counts as delivered."""
         ids = outcome.accepted_ids
-        unconfirmed = JournalEntry(ids, [self.hashes_of[i] for i in ids], NOT_ANSWERED, retryable=False,
+        hashes = dict(self.staged.pairs_at(np.flatnonzero(self.staged.among(ids))))
+        unconfirmed = JournalEntry(ids, [hashes[i] for i in ids], NOT_ANSWERED, retryable=False,
                                    attempt=self.plan.attempt,
                                    error=f"accepted, then listed invalid by Ometria ({len(late)} errors at "
                                          "/v2/push/_errors, which do not say which record)")
         self.journal.append([unconfirmed.as_dict()])  # a retry sends them again
         self.record([unconfirmed])
-        keep_outcome(self.staging, self.plan, summarise_load(self.staging, self.plan, set(self.hashes_of)))
+        keep_outcome(self.staging, self.plan, summarise_load(self.staging, self.plan, self.ids))
         return LoadFailed(f"Ometria accepted the contacts, then listed {len(late)} validation errors on fields they "
                           f"carry. {likely_cause(late)} The {len(ids)} contacts this try sent stay owed and are sent "
                           "again: fix the cause, then clear the run or wait for the next one.", retryable=False)
@@ -195,7 +222,8 @@ class _LoadRun:
         return None
 
 
-def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None) -> Loaded:
+def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: StateStore | None = None,
+                rows: int | None = None) -> Loaded:
     """Push the staged contacts in batches of 100; a retry of this attempt skips what it already delivered.
 
     What counts as delivered is an (id, payload hash) pair that this attempt of the run pushed and Ometria
@@ -204,31 +232,34 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     undelivered contact stays owed in the state store and is tried again by later runs (settings' backoff).
     The load fails, and stops sending, when Ometria refuses a whole batch of records (most likely a field
     missing in the account) or more than `max_rejected_share` of the run's contacts.
+    The staged file is read `rows` contacts at a time (default: `read_rows()`): the load holds every contact's
+    id and hash, never every body.
     """
     plan = Plan.of(plan)
     settings = plan.run_settings
-    contacts = read_contacts(staging)
     leavers = read_ndjson(staging / LEAVERS)
     if plan.dry_run:
+        staged = staged_count(staging)
         log.info("dry run: %d contacts would be sent and %d removed from the list; nothing was sent",
-                 len(contacts), len(leavers))
-        return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=len(contacts))
+                 staged, len(leavers))
+        return Loaded(0, 0, 0, 0, 0, 0, dry_run=True, would_send=staged)
+    staged = contact_index(staging, rows)
     keep_outcome(staging, plan, None)
-    run = _LoadRun(staging, client, plan, store, settings, contacts)
+    run = _LoadRun(staging, client, plan, store, settings, staged, rows)
     owed = run.owed()
-    chosen = select(contacts, run.resume(), owed, settings.max_contacts_per_run)
+    chosen = select(staged, run.resume(), owed, settings.max_contacts_per_run)
     run.defer(chosen.deferred)
     if chosen.delivered_earlier:
         log.info("resuming: %d contacts were delivered by an earlier try of this run; %d to send",
-                 chosen.delivered_earlier, len(chosen.fits))
-    refused_whole = run.push(chosen.fits, owed)
+                 chosen.delivered_earlier, len(chosen.send))
+    refused_whole = run.push(chosen.send, owed)
     write_ndjson(staging / OVERSIZED, ({"id": o.id, "reasons": [o.reason]} for o in chosen.oversized))
     if refused_whole is None:
         push_leavers(client, staging, plan, store, settings, run.journal, leavers)
     errors = new_push_errors(client, store)
     (staging / ASYNC_ERRORS).write_text(json.dumps(errors, ensure_ascii=False), encoding="utf-8")
-    outcome = summarise_load(staging, plan, {i for i, _, _ in contacts})
-    verdict, late = _verdicts(outcome, owed, refused_whole, errors, [b for _, b, _ in contacts], settings,
+    outcome = summarise_load(staging, plan, run.ids)
+    verdict, late = _verdicts(outcome, owed, refused_whole, errors, first_bodies(staging, FIELDS_SAMPLE), settings,
                               store.push_errors.last_polled() if store is not None else ())
     if not late:  # else the account waits for the take-back: a crash meanwhile leaves the journal to tell
         keep_outcome(staging, plan, outcome)
@@ -237,34 +268,51 @@ def load_staged(staging: Path, client: OmetriaClient, plan: Plan | dict, store: 
     failure = run.take_back(outcome, late) if late else run.undelivered(outcome)
     if failure is not None:
         raise failure
-    retried = [i for i, _, _ in contacts if i in owed]
     return Loaded(**outcome.counts(), async_errors=len(errors), delivered_earlier=chosen.delivered_earlier,
-                  deferred=len(chosen.deferred), retried=len(retried),
-                  retried_accepted=len(set(retried) & set(outcome.accepted_ids)))
+                  deferred=len(chosen.deferred), retried=int(staged.among(owed).sum()),
+                  retried_accepted=len(owed & set(outcome.accepted_ids)))
 
 
 def _verdicts(outcome: LoadOutcome, owed: set[str], refused_whole: JournalEntry | None, errors: list[dict],
               bodies: list[bytes], settings: SyncSettings, listed_before: list[dict]) -> tuple[str | None, list[dict]]:
-    """Why the load fails for what Ometria rejected (or None), and the errors it listed later on the run's fields."""
+    """Why the load fails for what Ometria rejected (or None), and the errors it listed later on the run's fields
+    (`bodies`: the run's first contacts, whose fields it sends)."""
     verdict = rejection_verdict(outcome, owed, refused_whole, errors, settings.max_rejected_share, listed_before)
     if verdict or outcome.rejected_ids:  # with rejections in its answers, its errors may be theirs
         return verdict, []
     return None, reported_later(errors, bodies, len(outcome.accepted_ids), settings.max_rejected_share)
 
 
+def push_batches(contacts: Iterable[list[tuple[str, bytes, str]]]
+                 ) -> Iterator[tuple[list[str], list[bytes], list[str]]]:
+    """Staged contacts (id, body, hash), as read a batch at a time, in batches of a push: ids, bodies, hashes."""
+    rows = (contact for read in contacts for contact in read)
+    while batch := list(islice(rows, MAX_BATCH_RECORDS)):
+        ids, bodies, hashes = zip(*batch, strict=True)
+        yield list(ids), list(bodies), list(hashes)
+
+
 def still_delivered(entry: JournalEntry, delivered: set[tuple[str, str]]) -> JournalEntry:
     """An accepted journal entry, without the records a later entry took back (listed invalid afterwards)."""
-    kept = [(i, h) for i, h in zip(entry.ids, entry.hashes) if (i, h) in delivered]
+    return _keeping(entry, [(i, h) for i, h in zip(entry.ids, entry.hashes) if (i, h) in delivered])
+
+
+def only(entry: JournalEntry, ids: Container[str]) -> JournalEntry:
+    """An accepted journal entry, with only the records of these ids."""
+    return _keeping(entry, [(i, h) for i, h in zip(entry.ids, entry.hashes) if i in ids])
+
+
+def _keeping(entry: JournalEntry, kept: list[tuple[str, str]]) -> JournalEntry:
     return replace(entry, ids=[i for i, _ in kept], hashes=[h for _, h in kept], accepted=len(kept))
 
 
-def within_cap(fits: list[tuple[str, bytes]], cap: int, delivered: int, owed: set[str]
-               ) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
-    """(what this try sends, what it defers) under `max_contacts_per_run` (0: no cap), counting what earlier
-    tries of the run delivered; owed contacts go first, so a cap never starves the longest owed."""
+def within_cap(fits: np.ndarray, cap: int, delivered: int, owed: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(the rows this try sends, in order; the rows it defers) of those that `fits` marks, under
+    `max_contacts_per_run` (0: no cap), counting what earlier tries of the run delivered; owed contacts (marked
+    by `owed`) go first, so a cap never starves the longest owed."""
     if not cap:
-        return fits, []
-    ordered = sorted(fits, key=lambda fit: fit[0] not in owed)
+        return np.flatnonzero(fits), np.zeros(0, np.int64)
+    ordered = np.concatenate([np.flatnonzero(fits & owed), np.flatnonzero(fits & ~owed)])
     room = max(cap - delivered, 0)
     return ordered[:room], ordered[room:]
 
@@ -300,7 +348,7 @@ def reported_later(errors: list[dict], bodies: list[bytes], accepted: int, max_s
     """Ometria's new validation errors on fields these contacts carry, when too many to be another source's (the
     list is account-wide): Ometria counted the records accepted, then listed them invalid, without saying which."""
     carried = set()
-    for body in bodies[:1000]:  # the fields a run sends show in its first contacts
+    for body in bodies[:FIELDS_SAMPLE]:  # the fields a run sends show in its first contacts
         record = json.loads(body)
         carried.update(f"root > {key}" for key in record)
         carried.update(f"root > properties > {key}" for key in record.get("properties", {}))

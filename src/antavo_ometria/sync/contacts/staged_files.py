@@ -22,10 +22,13 @@ import time
 import uuid
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -36,6 +39,7 @@ QUARANTINE = "quarantine.ndjson"
 LOAD_JOURNAL = "load"  # a folder of NDJSON parts, one per push
 LEGACY_JOURNAL = "load.ndjson"
 READ_BUFFER = 8 << 20
+PAGE_BUFFER = 1 << 20  # the load's reads of contacts.parquet
 REPORT = "report.json"
 GX_RESULT = "gx_validation.json"
 DUPLICATES = "duplicate_ids.json"
@@ -154,6 +158,114 @@ def contact_batches(staging: Path, rows: int = 100_000) -> Iterator[list[tuple[s
 def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
     """Every staged contact (id, body, hash), read batch by batch (no Arrow copy of the whole file beside it)."""
     return [contact for batch in contact_batches(staging) for contact in batch]
+
+
+def read_rows() -> int:
+    """How many staged contacts the load reads at a time: $ANTAVO_OMETRIA_LOAD_READ_ROWS, default 2,000 (their
+    bodies, about 1 KB each, are released before the next are read)."""
+    return int(os.environ.get("ANTAVO_OMETRIA_LOAD_READ_ROWS") or 2_000)
+
+
+@dataclass(frozen=True)
+class StagedIndex:
+    """The staged contacts without their bodies, row for row in the file's order: ids, payload hashes and body
+    sizes in Arrow and numpy arrays (a few dozen bytes a contact), for the load to decide on before it reads the
+    bodies it sends."""
+
+    ids: pa.StringArray
+    hashes: pa.StringArray
+    sizes: np.ndarray  # bytes of each encoded body
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def among(self, ids: Iterable[str]) -> np.ndarray:
+        """Which rows have one of these ids (a boolean mask)."""
+        return _mask(pc.is_in(self.ids, value_set=pa.array(list(ids), pa.string())))
+
+    def pairs_among(self, pairs: Iterable[tuple[str, str]]) -> np.ndarray:
+        """Which rows are one of these (id, hash) pairs (a boolean mask)."""
+        keys = pc.binary_join_element_wise(self.ids, self.hashes, "\n")
+        return _mask(pc.is_in(keys, value_set=pa.array([f"{i}\n{h}" for i, h in pairs], pa.string())))
+
+    def pairs_at(self, positions: np.ndarray) -> list[tuple[str, str]]:
+        """(id, hash) of the rows at these positions, in their order."""
+        taken = pa.array(positions, pa.int64())
+        return list(zip(self.ids.take(taken).to_pylist(), self.hashes.take(taken).to_pylist(), strict=True))
+
+
+def _mask(flags: pa.Array) -> np.ndarray:
+    return flags.to_numpy(zero_copy_only=False).astype(bool, copy=False)
+
+
+def staged_count(staging: Path) -> int:
+    """How many contacts are staged (from the file's footer: nothing is read)."""
+    with (staging / CONTACTS).open("rb") as handle:
+        return pq.ParquetFile(handle).metadata.num_rows
+
+
+def contact_index(staging: Path, rows: int | None = None) -> StagedIndex:
+    """The staged contacts' ids, hashes and body sizes, the bodies read `rows` at a time and let go."""
+    ids, hashes, sizes = [], [], []
+    with (staging / CONTACTS).open("rb") as handle:
+        for batch in _streamed(handle).iter_batches(rows or read_rows(), use_threads=False):
+            ids.append(batch.column("id"))
+            hashes.append(batch.column("hash"))
+            sizes.append(pc.binary_length(batch.column("body")).to_numpy(zero_copy_only=False))
+    pa.default_memory_pool().release_unused()  # the bodies' pages, kept by the allocator for reuse otherwise
+    return StagedIndex(pa.concat_arrays(ids) if ids else pa.array([], pa.string()),
+                       pa.concat_arrays(hashes) if hashes else pa.array([], pa.string()),
+                       np.concatenate(sizes).astype(np.int64) if sizes else np.zeros(0, np.int64))
+
+
+def contacts_at(staging: Path, positions: np.ndarray, rows: int | None = None
+                ) -> Iterator[list[tuple[str, bytes, str]]]:
+    """The staged contacts (id, body, hash) at these row positions, in the order given, a read batch of `rows`
+    at a time: one pass over the file for each stretch of increasing positions (row groups without any skipped)."""
+    positions = np.asarray(positions, np.int64)
+    breaks = np.flatnonzero(np.diff(positions) <= 0) + 1
+    for stretch in np.split(positions, breaks):
+        if len(stretch):
+            yield from _increasing(staging, stretch, rows or read_rows())
+
+
+def _increasing(staging: Path, positions: np.ndarray, rows: int) -> Iterator[list[tuple[str, bytes, str]]]:
+    with (staging / CONTACTS).open("rb") as handle:
+        parquet = _streamed(handle)
+        start = 0
+        for group in range(parquet.num_row_groups):
+            if start > positions[-1]:
+                return
+            end = start + parquet.metadata.row_group(group).num_rows
+            if np.searchsorted(positions, start) < np.searchsorted(positions, end):  # some of its rows are wanted
+                for batch in parquet.iter_batches(rows, row_groups=[group], use_threads=False):
+                    yield from _picked(batch, positions, start)
+                    start += batch.num_rows
+            start = end
+
+
+def _streamed(handle) -> pq.ParquetFile:
+    """The staged contacts file, its pages read as they are decoded (not a row group's columns at once)."""
+    return pq.ParquetFile(handle, pre_buffer=False, buffer_size=PAGE_BUFFER)
+
+
+def _picked(batch: pa.RecordBatch, positions: np.ndarray, start: int) -> Iterator[list[tuple[str, bytes, str]]]:
+    low, high = np.searchsorted(positions, [start, start + batch.num_rows])
+    if high > low:
+        taken = batch.take(pa.array(positions[low:high] - start, pa.int64()))
+        yield list(zip(taken.column("id").to_pylist(), taken.column("body").to_pylist(),
+                       taken.column("hash").to_pylist(), strict=True))
+
+
+def first_bodies(staging: Path, count: int) -> list[bytes]:
+    """The bodies of the first `count` staged contacts."""
+    bodies: list[bytes] = []
+    with (staging / CONTACTS).open("rb") as handle:
+        for batch in pq.ParquetFile(handle).iter_batches(count, columns=["body"]):
+            bodies += batch.column("body").to_pylist()[:count - len(bodies)]
+            if len(bodies) == count:
+                break
+    return bodies
 
 
 def staging_dir(root: Path, dag_id: str, run_id: str) -> Path:
