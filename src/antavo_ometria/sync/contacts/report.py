@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
+
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES, kilobytes
 from antavo_ometria.sync.contacts.load import LoadOutcome, load_outcome
 from antavo_ometria.sync.contacts.staged_files import (
@@ -18,7 +20,8 @@ from antavo_ometria.sync.contacts.staged_files import (
     OVERSIZED,
     QUARANTINE,
     REPORT,
-    read_contacts,
+    contact_index,
+    contacts_at,
     read_ndjson,
 )
 from antavo_ometria.sync.contacts.step_results import Extracted, Loaded, Plan, RunStatus, Transformed
@@ -53,17 +56,20 @@ class RunResults:
 def gather(staging: Path, plan: Plan, extracted: Extracted, transformed: Transformed,
            loaded: Loaded | None) -> RunResults:
     """Read what the steps left in the staging folder."""
-    staged = read_contacts(staging)
-    outcome = load_outcome(staging, plan, {i for i, _, _ in staged})
+    index = contact_index(staging)  # ids and hashes: the bodies are read only for contacts not delivered
+    staged_ids = index.ids.to_pylist()
+    outcome = load_outcome(staging, plan, set(staged_ids))
     results = RunResults(
-        plan, extracted, transformed, loaded, outcome, [i for i, _, _ in staged],
+        plan, extracted, transformed, loaded, outcome, staged_ids,
         quarantined=[{"id": q["id"], "reasons": q["reasons"]} for q in read_ndjson(staging / QUARANTINE)],
         oversized=read_ndjson(staging / OVERSIZED), deferred_ids=[d["id"] for d in _ndjson_if_any(staging / DEFERRED)],
         async_errors=_json_if_any(staging / ASYNC_ERRORS), duplicates=_json_if_any(staging / DUPLICATES),
         staging=str(staging))
     failing = set(outcome.rejected_ids) | set(outcome.failed_ids) | set(unreached(results))
     if failing:  # their payloads are kept with them in the state store
-        results = replace(results, payloads={i: json.loads(b) for i, b, _ in staged if i in failing})
+        rows = np.flatnonzero(index.among(failing))
+        results = replace(results, payloads={i: json.loads(b) for batch in contacts_at(staging, rows)
+                                             for i, b, _ in batch})
     return results
 
 
