@@ -153,3 +153,115 @@ def test_an_event_whose_contact_ometria_rejected_is_sent_once_the_contact_is_acc
     deliver(rule, antavo_client, ometria_client, store, mapping, "run-4", now=past_window)
     assert sandbox.ometria.received[("custom_event", oid(stuck))] == 1  # once
     assert sandbox.ometria.received[("custom_event", oid(later))] == 1
+
+
+def test_an_event_held_for_a_contact_accepted_before_is_not_looked_up_again_on_every_run(sandbox, antavo_client,
+                                                                                         ometria_client, state_url,
+                                                                                         mappings):  # noqa: F811
+    """A customer Ometria accepted earlier (status sent) whose event is held for the customer (here: no longer found
+    in Antavo) is not 'accepted since': later deliveries must not read, look up and hold the event again, run
+    after run, for as long as the customer stays in that state."""
+    from antavo_ometria.sync.events.delivery import deliver
+
+    store = StateStore(state_url)
+    store.migrate()
+    rule = next(r for r in load_rules(mappings) if r.name == "reward_claimed")
+    mapping = load_contact_mapping(mappings)
+    now = datetime.now(UTC)
+    cid = "c00000055"
+    store.contacts.record_accepted([(cid, "h")], mapping.version, "contacts-run")  # accepted long ago
+    stuck = sandbox.antavo.claim_reward(cid, "rw-coffee", at=now - timedelta(minutes=60))
+    sandbox.antavo.claim_reward("c00000056", "rw-coffee", at=now - timedelta(minutes=5))  # moves the cursor on
+    del sandbox.antavo.by_id[cid]  # erased from Antavo since (or: its record now fails a check)
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1", now=now)
+    assert (summary["held"], summary["accepted"]) == (1, 1)
+    past_window = now + timedelta(hours=4, minutes=30)
+    tries = [deliver(rule, antavo_client, ometria_client, store, mapping, f"run-{n}", now=past_window)
+             for n in (2, 3, 4)]
+    rows = store.held_records(kind="event_held", antavo_id=oid(stuck), history=True)
+    assert [s["retried"] for s in tries] == [0, 0, 0], (tries[-1]["held_reasons"], len(rows))
+    assert len(rows) == 1, [(r["run_id"], r["released_at"]) for r in rows]
+
+
+def test_an_owed_event_that_a_retry_of_the_same_run_cannot_push_stays_owed(sandbox, antavo_client, ometria_client,
+                                                                           state_url, mappings):  # noqa: F811
+    """An owed event held again by a run's first try (its customer briefly not found in Antavo) is tried again within
+    the hour; not delivered by the retry of that same run (Ometria down), it must stay owed: the retry's clear of
+    what its first try held must not drop it, nor may a later delivery miss it."""
+    from antavo_ometria.sync.events.delivery import EventsNotDelivered, deliver
+
+    store = StateStore(state_url)
+    store.migrate()
+    rule = next(r for r in load_rules(mappings) if r.name == "reward_claimed")
+    mapping = load_contact_mapping(mappings)
+    now = datetime.now(UTC)
+    cid = "c00000053"
+    stuck = sandbox.antavo.claim_reward(cid, "rw-coffee", at=now - timedelta(minutes=60))
+    sandbox.antavo.claim_reward("c00000054", "rw-coffee", at=now - timedelta(minutes=5))  # moves the cursor on
+    sandbox.ometria.reject_ids.add(cid)
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-1", now=now)
+    sandbox.ometria.reject_ids.clear()
+    store.contacts.record_accepted([(cid, "h")], mapping.version, "contacts-run")  # the contact run delivered it
+    past_window = now + timedelta(hours=4, minutes=30)
+    customer = sandbox.antavo.by_id.pop(cid)  # briefly not found in Antavo
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=past_window)  # held again
+    sandbox.antavo.by_id[cid] = customer
+    an_hour_passes(store, oid(stuck))
+    sandbox.ometria.faults.add({"status": 503, "count": 10**6, "path": "/v2/push"})
+    with pytest.raises(EventsNotDelivered):  # Airflow's retry of run-2, while Ometria is down
+        deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=past_window)
+    sandbox.ometria.faults.clear()
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-3", now=past_window)
+    assert sandbox.ometria.received[("custom_event", oid(stuck))] == 1, store.held_records(
+        kind="event_held", antavo_id=oid(stuck), history=True)
+
+
+def delivered_then_killed(sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch):  # noqa: F811
+    """An owed event pushed and recorded sent by a delivery killed before it released the event's held record; then
+    a later delivery. Returns (store, the event's Ometria id)."""
+    from antavo_ometria.sync.events import delivery
+
+    store = StateStore(state_url)
+    store.migrate()
+    rule = next(r for r in load_rules(mappings) if r.name == "reward_claimed")
+    mapping = load_contact_mapping(mappings)
+    now = datetime.now(UTC)
+    stuck = sandbox.antavo.claim_reward("c00000053", "rw-coffee", at=now - timedelta(minutes=60))
+    sandbox.antavo.claim_reward("c00000054", "rw-coffee", at=now - timedelta(minutes=5))
+    sandbox.ometria.reject_ids.add("c00000053")
+    delivery.deliver(rule, antavo_client, ometria_client, store, mapping, "run-1", now=now)
+    sandbox.ometria.reject_ids.clear()
+    store.contacts.record_accepted([("c00000053", "h")], mapping.version, "contacts-run")
+    past_window = now + timedelta(hours=4, minutes=30)
+
+    def killed(*args, **kwargs):
+        raise SystemExit("worker killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(delivery, "_record_held", killed)
+        with pytest.raises(SystemExit):
+            delivery.deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", now=past_window)
+    assert sandbox.ometria.received[("custom_event", oid(stuck))] == 1
+    delivery.deliver(rule, antavo_client, ometria_client, store, mapping, "run-3", now=past_window)
+    return store, oid(stuck)
+
+
+def test_an_owed_event_pushed_by_a_delivery_killed_before_it_released_it_is_not_sent_again(
+        sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch):  # noqa: F811
+    store, key = delivered_then_killed(sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch)
+    assert sandbox.ometria.received[("custom_event", key)] == 1
+
+
+def test_an_owed_event_pushed_by_a_delivery_killed_before_it_released_it_is_no_longer_shown_held(
+        sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch):  # noqa: F811
+    store, key = delivered_then_killed(sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch)
+    assert [r["antavo_id"] for r in store.held_records(kind="event_held")] == []
+
+
+def an_hour_passes(store: StateStore, key: str) -> None:
+    """The event's held record as it is an hour later: due a retry (delivery.HELD_RETRY)."""
+
+    held = store.db.table("sync_held_records")
+    with store.db.engine.begin() as conn:
+        conn.execute(held.update().where(held.c.antavo_id == key).values(
+            created_at=datetime.now(UTC) - timedelta(hours=1, minutes=1)))

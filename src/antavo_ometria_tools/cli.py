@@ -55,8 +55,6 @@ def airflow_env() -> dict[str, str]:
     env.setdefault("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
     env.setdefault("AIRFLOW__CORE__PARALLELISM", "4")
     env.setdefault("GX_ANALYTICS_ENABLED", "false")
-    if not env.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "sqlite").startswith("sqlite"):
-        return env
     return {**sqlite_metadata.SETTING, **env}
 
 

@@ -163,7 +163,10 @@ def read_contacts(staging: Path) -> list[tuple[str, bytes, str]]:
 def read_rows() -> int:
     """How many staged contacts the load reads at a time: $ANTAVO_OMETRIA_LOAD_READ_ROWS, default 2,000 (their
     bodies, about 1 KB each, are released before the next are read)."""
-    return int(os.environ.get("ANTAVO_OMETRIA_LOAD_READ_ROWS") or 2_000)
+    value = os.environ.get("ANTAVO_OMETRIA_LOAD_READ_ROWS", "").strip() or "2000"
+    if not (value.isdigit() and int(value) >= 1):
+        raise ValueError(f"ANTAVO_OMETRIA_LOAD_READ_ROWS must be a whole number of contacts, at least 1; it is {value!r}")
+    return int(value)
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field
 from enum import StrEnum
 from typing import Self
 
-from antavo_ometria.sync.tables.settings import SyncSettings
+from antavo_ometria.sync.tables.settings import SyncSettings, load_settings, mappings_dir
 
 
 class RunStatus(StrEnum):
@@ -53,13 +53,19 @@ class Plan(Record):
     previous_full_count: int | None  # customers in the last full load, for the quality gate's batch check
     retry_ids: tuple[str, ...] = ()  # owed contacts (rejected or not delivered) due a retry: read again
     reconcile_reason: str | None = None  # why this full read is a reconciliation (only what differs is sent)
-    # settings.toml as it was when the run was planned: every step of the run works with these, whatever
-    # an analyst saves meanwhile (empty: the defaults)
+    # settings.toml as it was when the run was planned: the steps take the run's thresholds, cap, retries and list
+    # from here, whatever an analyst saves meanwhile (empty: the defaults)
     settings: dict = field(default_factory=dict)
 
     @property
     def run_settings(self) -> SyncSettings:
         return SyncSettings.of(self.settings)
+
+    @classmethod
+    def of(cls, value: Self | dict) -> Self:
+        if isinstance(value, dict) and "settings" not in value:  # planned by a release before plans carried them
+            value = {**value, "settings": asdict(load_settings(mappings_dir() / "settings.toml"))}
+        return super().of(value)
 
 
 @dataclass(frozen=True)

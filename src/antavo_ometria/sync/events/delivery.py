@@ -44,6 +44,9 @@ RETRIED_KINDS = (HELD, REJECTED)  # held again (or delivered) each time the even
 LEASE_TTL = timedelta(minutes=10)  # a delivery killed mid-way blocks the rule's others at most this long
 LEASE_WAIT = timedelta(minutes=2)  # how long a delivery waits for another one of its rule to finish
 LEASE_RENEW_EVERY = 100  # events pushed between renewals of the lease (about 25 s at Ometria's 4 requests/s)
+# an event held for its contact is tried again as soon as Ometria accepts the contact, and at the latest after this
+# wait while the contact stays accepted (the reason it was held may have passed without a new push of the contact)
+HELD_RETRY = timedelta(hours=1)
 HELD_LISTED = 20  # held events a summary names; the state store keeps every one
 
 
@@ -193,8 +196,8 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
         events = new_matching_events(antavo, rule.action, since, until)
     fresh = not_pushed(store, rule, events)
     owed = contact_now_accepted(store, rule, {e["id"] for e in events})
-    retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh) | {
-        event_key(rule, e) for e in owed}
+    owed_keys = {event_key(rule, e) for e in owed}
+    retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh) | owed_keys
     summary = {"rule": rule.name, "event_type": rule.event_type, "matched": len(events),
                "already_pushed": len(events) - len(fresh), "sent": 0, "accepted": 0, "rejected": 0,
                "retried": len(retried), "retried_accepted": 0, "expired": expired,
@@ -206,7 +209,8 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
                                               late_policy, now)
         summary |= outcome
         summary["retried_accepted"] = len(retried.intersection(outcome.pop("accepted_keys")))
-    move_cursor(store, rule, events, [e for e in undelivered if e not in owed])  # the owed are still held
+    # the owed ones not delivered are still held: read again from there
+    move_cursor(store, rule, events, [e for e in undelivered if event_key(rule, e) not in owed_keys])
     log.info("rule %s: %d matching, %d already sent, %d sent, %d held, %d not delivered", rule.name,
              summary["matched"], summary["already_pushed"], summary["sent"], summary["held"], summary["failed"])
     if undelivered:
@@ -223,14 +227,17 @@ def move_cursor(store: StateStore, rule: Rule, events: list[dict], undelivered: 
 
 
 def contact_now_accepted(store: StateStore, rule: Rule, read: set[str]) -> list[dict]:
-    """The rule's events held for their contact (not in this read of the feed) whose contact Ometria has accepted
-    since: owed, they are delivered now, whatever their age."""
-    rows = [r for r in store.held_records(kind=HELD, limit=100_000)
-            if r["run_id"].endswith(f":{rule.name}") and r.get("payload")
-            and r["reasons"][-1].startswith(f"customer {r['customer_id']}:")]
-    accepted = store.contacts.accepted_among(sorted({r["customer_id"] for r in rows}))
-    owed = [json.loads(r["payload"]) for r in rows if r["customer_id"] in accepted]
-    return not_pushed(store, rule, [e for e in owed if e["id"] not in read])
+    """The rule's events held for their contact (not in this read of the feed) whose contact Ometria accepted after
+    they were held: owed, they are delivered now, whatever their age. One a delivery pushed but could not release
+    (it was stopped in between) is released here."""
+    rows = [r for r in store.held.events_owed(HELD, rule.name, HELD_RETRY)
+            if r["reasons"][-1].startswith(f"customer {r['customer_id']}:") and r["payload"]["id"] not in read]
+    owed = list({r["id"]: r["payload"] for r in rows}.values())
+    due = not_pushed(store, rule, owed)
+    done = {event_key(rule, e) for e in owed} - {event_key(rule, e) for e in due}
+    if done:
+        store.release_held(sorted(done), (HELD,))
+    return due
 
 
 def expire_rejected(store: StateStore, rule: Rule, late_cut: datetime, run_id: str) -> int:
@@ -326,7 +333,7 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
     held = decision.held + unsendable_
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in decision.skipped])
     failed = decision.waiting + pushed.failed
-    _record_held(store, rule, run_id, [e for e in events if e not in failed], held, pushed.rejected, late_cut)
+    _record_held(store, rule, run_id, events, held, pushed.rejected, late_cut, failed)
     return {"sent": len(pushed.accepted) + len(pushed.rejected), "accepted": len(pushed.accepted),
             "rejected": len(pushed.rejected), "late": decision.late, "skipped_late": len(decision.skipped),
             "held": len(held), "failed": len(failed), "failure": pushed.failure or customers.contacts.error,
@@ -390,12 +397,14 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
 
 
 def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict], held: list[tuple[dict, str]],
-                 rejected: list[tuple[dict, str]], late_cut: datetime) -> None:
-    """Hold back what could not be delivered, each with its reason; a rejected event past its window as expired."""
-    tag = f"{run_id}:{rule.name}"
+                 rejected: list[tuple[dict, str]], late_cut: datetime, failed: list[dict]) -> None:
+    """Hold back what could not be delivered, each with its reason; a rejected event past its window as expired.
+    What was not delivered for another reason (`failed`) keeps the held record it has."""
+    tag, keep = f"{run_id}:{rule.name}", {event_key(rule, e) for e in failed}
     for kind in RETRIED_KINDS:
-        store.clear_held(tag, kind)  # a retry of this task records them again
-    store.release_held([k for e in events if (k := event_key(rule, e))], RETRIED_KINDS)  # held again below
+        store.clear_held(tag, kind, keep)  # a retry of this task records them again
+    decided = [k for e in events if (k := event_key(rule, e)) and k not in keep]
+    store.release_held(decided, RETRIED_KINDS)  # held again below
     groups = held_groups(held, rejected, late_cut)
     for kind, rows in groups.items():
         if rows:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -394,11 +394,12 @@ class HeldRecords(_Part):
             for chunk in _chunks(values, 500):
                 conn.execute(held.insert(), chunk)
 
-    def clear(self, run_id: str, kind: str) -> None:
-        """Forget what a run held back of one kind (before a retry of that step records it again)."""
+    def clear(self, run_id: str, kind: str, keep: Collection[str] = ()) -> None:
+        """Forget what a run held back of one kind (before a retry of that step records it again), but `keep`."""
         held = self.db.table("sync_held_records")
         with self.db.engine.begin() as conn:
-            conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)))
+            conn.execute(held.delete().where((held.c.run_id == run_id) & (held.c.kind == kind)
+                                             & held.c.antavo_id.not_in(list(keep))))
 
     def release(self, ids: list[str], kinds: tuple[str, ...]) -> None:
         """These records are no longer held back (they were delivered, or are held again by a new row): kept as
@@ -409,6 +410,21 @@ class HeldRecords(_Part):
             for chunk in _chunks(ids):
                 conn.execute(held.update().where(held.c.antavo_id.in_(chunk) & held.c.kind.in_(kinds)
                                                  & held.c.released_at.is_(None)).values(released_at=moment))
+
+    def events_owed(self, kind: str, rule: str, retry_after: timedelta) -> list[dict]:
+        """The events of one rule held back now (of this kind) whose customer's contact Ometria has accepted: since
+        the event was held, or at least `retry_after` ago (reads `sync_contacts` beside): {"id", "customer_id",
+        "reasons", "payload"}."""
+        held, contacts = self.db.table("sync_held_records"), self.db.table("sync_contacts")
+        query = (sa.select(held.c.antavo_id, held.c.customer_id, held.c.reasons, held.c.payload)
+                 .join(contacts, contacts.c.antavo_id == held.c.customer_id)
+                 .where((held.c.kind == kind) & held.c.released_at.is_(None) & held.c.payload.is_not(None)
+                        & held.c.run_id.like("%:" + rule.replace("_", "\\_"), escape="\\")
+                        & (contacts.c.status == ContactStatus.SENT)
+                        & ((contacts.c.synced_at > held.c.created_at) | (held.c.created_at < now() - retry_after))))
+        with self.db.engine.connect() as conn:
+            return [{"id": row.antavo_id, "customer_id": row.customer_id, "reasons": json.loads(row.reasons),
+                     "payload": json.loads(row.payload)} for row in conn.execute(query)]
 
     def ids(self, kind: str) -> set[str]:
         """The ids held back now for this kind of reason."""
@@ -622,8 +638,8 @@ class StateStore:
     def record_held(self, run_id: str, kind: str, rows: Iterable[dict]) -> None:
         self.held.record(run_id, kind, rows)
 
-    def clear_held(self, run_id: str, kind: str) -> None:
-        self.held.clear(run_id, kind)
+    def clear_held(self, run_id: str, kind: str, keep: Collection[str] = ()) -> None:
+        self.held.clear(run_id, kind, keep)
 
     def release_held(self, ids: list[str], kinds: tuple[str, ...]) -> None:
         self.held.release(ids, kinds)
