@@ -41,11 +41,24 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 @pytest.fixture(scope="session")
-def airflow_db():
-    """A fresh Airflow metadata database (SQLite) for the DAG tests of this session."""
+def airflow_metadata():
+    """A fresh Airflow metadata database (SQLite) for the DAG tests of this session (of this worker)."""
     from airflow.utils.db import resetdb
 
     resetdb()
+
+
+@pytest.fixture
+def airflow_db(airflow_metadata):
+    """The session's Airflow metadata database without the DAG runs of the tests before (their task instances and
+    XComs go with them): a run looks back at the run before it (the events DAG backs off after a failed one), and a
+    test must not find the runs of whichever test its worker ran before."""
+    import sqlalchemy as sa
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.execute(sa.delete(DagRun))
 
 
 @pytest.fixture
