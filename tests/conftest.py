@@ -62,6 +62,18 @@ def airflow_db(airflow_metadata):
 
 
 @pytest.fixture
+def sandbox_ports():
+    """Held while a test serves a sandbox on `make sandbox`'s ports (127.0.0.1:8701 and :8702), or runs a command that
+    would use a sandbox it finds there (`make run`, `make ui` without credentials): such tests wait for each other,
+    whichever worker (or test run on this machine) they are on, instead of one finding the other's sandbox."""
+    import fcntl
+
+    with (Path(tempfile.gettempdir()) / "antavo-ometria-sandbox-ports.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+@pytest.fixture
 def sandbox():
     from antavo_ometria_tools.sandbox import Sandbox
 
