@@ -53,7 +53,7 @@ keys:                    ## secrets for docker-compose (the UI admin's login amo
 	print('wrote ' + path + ': docker compose reads it' if not old else path + ' exists: keeping its keys (a new Fernet key could not read the secrets stored with the old one)' + ('; added ' + ', '.join(added) if added else ''))" "$(KEYS_FILE)"
 
 test: install            ## every test, the files side by side (a file's tests stay on one worker: they share fixtures)
-	$(BIN)/python -m pytest -n auto --dist loadfile $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n auto --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)   # long files first (conftest.py)
 
 validate: install        ## check include/mappings
 	$(BIN)/python -m antavo_ometria_tools.cli validate

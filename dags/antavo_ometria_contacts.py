@@ -77,7 +77,9 @@ def antavo_ometria_contacts():
 
         return connect_or_fail(_mapping().settings.list_id)
 
-    @task
+    # each step hands on one dict as one XCom: `-> dict` alone would also make Airflow store every key as an XCom
+    # of its own (about 90 writes a run that nothing reads)
+    @task(multiple_outputs=False)
     def plan() -> dict:
         """Check the mapping, then decide: full or incremental, and which window of Antavo updates.
 
@@ -106,7 +108,7 @@ def antavo_ometria_contacts():
             reconcile=bool(context["params"].get("reconcile", False)),
         ).as_dict()
 
-    @task
+    @task(multiple_outputs=False)
     def extract(plan: dict) -> dict:
         """Read the planned Antavo customers into the staging folder."""
         from antavo_ometria.airflow.hooks import AntavoHook, fail_fast_on
@@ -118,7 +120,7 @@ def antavo_ometria_contacts():
             return extract(AntavoHook().get_conn(), _staging(), plan, Plan.of(plan).run_settings.customer_status,
                            _mapping().loyalty_fields).as_dict()
 
-    @task
+    @task(multiple_outputs=False)
     def transform(plan: dict, extracted: dict) -> dict:
         """Map customers to Ometria contacts, run the quality gate (Great Expectations), keep what changed.
 
@@ -132,7 +134,7 @@ def antavo_ometria_contacts():
         with fail_fast_on(QualityGateFailed):
             return transform_staged(_staging(), _mapping(), plan, _store()).as_dict()
 
-    @task(pool=PUSH_POOL, outlets=[OMETRIA_CONTACTS])
+    @task(pool=PUSH_POOL, outlets=[OMETRIA_CONTACTS], multiple_outputs=False)
     def load(plan: dict, transformed: dict) -> dict:
         """Push contacts in batches of 100 under Ometria's rate limit; a retry skips delivered batches."""
         from antavo_ometria.airflow.hooks import OmetriaHook, fail_fast_on
@@ -142,7 +144,7 @@ def antavo_ometria_contacts():
         with fail_fast_on(LoadFailed, ApiError):  # e.g. a refused API key; network trouble and 5xx are retried
             return load_staged(_staging(), OmetriaHook().get_conn(), plan, _store()).as_dict()
 
-    @task(trigger_rule="all_done")
+    @task(trigger_rule="all_done", multiple_outputs=False)
     def report() -> dict:
         """Write and log the run report and record the run in the state store, whatever happened; fail
         the run unless every contact was delivered or held back with a reason."""

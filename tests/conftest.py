@@ -30,12 +30,49 @@ def pytest_configure(config: pytest.Config) -> None:
     })
 
 
+# `make test` hands whole files to its workers in this order: the files that take minutes (real Airflow deployments,
+# back-offs, many DAG runs) first, costliest first, so that the quick files fill in around them and no worker is
+# left with a long file at the end while the others idle. Files not listed follow in their usual order.
+LONG_FILES = ("test_deployment_celery.py", "test_deployment.py", "test_events_failures.py", "test_sync_state.py",
+              "test_events_continuous.py", "test_local_runs.py", "test_reliability.py", "test_connect.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: n for n, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))  # stable: a file keeps its own order
+
+
 @pytest.fixture(scope="session")
-def airflow_db():
-    """A fresh Airflow metadata database (SQLite) for the DAG tests of this session."""
+def airflow_metadata():
+    """A fresh Airflow metadata database (SQLite) for the DAG tests of this session (of this worker)."""
     from airflow.utils.db import resetdb
 
     resetdb()
+
+
+@pytest.fixture
+def airflow_db(airflow_metadata):
+    """The session's Airflow metadata database without the DAG runs of the tests before (their task instances and
+    XComs go with them): a run looks back at the run before it (the events DAG backs off after a failed one), and a
+    test must not find the runs of whichever test its worker ran before."""
+    import sqlalchemy as sa
+    from airflow.models import DagRun
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        session.execute(sa.delete(DagRun))
+
+
+@pytest.fixture
+def sandbox_ports():
+    """Held while a test serves a sandbox on `make sandbox`'s ports (127.0.0.1:8701 and :8702), or runs a command that
+    would use a sandbox it finds there (`make run`, `make ui` without credentials): such tests wait for each other,
+    whichever worker (or test run on this machine) they are on, instead of one finding the other's sandbox."""
+    import fcntl
+
+    with (Path(tempfile.gettempdir()) / "antavo-ometria-sandbox-ports.lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture

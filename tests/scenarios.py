@@ -17,6 +17,7 @@ import shutil
 import tempfile
 from collections import defaultdict
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -324,10 +325,10 @@ def _sensor_trigger_errors(dep: Deployment) -> list[str]:
     dep.claim(CLAIMS)
     dep.sandbox.antavo.faults.add({"status": 401, "count": FOREVER, "path": "/customers/-/events",
                                    "body": {"error": {"message": "Unauthorized", "code": 2132, "resendable": False}}})
-    os.environ.update(dep.sandbox.connections())
-    trigger = AntavoEventTrigger({dep.rule.action: (datetime.now(UTC) - timedelta(hours=1)).isoformat()},
-                                 poll_interval=0.1, timeout=5)
-    event = asyncio.run(anext(trigger.run())).payload
+    with _environment(dep.sandbox.connections()):  # the trigger reads the connection as the triggerer does
+        trigger = AntavoEventTrigger({dep.rule.action: (datetime.now(UTC) - timedelta(hours=1)).isoformat()},
+                                     poll_interval=0.1, timeout=5)
+        event = asyncio.run(anext(trigger.run())).payload
     sensor = AntavoEventSensor(task_id="wait", rules={dep.rule.name: dep.rule.action})
     try:
         sensor.execute_complete({}, event)
@@ -338,6 +339,22 @@ def _sensor_trigger_errors(dep: Deployment) -> list[str]:
         runs.append("failed")
     dep.sandbox.antavo.faults.clear()
     return runs + [dep.deliver_events("run-2")]
+
+
+@contextmanager
+def _environment(values: dict[str, str]):
+    """os.environ with `values` set, as it was afterwards: a scenario leaves no connection behind for what runs next
+    in the same process."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _poison_among_good_ones(dep: Deployment) -> list[str]:

@@ -81,7 +81,7 @@ def test_make_ui_runs_airflow_standalone_from_the_virtualenv_in_the_projects_air
 
 
 @pytest.mark.airflow
-def test_make_ui_starts_the_ui_with_the_sandbox_and_prints_the_url_and_login(tmp_path):
+def test_make_ui_starts_the_ui_with_the_sandbox_and_prints_the_url_and_login(tmp_path, sandbox_ports):
     """A real start, bounded: about 25 s on two cores, skipped where a server cannot start in time."""
     import os
     import signal

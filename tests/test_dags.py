@@ -63,7 +63,16 @@ def run_contacts_dag(dagbag):
 
     run = dagbag.get_dag("antavo_ometria_contacts").test()
     assert run.state == DagRunState.SUCCESS
+    assert xcom_keys(run) == {"return_value"}  # one XCom per step, not one per key of the dict it returns
     return json.loads((staging_dir(staging_root(), "antavo_ometria_contacts", run.run_id) / "report.json").read_text())
+
+
+def xcom_keys(run) -> set[str]:
+    from airflow.models.xcom import XComModel
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return {row.key for row in session.scalars(XComModel.get_many(run_id=run.run_id, dag_ids=run.dag_id))}
 
 
 def test_contact_sync_end_to_end(airflow_db, dagbag, connections):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from conftest import reachable
-from stack import AirflowStack, free_port
+from stack import POLL, AirflowStack, free_port
 
 from antavo_ometria_tools.population import defects_of
 from antavo_ometria_tools.sandbox import Sandbox
@@ -134,7 +134,7 @@ def test_backfill_resends_the_customers_updated_in_its_intervals(stack):
         assert time.monotonic() < deadline, (backfill, runs)
         failed = [r["dag_run_id"] for r in runs if r["state"] == "failed"]
         assert not failed, {run: airflow.failure_logs("antavo_ometria_contacts", run) for run in failed}
-        time.sleep(1)
+        time.sleep(POLL)
     covered = (min(datetime.fromisoformat(r["data_interval_start"]) for r in runs) - timedelta(minutes=10),
                max(datetime.fromisoformat(r["data_interval_end"]) for r in runs))
     expected = {c["_id"] for i, c in enumerate(sandbox.antavo.customers) if not defects_of(i)

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
-from stack import AirflowStack
+from stack import POLL, AirflowStack
 
 from antavo_ometria_tools.population import defects_of
 from antavo_ometria_tools.sandbox import Sandbox
@@ -54,7 +54,7 @@ def wait_until_delivered(sandbox, ids: list[str], timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while not set(ids) <= set(sandbox.ometria.events):
         assert time.monotonic() < deadline, f"not in Ometria after {timeout}s: {set(ids) - set(sandbox.ometria.events)}"
-        time.sleep(0.5)
+        time.sleep(POLL)
 
 
 def sensor_waiting(airflow: AirflowStack) -> str:

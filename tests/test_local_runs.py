@@ -12,7 +12,7 @@ import pytest
 from antavo_ometria_tools.sandbox import Sandbox, running
 
 PROJECT = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.airflow
+pytestmark = [pytest.mark.airflow, pytest.mark.usefixtures("sandbox_ports")]  # 8701/8702: see conftest.py
 
 
 def make_run(home: Path, *args: str) -> str:
