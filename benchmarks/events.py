@@ -115,10 +115,9 @@ def figures(sandbox, made: dict[str, float], delivered: bool, poll_seconds: floa
 
 def write(result: dict, results_path: Path, report_path: Path) -> None:
     """Put the event figures into results.json, keeping every other key, and write BENCHMARKS.md from it."""
-    from benchmarks.run import write_report
+    from benchmarks.run import keep_figures
 
-    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
-    results.update({
+    keep_figures(results_path, report_path, {
         "event_latency_p50_s": result["latency_p50_s"], "event_latency_p95_s": result["latency_p95_s"],
         "event_latency_max_s": result["latency_max_s"],
         "antavo_event_requests_per_hour": result["antavo_event_requests_per_hour"],
@@ -126,9 +125,6 @@ def write(result: dict, results_path: Path, report_path: Path) -> None:
         "events": {**{k: v for k, v in result.items() if k != "airflow_logs"},
                    "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"},
     })
-    results_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    if "sizes" in results:
-        write_report(report_path, results)
 
 
 def main() -> None:

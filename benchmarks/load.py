@@ -160,14 +160,11 @@ def median(values) -> float:
 
 
 def write(runs: list[dict], size: int, results_path: Path, report_path: Path) -> None:
-    from benchmarks.run import write_report
+    from benchmarks.run import keep_figures
 
-    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
-    results["load_step"] = {"measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "machine": machine(),
-                            "size": size, "load_average": os.getloadavg(), "runs": runs}
-    results_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
-    if "sizes" in results:
-        write_report(report_path, results)
+    keep_figures(results_path, report_path, {"load_step": {
+        "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC", "machine": machine(), "size": size,
+        "load_average": os.getloadavg(), "runs": runs}})
 
 
 def main() -> None:

@@ -541,6 +541,15 @@ def measured_when(results: dict) -> list[str]:
     return ["", " ".join(lines)] if lines else []
 
 
+def keep_figures(results_path: Path, report_path: Path, figures: dict) -> None:
+    """Put these figures into the results file, keeping every other key, and write BENCHMARKS.md from it."""
+    results = json.loads(results_path.read_text(encoding="utf-8")) if results_path.exists() else {}
+    results.update(figures)
+    results_path.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    if "sizes" in results:
+        write_report(report_path, results)
+
+
 def object_storage_line(results: dict, largest: int, top: dict) -> str:
     """The step with staging on object storage, against local disk when both were measured in the same run."""
     remote = results["object_storage"]
