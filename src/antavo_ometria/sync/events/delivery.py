@@ -207,8 +207,9 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
     if fresh or owed:
         outcome, undelivered = _deliver_fresh(rule, fresh + owed, antavo, ometria, store, mapping, run_id,
                                               late_policy, now)
+        accepted_keys = outcome.pop("accepted_keys")
         summary |= outcome
-        summary["retried_accepted"] = len(retried.intersection(outcome.pop("accepted_keys")))
+        summary["retried_accepted"] = len(retried.intersection(accepted_keys))
     # the owed ones not delivered are still held: read again from there
     move_cursor(store, rule, events, [e for e in undelivered if event_key(rule, e) not in owed_keys])
     log.info("rule %s: %d matching, %d already sent, %d sent, %d held, %d not delivered", rule.name,
