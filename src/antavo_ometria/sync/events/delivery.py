@@ -228,9 +228,10 @@ def move_cursor(store: StateStore, rule: Rule, events: list[dict], undelivered: 
 
 
 def contact_now_accepted(store: StateStore, rule: Rule, read: set[str]) -> list[dict]:
-    """The rule's events held for their contact (not in this read of the feed) whose contact Ometria accepted after
-    they were held: owed, they are delivered now, whatever their age. One a delivery pushed but could not release
-    (it was stopped in between) is released here."""
+    """The rule's events held for their contact (not in this read of the feed) whose contact Ometria has accepted
+    since they were held, or at least HELD_RETRY ago (the reason may have passed without a new push of the
+    contact): owed, they are delivered now, whatever their age. One a delivery pushed but could not release (it
+    was stopped in between) is released here."""
     rows = [r for r in store.held.events_owed(HELD, rule.name, HELD_RETRY)
             if r["reasons"][-1].startswith(f"customer {r['customer_id']}:") and r["payload"]["id"] not in read]
     owed = list({r["id"]: r["payload"] for r in rows}.values())
