@@ -118,18 +118,23 @@ def parts_left(sandbox, antavo_client, ometria_client, state_url, mappings):  # 
     return sandbox, cid
 
 
+@pytest.fixture
+def claimed(state_url, mappings):  # noqa: F811
+    """(the state store, the reward_claimed rule, the contact mapping) for a delivery of reward claims."""
+    store = StateStore(state_url)
+    store.migrate()
+    rule = next(r for r in load_rules(mappings) if r.name == "reward_claimed")
+    return store, rule, load_contact_mapping(mappings)
+
+
 def test_an_event_whose_contact_ometria_rejected_is_sent_once_the_contact_is_accepted(sandbox, antavo_client,
-                                                                                      ometria_client, state_url,
-                                                                                      mappings):  # noqa: F811
+                                                                                      ometria_client, claimed):
     """An event whose contact Ometria rejects is held with the reason, and the rule's cursor moves past it (a later
     event moved it on). It stays owed beyond Ometria's 4-hour window: once the contact is accepted, the next
     delivery sends it from the state store (late, under late_event_policy = send), once."""
     from antavo_ometria.sync.events.delivery import deliver
 
-    store = StateStore(state_url)
-    store.migrate()
-    rule = next(r for r in load_rules(mappings) if r.name == "reward_claimed")
-    mapping = load_contact_mapping(mappings)
+    store, rule, mapping = claimed
     now = datetime.now(UTC)
     stuck = sandbox.antavo.claim_reward("c00000053", "rw-coffee", at=now - timedelta(minutes=60))
     later = sandbox.antavo.claim_reward("c00000054", "rw-coffee", at=now - timedelta(minutes=5))
@@ -156,17 +161,13 @@ def test_an_event_whose_contact_ometria_rejected_is_sent_once_the_contact_is_acc
 
 
 def test_an_event_held_for_a_contact_accepted_before_is_not_looked_up_again_on_every_run(sandbox, antavo_client,
-                                                                                         ometria_client, state_url,
-                                                                                         mappings):  # noqa: F811
+                                                                                         ometria_client, claimed):
     """A customer Ometria accepted earlier (status sent) whose event is held for the customer (here: no longer found
     in Antavo) is not 'accepted since': later deliveries must not read, look up and hold the event again, run
     after run, for as long as the customer stays in that state."""
     from antavo_ometria.sync.events.delivery import deliver
 
-    store = StateStore(state_url)
-    store.migrate()
-    rule = next(r for r in load_rules(mappings) if r.name == "reward_claimed")
-    mapping = load_contact_mapping(mappings)
+    store, rule, mapping = claimed
     now = datetime.now(UTC)
     cid = "c00000055"
     store.contacts.record_accepted([(cid, "h")], mapping.version, "contacts-run")  # accepted long ago
@@ -184,16 +185,13 @@ def test_an_event_held_for_a_contact_accepted_before_is_not_looked_up_again_on_e
 
 
 def test_an_owed_event_that_a_retry_of_the_same_run_cannot_push_stays_owed(sandbox, antavo_client, ometria_client,
-                                                                           state_url, mappings):  # noqa: F811
+                                                                           claimed):
     """An owed event held again by a run's first try (its customer briefly not found in Antavo) is tried again within
     the hour; not delivered by the retry of that same run (Ometria down), it must stay owed: the retry's clear of
     what its first try held must not drop it, nor may a later delivery miss it."""
     from antavo_ometria.sync.events.delivery import EventsNotDelivered, deliver
 
-    store = StateStore(state_url)
-    store.migrate()
-    rule = next(r for r in load_rules(mappings) if r.name == "reward_claimed")
-    mapping = load_contact_mapping(mappings)
+    store, rule, mapping = claimed
     now = datetime.now(UTC)
     cid = "c00000053"
     stuck = sandbox.antavo.claim_reward(cid, "rw-coffee", at=now - timedelta(minutes=60))
@@ -216,15 +214,12 @@ def test_an_owed_event_that_a_retry_of_the_same_run_cannot_push_stays_owed(sandb
         kind="event_held", antavo_id=oid(stuck), history=True)
 
 
-def delivered_then_killed(sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch):  # noqa: F811
+def delivered_then_killed(sandbox, antavo_client, ometria_client, claimed, monkeypatch):
     """An owed event pushed and recorded sent by a delivery killed before it released the event's held record; then
     a later delivery. Returns (store, the event's Ometria id)."""
     from antavo_ometria.sync.events import delivery
 
-    store = StateStore(state_url)
-    store.migrate()
-    rule = next(r for r in load_rules(mappings) if r.name == "reward_claimed")
-    mapping = load_contact_mapping(mappings)
+    store, rule, mapping = claimed
     now = datetime.now(UTC)
     stuck = sandbox.antavo.claim_reward("c00000053", "rw-coffee", at=now - timedelta(minutes=60))
     sandbox.antavo.claim_reward("c00000054", "rw-coffee", at=now - timedelta(minutes=5))
@@ -247,14 +242,14 @@ def delivered_then_killed(sandbox, antavo_client, ometria_client, state_url, map
 
 
 def test_an_owed_event_pushed_by_a_delivery_killed_before_it_released_it_is_not_sent_again(
-        sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch):  # noqa: F811
-    store, key = delivered_then_killed(sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch)
+        sandbox, antavo_client, ometria_client, claimed, monkeypatch):
+    store, key = delivered_then_killed(sandbox, antavo_client, ometria_client, claimed, monkeypatch)
     assert sandbox.ometria.received[("custom_event", key)] == 1
 
 
 def test_an_owed_event_pushed_by_a_delivery_killed_before_it_released_it_is_no_longer_shown_held(
-        sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch):  # noqa: F811
-    store, key = delivered_then_killed(sandbox, antavo_client, ometria_client, state_url, mappings, monkeypatch)
+        sandbox, antavo_client, ometria_client, claimed, monkeypatch):
+    store, key = delivered_then_killed(sandbox, antavo_client, ometria_client, claimed, monkeypatch)
     assert [r["antavo_id"] for r in store.held_records(kind="event_held")] == []
 
 

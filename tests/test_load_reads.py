@@ -6,10 +6,6 @@ from __future__ import annotations
 
 import json
 import random
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
@@ -18,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from test_load_recovery import CHILD
+from test_load_recovery import load_killed_at_third_push
 from test_owed import DAG, HOUR, hours
 
 from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
@@ -156,15 +152,7 @@ def test_a_capped_load_killed_halfway_resumes_within_the_cap_and_records_what_th
     assert transform_staged(staging, mapping, plan, store, rows=40).changed == 290
     elsewhere = StateStore(f"sqlite:///{tmp_path / 'elsewhere.db'}")  # the first try's records never reach `store`
     elsewhere.migrate()
-    sandbox.ometria.faults.add({"path": "/v2/push", "every": 3, "count": 1, "delay": 30, "drop": True})
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(staging), sandbox.ometria_url,
-                              f"sqlite:///{tmp_path / 'elsewhere.db'}", json.dumps(plan.as_dict())])
-    deadline = time.monotonic() + 30
-    while sandbox.ometria.faults.injected == 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert sandbox.ometria.faults.injected == 1, "the load never reached its third batch"
-    child.send_signal(signal.SIGKILL)
-    child.wait(timeout=10)
+    load_killed_at_third_push(sandbox, staging, f"sqlite:///{tmp_path / 'elsewhere.db'}", plan)
     assert [len(e["ids"]) for e in read_journal(staging)] == [100, 100] and store.contacts.known_count() == 0
 
     client = OmetriaClient(OmetriaConfig(OMETRIA_KEY, sandbox.ometria_url, requests_per_second=0))

@@ -50,18 +50,23 @@ def staged(tmp_path, antavo_client, state_url):
     return staging, plan, store
 
 
-def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url):
-    staging, plan, store = staged
-    # the third push hangs and is never processed: the process is killed while it waits
+def load_killed_at_third_push(sandbox, staging, state_url: str, plan) -> subprocess.Popen:
+    """The load in a process of its own, killed (SIGKILL) while its third push hangs, never processed."""
     sandbox.ometria.faults.add({"path": "/v2/push", "every": 3, "count": 1, "delay": 30, "drop": True})
     child = subprocess.Popen([sys.executable, "-c", CHILD, str(staging), sandbox.ometria_url, state_url,
-                              json.dumps(plan.as_dict())], )
+                              json.dumps(plan.as_dict())])
     deadline = time.monotonic() + 30
     while sandbox.ometria.faults.injected == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     assert sandbox.ometria.faults.injected == 1, "the load never reached its third batch"
     child.send_signal(signal.SIGKILL)
     child.wait(timeout=10)
+    return child
+
+
+def test_killed_load_resumes_without_loss_or_repeats(staged, sandbox, state_url):
+    staging, plan, store = staged
+    child = load_killed_at_third_push(sandbox, staging, state_url, plan)
     assert child.returncode == -signal.SIGKILL
     assert [len(e["ids"]) for e in read_journal(staging)] == [100, 100]
     assert len(sandbox.ometria.contacts) == 200
