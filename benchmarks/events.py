@@ -2,6 +2,7 @@
 BENCHMARKS.md (keeping every other figure).
 
     make bench-events                                   # 50 claims over 5 minutes
+    python -m benchmarks.events --compare               # then the same against an AssetWatcher schedule
     python -m benchmarks.events --claims 10 --minutes 1  # a quick run
 
 The real scheduler, dag-processor, triggerer and api-server on Airflow's embedded default (SQLite,
@@ -48,7 +49,10 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[max(0, math.ceil(share * len(ordered)) - 1)]
 
 
-def measure(claims: int, minutes: float, poll_seconds: float) -> dict:
+def measure(claims: int, minutes: float, poll_seconds: float, schedule: str = "continuous") -> dict:
+    """Claims made at random gaps against the events DAG on a real deployment; `schedule` is the shipped
+    `continuous` DAG or the `watcher` one (an Asset with an AssetWatcher, benchmarks/watcher_dag/)."""
+    from antavo_ometria.sync.store.state import StateStore
     from antavo_ometria_tools.population import defects_of
     from antavo_ometria_tools.sandbox import Sandbox
 
@@ -56,17 +60,37 @@ def measure(claims: int, minutes: float, poll_seconds: float) -> dict:
     with Sandbox(customers=200) as sandbox:
         env = {**sandbox.connections(), "ANTAVO_OMETRIA_STAGING_DIR": str(home / "staging"),
                "ANTAVO_OMETRIA_STATE_URL": f"sqlite:///{home / 'state.db'}",
-               "ANTAVO_OMETRIA_EVENT_POKE_SECONDS": str(poll_seconds)}
+               "ANTAVO_OMETRIA_EVENT_POKE_SECONDS": str(poll_seconds), **WATCHER_ENV.get(schedule, {})}
+        StateStore(env["ANTAVO_OMETRIA_STATE_URL"]).migrate()  # `make migrate`
         airflow = AirflowStack.local(home, env).start()
         try:
             airflow.unpause(DAG)
-            airflow.wait_for_run(DAG, lambda states: states.get(SENSOR) == "deferred", timeout=300)
+            watching(sandbox, airflow, schedule)
             customers = [c["_id"] for i, c in enumerate(sandbox.antavo.customers) if not defects_of(i)]
             made = claim_all(sandbox, customers, gaps(claims, minutes))
             delivered = wait_for(sandbox, made, timeout=300)
         finally:
             airflow.stop()
-    return figures(sandbox, made, delivered, poll_seconds, home)
+    return {**figures(sandbox, made, delivered, poll_seconds, home), "schedule": schedule}
+
+
+# the DAG folder of the AssetWatcher variant, the project's mappings, and the project on the path so that the
+# triggerer finds its trigger
+WATCHER_ENV = {"watcher": {"AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "benchmarks" / "watcher_dag"),
+                           "ANTAVO_OMETRIA_MAPPINGS_DIR": str(PROJECT / "include" / "mappings"),
+                           "PYTHONPATH": str(PROJECT)}}
+
+
+def watching(sandbox, airflow: AirflowStack, schedule: str, timeout: float = 300) -> None:
+    """Wait until the DAG watches Antavo: the continuous run's sensor deferred, or the watcher polling the feed."""
+    if schedule == "continuous":
+        airflow.wait_for_run(DAG, lambda states: states.get(SENSOR) == "deferred", timeout=timeout)
+        return
+    deadline = time.monotonic() + timeout
+    while not any(path == FEED for _, path in list(sandbox.antavo.request_times)):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the AssetWatcher never read Antavo's event feed (Airflow logs in {airflow.home})")
+        time.sleep(0.5)
 
 
 def claim_all(sandbox, customers: list[str], waits: list[float]) -> dict[str, float]:
@@ -113,17 +137,21 @@ def figures(sandbox, made: dict[str, float], delivered: bool, poll_seconds: floa
     return result
 
 
-def write(result: dict, results_path: Path, report_path: Path) -> None:
-    """Put the event figures into results.json, keeping every other key, and write BENCHMARKS.md from it."""
+def write(result: dict, watcher: dict | None, results_path: Path, report_path: Path) -> None:
+    """Put the event figures into results.json, keeping every other key, and write BENCHMARKS.md from it; the
+    AssetWatcher variant's figures when they were measured in the same sitting."""
     from benchmarks.run import keep_figures
+
+    def kept(one: dict) -> dict:
+        return {**{k: v for k, v in one.items() if k != "airflow_logs"},
+                "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"}
 
     keep_figures(results_path, report_path, {
         "event_latency_p50_s": result["latency_p50_s"], "event_latency_p95_s": result["latency_p95_s"],
         "event_latency_max_s": result["latency_max_s"],
         "antavo_event_requests_per_hour": result["antavo_event_requests_per_hour"],
         "event_poll_seconds": result["poll_seconds"],
-        "events": {**{k: v for k, v in result.items() if k != "airflow_logs"},
-                   "measured_at": f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC"},
+        "events": {**kept(result), **({"watcher": kept(watcher)} if watcher else {})},
     })
 
 
@@ -134,19 +162,26 @@ def main() -> None:
     parser.add_argument("--claims", type=int, default=50)
     parser.add_argument("--minutes", type=float, default=5.0)
     parser.add_argument("--poll-seconds", type=float, default=SyncSettings().event_poll_seconds)
+    parser.add_argument("--compare", action="store_true",
+                        help="then the same claims against the AssetWatcher variant (benchmarks/watcher_dag/)")
     parser.add_argument("--results", default=str(PROJECT / "benchmarks" / "results.json"))
     parser.add_argument("--output", default=str(PROJECT / "BENCHMARKS.md"))
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stopped: Airflow's components are stopped too
-    result = measure(args.claims, args.minutes, args.poll_seconds)
-    print(json.dumps(result, indent=2))
-    if not result["ok"]:
-        raise SystemExit(f"not every claim reached Ometria exactly once: missing {result['missing']}, stored twice "
-                         f"{result['stored_twice_or_more']} (Airflow logs in {result['airflow_logs']})")
-    shutil.rmtree(result["airflow_logs"], ignore_errors=True)
-    write(result, Path(args.results), Path(args.output))
-    print(f"p50 {result['latency_p50_s']} s, p95 {result['latency_p95_s']} s, max {result['latency_max_s']} s; "
-          f"{result['antavo_event_requests_per_hour']} Antavo event-feed requests/hour; wrote {args.results}")
+    results = [measure(args.claims, args.minutes, args.poll_seconds, schedule)
+               for schedule in ("continuous", "watcher")[:1 + args.compare]]
+    for result in results:
+        print(json.dumps(result, indent=2))
+        if not result["ok"]:
+            raise SystemExit(f"{result['schedule']}: not every claim reached Ometria exactly once: missing "
+                             f"{result['missing']}, stored twice {result['stored_twice_or_more']} (Airflow logs in "
+                             f"{result['airflow_logs']})")
+        shutil.rmtree(result["airflow_logs"], ignore_errors=True)
+        print(f"{result['schedule']}: p50 {result['latency_p50_s']} s, p95 {result['latency_p95_s']} s, max "
+              f"{result['latency_max_s']} s; {result['antavo_event_requests_per_hour']} Antavo event-feed "
+              f"requests/hour")
+    write(*results[:2], Path(args.results), Path(args.output))
+    print(f"wrote {args.results} and {args.output}")
 
 
 if __name__ == "__main__":

@@ -729,6 +729,26 @@ def event_section(results: dict) -> list[str]:
         "| | of 90,000 an hour (1,500 a minute, shared stack) |",
         f"| claims stored by Ometria exactly once | {ev['stored_once']} / {ev['claims']} | all | "
         f"{'met' if ev['stored_once'] == ev['claims'] else 'not met'} |",
+        *watcher_comparison(ev),
+    ]
+
+
+def watcher_comparison(ev: dict) -> list[str]:
+    """The same claims against the AssetWatcher variant, when `--compare` measured it in the same sitting."""
+    if "watcher" not in ev:
+        return []
+    rows = [("continuous DAG, deferrable sensor (shipped)", ev), ("Asset with an AssetWatcher", ev["watcher"])]
+    return [
+        "",
+        f"**Continuous DAG or an AssetWatcher** (`python -m benchmarks.events --compare`): the same {ev['claims']} "
+        "claims, right after, against the events DAG scheduled by an Asset whose AssetWatcher polls the feed in the "
+        "triggerer at the same interval (benchmarks/watcher_dag/: its fast path only, not shipped).",
+        "",
+        "| schedule | p50 | p95 | max | feed requests per hour | stored once |",
+        "|---|---|---|---|---|---|",
+        *[f"| {name} | {one['latency_p50_s']:.1f} s | {one['latency_p95_s']:.1f} s | {one['latency_max_s']:.1f} s "
+          f"| {one['antavo_event_requests_per_hour']:,} | {one['stored_once']} / {one['claims']} |"
+          for name, one in rows],
     ]
 
 
