@@ -62,28 +62,54 @@ def test_a_delivery_whose_expired_lease_another_delivery_took_and_released_does_
 
 
 # -- the fast path's view of the cursor -----------------------------------------------------------------------------
-def test_a_claim_on_the_cursor_s_own_second_listed_after_a_delivery_wakes_the_sensor():
+def test_a_claim_on_the_cursor_s_own_second_listed_after_a_delivery_wakes_the_sensor(
+        parts, sandbox, antavo_client, ometria_client):  # noqa: F811
     """Antavo's timestamps have whole seconds (the sandbox's) or milliseconds; a claim made in the same second as the
-    one a delivery just read, but listed after that read, has a timestamp equal to the cursor. `newer_than` wants
-    strictly later, so the sensor sleeps on it until the quiet wait (14 minutes) ends."""
-    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
-    delivered, same_second = antavo_event(1, "c1", 1, now), antavo_event(2, "c2", 1, now)
-    cursor = datetime.fromisoformat(delivered["timestamp"].replace("Z", "+00:00"))  # move_cursor: max of those read
-    feed = Feed(now - timedelta(hours=4), now, {"reward": [delivered, same_second]})
-    assert [e["id"] for e in feed.newer_than({"reward": cursor})] == [same_second["id"]]
+    one a delivery just read, but listed after that read, is not after the cursor. The sensor watches from a little
+    before the cursor for ids the rule has not decided on, so it wakes for that claim, and not for the delivered one."""
+    from antavo_ometria.sync.events.delivery import read_feed, watch
+
+    rule, store, mapping = parts
+    second = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+    delivered = sandbox.antavo.claim_reward("c00000141", "rw-coffee", at=second)
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    watched = watch(store, antavo_client, {rule.name: rule.action}, datetime.now(UTC))
+    assert watched.new == [] and delivered["id"] in watched.settled[rule.action]  # the sensor defers
+    same_second = sandbox.antavo.claim_reward("c00000142", "rw-coffee", at=second)  # listed after the delivery's read
+    # the trigger's next poll
+    feed = read_feed(antavo_client, {rule.action}, min(watched.since.values()), datetime.now(UTC))
+    assert [e["id"] for e in feed.newer_than(watched.since, watched.settled)] == [same_second["id"]]
+    # a sensor starting now wakes the delivery at once
+    assert [e["id"] for e in watch(store, antavo_client, {rule.name: rule.action}, datetime.now(UTC)).new] == [
+        same_second["id"]]
 
 
-def test_an_event_without_a_usable_timestamp_wakes_the_sensor_once_not_on_every_poll():
+def test_an_event_without_a_usable_timestamp_wakes_the_sensor_once_not_on_every_poll(
+        parts, sandbox, antavo_client, ometria_client):  # noqa: F811
     """An event whose timestamp cannot be read is held by the delivery (with the reason) and never recorded as
-    pushed; `Feed.events` keeps every such event as new whatever the cursor, so every poll wakes a delivery again:
-    the continuous DAG runs back to back for as long as Antavo lists it."""
+    pushed; were it new whatever the cursor, every poll would wake a delivery again and the continuous DAG would run
+    back to back for as long as Antavo lists it. It wakes nothing: the delivery at the end of the quiet wait holds it."""
     from antavo_ometria.antavo.records import HELD
+    from antavo_ometria.sync.events.delivery import read_feed, watch
 
     now = datetime(2026, 12, 4, 12, tzinfo=UTC)
     broken = {**antavo_event(1, "c1", 5, now), "timestamp": None, HELD: ["the event's timestamp is not a date-time"]}
-    feed = Feed(now - timedelta(hours=4), now, {"reward": [broken]})
-    # the delivery held it and moved the cursor to now: nothing new is left for the sensor
-    assert feed.newer_than({"reward": now}) == []
+    assert Feed(now - timedelta(hours=4), now, {"reward": [broken]}).newer_than({"reward": now - timedelta(days=9)}) \
+        == []
+
+    rule, store, mapping = parts
+    moment = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=17)
+    event = sandbox.antavo.claim_reward("c00000151", "rw-coffee", at=moment)
+    sandbox.antavo.faults.add({"path": "/customers/-/events", "count": 10**9,
+                               "mangle": [[f'"{event["timestamp"]}"', '"the 4th, noon-ish"']]})
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (summary["matched"], summary["held"], summary["sent"]) == (1, 1, 0)
+    rules = {rule.name: rule.action}
+    for _ in range(2):  # the sensor's start, and the trigger's polls after it
+        watched = watch(store, antavo_client, rules, datetime.now(UTC))
+        feed = read_feed(antavo_client, {rule.action}, min(watched.since.values()), datetime.now(UTC))
+        assert (watched.new, feed.newer_than(watched.since, watched.settled)) == ([], [])
+    assert sandbox.ometria.received[("custom_event", oid(event))] == 0
 
 
 # -- late, back-dated, quiet ---------------------------------------------------------------------------------------
@@ -102,9 +128,12 @@ def test_a_back_dated_claim_listed_after_its_window_follows_the_late_event_polic
 
 def test_a_rule_whose_action_is_quiet_reads_no_further_back_than_ometria_s_window(
         sandbox, antavo_client, ometria_client, state_url, mappings):  # noqa: F811
-    """The cursor moves only when the rule's own action appears in the feed; `GET /customers/-/events` has no action
-    filter, so while claims are quiet each delivery (and each of the trigger's polls) re-reads every other event
-    since the last claim: a day without claims, a day of Antavo's whole feed, every 5 seconds."""
+    """`GET /customers/-/events` has no action filter: were the cursor moved only when the rule's own action
+    appears, each delivery and each of the trigger's polls would re-read every other event since the last claim (a
+    day without claims, a day of Antavo's whole feed, every 5 seconds). A delivery that leaves nothing undelivered
+    moves the cursor to the end of what it read: the next delivery reads Ometria's 4-hour window, a poll the last
+    minute."""
+    from antavo_ometria.sync.events.delivery import WAKE_OVERLAP, read_feed, watch
     from antavo_ometria.sync.store.state import StateStore
 
     store = StateStore(state_url)
@@ -117,10 +146,17 @@ def test_a_rule_whose_action_is_quiet_reads_no_further_back_than_ometria_s_windo
         sandbox.antavo.add_event(f"c{200 + n % 50:08d}", "point_add", {"points": 5},
                                  at=now - timedelta(days=2) + timedelta(minutes=6 * n + 1))
     deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-1")
+    assert store.event_cursor("reward_claimed") >= now  # the end of what it read, though it read no claim
     reads = sandbox.antavo.requests_by_path["/customers/-/events"]
     (summary,) = deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-2")
     assert datetime.fromisoformat(summary["since"]) >= now - timedelta(hours=4, minutes=16), summary["since"]
-    assert sandbox.antavo.requests_by_path["/customers/-/events"] - reads == 1
+    assert sandbox.antavo.requests_by_path["/customers/-/events"] - reads == 1  # 40 events in 4 hours: one page
+    # the sensor's read when it starts, and one poll of its trigger: a page each, from the cursor's last minute
+    reads = sandbox.antavo.requests_by_path["/customers/-/events"]
+    watched = watch(store, antavo_client, {"reward_claimed": "reward"}, datetime.now(UTC))
+    assert watched.since["reward"] == store.event_cursor("reward_claimed") - WAKE_OVERLAP
+    read_feed(antavo_client, {"reward"}, watched.since["reward"], datetime.now(UTC))
+    assert sandbox.antavo.requests_by_path["/customers/-/events"] - reads == 2
 
 
 # -- staggering ----------------------------------------------------------------------------------------------------
