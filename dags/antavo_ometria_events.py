@@ -9,7 +9,8 @@ comes from (`event.*`, `reward.*`, `customer.*`).
 
 **Continuous:** one run at a time, the next as soon as one ends. A deferrable sensor waits in the triggerer
 (no worker slot) and reads Antavo's event feed every `events.poll_seconds` (settings.toml, default 5), one read
-for every rule; the first matching event wakes `deliver_events`, which reads the feed once for all rules and
+for every rule from a minute before their cursors; the first event some rule has not pushed or decided on (not one
+it holds back or had rejected) wakes `deliver_events`, which reads the feed once for all rules and
 pushes each new event once per rule: the contact first if Ometria does not have it yet, then the custom event
 (`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver). A claim reaches Ometria in about 9 s (p95 15 s at 5 s polling, `make bench-events`).
 The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run

@@ -34,30 +34,22 @@ class AntavoEventSensor(BaseSensorOperator):
         self.rules, self.antavo_conn_id, self.deferrable = dict(rules), antavo_conn_id, deferrable  # rule → action
         self.actions = sorted(set(self.rules.values()))
 
-    def _since(self) -> dict[str, datetime]:
-        """Per Antavo action, the earliest cursor of its rules in the state store (for a rule's first run, the
-        last 4 hours: Ometria's window): an event after it is new to at least one rule."""
-        from antavo_ometria.airflow.hooks import StateStoreHook
-        from antavo_ometria.ometria.contract import LATE_AFTER
+    def _watch(self):
+        """One read of Antavo's feed and the state store: what is new to a rule already, and what to watch for."""
+        from antavo_ometria.airflow.hooks import AntavoHook, StateStoreHook
+        from antavo_ometria.sync.events.delivery import watch
 
-        store, first = StateStoreHook().get_conn(), datetime.now(UTC) - LATE_AFTER
-        since: dict[str, datetime] = {}
-        for rule, action in self.rules.items():
-            cursor = store.event_cursor(rule) or first
-            since[action] = min(since.get(action, cursor), cursor)
-        return since
+        return watch(StateStoreHook().get_conn(), AntavoHook(self.antavo_conn_id).get_conn(), self.rules,
+                     datetime.now(UTC))
+
+    def _found(self, watched, polls: int) -> dict:
+        since = min(watched.since.values()).isoformat()
+        self.log.info("%d new %s event(s) after %s", len(watched.new), "/".join(self.actions), since)
+        return {"status": "found", "found": len(watched.new), "since": since, "polls": polls}
 
     def poke(self, context: Any) -> PokeReturnValue | bool:
-        from antavo_ometria.airflow.hooks import AntavoHook
-        from antavo_ometria.sync.events.delivery import read_feed
-
-        since = self._since()
-        earliest = min(since.values())
-        feed = read_feed(AntavoHook(self.antavo_conn_id).get_conn(), set(since), earliest, datetime.now(UTC))
-        found = feed.newer_than(since)
-        self.log.info("%d new %s event(s) since %s", len(found), "/".join(self.actions), earliest.isoformat())
-        return PokeReturnValue(is_done=True, xcom_value={"found": len(found), "since": earliest.isoformat()}) \
-            if found else False
+        watched = self._watch()
+        return PokeReturnValue(is_done=True, xcom_value=self._found(watched, 1)) if watched.new else False
 
     def execute(self, context: Any) -> Any:
         if not self.deferrable:
@@ -65,11 +57,16 @@ class AntavoEventSensor(BaseSensorOperator):
                 return super().execute(context)
             except AirflowSensorTimeout as timeout:  # nothing new: skipped; any other error fails the task
                 raise AirflowSkipException(f"no new {'/'.join(self.actions)} events: {timeout}") from None
-        since = {action: moment.isoformat() for action, moment in self._since().items()}
-        self.log.info("deferring: waiting in the triggerer for new events after %s", since)
+        watched = self._watch()
+        if watched.new:  # listed since the delivery read the feed: no need to wait
+            return self._found(watched, 1)
+        since = {action: moment.isoformat() for action, moment in watched.since.items()}
+        deadline = datetime.now(UTC) + timedelta(seconds=float(self.timeout))  # kept by a restarted triggerer
+        self.log.info("deferring: waiting in the triggerer for new events after %s (%d already decided on)", since,
+                      sum(len(ids) for ids in watched.settled.values()))
         self.defer(
-            trigger=AntavoEventTrigger(since, self.antavo_conn_id,
-                                       poll_interval=float(self.poke_interval), timeout=float(self.timeout)),
+            trigger=AntavoEventTrigger(since, self.antavo_conn_id, poll_interval=float(self.poke_interval),
+                                       settled=watched.settled, deadline=deadline.isoformat()),
             method_name="execute_complete",
         )
 

@@ -48,6 +48,10 @@ LEASE_RENEW_EVERY = 100  # events pushed between renewals of the lease (about 25
 # wait while the contact stays accepted (the reason it was held may have passed without a new push of the contact)
 HELD_RETRY = timedelta(hours=1)
 HELD_LISTED = 20  # held events a summary names; the state store keeps every one
+# the fast path also wakes for an event this much before a rule's cursor that the rule has not decided on: one on the
+# cursor's own second, or listed a little late; one listed later waits for the delivery at the end of the quiet wait
+WAKE_OVERLAP = timedelta(minutes=1)
+WAKE_SETTLED_MAX = 1000  # ids of decided events the sensor hands its trigger, at most (they travel in its kwargs)
 
 
 class EventsNotDelivered(Exception):
@@ -97,10 +101,16 @@ class Feed:
         """The events of `action` after `since` (and those too broken to have a timestamp)."""
         return [e for e in self.by_action.get(action, []) if e["timestamp"] is None or event_time(e) > since]
 
-    def newer_than(self, since: dict[str, datetime]) -> list[dict]:
-        """The events new to some rule: of each action, those after that action's own `since` (the earliest
-        cursor of its rules), so that events another action's rules already delivered wake nothing."""
-        return [e for action, moment in since.items() for e in self.events(action, moment)]
+    def newer_than(self, since: dict[str, datetime], settled: dict[str, list[str]] | None = None) -> list[dict]:
+        """The events that wake the fast path: of each action, those after that action's own `since` (the earliest
+        start of its rules, see `watch`) but not `settled` (every rule of the action pushed or decided on them),
+        so that events another action's rules already delivered wake nothing. An event without an id or a readable
+        timestamp wakes nothing: it cannot be recorded as decided, so it would wake every poll; the delivery at the
+        end of the quiet wait holds it with the reason."""
+        settled = settled or {}
+        return [e for action, moment in since.items() for e in self.by_action.get(action, [])
+                if e["id"] and e["timestamp"] is not None and event_time(e) > moment
+                and e["id"] not in settled.get(action, ())]
 
 
 def read_feed(client: AntavoClient, actions: set[str], since: datetime, until: datetime) -> Feed:
@@ -125,6 +135,49 @@ def not_pushed(store: StateStore, rule: Rule, events: list[dict]) -> list[dict]:
     # an event pushed before ids were per rule is recorded under its bare Antavo id: it is not sent again
     done = store.pushed_event_ids([ometria_event_id(rule.name, i) for i in ids] + ids)
     return [e for e in events if not e["id"] or (event_key(rule, e) not in done and e["id"] not in done)]
+
+
+def not_decided(store: StateStore, rule: str, events: list[dict], held: set[str]) -> list[dict]:
+    """The events (with ids) a rule has neither pushed, skipped or expired (the state store's events) nor holds back
+    now (`held`: held for their contact or their content, or rejected: they are retried by the deliveries anyway)."""
+    keys = {e["id"]: ometria_event_id(rule, e["id"]) for e in events}
+    done = store.pushed_event_ids(list(keys.values()) + list(keys))
+    return [e for e in events if keys[e["id"]] not in done and e["id"] not in done and keys[e["id"]] not in held]
+
+
+@dataclass(frozen=True)
+class Watch:
+    """What the fast path watches Antavo's feed for: per action, events after `since` that are not `settled`; and
+    the events new already (`new`: the sensor wakes the delivery at once)."""
+
+    since: dict[str, datetime]
+    settled: dict[str, list[str]]
+    new: list[dict]
+
+
+def watch(store: StateStore, antavo: AntavoClient, rules: dict[str, str], now: datetime) -> Watch:
+    """One read of the feed from the earliest rule's start (its cursor less WAKE_OVERLAP; for a rule's first run,
+    Ometria's window): the events some rule has not decided on yet are new; per action, the ids of those all its
+    rules decided on are settled, the newest WAKE_SETTLED_MAX of them (`since` moves past older ones)."""
+    starts = {}
+    for rule in rules:
+        cursor = store.event_cursor(rule)
+        starts[rule] = cursor - WAKE_OVERLAP if cursor else now - LATE_AFTER
+    feed = read_feed(antavo, set(rules.values()), min(starts.values(), default=now), now)
+    held = store.held_ids(HELD) | store.held_ids(REJECTED)
+    new = {e["id"]: e for rule, action in rules.items()
+           for e in not_decided(store, rule, feed.newer_than({action: starts[rule]}), held)}
+    since: dict[str, datetime] = {}
+    for rule, action in rules.items():
+        since[action] = min(since.get(action, starts[rule]), starts[rule])
+    settled: dict[str, list[str]] = {}
+    for action, moment in since.items():
+        done = sorted((e for e in feed.newer_than({action: moment}) if e["id"] not in new), key=event_time,
+                      reverse=True)
+        if len(done) > WAKE_SETTLED_MAX and not new:  # what is older than the ids handed over is not watched
+            since[action] = event_time(done[WAKE_SETTLED_MAX])
+        settled[action] = [e["id"] for e in done[:WAKE_SETTLED_MAX]]
+    return Watch(since, settled, list(new.values()))
 
 
 def deliver(
@@ -191,7 +244,7 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
     expired = expire_rejected(store, rule, now - LATE_AFTER, run_id)
     since = read_start(store.event_cursor(rule.name) or now - LATE_AFTER, now)
     if feed is not None and feed.since <= since:  # the run's one read covers this rule
-        events = feed.events(rule.action, since)
+        events, until = feed.events(rule.action, since), feed.until
     else:
         events = new_matching_events(antavo, rule.action, since, until)
     fresh = not_pushed(store, rule, events)
@@ -211,7 +264,7 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
         summary |= outcome
         summary["retried_accepted"] = len(retried.intersection(accepted_keys))
     # the owed ones not delivered are still held: read again from there
-    move_cursor(store, rule, events, [e for e in undelivered if event_key(rule, e) not in owed_keys])
+    move_cursor(store, rule, events, [e for e in undelivered if event_key(rule, e) not in owed_keys], until)
     log.info("rule %s: %d matching, %d already sent, %d sent, %d held, %d not delivered", rule.name,
              summary["matched"], summary["already_pushed"], summary["sent"], summary["held"], summary["failed"])
     if undelivered:
@@ -220,11 +273,15 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
     return summary
 
 
-def move_cursor(store: StateStore, rule: Rule, events: list[dict], undelivered: list[dict]) -> None:
-    """Past every event read when all were delivered or held; otherwise just before the first undelivered one."""
-    moments = [event_time(e) for e in (undelivered or events) if e["timestamp"] is not None]
+def move_cursor(store: StateStore, rule: Rule, events: list[dict], undelivered: list[dict], until: datetime) -> None:
+    """To the end of what was read (`until`) when every event read was delivered or held, so that a rule whose action
+    is quiet is not read further back each time; otherwise just before the first undelivered one."""
+    if not undelivered:
+        store.set_event_cursor(rule.name, max([until] + [event_time(e) for e in events if e["timestamp"] is not None]))
+        return
+    moments = [event_time(e) for e in undelivered if e["timestamp"] is not None]
     if moments:
-        store.set_event_cursor(rule.name, min(moments) - timedelta(microseconds=1) if undelivered else max(moments))
+        store.set_event_cursor(rule.name, min(moments) - timedelta(microseconds=1))
 
 
 def contact_now_accepted(store: StateStore, rule: Rule, read: set[str]) -> list[dict]:

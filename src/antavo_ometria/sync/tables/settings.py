@@ -115,8 +115,10 @@ class SyncSettings:
         check=_one_of("late_event_policy", LATE_EVENT_POLICIES))
     event_poll_seconds: float = _setting(
         "events", "poll_seconds", 5.0, (int, float),
-        "seconds between the events DAG's reads of Antavo's event feed: 720 requests an hour at 5 (Antavo allows "
-        "1,500 a minute); the claim → Ometria latency it gives is in BENCHMARKS.md",
+        "seconds between the events DAG's reads of Antavo's event feed; a read is one page per 100 events (of any "
+        "action) since a minute before the rules' cursors, about 15 minutes at most: 720 requests an hour at 5 while "
+        "fewer than 100 events fall in that span (Antavo allows 1,500 a minute); the claim → Ometria latency it "
+        "gives is in BENCHMARKS.md",
         check=(lambda v: v >= 1, "poll_seconds must be at least 1 (Antavo's rate limit is shared by every call)"))
 
     @classmethod

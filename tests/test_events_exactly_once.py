@@ -1,0 +1,191 @@
+"""Reward-claim delivery under the conditions that could lose a claim or push it twice: a push Ometria stored but
+whose answer never arrived, a lease taken and released by another delivery while one was still looking customers
+up, events on the cursor's own second, back-dated events, a rule whose action is quiet, bursts on one second.
+
+Counts come from what the Ometria sandbox stored per id (`received`), not from the sync's own records.
+"""
+
+from datetime import UTC, datetime, timedelta
+
+from test_events import HEADER, antavo_event, mappings, oid, parts, rule_named  # noqa: F401  (fixtures, helpers)
+
+from antavo_ometria.sync.events import delivery as events
+from antavo_ometria.sync.events.delivery import Feed, deliver, deliver_all
+from antavo_ometria.sync.events.rules import custom_event, load_rules, stagger
+from antavo_ometria.sync.tables.mapping import load_contact_mapping
+
+
+# -- pushed twice ------------------------------------------------------------------------------------------------
+def test_a_custom_event_ometria_stored_but_whose_answer_timed_out_is_not_pushed_again(
+        parts, sandbox, antavo_client, ometria_client):  # noqa: F811
+    """The push's read timeout (2 s here, 30 s by default) passes after Ometria stored the event: the transport's
+    retry pushes it again in the same delivery, with no kill and no overlap."""
+    rule, store, mapping = parts
+    claim = sandbox.antavo.claim_reward("c00000101", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
+    # the first /v2/push is the contact's; the second, the custom event's, is answered after the client gave up
+    sandbox.ometria.faults.add({"path": "/v2/push", "delay": 3, "count": 1, "after": 1})
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    sandbox.ometria.settle()
+    assert sandbox.ometria.received[("custom_event", oid(claim))] == 1
+
+
+def test_a_delivery_whose_expired_lease_another_delivery_took_and_released_does_not_push_its_events_again(
+        parts, sandbox, antavo_client, ometria_client, monkeypatch):  # noqa: F811
+    """Delivery A takes the lease and reads what is not pushed yet; its customer look-ups outlast LEASE_TTL (a slow
+    Antavo, many contacts to push first); delivery B (a manual run, `make events`) takes the expired lease, pushes
+    the claims and releases the lease. A's renewal before its first push finds no lease row and inserts one, so A
+    pushes the claims it read as not pushed."""
+    from sqlalchemy import update
+
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    claims = [sandbox.antavo.claim_reward(f"c0000011{i}", "rw-coffee", at=now - timedelta(minutes=5 - i))
+              for i in range(3)]
+    real_look_up = events.look_up_customers
+    done = []
+
+    def slow_look_up(*args, **kwargs):
+        if not done:  # only delivery A's look-up is slow
+            done.append(1)
+            leases = store.db.table("sync_event_leases")
+            with store.engine.begin() as conn:  # A's lease runs out meanwhile
+                conn.execute(update(leases).values(expires_at=now - timedelta(hours=1)))
+            deliver(rule, antavo_client, ometria_client, store, mapping, "manual__b")  # B: takes, pushes, releases
+        return real_look_up(*args, **kwargs)
+
+    monkeypatch.setattr(events, "look_up_customers", slow_look_up)
+    try:
+        deliver(rule, antavo_client, ometria_client, store, mapping, "scheduled__a")
+    except events.EventsNotDelivered:
+        pass  # stopping because another delivery took over is a fine answer
+    assert [sandbox.ometria.received[("custom_event", oid(c))] for c in claims] == [1, 1, 1]
+
+
+# -- the fast path's view of the cursor -----------------------------------------------------------------------------
+def test_a_claim_on_the_cursor_s_own_second_listed_after_a_delivery_wakes_the_sensor(
+        parts, sandbox, antavo_client, ometria_client):  # noqa: F811
+    """Antavo's timestamps have whole seconds (the sandbox's) or milliseconds; a claim made in the same second as the
+    one a delivery just read, but listed after that read, is not after the cursor. The sensor watches from a little
+    before the cursor for ids the rule has not decided on, so it wakes for that claim, and not for the delivered one."""
+    from antavo_ometria.sync.events.delivery import read_feed, watch
+
+    rule, store, mapping = parts
+    second = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=5)
+    delivered = sandbox.antavo.claim_reward("c00000141", "rw-coffee", at=second)
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    watched = watch(store, antavo_client, {rule.name: rule.action}, datetime.now(UTC))
+    assert watched.new == [] and delivered["id"] in watched.settled[rule.action]  # the sensor defers
+    same_second = sandbox.antavo.claim_reward("c00000142", "rw-coffee", at=second)  # listed after the delivery's read
+    # the trigger's next poll
+    feed = read_feed(antavo_client, {rule.action}, min(watched.since.values()), datetime.now(UTC))
+    assert [e["id"] for e in feed.newer_than(watched.since, watched.settled)] == [same_second["id"]]
+    # a sensor starting now wakes the delivery at once
+    assert [e["id"] for e in watch(store, antavo_client, {rule.name: rule.action}, datetime.now(UTC)).new] == [
+        same_second["id"]]
+
+
+def test_an_event_without_a_usable_timestamp_wakes_the_sensor_once_not_on_every_poll(
+        parts, sandbox, antavo_client, ometria_client):  # noqa: F811
+    """An event whose timestamp cannot be read is held by the delivery (with the reason) and never recorded as
+    pushed; were it new whatever the cursor, every poll would wake a delivery again and the continuous DAG would run
+    back to back for as long as Antavo lists it. It wakes nothing: the delivery at the end of the quiet wait holds it."""
+    from antavo_ometria.antavo.records import HELD
+    from antavo_ometria.sync.events.delivery import read_feed, watch
+
+    now = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    broken = {**antavo_event(1, "c1", 5, now), "timestamp": None, HELD: ["the event's timestamp is not a date-time"]}
+    assert Feed(now - timedelta(hours=4), now, {"reward": [broken]}).newer_than({"reward": now - timedelta(days=9)}) \
+        == []
+
+    rule, store, mapping = parts
+    moment = datetime.now(UTC).replace(microsecond=0) - timedelta(seconds=17)
+    event = sandbox.antavo.claim_reward("c00000151", "rw-coffee", at=moment)
+    sandbox.antavo.faults.add({"path": "/customers/-/events", "count": 10**9,
+                               "mangle": [[f'"{event["timestamp"]}"', '"the 4th, noon-ish"']]})
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert (summary["matched"], summary["held"], summary["sent"]) == (1, 1, 0)
+    rules = {rule.name: rule.action}
+    for _ in range(2):  # the sensor's start, and the trigger's polls after it
+        watched = watch(store, antavo_client, rules, datetime.now(UTC))
+        feed = read_feed(antavo_client, {rule.action}, min(watched.since.values()), datetime.now(UTC))
+        assert (watched.new, feed.newer_than(watched.since, watched.settled)) == ([], [])
+    assert sandbox.ometria.received[("custom_event", oid(event))] == 0
+
+
+# -- late, back-dated, quiet ---------------------------------------------------------------------------------------
+def test_a_back_dated_claim_listed_after_its_window_follows_the_late_event_policy(
+        parts, sandbox, antavo_client, ometria_client):  # noqa: F811
+    """Antavo back-dates an event by `data.effective_timestamp`; listed now with a moment 5 hours ago and the cursor
+    at now, no delivery reads it: under late_event_policy = send it is neither sent with a warning nor counted."""
+    rule, store, mapping = parts
+    now = datetime.now(UTC)
+    store.set_event_cursor(rule.name, now - timedelta(seconds=30))  # the feed was read up to now
+    back_dated = sandbox.antavo.claim_reward("c00000121", "rw-coffee", at=now - timedelta(hours=5))
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-1", late_policy="send")
+    assert (summary["matched"], summary["late"], summary["sent"]) == (1, 1, 1)
+    assert sandbox.ometria.received[("custom_event", oid(back_dated))] == 1
+
+
+def test_a_rule_whose_action_is_quiet_reads_no_further_back_than_ometria_s_window(
+        sandbox, antavo_client, ometria_client, state_url, mappings):  # noqa: F811
+    """`GET /customers/-/events` has no action filter: were the cursor moved only when the rule's own action
+    appears, each delivery and each of the trigger's polls would re-read every other event since the last claim (a
+    day without claims, a day of Antavo's whole feed, every 5 seconds). A delivery that leaves nothing undelivered
+    moves the cursor to the end of what it read: the next delivery reads Ometria's 4-hour window, a poll the last
+    minute."""
+    from antavo_ometria.sync.events.delivery import WAKE_OVERLAP, read_feed, watch
+    from antavo_ometria.sync.store.state import StateStore
+
+    store = StateStore(state_url)
+    store.migrate()
+    rules = [r for r in load_rules(mappings) if r.name == "reward_claimed"]
+    now = datetime.now(UTC)
+    sandbox.antavo.claim_reward("c00000131", "rw-coffee", at=now - timedelta(days=2))
+    store.set_event_cursor("reward_claimed", now - timedelta(days=2))  # that claim was delivered two days ago
+    for n in range(450):  # the rest of the programme goes on: points, checkouts...
+        sandbox.antavo.add_event(f"c{200 + n % 50:08d}", "point_add", {"points": 5},
+                                 at=now - timedelta(days=2) + timedelta(minutes=6 * n + 1))
+    deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-1")
+    assert store.event_cursor("reward_claimed") >= now  # the end of what it read, though it read no claim
+    reads = sandbox.antavo.requests_by_path["/customers/-/events"]
+    (summary,) = deliver_all(rules, antavo_client, ometria_client, store, load_contact_mapping(mappings), "run-2")
+    assert datetime.fromisoformat(summary["since"]) >= now - timedelta(hours=4, minutes=16), summary["since"]
+    assert sandbox.antavo.requests_by_path["/customers/-/events"] - reads == 1  # 40 events in 4 hours: one page
+    # the sensor's read when it starts, and one poll of its trigger: a page each, from the cursor's last minute
+    reads = sandbox.antavo.requests_by_path["/customers/-/events"]
+    watched = watch(store, antavo_client, {"reward_claimed": "reward"}, datetime.now(UTC))
+    assert watched.since["reward"] == store.event_cursor("reward_claimed") - WAKE_OVERLAP
+    read_feed(antavo_client, {"reward"}, watched.since["reward"], datetime.now(UTC))
+    assert sandbox.antavo.requests_by_path["/customers/-/events"] - reads == 2
+
+
+# -- staggering ----------------------------------------------------------------------------------------------------
+def test_over_1000_claims_in_one_second_reach_ometria_staggered(tmp_path):
+    """Antavo's feed has milliseconds (`2022-12-25T18:28:49.000Z`); `stagger` groups by the full moment, but the
+    custom event's timestamp is written to the second: 1,500 claims of one second with distinct milliseconds are
+    not staggered, and Ometria sees them all on one timestamp."""
+    (tmp_path / "triggers.csv").write_text(HEADER + "points,reward,loyalty_points_spent,points,event.points\n")
+    (rule,) = load_rules(tmp_path)
+    second = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    moments = [second + timedelta(microseconds=600 * n) for n in range(1500)]  # within one second
+    stamps = [custom_event(rule, {"id": f"ev{n}", "points": 5, "properties": {}}, {}, None,
+                           {"identity_email": "a@example.com"}, "en", moment)["timestamp"]
+              for n, moment in enumerate(stagger(moments))]
+    assert max(stamps.count(s) for s in set(stamps)) <= 1000
+
+
+# -- the dashboard -------------------------------------------------------------------------------------------------
+def test_the_dashboard_s_last_hour_latency_includes_claims_delivered_late(parts):  # noqa: F811
+    """A claim delivered this hour 5 hours after it was made (an outage, a backed-off run) is recorded `late`;
+    `EventLedger.latencies` leaves late ones out, so the last hour's p95 and max show only the fast ones."""
+    from antavo_ometria.airflow.dashboard import render
+
+    rule, store, _ = parts
+    now = datetime.now(UTC)
+    row = {"rule": rule.name, "event_type": rule.event_type, "customer_id": "c1", "status": "sent",
+           "request_id": "r", "run_id": "run-1"}
+    store.record_events([{**row, "event_id": "reward_claimed:fast", "event_time": now - timedelta(seconds=10),
+                          "late": False},
+                         {**row, "event_id": "reward_claimed:after-outage", "event_time": now - timedelta(hours=5),
+                          "late": True}])
+    assert "(2)" in render(store).split("<td>reward_claimed</td>")[1].split("</tr>")[0]
