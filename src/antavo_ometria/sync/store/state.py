@@ -503,6 +503,22 @@ class EventLedger(_Part):
         with self.db.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
+    def sent_per_second(self, event_type: str, seconds: Collection[datetime]) -> dict[datetime, int]:
+        """Second → custom events of `event_type` already sent with an Antavo moment in that second, for these
+        seconds (whole, UTC): where a burst split across deliveries continues its staggering."""
+        events = self.db.table("sync_events")
+        found: dict[datetime, int] = {}
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks(sorted(seconds), 100):
+                within = sa.or_(*((events.c.event_time >= s) & (events.c.event_time < s + timedelta(seconds=1))
+                                  for s in chunk))
+                query = sa.select(events.c.event_time).where(
+                    (events.c.event_type == event_type) & (events.c.status == "sent") & within)
+                for moment in conn.execute(query).scalars():
+                    second = utc(moment).replace(microsecond=0)
+                    found[second] = found.get(second, 0) + 1
+        return found
+
     def summary(self) -> dict[tuple[str, str], tuple[dict[str, int], int]]:
         """(rule, event type) → (events per status, events delivered late)."""
         events = self.db.table("sync_events")
