@@ -16,7 +16,7 @@ import json
 import logging
 import zlib
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache
@@ -73,6 +73,15 @@ class Backoff:
         if attempts <= 1:
             return moment
         return moment + timedelta(hours=min(self.first_hours * 2 ** (attempts - 2), self.max_hours))
+
+
+@dataclass
+class Latencies:
+    """One rule's custom events sent in a window: seconds from each event to Ometria accepting it, and how many
+    of them were late (over 4 hours old when sent)."""
+
+    seconds: list[float] = field(default_factory=list)
+    late: int = 0
 
 
 class StateStoreUnavailable(Exception):
@@ -558,16 +567,18 @@ class EventLedger(_Part):
         with self.db.engine.connect() as conn:
             return conn.execute(sa.select(leases.c.holder).where(leases.c.rule == rule)).scalar()
 
-    def latencies(self, since: datetime) -> dict[str, list[float]]:
-        """Rule → seconds from each event to Ometria accepting it, for the events sent since `since` (late ones
-        left out: they waited for a catch-up, not for the fast path)."""
+    def latencies(self, since: datetime) -> dict[str, Latencies]:
+        """Rule → seconds from each event to Ometria accepting it, for every event sent since `since`: late ones
+        (over 4 hours old when sent: an outage, a back-off, a catch-up) too, counted apart as well."""
         events = self.db.table("sync_events")
-        query = sa.select(events.c.rule, events.c.event_time, events.c.pushed_at).where(
-            (events.c.status == "sent") & (events.c.pushed_at >= since) & (events.c.late == sa.false()))
-        found: dict[str, list[float]] = {}
+        query = sa.select(events.c.rule, events.c.event_time, events.c.pushed_at, events.c.late).where(
+            (events.c.status == "sent") & (events.c.pushed_at >= since))
+        found: dict[str, Latencies] = {}
         with self.db.engine.connect() as conn:
-            for rule, moment, pushed in conn.execute(query):
-                found.setdefault(rule, []).append((utc(pushed) - utc(moment)).total_seconds())
+            for rule, moment, pushed, late in conn.execute(query):
+                rule_found = found.setdefault(rule, Latencies())
+                rule_found.seconds.append((utc(pushed) - utc(moment)).total_seconds())
+                rule_found.late += bool(late)
         return found
 
     def cursor(self, rule: str) -> datetime | None:
