@@ -76,6 +76,22 @@ def test_more_than_1000_events_on_one_timestamp_are_staggered():
     assert spread[2500] == moment + timedelta(seconds=1)
 
 
+def test_a_burst_split_across_deliveries_is_staggered_after_what_earlier_deliveries_sent_on_its_second(
+        parts, sandbox, antavo_client, ometria_client):
+    """The fast path sends what it has read so far: the 1,001st claim of a second, read by a later delivery, still
+    goes 5 minutes later, counted from the events the state store recorded sent on that second."""
+    rule, store, mapping = parts
+    second = (datetime.now(UTC) - timedelta(minutes=2)).replace(microsecond=0)
+    row = {"rule": rule.name, "event_type": rule.event_type, "customer_id": "c1", "status": "sent", "late": False,
+           "request_id": "r", "run_id": "run-0"}
+    store.record_events([{**row, "event_id": f"{rule.name}:earlier-{n}",
+                          "event_time": second + timedelta(microseconds=900 * n)} for n in range(1000)])
+    claim = sandbox.antavo.claim_reward("c00000003", "rw-10off", at=second)
+    deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+    assert sandbox.ometria.events[oid(claim)]["timestamp"] == (second + timedelta(minutes=5)).isoformat()
+    assert store.events.sent_per_second(rule.event_type, {second, second + timedelta(seconds=1)}) == {second: 1001}
+
+
 @pytest.fixture
 def parts(sandbox, antavo_client, ometria_client, state_url, mappings):
     store = StateStore(state_url)

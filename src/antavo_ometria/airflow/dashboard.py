@@ -21,7 +21,7 @@ from antavo_ometria.sync.contacts.step_results import RunStatus
 from antavo_ometria.sync.events.report import latency
 
 if TYPE_CHECKING:  # the plugin is loaded by every Airflow process: pandas and the clients load with the first page
-    from antavo_ometria.sync.store.state import StateStore
+    from antavo_ometria.sync.store.state import Latencies, StateStore
     from antavo_ometria.sync.trace import Trace
 
 SERIES = (("sent", "#2a7ab9"), ("changed", "#8cc0e6"), ("quarantined", "#e0a030"), ("rejected", "#c0392b"))
@@ -182,12 +182,17 @@ def _version_rows(runs: list[dict]) -> str:
     return "".join(_version_row(version, rs) for version, rs in latest_first)
 
 
-def _event_rows(summary: dict, latencies: dict[str, list[float]]) -> str:
-    return "".join(
-        f"<tr><td>{_e(rule)}</td><td>{_e(event_type)}</td><td class=n>{c.get('sent', 0)}</td>"
-        f"<td class=n>{late}</td><td class=n>{c.get('skipped_late', 0)}</td><td class=n>{c.get('rejected', 0)}</td>"
-        f"<td class=n>{_e(latency(latencies.get(rule, [])))}</td></tr>"
-        for (rule, event_type), (c, late) in summary.items())
+def _event_row(rule: str, event_type: str, counts: dict[str, int], late: int, last_hour: Latencies | None) -> str:
+    """One rule: the counts since the first delivery, then the last hour's deliveries (late ones too) and latency."""
+    return (f"<tr><td>{_e(rule)}</td><td>{_e(event_type)}</td><td class=n>{counts.get('sent', 0)}</td>"
+            f"<td class=n>{late}</td><td class=n>{counts.get('skipped_late', 0)}</td>"
+            f"<td class=n>{counts.get('rejected', 0)}</td><td class=n>{last_hour.late if last_hour else 0}</td>"
+            f"<td class=n>{_e(latency(last_hour.seconds if last_hour else []))}</td></tr>")
+
+
+def _event_rows(summary: dict, latencies: dict[str, Latencies]) -> str:
+    return "".join(_event_row(rule, event_type, counts, late, latencies.get(rule))
+                   for (rule, event_type), (counts, late) in summary.items())
 
 
 def render(store: StateStore, runs_shown: int = 30) -> str:
@@ -213,9 +218,12 @@ def render(store: StateStore, runs_shown: int = 30) -> str:
 {_or_none(held_rows, 4, 'None.')}</table>
 <h2>Mapping versions</h2><table><tr><th>version</th><th>first run</th><th>last run</th><th>runs</th><th>note</th></tr>
 {_or_none(version_rows, 5, 'None.')}</table>
-<h2>Event triggers</h2><table><tr><th>rule</th><th>Ometria event type</th><th>delivered</th><th>delivered late</th>
-<th>skipped as late</th><th>rejected</th><th>event → Ometria, last hour: p50 / p95 / max (events)</th></tr>
-{_or_none(event_rows, 7, 'None yet.')}</table>
+<h2>Event triggers</h2><p class="muted">Late: over 4 hours old when sent (an outage, a back-off): Ometria does not
+start an automation for it. The last hour's latency counts every event sent in that hour, late ones too.</p>
+<table><tr><th rowspan=2>rule</th><th rowspan=2>Ometria event type</th><th colspan=4>since the first delivery</th>
+<th colspan=2>sent in the last hour</th></tr><tr><th>delivered</th><th>delivered late</th><th>skipped as late</th>
+<th>rejected</th><th>late</th><th>event → Ometria: p50 / p95 / max (events)</th></tr>
+{_or_none(event_rows, 8, 'None yet.')}</table>
 </body></html>"""
 
 

@@ -5,8 +5,8 @@ cursor, when catching up from further back), drop those the rule already pushed 
 rule's own id `<rule>:<Antavo event id>`), look up each customer and, where the rule needs it, the
 claimed reward; push the contact first for a customer Ometria has not received yet; apply Ometria's
 timing rules (an event over 4 hours old cannot start an automation: send and warn, or skip; more than
-1,000 events on one timestamp are staggered in 5-minute steps); push each event on its own, record
-the accepted ones, hold the rejected ones (retried while they can still start an automation, then
+1,000 events on one second, counting those earlier deliveries sent on it, are staggered in 5-minute
+steps); push each event on its own, record the accepted ones, hold the rejected ones (retried while they can still start an automation, then
 held as expired) and move the cursor. An event held for its contact (Ometria rejected it, the quality gate held
 it back) stays owed whatever its age: once Ometria has accepted the contact, the next delivery sends the event
 from the state store, under the late-event policy.
@@ -29,7 +29,7 @@ from antavo_ometria.ometria.payload import encode_record
 from antavo_ometria.ometria.push import PushOutcome, push_isolating
 from antavo_ometria.sync.contact_push import ContactsFirst, push_contacts_first, ready_contacts
 from antavo_ometria.sync.events.report import format_event_report
-from antavo_ometria.sync.events.rules import Rule, custom_event, ometria_event_id, stagger, unsendable
+from antavo_ometria.sync.events.rules import Rule, custom_event, ometria_event_id, stagger, unsendable, whole_second
 from antavo_ometria.sync.store.state import StateStore
 from antavo_ometria.sync.tables.mapping import ContactMapping
 
@@ -387,7 +387,8 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
     if decision.late:
         log.warning("%d %s event(s) are over %s old: Ometria will not start an automation for them",
                     decision.late, rule.event_type, hours(LATE_AFTER))
-    built, unsendable_ = _build(rule, decision.sendable, customers, mapping.settings.language)
+    built, unsendable_ = _build(rule, decision.sendable, customers, mapping.settings.language,
+                                sent_per_second(store, rule, decision.sendable))
     pushed = push_events(rule, built, ometria, store, late_cut, run_id)
     held = decision.held + unsendable_
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in decision.skipped])
@@ -410,10 +411,20 @@ def _reasons(rule: Rule, held: list[tuple[dict, str]], rejected: list[tuple[dict
     return rows[:limit]
 
 
-def _build(rule: Rule, events: list[dict], customers: Customers, language: str) -> tuple[list, list]:
-    """(event, encoded custom event) for each event, and (event, why) for those that cannot be sent as they are."""
+def sent_per_second(store: StateStore, rule: Rule, events: list[dict]) -> dict[datetime, int]:
+    """Second → the custom events of the rule's type earlier deliveries sent on it, for these events' seconds: a burst
+    split across deliveries (the fast path sends what it has read so far) is staggered as one."""
+    if not events:
+        return {}
+    return store.events.sent_per_second(rule.event_type, {whole_second(event_time(e)) for e in events})
+
+
+def _build(rule: Rule, events: list[dict], customers: Customers, language: str,
+           already: dict[datetime, int]) -> tuple[list, list]:
+    """(event, encoded custom event) for each event, and (event, why) for those that cannot be sent as they are;
+    each event's timestamp staggered after the `already` sent on its second."""
     built, held = [], []
-    for event, stamp in zip(events, stagger([event_time(e) for e in events])):
+    for event, stamp in zip(events, stagger([event_time(e) for e in events], already)):
         cid, props = event["customer_id"], event.get("properties", {})
         reward = customers.rewards.get(cid, {}).get(props.get("reward") or props.get("reward_id"))
         record = custom_event(rule, event, customers.records[cid], reward, customers.identities[cid], language, stamp)

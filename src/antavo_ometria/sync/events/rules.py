@@ -195,11 +195,21 @@ def unsendable(record: dict) -> list[str]:
     return problems
 
 
-def stagger(timestamps: list[datetime]) -> list[datetime]:
-    """Spread events sharing one timestamp in steps of 5 minutes, 1,000 a step (Ometria's advice)."""
-    seen: dict[datetime, int] = defaultdict(int)
+def stagger(timestamps: list[datetime], already: dict[datetime, int] | None = None) -> list[datetime]:
+    """Spread events sharing one timestamp in steps of 5 minutes, 1,000 a step (Ometria's advice).
+
+    A timestamp is the whole second the custom event carries (Antavo's have milliseconds, Ometria's are written to
+    the second); `already` counts the events of each second earlier deliveries sent, so a burst split across
+    deliveries continues where the last one stopped instead of starting again at zero."""
+    seen: dict[datetime, int] = defaultdict(int, already or {})
     out = []
     for moment in timestamps:
-        out.append(moment + STAGGER_STEP * (seen[moment] // STAGGER_AT))
-        seen[moment] += 1
+        second = whole_second(moment)
+        out.append(second + STAGGER_STEP * (seen[second] // STAGGER_AT))
+        seen[second] += 1
     return out
+
+
+def whole_second(moment: datetime) -> datetime:
+    """The second a custom event's timestamp is written to (see `custom_event`)."""
+    return moment.replace(microsecond=0)

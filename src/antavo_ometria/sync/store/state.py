@@ -16,7 +16,7 @@ import json
 import logging
 import zlib
 from collections.abc import Collection, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import cache
@@ -73,6 +73,15 @@ class Backoff:
         if attempts <= 1:
             return moment
         return moment + timedelta(hours=min(self.first_hours * 2 ** (attempts - 2), self.max_hours))
+
+
+@dataclass
+class Latencies:
+    """One rule's custom events sent in a window: seconds from each event to Ometria accepting it, and how many
+    of them were late (over 4 hours old when sent)."""
+
+    seconds: list[float] = field(default_factory=list)
+    late: int = 0
 
 
 class StateStoreUnavailable(Exception):
@@ -503,6 +512,22 @@ class EventLedger(_Part):
         with self.db.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
+    def sent_per_second(self, event_type: str, seconds: Collection[datetime]) -> dict[datetime, int]:
+        """Second → custom events of `event_type` already sent with an Antavo moment in that second, for these
+        seconds (whole, UTC): where a burst split across deliveries continues its staggering."""
+        events = self.db.table("sync_events")
+        found: dict[datetime, int] = {}
+        with self.db.engine.connect() as conn:
+            for chunk in _chunks(sorted(seconds), 100):
+                within = sa.or_(*((events.c.event_time >= s) & (events.c.event_time < s + timedelta(seconds=1))
+                                  for s in chunk))
+                query = sa.select(events.c.event_time).where(
+                    (events.c.event_type == event_type) & (events.c.status == "sent") & within)
+                for moment in conn.execute(query).scalars():
+                    second = utc(moment).replace(microsecond=0)
+                    found[second] = found.get(second, 0) + 1
+        return found
+
     def summary(self) -> dict[tuple[str, str], tuple[dict[str, int], int]]:
         """(rule, event type) → (events per status, events delivered late)."""
         events = self.db.table("sync_events")
@@ -542,16 +567,18 @@ class EventLedger(_Part):
         with self.db.engine.connect() as conn:
             return conn.execute(sa.select(leases.c.holder).where(leases.c.rule == rule)).scalar()
 
-    def latencies(self, since: datetime) -> dict[str, list[float]]:
-        """Rule → seconds from each event to Ometria accepting it, for the events sent since `since` (late ones
-        left out: they waited for a catch-up, not for the fast path)."""
+    def latencies(self, since: datetime) -> dict[str, Latencies]:
+        """Rule → seconds from each event to Ometria accepting it, for every event sent since `since`: late ones
+        (over 4 hours old when sent: an outage, a back-off, a catch-up) too, counted apart as well."""
         events = self.db.table("sync_events")
-        query = sa.select(events.c.rule, events.c.event_time, events.c.pushed_at).where(
-            (events.c.status == "sent") & (events.c.pushed_at >= since) & (events.c.late == sa.false()))
-        found: dict[str, list[float]] = {}
+        query = sa.select(events.c.rule, events.c.event_time, events.c.pushed_at, events.c.late).where(
+            (events.c.status == "sent") & (events.c.pushed_at >= since))
+        found: dict[str, Latencies] = {}
         with self.db.engine.connect() as conn:
-            for rule, moment, pushed in conn.execute(query):
-                found.setdefault(rule, []).append((utc(pushed) - utc(moment)).total_seconds())
+            for rule, moment, pushed, late in conn.execute(query):
+                rule_found = found.setdefault(rule, Latencies())
+                rule_found.seconds.append((utc(pushed) - utc(moment)).total_seconds())
+                rule_found.late += bool(late)
         return found
 
     def cursor(self, rule: str) -> datetime | None:
