@@ -11,8 +11,11 @@ comes from (`event.*`, `reward.*`, `customer.*`).
 (no worker slot) and reads Antavo's event feed every `events.poll_seconds` (settings.toml, default 5), one read
 for every rule from a minute before their cursors; the first event some rule has not pushed or decided on (not one
 it holds back or had rejected) wakes `deliver_events`, which reads the feed once for all rules and
-pushes each new event once per rule: the contact first if Ometria does not have it yet, then the custom event
-(`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver). A claim reaches Ometria in about 9 s (p95 15 s at 5 s polling, `make bench-events`).
+pushes each new event per rule: the contact first if Ometria does not have it yet, then the custom event
+(`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver) — once when Ometria's answer arrives; a
+push whose answer is lost (a timeout after sending) is not repeated at once but by the next delivery, with the same
+id, and the report counts it (whether Ometria deduplicates a repeated id is not documented). A claim reaches
+Ometria in about 9 s (p95 15 s at 5 s polling, `make bench-events`).
 The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run
 sends them; an event Ometria rejects is held with the reason and retried by every run while it can still start
 an automation. After a failed run the first task, `back_off`, waits in the triggerer (as long as deliveries have been failing, 1 to 15
@@ -79,8 +82,9 @@ def antavo_ometria_events():
     # Antavo made visible late is still sent and a rejected one retried; a failed wait does not run it
     @task(pool=PUSH_POOL, trigger_rule="none_failed")
     def deliver_events() -> list[dict]:
-        """Push every rule's new events to Ometria as custom events, each exactly once, from one read of Antavo's
-        event feed."""
+        """Push every rule's new events to Ometria as custom events, from one read of Antavo's event feed: each
+        once when Ometria's answer arrives; one whose answer was lost is sent again by the next try, with the same
+        id, and counted in the report."""
         import logging
 
         from antavo_ometria.airflow.hooks import AntavoHook, OmetriaHook, StateStoreHook, fail_fast_on
@@ -91,10 +95,11 @@ def antavo_ometria_events():
         from antavo_ometria.transport import ApiError
 
         mapping = load_contact_mapping(mappings_dir())
+        context = get_current_context()
         with fail_fast_on(ApiError):  # e.g. refused credentials; undelivered events and 5xx are retried
             summaries = deliver_all(load_rules(mappings_dir()), AntavoHook().get_conn(), OmetriaHook().get_conn(),
-                                    StateStoreHook().get_conn(), mapping, get_current_context()["run_id"],
-                                    late_policy=mapping.settings.late_event_policy)
+                                    StateStoreHook().get_conn(), mapping, context["run_id"],
+                                    late_policy=mapping.settings.late_event_policy, attempt=context["ti"].try_number)
         logging.getLogger(__name__).info("\n%s", format_event_report(summaries))
         return summaries
 

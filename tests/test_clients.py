@@ -343,3 +343,31 @@ def test_a_list_that_moved_more_than_the_overlap_is_read_again_not_skipped(sandb
     with pytest.raises(ApiError, match="moved by more than 20") as raised:
         list(pages)
     assert raised.value.retryable
+
+
+@pytest.mark.parametrize("failure, calls", [(requests.ReadTimeout, 1), (requests.ConnectTimeout, 3),
+                                            (requests.ConnectionError, 3)])
+def test_a_request_whose_repeat_is_not_known_to_be_harmless_is_not_sent_again_after_a_read_timeout(failure, calls):
+    """A custom event push: a read timeout means it went out and Ometria may have stored it, so it is not sent again
+    in that call (AnswerLost); a connection that never opened is retried as any other push."""
+    from antavo_ometria.transport import AnswerLost, RetryPolicy, request_with_retries
+
+    sent = []
+
+    def send() -> requests.Response:
+        sent.append(1)
+        if len(sent) < 3:
+            raise failure("no answer")
+        response = requests.Response()
+        response.status_code = 200
+        return response
+
+    policy = RetryPolicy(attempts=4, backoff=0.001, max_backoff=0.002)
+    if failure is requests.ReadTimeout:
+        with pytest.raises(AnswerLost) as raised:
+            request_with_retries(send, what="POST /v2/push", policy=policy, limiter=RateLimiter(0),
+                                 resend_unanswered=False)
+        assert not raised.value.retryable
+    else:
+        request_with_retries(send, what="POST /v2/push", policy=policy, limiter=RateLimiter(0), resend_unanswered=False)
+    assert len(sent) == calls

@@ -219,6 +219,11 @@ def test_poison_events_are_held_and_the_rest_delivered(parts, sandbox, antavo_cl
 
 def test_a_crash_between_push_and_record_re_pushes_the_same_event_id(parts, sandbox, antavo_client, ometria_client,
                                                                      monkeypatch):
+    """Ometria answered, but the worker was killed before it recorded the event: nothing tells the next delivery
+    that Ometria has it, so it is sent again with the same id, by the next delivery, never twice within one. Two is
+    the documented outcome: exactly once only when the answer is recorded, at least once otherwise (as for a lost
+    answer); Ometria upserts by id (one event), and whether a repeated id starts an automation again is not
+    documented."""
     rule, store, mapping = parts
     claim = sandbox.antavo.claim_reward("c00000050", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
 

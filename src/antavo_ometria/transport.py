@@ -30,6 +30,11 @@ class ApiError(Exception):
         self.retry_after = retry_after  # seconds the server asked to wait (Retry-After)
 
 
+class AnswerLost(ApiError):
+    """The request was sent but its answer did not arrive in time (a read timeout): the server may have acted on
+    it. Raised at once, not retried, when sending it again is not known to be harmless."""
+
+
 class AuthenticationFailed(ApiError):
     """The API refused our credentials (HTTP 401 or 403): every further request would be refused too."""
 
@@ -101,8 +106,13 @@ def request_with_retries(
     policy: RetryPolicy,
     limiter: RateLimiter,
     check: Callable[[requests.Response], None] = lambda r: None,
+    resend_unanswered: bool = True,
 ) -> requests.Response:
     """Call `send` under the rate limit; retry 429, 5xx and network errors with backoff (tenacity).
+
+    Without `resend_unanswered`, a read timeout (the request went out, its answer did not come back) raises
+    AnswerLost at once instead of sending the request again: for a request whose repeat is not known to be
+    harmless. Errors before the server read the request (no connection, a 429 or 5xx answer) are still retried.
 
     A `Retry-After` header sets the wait, and a 429 slows every thread of the client down as long.
     `check` may raise ApiError for a response whose status looks fine (e.g. an error body in a 200).
@@ -114,7 +124,7 @@ def request_with_retries(
         try:
             response = send()
         except (requests.ConnectionError, requests.Timeout) as exc:
-            raise ApiError(f"{what}: {_network_problem(exc)}", retryable=True) from None
+            raise _network_error(what, exc, resend_unanswered) from None
         if response.status_code in RETRYABLE_STATUS:
             raise ApiError(f"{what}: HTTP {response.status_code}", status=response.status_code, retryable=True,
                            retry_after=retry_after_seconds(response))
@@ -147,6 +157,15 @@ def request_with_retries(
         if not exc.retryable:
             raise
         raise ApiError(f"{exc} (gave up after {policy.attempts} attempts)", status=exc.status, retryable=True) from None
+
+
+def _network_error(what: str, exc: requests.RequestException, resend_unanswered: bool) -> ApiError:
+    """A retryable error for a request that failed on the network; AnswerLost for a read timeout (the request went
+    out) when it must not be sent again."""
+    if not resend_unanswered and isinstance(exc, requests.ReadTimeout):
+        return AnswerLost(f"{what}: {_network_problem(exc)} after the request was sent: the server may have acted on "
+                          "it, so it was not sent again")
+    return ApiError(f"{what}: {_network_problem(exc)}", retryable=True)
 
 
 def _network_problem(exc: requests.RequestException) -> str:

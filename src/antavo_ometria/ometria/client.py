@@ -20,6 +20,7 @@ from antavo_ometria.ometria.contract import (
     MAX_BATCH_RECORDS,
     PUSH_PATH,
     RECORD_TYPES,
+    REPEAT_UNDOCUMENTED,
 )
 from antavo_ometria.transport import ApiError, RateLimiter, RetryPolicy, request_with_retries
 
@@ -69,7 +70,10 @@ class OmetriaClient:
         )
 
     def push_encoded(self, record_type: str, bodies: list[bytes]) -> PushResult:
-        """Push one batch of already-encoded records, all of `record_type`."""
+        """Push one batch of already-encoded records, all of `record_type`.
+
+        A push of custom events whose answer is lost (read timeout) raises AnswerLost instead of being sent again:
+        Ometria may have stored them, and whether a repeated id starts an automation again is not documented."""
         if record_type not in RECORD_TYPES:
             raise ValueError(f"unknown Ometria record type {record_type!r}")
         if not 0 < len(bodies) <= MAX_BATCH_RECORDS:
@@ -80,7 +84,8 @@ class OmetriaClient:
             return self.session.post(f"{self.base}{PUSH_PATH}", data=payload, timeout=self.config.timeout)
 
         response = request_with_retries(
-            send, what=f"POST {PUSH_PATH}", policy=self.config.retry, limiter=self.limiter
+            send, what=f"POST {PUSH_PATH}", policy=self.config.retry, limiter=self.limiter,
+            resend_unanswered=record_type not in REPEAT_UNDOCUMENTED,
         )
         self._respect_queue(response)
         body = response.json()

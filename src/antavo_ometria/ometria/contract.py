@@ -22,6 +22,10 @@ MAX_BATCH_RECORDS = 100  # records per request, all of one type
 # the decimal one is the smaller, so a record sent fits either reading. The sandbox takes the larger (60 * 1024).
 MAX_RECORD_BYTES = 60_000
 RECORD_TYPES = ("contact", "order", "product", "custom_event")
+# a contact pushed again with the same id is merged (upsert); whether a custom event pushed again with the same id is
+# deduplicated or starts its automation again is not documented: a push of one whose answer was lost is not repeated
+# at once
+REPEAT_UNDOCUMENTED = ("custom_event",)
 DEFAULT_REQUESTS_PER_SECOND = 4.0  # the account-wide rate limit; 429 when over it or when the queue is full
 
 # -- values ------------------------------------------------------------------------------------

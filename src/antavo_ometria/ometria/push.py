@@ -14,7 +14,7 @@ from enum import StrEnum
 from antavo_ometria.ometria.client import OmetriaClient
 from antavo_ometria.ometria.contract import MAX_BATCH_RECORDS, MAX_RECORD_BYTES
 from antavo_ometria.ometria.payload import payload_hash
-from antavo_ometria.transport import ApiError, AuthenticationFailed
+from antavo_ometria.transport import AnswerLost, ApiError, AuthenticationFailed
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,7 @@ class JournalEntry:
     retryable: bool = True  # for a push not answered: whether trying it again can help
     attempt: str | None = None  # the run's attempt that pushed it (see `Plan.attempt`)
     removal: bool = False  # a removal from the list, not a contact's data
+    answer_lost: bool | None = None  # sent, but the answer did not arrive: Ometria may have stored its records
 
     @property
     def outcome(self) -> PushOutcome:
@@ -126,7 +127,8 @@ def push_isolating(client: OmetriaClient, ids: list[str], bodies: list[bytes], h
         raise  # a refused API key is refused for every batch: stop at the first
     except ApiError as exc:
         log.error("batch of %d records not delivered: %s", len(ids), exc)
-        return [JournalEntry(ids, hashes, NOT_ANSWERED, error=str(exc), retryable=exc.retryable or exc.status == 400)]
+        return [JournalEntry(ids, hashes, NOT_ANSWERED, error=str(exc), retryable=exc.retryable or exc.status == 400
+                             or isinstance(exc, AnswerLost), answer_lost=isinstance(exc, AnswerLost) or None)]
     if isolate and 0 < result.rejected < len(ids):  # find the rejected records
         return (push_isolating(client, ids[:halves], bodies[:halves], hashes[:halves], record_type, isolate)
                 + push_isolating(client, ids[halves:], bodies[halves:], hashes[halves:], record_type, isolate))

@@ -129,8 +129,8 @@ def _events(store: StateStore, customer_id: str) -> list[dict]:
     events = [{"event_id": e["event_id"], "rule": e["rule"], "when": e["event_time"], "status": e["status"]
                + (" (late: no automation)" if e["late"] and e["status"] == "sent" else "")} for e in done]
     seen = {e["event_id"] for e in done}
-    for held in store.held.find(antavo_id=customer_id, kind=("event_held", "event_rejected", "event_expired"),
-                                     history=True, limit=200):
+    kinds = ("event_held", "event_rejected", "event_expired", "event_answer_lost")
+    for held in store.held.find(antavo_id=customer_id, kind=kinds, history=True, limit=200):
         if held["antavo_id"] not in seen:
             seen.add(held["antavo_id"])
             events.append({"event_id": held["antavo_id"], "rule": held["run_id"].rsplit(":", 1)[-1],

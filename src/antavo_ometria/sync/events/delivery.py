@@ -1,21 +1,25 @@
-"""Event triggers: matching Antavo events → Ometria custom events, each pushed exactly once.
+"""Event triggers: matching Antavo events → Ometria custom events, each pushed once when Ometria's answer arrives.
 
 For one rule: read the Antavo events of its action over Ometria's 4-hour window (or from the rule's
 cursor, when catching up from further back), drop those the rule already pushed (state store, by the
 rule's own id `<rule>:<Antavo event id>`), look up each customer and, where the rule needs it, the
 claimed reward; push the contact first for a customer Ometria has not received yet; apply Ometria's
 timing rules (an event over 4 hours old cannot start an automation: send and warn, or skip; more than
-1,000 events on one second, counting those earlier deliveries sent on it, are staggered in 5-minute
-steps); push each event on its own, record the accepted ones, hold the rejected ones (retried while they can still start an automation, then
-held as expired) and move the cursor. An event held for its contact (Ometria rejected it, the quality gate held
-it back) stays owed whatever its age: once Ometria has accepted the contact, the next delivery sends the event
-from the state store, under the late-event policy.
+1,000 events on one second, counting those earlier deliveries sent on it, are staggered in 5-minute steps);
+push each event on its own, record the accepted ones, hold the rejected ones (retried while they can still start
+an automation, then held as expired) and move the cursor. A push whose answer was lost (a read timeout: Ometria
+may have stored it) is not sent again in that delivery: it is held as `event_answer_lost` with the reason, the
+delivery fails, and the next one sends it again with the same id and counts it as re-sent after a lost answer. An
+event held for its contact (Ometria rejected it, the quality gate held it back) stays owed whatever its age: once
+Ometria has accepted the contact, the next delivery sends the event from the state store, under the late-event
+policy.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import secrets
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -40,10 +44,11 @@ OVERLAP = timedelta(minutes=15)  # catching up from an old cursor re-reads this 
 # automation, and a rejected one is retried; pushed events are skipped by their per-rule id
 LOOKBACK = LATE_AFTER
 HELD, REJECTED, EXPIRED = "event_held", "event_rejected", "event_expired"  # kinds of held-back events
+ANSWER_LOST = "event_answer_lost"  # pushed, but Ometria's answer did not arrive: sent again by the next delivery
 RETRIED_KINDS = (HELD, REJECTED)  # held again (or delivered) each time the event is re-read
 LEASE_TTL = timedelta(minutes=10)  # a delivery killed mid-way blocks the rule's others at most this long
 LEASE_WAIT = timedelta(minutes=2)  # how long a delivery waits for another one of its rule to finish
-LEASE_RENEW_EVERY = 100  # events pushed between renewals of the lease (about 25 s at Ometria's 4 requests/s)
+LEASE_RENEW_EVERY = 1  # events pushed between renewals of the lease: before each push, one small UPDATE
 # an event held for its contact is tried again as soon as Ometria accepts the contact, and at the latest after this
 # wait while the contact stays accepted (the reason it was held may have passed without a new push of the contact)
 HELD_RETRY = timedelta(hours=1)
@@ -67,6 +72,8 @@ class Pushed:
     accepted: list[dict] = field(default_factory=list)
     rejected: list[tuple[dict, str]] = field(default_factory=list)  # (event, Ometria's answer)
     failed: list[dict] = field(default_factory=list)  # not delivered: sent again by the next try
+    lost: list[tuple[dict, str]] = field(default_factory=list)  # (event, why): also failed; Ometria may have it
+    already: list[dict] = field(default_factory=list)  # pushed by another delivery since this one read the feed
     failure: str | None = None
 
 
@@ -191,22 +198,33 @@ def deliver(
     late_policy: str = "send",
     now: datetime | None = None,
     feed: Feed | None = None,
+    attempt: int | None = None,
 ) -> dict:
     """Push the rule's new events. Raises EventsNotDelivered, after recording what was delivered, when
     some could not be pushed; the cursor never moves past an event that was neither delivered nor held.
 
     Holds the rule's lease in the state store meanwhile: a delivery of the same rule by another run (two runs
     overlapping, `make events` next to the deployment) waits for it, then finds those events already pushed.
-    With `feed` (one read for every rule) it reads Antavo's feed only when the feed starts after its cursor."""
-    take_lease(store, rule, run_id)
+    With `feed` (one read for every rule) it reads Antavo's feed only when the feed starts after its cursor.
+    `attempt` (the task's try) names this delivery in the lease, beside the run id."""
+    holder = lease_holder(run_id, attempt)
+    take_lease(store, rule, holder)
     try:
-        return _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now, feed)
+        return _deliver(rule, antavo, ometria, store, mapping, (run_id, holder), until, late_policy, now, feed)
     finally:
-        store.release_lease(rule.name, run_id)
+        store.release_lease(rule.name, holder)
+
+
+def lease_holder(run_id: str, attempt: int | None = None) -> str:
+    """This delivery alone, as the holder of a rule's lease: its run, its try (an Airflow retry is not the stuck try
+    before it) and a random token (two deliveries under one run id are two holders)."""
+    tried = f" try {attempt}" if attempt is not None else ""
+    return f"{run_id[:250]}{tried} #{secrets.token_hex(4)}"
 
 
 def deliver_all(rules: list[Rule], antavo: AntavoClient, ometria: OmetriaClient, store: StateStore,
-                mapping: ContactMapping, run_id: str, late_policy: str = "send") -> list[dict]:
+                mapping: ContactMapping, run_id: str, late_policy: str = "send",
+                attempt: int | None = None) -> list[dict]:
     """Every rule's new events from one read of Antavo's feed, rule by rule; a rule that cannot deliver does not
     stop the others, and EventsNotDelivered names every such rule at the end."""
     now = datetime.now(UTC)
@@ -216,7 +234,7 @@ def deliver_all(rules: list[Rule], antavo: AntavoClient, ometria: OmetriaClient,
     for rule in rules:
         try:
             summaries.append(deliver(rule, antavo, ometria, store, mapping, run_id, until=now, late_policy=late_policy,
-                                      now=now, feed=feed))
+                                      now=now, feed=feed, attempt=attempt))
         except Exception as exc:  # the rule's cursor stays put; the task fails once all have run
             log.error("rule %s: not delivered: %s", rule.name, exc)
             failures.append(exc)
@@ -238,7 +256,9 @@ def take_lease(store: StateStore, rule: Rule, holder: str, wait: float | None = 
         time.sleep(0.5)
 
 
-def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, now, feed) -> dict:
+def _deliver(rule, antavo, ometria, store, mapping, who, until, late_policy, now, feed) -> dict:
+    """Deliver the rule's events as `who` (the run id, and the holder of the rule's lease)."""
+    run_id = who[0]
     now = now or datetime.now(UTC)
     until = until or now
     expired = expire_rejected(store, rule, now - LATE_AFTER, run_id)
@@ -251,18 +271,22 @@ def _deliver(rule, antavo, ometria, store, mapping, run_id, until, late_policy, 
     owed = contact_now_accepted(store, rule, {e["id"] for e in events})
     owed_keys = {event_key(rule, e) for e in owed}
     retried = store.held_ids(REJECTED).intersection(event_key(rule, e) for e in fresh) | owed_keys
+    answer_lost_before = store.held_ids(ANSWER_LOST)
     summary = {"rule": rule.name, "event_type": rule.event_type, "matched": len(events),
                "already_pushed": len(events) - len(fresh), "sent": 0, "accepted": 0, "rejected": 0,
                "retried": len(retried), "retried_accepted": 0, "expired": expired,
                "late": 0, "skipped_late": 0, "held": 0, "failed": 0, "failure": None, "contacts_pushed_first": 0,
-               "held_reasons": [], "since": since.isoformat(), "until": until.isoformat()}
+               "held_reasons": [], "answer_lost": 0, "answer_lost_ids": [], "resent_after_lost_answer": 0,
+               "since": since.isoformat(), "until": until.isoformat()}
     undelivered: list[dict] = []
     if fresh or owed:
-        outcome, undelivered = _deliver_fresh(rule, fresh + owed, antavo, ometria, store, mapping, run_id,
+        outcome, undelivered = _deliver_fresh(rule, fresh + owed, antavo, ometria, store, mapping, who,
                                               late_policy, now)
         accepted_keys = outcome.pop("accepted_keys")
+        summary["already_pushed"] += outcome.pop("already_pushed_now")
         summary |= outcome
         summary["retried_accepted"] = len(retried.intersection(accepted_keys))
+        summary["resent_after_lost_answer"] = len(answer_lost_before.intersection(accepted_keys))
     # the owed ones not delivered are still held: read again from there
     move_cursor(store, rule, events, [e for e in undelivered if event_key(rule, e) not in owed_keys], until)
     log.info("rule %s: %d matching, %d already sent, %d sent, %d held, %d not delivered", rule.name,
@@ -378,9 +402,9 @@ def look_up_customers(rule: Rule, events: list[dict], antavo: AntavoClient, omet
     return Customers(records, ready.identities, problems, rewards, contacts)
 
 
-def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_policy, now) -> tuple[dict, list]:
+def _deliver_fresh(rule, events, antavo, ometria, store, mapping, who, late_policy, now) -> tuple[dict, list]:
     """Deliver events not pushed yet: (summary, the events that could not be delivered)."""
-    late_cut = now - LATE_AFTER
+    run_id, late_cut = who[0], now - LATE_AFTER
     customers = look_up_customers(rule, events, antavo, ometria, store, mapping, run_id)
     decision = classify(events, set(customers.records), customers.problems, set(customers.contacts.failed),
                         late_cut, late_policy)
@@ -389,16 +413,19 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, run_id, late_p
                     decision.late, rule.event_type, hours(LATE_AFTER))
     built, unsendable_ = _build(rule, decision.sendable, customers, mapping.settings.language,
                                 sent_per_second(store, rule, decision.sendable))
-    pushed = push_events(rule, built, ometria, store, late_cut, run_id)
+    pushed = push_events(rule, built, ometria, store, late_cut, who)
     held = decision.held + unsendable_
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in decision.skipped])
     failed = decision.waiting + pushed.failed
-    _record_held(store, rule, run_id, events, held, pushed.rejected, late_cut, failed)
+    _record_held(store, rule, run_id, events, held, pushed, late_cut, failed)
     return {"sent": len(pushed.accepted) + len(pushed.rejected), "accepted": len(pushed.accepted),
             "rejected": len(pushed.rejected), "late": decision.late, "skipped_late": len(decision.skipped),
             "held": len(held), "failed": len(failed), "failure": pushed.failure or customers.contacts.error,
             "contacts_pushed_first": len(customers.contacts.sent),
             "held_reasons": _reasons(rule, held, pushed.rejected, late_cut),
+            "answer_lost": len(pushed.lost),
+            "answer_lost_ids": [event_key(rule, e) for e, _ in pushed.lost[:HELD_LISTED]],
+            "already_pushed_now": len(pushed.already),
             "accepted_keys": [event_key(rule, e) for e in pushed.accepted]}, failed
 
 
@@ -437,45 +464,66 @@ def _build(rule: Rule, events: list[dict], customers: Customers, language: str,
 
 
 def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaClient, store: StateStore,
-                late_cut: datetime, run_id: str) -> Pushed:
-    """Push each custom event in a request of its own and record the accepted ones as they go.
+                late_cut: datetime, who: tuple[str, str]) -> Pushed:
+    """Push each custom event in a request of its own and record the accepted ones as they go, as `who` (the run
+    id, and the holder of the rule's lease).
 
     One event a request, so that Ometria's answer names the event it rejected: finding it by halving a batch
     would push the accepted events again, and whether a repeated id starts an automation again is not
-    documented. Custom events are few (one per reward claim), so the extra requests are cheap."""
+    documented. Custom events are few (one per reward claim), so the extra requests are cheap. Before each push
+    the lease is renewed (a delivery that lost it stops: the holder sends the rest) and the event's id is looked up
+    among those pushed (another delivery may have pushed it since this one read the feed)."""
     out = Pushed()
     for n, (event, body) in enumerate(built):
-        if n % LEASE_RENEW_EVERY == 0 and not store.take_lease(rule.name, run_id, LEASE_TTL):  # kept, or lost
-            out.failed.extend(e for e, _ in built[n:])  # another delivery holds the rule now: it sends them
-            out.failure = f"the lease of rule {rule.name} passed to {store.lease_holder(rule.name)}"
+        if n % LEASE_RENEW_EVERY == 0 and not store.renew_lease(rule.name, who[1], LEASE_TTL):
+            out.failed.extend(e for e, _ in built[n:])  # another delivery took the lease: it sends them
+            holder = store.lease_holder(rule.name)
+            out.failure = (f"the lease of rule {rule.name} passed to {holder}" if holder else
+                           f"the lease of rule {rule.name} expired and another delivery took and released it")
             break
+        if store.pushed_event_ids([event_key(rule, event), event["id"]]):
+            out.already.append(event)
+            continue
         (entry,) = push_isolating(ometria, [event_key(rule, event)], [body], record_type="custom_event",
                                   isolate=False)
-        status = entry.outcome
-        if status == PushOutcome.FAILED:  # left unrecorded (and the cursor before it) so that the next try sends it
-            out.failed.append(event)
-            out.failure = entry.error
-        elif status == PushOutcome.REJECTED:  # not recorded as pushed: held, and retried while it can start an automation
-            out.rejected.append((event, entry.error or f"request {entry.request_id}"))
-        else:
-            out.accepted.append(event)
-            store.record_events([_event_row(rule, event, "sent", late_cut, entry.request_id, run_id)])
+        _sort(out, rule, event, entry, store, late_cut, who[0])
     if out.rejected:
         log.warning("Ometria rejected %d %s event(s): %s; its reasons are at /v2/push/_errors", len(out.rejected),
                     rule.event_type, ", ".join(event_key(rule, e) or "?" for e, _ in out.rejected[:10]))
     return out
 
 
+def _sort(out: Pushed, rule: Rule, event: dict, entry, store: StateStore, late_cut: datetime, run_id: str) -> None:
+    """Put one pushed event where Ometria's answer (or its lack) puts it; record it when accepted."""
+    status = entry.outcome
+    if status == PushOutcome.FAILED:  # left unrecorded (and the cursor before it) so that the next try sends it
+        out.failed.append(event)
+        out.failure = entry.error
+        if entry.answer_lost:  # Ometria may have stored it: the next delivery sends it again, under the same id
+            out.lost.append((event, f"sent, but Ometria's answer was lost ({entry.error}); Ometria may have stored "
+                                    "it: the next delivery sends it again with the same id"))
+            log.warning("the answer to the push of %s was lost: %s", event_key(rule, event), entry.error)
+    elif status == PushOutcome.REJECTED:  # not recorded as pushed: held, and retried while it can start an automation
+        out.rejected.append((event, entry.error or f"request {entry.request_id}"))
+    else:
+        out.accepted.append(event)
+        store.record_events([_event_row(rule, event, "sent", late_cut, entry.request_id, run_id)])
+
+
 def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict], held: list[tuple[dict, str]],
-                 rejected: list[tuple[dict, str]], late_cut: datetime, failed: list[dict]) -> None:
-    """Hold back what could not be delivered, each with its reason; a rejected event past its window as expired.
+                 pushed: Pushed, late_cut: datetime, failed: list[dict]) -> None:
+    """Hold back what could not be delivered, each with its reason; a rejected event past its window as expired;
+    an event whose answer was lost as such (until a delivery has Ometria's answer for it, or finds it pushed).
     What was not delivered for another reason (`failed`) keeps the held record it has."""
     tag, keep = f"{run_id}:{rule.name}", {event_key(rule, e) for e in failed}
     for kind in RETRIED_KINDS:
         store.clear_held(tag, kind, keep)  # a retry of this task records them again
     decided = [k for e in events if (k := event_key(rule, e)) and k not in keep]
     store.release_held(decided, RETRIED_KINDS)  # held again below
-    groups = held_groups(held, rejected, late_cut)
+    # Ometria answered it now (or another delivery pushed it), or its answer was lost again (recorded again below)
+    superseded = pushed.accepted + pushed.already + [e for e, _ in pushed.rejected + pushed.lost]
+    store.release_held([event_key(rule, e) for e in superseded], (ANSWER_LOST,))
+    groups = held_groups(held, pushed.rejected, late_cut) | {ANSWER_LOST: pushed.lost}
     for kind, rows in groups.items():
         if rows:
             log.warning("%d %s event(s) held back (%s): %s", len(rows), rule.event_type, kind,

@@ -41,6 +41,13 @@ def _rule_lines(summary: dict) -> list[str]:
         + (f"; {summary['failure']})" if summary.get("failure") else ")"),
         f"    unaccounted    {unaccounted(summary):>6}",
     ]
+    if summary.get("answer_lost"):
+        lines.append(f"    answer lost: {summary['answer_lost']} of those not delivered were sent, but Ometria's answer "
+                     "did not arrive (it may have stored them): the next run sends them again with the same id "
+                     f"(held as event_answer_lost): {', '.join(summary.get('answer_lost_ids') or [])}")
+    if summary.get("resent_after_lost_answer"):
+        lines.append(f"    re-sent after a lost answer: {summary['resent_after_lost_answer']} (same id; Ometria may have "
+                     "received them twice, and whether it starts an automation again is not documented)")
     if summary.get("contacts_pushed_first"):
         lines.append(f"    contacts pushed first: {summary['contacts_pushed_first']} (Ometria did not have them yet)")
     if summary.get("retried") or summary.get("expired"):

@@ -543,7 +543,7 @@ class EventLedger(_Part):
         return summary
 
     def take_lease(self, rule: str, holder: str, ttl: timedelta) -> bool:
-        """Take or renew the rule's delivery lease for `ttl`; False while another holder's has not expired."""
+        """Take the rule's delivery lease for `ttl`; False while another holder's has not expired."""
         leases = self.db.table("sync_event_leases")
         moment = now()
         with self.db.engine.begin() as conn:
@@ -556,6 +556,15 @@ class EventLedger(_Part):
             return True
         except sa.exc.IntegrityError:
             return False
+
+    def renew_lease(self, rule: str, holder: str, ttl: timedelta) -> bool:
+        """Extend the lease `holder` holds for `ttl`; False when it no longer holds it (another delivery took it
+        after it expired, and may have released it since): never takes a lease anew, since a delivery that lost
+        it may have read as not pushed what the other one has pushed meanwhile."""
+        leases = self.db.table("sync_event_leases")
+        with self.db.engine.begin() as conn:
+            mine = (leases.c.rule == rule) & (leases.c.holder == holder)
+            return bool(conn.execute(leases.update().where(mine).values(expires_at=now() + ttl)).rowcount)
 
     def release_lease(self, rule: str, holder: str) -> None:
         leases = self.db.table("sync_event_leases")
@@ -689,6 +698,9 @@ class StateStore:
 
     def take_lease(self, rule: str, holder: str, ttl: timedelta) -> bool:
         return self.events.take_lease(rule, holder, ttl)
+
+    def renew_lease(self, rule: str, holder: str, ttl: timedelta) -> bool:
+        return self.events.renew_lease(rule, holder, ttl)
 
     def release_lease(self, rule: str, holder: str) -> None:
         self.events.release_lease(rule, holder)
