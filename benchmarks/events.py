@@ -74,11 +74,10 @@ def measure(claims: int, minutes: float, poll_seconds: float, schedule: str = "c
     return {**figures(sandbox, made, delivered, poll_seconds, home), "schedule": schedule}
 
 
-# the DAG folder of the AssetWatcher variant, the project's mappings, and the project on the path so that the
-# triggerer finds its trigger
-WATCHER_ENV = {"watcher": {"AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "benchmarks" / "watcher_dag"),
-                           "ANTAVO_OMETRIA_MAPPINGS_DIR": str(PROJECT / "include" / "mappings"),
-                           "PYTHONPATH": str(PROJECT)}}
+# the AssetWatcher variant's DAGs and plugins folders (its trigger), with the project's mappings
+WATCHER_ENV = {"watcher": {"AIRFLOW__CORE__DAGS_FOLDER": str(PROJECT / "benchmarks" / "watcher_dag" / "dags"),
+                           "AIRFLOW__CORE__PLUGINS_FOLDER": str(PROJECT / "benchmarks" / "watcher_dag" / "plugins"),
+                           "ANTAVO_OMETRIA_MAPPINGS_DIR": str(PROJECT / "include" / "mappings")}}
 
 
 def watching(sandbox, airflow: AirflowStack, schedule: str, timeout: float = 300) -> None:

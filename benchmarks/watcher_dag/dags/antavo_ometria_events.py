@@ -1,4 +1,4 @@
-"""The events DAG scheduled by an AssetWatcher instead of `@continuous` (benchmarks/event_watcher.py): measured by
+"""The events DAG scheduled by an AssetWatcher instead of `@continuous` (plugins/antavo_feed_watcher.py): measured by
 `python -m benchmarks.events --compare`, not shipped."""
 
 from __future__ import annotations
@@ -6,12 +6,12 @@ from __future__ import annotations
 import os
 
 from airflow.sdk import Asset, AssetWatcher, dag, get_current_context, task
+from antavo_feed_watcher import AntavoFeedWatcher  # the plugins folder is on the path
 
 from antavo_ometria.airflow.dag_defaults import DAG_ARGS, PUSH_POOL
 from antavo_ometria.airflow.dag_defaults import EVENTS_DAG as DAG_ID
 from antavo_ometria.sync.events.rules import rule_actions
 from antavo_ometria.sync.tables.settings import mappings_dir
-from benchmarks.event_watcher import AntavoFeedWatcher
 
 ANTAVO_EVENTS = Asset("antavo_events", uri="antavo://events", watchers=[AssetWatcher(
     name="antavo_event_feed", trigger=AntavoFeedWatcher(sorted(set(rule_actions(mappings_dir()).values())),

@@ -1,7 +1,8 @@
 """The other way to wake the event delivery, measured against the continuous DAG by `python -m benchmarks.events
 --compare`: Airflow's event-driven scheduling, an Asset with an `AssetWatcher` whose trigger polls Antavo's event
 feed in the triggerer and fires when a matching event appears; each firing updates the Asset, which schedules a
-run of `deliver_events` (benchmarks/watcher_dag/).
+run of `deliver_events` (dags/antavo_ometria_events.py; this module is in the plugins folder, which Airflow puts
+on the path of every component, so that the triggerer imports it as `antavo_feed_watcher`).
 
 Only the fast path is built here (what latency measures): the watcher starts from the moment it starts, and its
 position lives in memory, so a triggerer restart or an outage would need the scheduled catch-up the continuous DAG
@@ -30,7 +31,7 @@ class AntavoFeedWatcher(BaseEventTrigger):
         self.actions, self.antavo_conn_id, self.poll_interval = sorted(actions), antavo_conn_id, poll_interval
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
-        return ("benchmarks.event_watcher.AntavoFeedWatcher",
+        return ("antavo_feed_watcher.AntavoFeedWatcher",
                 {"actions": self.actions, "antavo_conn_id": self.antavo_conn_id, "poll_interval": self.poll_interval})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
