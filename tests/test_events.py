@@ -443,7 +443,9 @@ def test_the_dashboard_shows_the_last_hours_claim_to_ometria_latency_next_to_the
     cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
     assert cells[2] == "2"  # delivered
     p50, p95, most = (float(x) for x in re.fullmatch(r"(\d+) s / (\d+) s / (\d+) s \(2\)", cells[-1]).groups())
-    assert 19 <= p50 <= (accepted - now).total_seconds() + 21 and 39 <= p95 == most <= (accepted - now).total_seconds() + 41
+    # Antavo's timestamps are whole seconds (up to 1 s earlier than the claim) and the page rounds to the second
+    slack = (accepted - now).total_seconds() + 1.5
+    assert 19 <= p50 <= 20 + slack and 39 <= p95 == most <= 40 + slack
 
 
 # -- back-off while an API is down ---------------------------------------------------------------
