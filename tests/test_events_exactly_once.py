@@ -203,6 +203,37 @@ def test_over_1000_claims_in_one_second_reach_ometria_staggered(tmp_path):
     assert max(stamps.count(s) for s in set(stamps)) <= 1000
 
 
+
+def test_a_burst_split_across_deliveries_is_counted_on_its_second_whatever_the_offset_of_antavo_s_timestamps(
+        state_url):
+    """`event_time` keeps the offset Antavo wrote (`+02:00`); SQLite stores a date-time's wall clock without its
+    offset and the store reads it back as UTC, so the second an earlier delivery sent on is found two hours off and
+    the next delivery starts that second's staggering at zero again (and a cursor set from that moment lands two
+    hours ahead, past the fast path's whole watch). A moment should be stored as UTC."""
+    from antavo_ometria.antavo.records import event_time
+    from antavo_ometria.sync.events.rules import whole_second
+    from antavo_ometria.sync.store.state import StateStore
+
+    store = StateStore(state_url)
+    store.migrate()
+    event = {"id": "ev1", "customer_id": "c1", "timestamp": "2026-12-04T19:00:00.500+02:00"}
+    store.record_events([{"event_id": "reward_claimed:ev1", "rule": "reward_claimed", "event_type": "claimed",
+                          "customer_id": "c1", "event_time": event_time(event), "late": False, "status": "sent",
+                          "request_id": "r", "run_id": "run-1"}])
+    second = whole_second(event_time(event))
+    assert store.events.sent_per_second("claimed", {second}) == {second: 1}
+    store.set_event_cursor("reward_claimed", event_time(event))
+    assert store.event_cursor("reward_claimed") == event_time(event)
+
+
+def test_claims_staggered_off_a_burst_do_not_pile_onto_the_claims_of_the_second_they_move_to():
+    """Staggering counts events by the second Antavo gave them, not by the timestamp they are sent with: 1,500 claims
+    on 12:00:00 send 500 on 12:05:00, where 1,000 claims made at 12:05:00 are sent too, so 1,500 custom events reach
+    one automation flow on one timestamp (Ometria's advice: at most 1,000 per timestamp)."""
+    second = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    stamps = stagger([second] * 1500 + [second + timedelta(minutes=5)] * 1000)
+    assert max(stamps.count(s) for s in set(stamps)) <= 1000
+
 # -- the dashboard -------------------------------------------------------------------------------------------------
 def test_the_dashboard_s_last_hour_latency_includes_claims_delivered_late(parts):  # noqa: F811
     """A claim delivered this hour 5 hours after it was made (an outage, a backed-off run) is recorded `late`;
@@ -225,3 +256,64 @@ def test_the_dashboard_s_last_hour_latency_includes_claims_delivered_late(parts)
     *_, late_last_hour, last_hour = re.findall(r"<td[^>]*>(.*?)</td>", row)
     assert late_last_hour == "1"  # in a column of its own
     assert int(re.fullmatch(r"\d+ s / \d+ s / (\d+) s \(2\)", last_hour).group(1)) >= 5 * 3600  # its max
+
+
+# -- answers lost in other ways, and what becomes of an answer-lost record ---------------------------------------
+@pytest.mark.parametrize("after_storing", ["connection closed", "gateway timeout"])
+def test_a_custom_event_ometria_stored_before_its_answer_was_lost_otherwise_is_not_pushed_again_in_that_delivery(
+        parts, sandbox, antavo_client, ometria_client, monkeypatch, after_storing):  # noqa: F811
+    """A read timeout is not the only way to lose the answer to a request Ometria has read: the connection can be
+    closed before the answer comes (`Connection aborted`, RemoteDisconnected: a load balancer's idle timeout, a
+    restarted node), or a gateway in front of Ometria answers 502/504 after the push was stored. Either is as
+    unknown as a read timeout, so the delivery should hold the event as `event_answer_lost` rather than send the
+    same id again within the same delivery."""
+    from http.client import RemoteDisconnected
+
+    import requests
+    from urllib3.exceptions import ProtocolError
+
+    rule, store, mapping = parts
+    claim = sandbox.antavo.claim_reward("c00000191", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
+    real_post, broken = ometria_client.session.post, []
+
+    def post(url, data=None, **kwargs):
+        response = real_post(url, data=data, **kwargs)  # Ometria reads and stores it
+        if data and b'"custom_event"' in data and not broken:
+            broken.append(url)
+            if after_storing == "connection closed":
+                raise requests.ConnectionError(ProtocolError(
+                    "Connection aborted.", RemoteDisconnected("Remote end closed connection without response")))
+            response.status_code = 504
+        return response
+
+    monkeypatch.setattr(ometria_client.session, "post", post)
+    try:
+        deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
+        failed = False
+    except events.EventsNotDelivered:
+        failed = True
+    sandbox.ometria.settle()
+    assert broken
+    assert sandbox.ometria.received[("custom_event", oid(claim))] == 1  # not sent again within the delivery
+    assert failed and [h["antavo_id"] for h in store.held_records(kind=events.ANSWER_LOST)] == [oid(claim)]
+
+
+def test_an_answer_lost_event_the_next_delivery_skips_as_late_is_no_longer_held_as_answer_lost(
+        parts, sandbox, antavo_client, ometria_client):  # noqa: F811
+    """Under late_event_policy = skip, an event whose answer was lost and which is over 4 hours old by the next
+    delivery is skipped, not re-sent: nothing will ever send it again, so its `event_answer_lost` record must not
+    stay open (the dashboard and the trace would show it waiting for a re-send for ever)."""
+    rule, store, mapping = parts
+    claim = sandbox.antavo.claim_reward("c00000192", "rw-coffee",
+                                        at=datetime.now(UTC) - timedelta(hours=3, minutes=59, seconds=30))
+    sandbox.ometria.faults.add({"path": "/v2/push", "delay": 3, "count": 1, "after": 1})  # the event's push
+    with pytest.raises(events.EventsNotDelivered):
+        deliver(rule, antavo_client, ometria_client, store, mapping, "run-1", late_policy="skip")
+    sandbox.ometria.settle()
+    assert len(store.held_records(kind=events.ANSWER_LOST)) == 1
+
+    summary = deliver(rule, antavo_client, ometria_client, store, mapping, "run-2", late_policy="skip",
+                      now=datetime.now(UTC) + timedelta(minutes=1))
+    assert (summary["skipped_late"], summary["sent"]) == (1, 0)
+    assert sandbox.ometria.received[("custom_event", oid(claim))] == 1
+    assert store.held_records(kind=events.ANSWER_LOST) == []

@@ -106,3 +106,25 @@ def test_the_sensor_defers_with_the_quiet_wait_s_end_and_what_its_rules_decided_
     later = connections.antavo.claim_reward("c00000182", "rw-coffee", at=datetime.now(UTC))
     assert sensor.execute({})["found"] == 1
     assert sensor.poke({}).is_done and later["id"] not in trigger.settled[rule.action]
+
+
+def test_a_rule_no_delivery_has_run_for_yet_does_not_have_every_poll_read_the_whole_4_hour_feed(
+        sandbox, antavo_client, state_url):
+    """A fresh install, or a rule just added to triggers.csv, has no cursor: the sensor watches it from the start of
+    Ometria's 4-hour window. When its action is quiet nothing there is new, so the sensor defers and each poll of
+    the trigger (every 5 s, for the 14-minute quiet wait) reads Antavo's whole feed of those 4 hours, every action, a
+    page per 100 events, against Antavo's 1,500 requests a minute shared with the contacts DAG. A poll should read
+    about the last minute, as it does once a delivery has set the cursor (or the first run should deliver at once)."""
+    from antavo_ometria.sync.store.state import StateStore
+
+    store = StateStore(state_url)
+    store.migrate()
+    now = datetime.now(UTC)
+    for n in range(450):  # the rest of the programme goes on: points, checkouts...
+        sandbox.antavo.add_event(f"c{200 + n % 50:08d}", "point_add", {"points": 5},
+                                 at=now - timedelta(hours=3, minutes=50) + timedelta(seconds=30 * n))
+    watched = watch(store, antavo_client, {"reward_claimed": "reward"}, datetime.now(UTC))
+    assert watched.new == []  # nothing to wake for: the sensor defers
+    reads = sandbox.antavo.requests_by_path["/customers/-/events"]
+    next_poll(antavo_client, watched)
+    assert sandbox.antavo.requests_by_path["/customers/-/events"] - reads == 1
