@@ -9,6 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 import requests
+from stack import free_port
 
 from antavo_ometria.antavo.records import normalise_customer
 from antavo_ometria.ometria.contract import MAX_RECORD_BYTES
@@ -345,29 +346,61 @@ def test_a_list_that_moved_more_than_the_overlap_is_read_again_not_skipped(sandb
     assert raised.value.retryable
 
 
-@pytest.mark.parametrize("failure, calls", [(requests.ReadTimeout, 1), (requests.ConnectTimeout, 3),
-                                            (requests.ConnectionError, 3)])
-def test_a_request_whose_repeat_is_not_known_to_be_harmless_is_not_sent_again_after_a_read_timeout(failure, calls):
-    """A custom event push: a read timeout means it went out and Ometria may have stored it, so it is not sent again
-    in that call (AnswerLost); a connection that never opened is retried as any other push."""
+@pytest.fixture
+def answering():
+    """A server on loopback that reads each request and answers it as told: `close` closes the connection without an
+    answer, `sleep` answers after the client's timeout, a number answers with that status. It counts the requests
+    it read."""
+    import socket
+    import threading
+
+    plan, read = {"how": "200"}, []
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                read.append(data.split(b"\r\n", 1)[0])
+                if plan["how"] == "sleep":
+                    time.sleep(0.6)
+                if plan["how"] not in ("close", "sleep"):
+                    conn.sendall(f"HTTP/1.1 {plan['how']} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
+                                 .encode())
+
+    threading.Thread(target=serve, daemon=True).start()
+    yield f"http://127.0.0.1:{server.getsockname()[1]}", plan, read
+    server.close()
+
+
+@pytest.mark.parametrize("how, lost", [("sleep", True), ("close", True), ("504", True), ("502", True),
+                                       ("503", False), ("refused", False)])
+def test_a_request_whose_repeat_is_not_known_to_be_harmless_is_not_sent_again_once_it_may_have_been_read(
+        answering, how, lost):
+    """A custom event push, over real sockets: once the server may have read it (its answer timed out, the
+    connection closed before an answer, a gateway's 502 or 504), it is not sent again in that call (AnswerLost);
+    a connection that never opened, or a 503, is retried as any other push."""
     from antavo_ometria.transport import AnswerLost, RetryPolicy, request_with_retries
 
-    sent = []
+    url, plan, read = answering
+    plan["how"] = how
+    if how == "refused":
+        url = f"http://127.0.0.1:{free_port()}"
+    tries = []
 
     def send() -> requests.Response:
-        sent.append(1)
-        if len(sent) < 3:
-            raise failure("no answer")
-        response = requests.Response()
-        response.status_code = 200
-        return response
+        tries.append(1)
+        return requests.post(url, data=b"[]", headers={"Connection": "close"}, timeout=(1, 0.3))
 
-    policy = RetryPolicy(attempts=4, backoff=0.001, max_backoff=0.002)
-    if failure is requests.ReadTimeout:
-        with pytest.raises(AnswerLost) as raised:
-            request_with_retries(send, what="POST /v2/push", policy=policy, limiter=RateLimiter(0),
-                                 resend_unanswered=False)
-        assert not raised.value.retryable
-    else:
+    policy = RetryPolicy(attempts=3, backoff=0.001, max_backoff=0.002)
+    with pytest.raises(AnswerLost if lost else ApiError) as raised:
         request_with_retries(send, what="POST /v2/push", policy=policy, limiter=RateLimiter(0), resend_unanswered=False)
-    assert len(sent) == calls
+    assert (type(raised.value) is AnswerLost) == lost and raised.value.retryable != lost
+    assert len(tries) == (1 if lost else 3)
+    assert len(read) == (0 if how == "refused" else len(tries))  # what the server actually read

@@ -98,14 +98,16 @@ def test_the_sensor_defers_with_the_quiet_wait_s_end_and_what_its_rules_decided_
     with pytest.raises(TaskDeferred) as deferred:
         sensor.execute({})
     trigger = deferred.value.trigger
-    assert trigger.since == {rule.action: (store.event_cursor(rule.name) - WAKE_OVERLAP).isoformat()}
+    (since,) = (datetime.fromisoformat(moment) for moment in trigger.since.values())  # a minute before the later of
+    assert store.event_cursor(rule.name) - WAKE_OVERLAP <= since <= datetime.now(UTC) - WAKE_OVERLAP  # cursor, read
     assert trigger.settled == {rule.action: [claim["id"]]}
     wait = datetime.fromisoformat(trigger.deadline) - datetime.now(UTC)
     assert timedelta(minutes=13) < wait <= timedelta(minutes=14)
 
-    later = connections.antavo.claim_reward("c00000182", "rw-coffee", at=datetime.now(UTC))
+    connections.antavo.claim_reward("c00000182", "rw-coffee", at=datetime.now(UTC))
     assert sensor.execute({})["found"] == 1
-    assert sensor.poke({}).is_done and later["id"] not in trigger.settled[rule.action]
+    assert sensor.poke({}).is_done
+    assert claim["id"] in trigger.settled[rule.action]  # the delivered claim is handed over as decided
 
 
 def test_a_rule_no_delivery_has_run_for_yet_does_not_have_every_poll_read_the_whole_4_hour_feed(

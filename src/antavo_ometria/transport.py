@@ -13,10 +13,12 @@ from urllib.parse import urlsplit
 
 import requests
 import tenacity
+import urllib3
 
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+GATEWAY_STATUS = frozenset({502, 504})  # a proxy's answer: the request may have been passed on before it failed
 
 
 class ApiError(Exception):
@@ -31,8 +33,9 @@ class ApiError(Exception):
 
 
 class AnswerLost(ApiError):
-    """The request was sent but its answer did not arrive in time (a read timeout): the server may have acted on
-    it. Raised at once, not retried, when sending it again is not known to be harmless."""
+    """The request may have been read but its answer did not arrive (a read timeout, a connection closed before
+    the answer, a gateway's 502 or 504): the server may have acted on it. Raised at once, not retried, when sending
+    it again is not known to be harmless."""
 
 
 class AuthenticationFailed(ApiError):
@@ -110,9 +113,8 @@ def request_with_retries(
 ) -> requests.Response:
     """Call `send` under the rate limit; retry 429, 5xx and network errors with backoff (tenacity).
 
-    Without `resend_unanswered`, a read timeout (the request went out, its answer did not come back) raises
-    AnswerLost at once instead of sending the request again: for a request whose repeat is not known to be
-    harmless. Errors before the server read the request (no connection, a 429 or 5xx answer) are still retried.
+    Without `resend_unanswered` (a request whose repeat is not known to be harmless), an answer lost after the
+    request may have been read raises AnswerLost at once (see _network_error; a gateway's 502 or 504 too).
 
     A `Retry-After` header sets the wait, and a 429 slows every thread of the client down as long.
     `check` may raise ApiError for a response whose status looks fine (e.g. an error body in a 200).
@@ -125,6 +127,9 @@ def request_with_retries(
             response = send()
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise _network_error(what, exc, resend_unanswered) from None
+        if response.status_code in GATEWAY_STATUS and not resend_unanswered:
+            raise AnswerLost(f"{what}: HTTP {response.status_code} from a gateway, which may have passed the request "
+                             "on: the server may have acted on it, so it was not sent again", status=response.status_code)
         if response.status_code in RETRYABLE_STATUS:
             raise ApiError(f"{what}: HTTP {response.status_code}", status=response.status_code, retryable=True,
                            retry_after=retry_after_seconds(response))
@@ -160,12 +165,21 @@ def request_with_retries(
 
 
 def _network_error(what: str, exc: requests.RequestException, resend_unanswered: bool) -> ApiError:
-    """A retryable error for a request that failed on the network; AnswerLost for a read timeout (the request went
-    out) when it must not be sent again."""
-    if not resend_unanswered and isinstance(exc, requests.ReadTimeout):
-        return AnswerLost(f"{what}: {_network_problem(exc)} after the request was sent: the server may have acted on "
-                          "it, so it was not sent again")
+    """A retryable error for a request that failed on the network; AnswerLost when the request may have reached the
+    server (anything but a connection never made) and must not be sent again."""
+    if not resend_unanswered and not _never_sent(exc):
+        return AnswerLost(f"{what}: {_network_problem(exc)} after the request may have been read: the server may have "
+                          "acted on it, so it was not sent again")
     return ApiError(f"{what}: {_network_problem(exc)}", retryable=True)
+
+
+def _never_sent(exc: requests.RequestException) -> bool:
+    """The connection was never made (a connect timeout, a refused connection, an unknown host, a failed TLS
+    handshake), so the server cannot have read the request."""
+    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.SSLError)):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    return isinstance(reason, urllib3.exceptions.NewConnectionError)  # also an unknown host
 
 
 def _network_problem(exc: requests.RequestException) -> str:

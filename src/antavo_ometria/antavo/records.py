@@ -152,6 +152,7 @@ def normalise_event(raw: dict) -> dict:
 
 
 def event_time(event: dict) -> datetime:
-    """An event's moment, always with a time zone (Antavo's timestamps are UTC)."""
+    """An event's moment in UTC (Antavo's timestamps are UTC; one with another offset is converted, so that the state
+    store, which keeps UTC wall clocks, compares like with like)."""
     moment = datetime.fromisoformat(str(event["timestamp"]).replace("Z", "+00:00"))
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)

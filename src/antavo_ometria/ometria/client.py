@@ -72,16 +72,20 @@ class OmetriaClient:
     def push_encoded(self, record_type: str, bodies: list[bytes]) -> PushResult:
         """Push one batch of already-encoded records, all of `record_type`.
 
-        A push of custom events whose answer is lost (read timeout) raises AnswerLost instead of being sent again:
+        A push of custom events whose answer is lost (a read timeout, a dropped connection, a gateway's 502 or 504)
+        raises AnswerLost instead of being sent again:
         Ometria may have stored them, and whether a repeated id starts an automation again is not documented."""
         if record_type not in RECORD_TYPES:
             raise ValueError(f"unknown Ometria record type {record_type!r}")
         if not 0 < len(bodies) <= MAX_BATCH_RECORDS:
             raise ValueError(f"a push holds 1..{MAX_BATCH_RECORDS} records, not {len(bodies)}")
         payload = b"[" + b",".join(bodies) + b"]"
+        # on a connection of its own: a dropped connection is then a lost answer, never a stale pooled connection
+        headers = {"Connection": "close"} if record_type in REPEAT_UNDOCUMENTED else None
 
         def send() -> requests.Response:
-            return self.session.post(f"{self.base}{PUSH_PATH}", data=payload, timeout=self.config.timeout)
+            return self.session.post(f"{self.base}{PUSH_PATH}", data=payload, headers=headers,
+                                     timeout=self.config.timeout)
 
         response = request_with_retries(
             send, what=f"POST {PUSH_PATH}", policy=self.config.retry, limiter=self.limiter,

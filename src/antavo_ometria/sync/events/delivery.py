@@ -164,8 +164,10 @@ class Watch:
 
 def watch(store: StateStore, antavo: AntavoClient, rules: dict[str, str], now: datetime) -> Watch:
     """One read of the feed from the earliest rule's start (its cursor less WAKE_OVERLAP; for a rule's first run,
-    Ometria's window): the events some rule has not decided on yet are new; per action, the ids of those all its
-    rules decided on are settled, the newest WAKE_SETTLED_MAX of them (`since` moves past older ones)."""
+    Ometria's window): the events some rule has not decided on yet are new. When none is, the trigger watches from
+    WAKE_OVERLAP ago (what is older was just read), whatever the cursors, so a poll never reads further back; per
+    action, the ids of those all its rules decided on are settled, the newest WAKE_SETTLED_MAX of them (`since`
+    moves past older ones)."""
     starts = {}
     for rule in rules:
         cursor = store.event_cursor(rule)
@@ -177,6 +179,8 @@ def watch(store: StateStore, antavo: AntavoClient, rules: dict[str, str], now: d
     since: dict[str, datetime] = {}
     for rule, action in rules.items():
         since[action] = min(since.get(action, starts[rule]), starts[rule])
+    if not new:  # all that was read is decided: the trigger watches from a minute ago, whatever the cursors
+        since = {action: max(moment, now - WAKE_OVERLAP) for action, moment in since.items()}
     settled: dict[str, list[str]] = {}
     for action, moment in since.items():
         done = sorted((e for e in feed.newer_than({action: moment}) if e["id"] not in new), key=event_time,
@@ -417,7 +421,7 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, who, late_poli
     held = decision.held + unsendable_
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in decision.skipped])
     failed = decision.waiting + pushed.failed
-    _record_held(store, rule, run_id, events, held, pushed, late_cut, failed)
+    _record_held(store, rule, run_id, events, held, pushed, late_cut, failed, decision.skipped)
     return {"sent": len(pushed.accepted) + len(pushed.rejected), "accepted": len(pushed.accepted),
             "rejected": len(pushed.rejected), "late": decision.late, "skipped_late": len(decision.skipped),
             "held": len(held), "failed": len(failed), "failure": pushed.failure or customers.contacts.error,
@@ -511,7 +515,7 @@ def _sort(out: Pushed, rule: Rule, event: dict, entry, store: StateStore, late_c
 
 
 def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict], held: list[tuple[dict, str]],
-                 pushed: Pushed, late_cut: datetime, failed: list[dict]) -> None:
+                 pushed: Pushed, late_cut: datetime, failed: list[dict], skipped: list[dict]) -> None:
     """Hold back what could not be delivered, each with its reason; a rejected event past its window as expired;
     an event whose answer was lost as such (until a delivery has Ometria's answer for it, or finds it pushed).
     What was not delivered for another reason (`failed`) keeps the held record it has."""
@@ -520,8 +524,9 @@ def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict],
         store.clear_held(tag, kind, keep)  # a retry of this task records them again
     decided = [k for e in events if (k := event_key(rule, e)) and k not in keep]
     store.release_held(decided, RETRIED_KINDS)  # held again below
-    # Ometria answered it now (or another delivery pushed it), or its answer was lost again (recorded again below)
-    superseded = pushed.accepted + pushed.already + [e for e, _ in pushed.rejected + pushed.lost]
+    # Ometria answered it now (or another delivery pushed it), its answer was lost again (recorded again below), or
+    # it will not be sent again: skipped as late, or held for another reason (recorded below)
+    superseded = pushed.accepted + pushed.already + skipped + [e for e, _ in pushed.rejected + pushed.lost + held]
     store.release_held([event_key(rule, e) for e in superseded], (ANSWER_LOST,))
     groups = held_groups(held, pushed.rejected, late_cut) | {ANSWER_LOST: pushed.lost}
     for kind, rows in groups.items():
