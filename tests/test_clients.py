@@ -404,3 +404,148 @@ def test_a_request_whose_repeat_is_not_known_to_be_harmless_is_not_sent_again_on
     assert (type(raised.value) is AnswerLost) == lost and raised.value.retryable != lost
     assert len(tries) == (1 if lost else 3)
     assert len(read) == (0 if how == "refused" else len(tries))  # what the server actually read
+
+
+def test_a_custom_event_push_after_a_contact_push_does_not_ride_the_contact_s_kept_alive_connection():
+    """`Connection: close` only asks the server to close the connection after its answer: the push itself still
+    takes an idle connection from the session's pool, such as the one the contact push (kept alive) just used. If
+    Ometria closes that idle connection as the push arrives (a keep-alive timeout), the push was never read, yet
+    it surfaces as a dropped connection: AnswerLost, a failed delivery and a back-off for an event Ometria never
+    saw. A custom event should go out on a connection opened for it."""
+    import select
+    import socket
+    import threading
+
+    from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
+    from antavo_ometria.transport import RetryPolicy
+
+    server = socket.create_server(("127.0.0.1", 0))
+    read, connections = [], []
+    ok = b'{"status":"OK","request_id":"r","accepted":1,"rejected":0}'
+
+    def answer(conn) -> None:
+        conn.sendall(b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: "
+                     + str(len(ok)).encode() + b"\r\n\r\n" + ok)
+
+    def read_request(conn) -> bytes:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(65536)
+            if not chunk:
+                return b""
+            data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                       if line.lower().startswith(b"content-length:")), 0)
+        while len(body) < length:
+            body += conn.recv(65536)
+        return head
+
+    def serve():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            connections.append(conn)
+            with conn:
+                if read_request(conn):
+                    read.append(1)
+                    answer(conn)  # kept alive
+                    if len(connections) == 1:  # the idle connection closes just as the next request arrives
+                        select.select([conn], [], [], 5)
+                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        client = OmetriaClient(OmetriaConfig("key", f"http://127.0.0.1:{server.getsockname()[1]}",
+                                             requests_per_second=0, timeout=2,
+                                             retry=RetryPolicy(attempts=3, backoff=0.001, max_backoff=0.002)))
+        client.push_encoded("contact", [b'{"@type":"contact","id":"c1"}'])
+        result = client.push_encoded("custom_event", [b'{"@type":"custom_event","id":"r:e1"}'])
+        assert result.accepted == 1
+        assert len(read) == 2
+    finally:
+        server.close()
+
+
+def test_a_custom_event_push_through_a_proxy_that_refuses_the_connection_is_retried_not_reported_lost():
+    """Behind an outbound proxy (HTTPS_PROXY, common on Airflow workers), a proxy that is down makes requests raise
+    ProxyError(MaxRetryError(reason=urllib3 ProxyError('Unable to connect to proxy', NewConnectionError))): the
+    request never left the machine, as with a refused connection, yet it is reported as an answer Ometria may have
+    stored (AnswerLost), failing the delivery instead of being retried."""
+    from stack import free_port
+
+    from antavo_ometria.transport import RetryPolicy, request_with_retries
+
+    tries = []
+
+    def send() -> requests.Response:
+        tries.append(1)
+        proxy = f"http://127.0.0.1:{free_port()}"
+        return requests.post("http://ometria.invalid/v2/push", data=b"[]", timeout=(1, 0.3),
+                             proxies={"http": proxy, "https": proxy})
+
+    with pytest.raises(ApiError) as raised:
+        request_with_retries(send, what="POST /v2/push", policy=RetryPolicy(attempts=3, backoff=0.001,
+                                                                            max_backoff=0.002),
+                             limiter=RateLimiter(0), resend_unanswered=False)
+    assert type(raised.value) is ApiError and raised.value.retryable
+    assert len(tries) == 3
+
+
+def test_a_custom_event_push_whose_tls_connection_breaks_after_the_server_read_it_is_not_sent_again(tmp_path):
+    """SSLError is not only a failed handshake: urllib3 turns any ssl.SSLError into SSLError, also one raised while
+    the answer is read (a corrupt or unexpected TLS record, a middlebox tearing the session down after the request
+    went through). requests then raises SSLError(MaxRetryError(reason=SSLError)), the same shape as a refused
+    certificate, and `_never_sent` takes it for a connection never made: the push is sent again although the server
+    read (and may have stored) it."""
+    import os
+    import socket
+    import ssl
+    import subprocess
+    import threading
+
+    from antavo_ometria.transport import AnswerLost, RetryPolicy, request_with_retries
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "1", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert, key)
+    server, read = socket.create_server(("127.0.0.1", 0)), []
+
+    def serve():
+        while True:
+            try:
+                raw, _ = server.accept()
+            except OSError:
+                return
+            try:
+                with context.wrap_socket(raw, server_side=True) as tls:
+                    data = b""
+                    while not data.endswith(b"\r\n\r\n[]"):
+                        data += tls.recv(65536)
+                    read.append(1)  # read in full: the server acts on it
+                    os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + b"\x01" * 32)  # a record that does not decrypt
+                    time.sleep(0.3)
+            except (OSError, ssl.SSLError):
+                pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    url = f"https://127.0.0.1:{server.getsockname()[1]}/v2/push"
+    tries = []
+
+    def send() -> requests.Response:
+        tries.append(1)
+        return requests.post(url, data=b"[]", timeout=(1, 1), verify=False)
+
+    try:
+        with pytest.raises(ApiError) as raised:
+            request_with_retries(send, what="POST /v2/push", policy=RetryPolicy(attempts=3, backoff=0.001,
+                                                                                max_backoff=0.002),
+                                 limiter=RateLimiter(0), resend_unanswered=False)
+        assert len(read) == 1, f"the server read the push {len(read)} times ({type(raised.value).__name__})"
+        assert type(raised.value) is AnswerLost
+    finally:
+        server.close()

@@ -317,3 +317,30 @@ def test_an_answer_lost_event_the_next_delivery_skips_as_late_is_no_longer_held_
     assert (summary["skipped_late"], summary["sent"]) == (1, 0)
     assert sandbox.ometria.received[("custom_event", oid(claim))] == 1
     assert store.held_records(kind=events.ANSWER_LOST) == []
+
+
+def test_claims_staggered_onto_a_later_second_by_an_earlier_delivery_count_when_that_second_s_own_burst_comes(
+        state_url):
+    """Delivery 1 sends 1,500 claims made on 12:00:00: 1,000 on 12:00:00, 500 moved to 12:05:00. Delivery 2 then
+    sends 1,000 claims made on 12:05:00. `sent_per_second` asks the store only about the seconds of delivery 2's own
+    events (12:05:00, where nothing was *made* before), so the 500 already sent on 12:05:00 are not counted and
+    1,500 custom events reach Ometria on one timestamp. The store should know the timestamp each event was sent
+    with (or the count should include the seconds that stagger onto this one)."""
+    from types import SimpleNamespace
+
+    from antavo_ometria.sync.events.delivery import sent_per_second
+    from antavo_ometria.sync.store.state import StateStore
+
+    store = StateStore(state_url)
+    store.migrate()
+    rule = SimpleNamespace(event_type="claimed", name="reward_claimed")
+    noon = datetime(2026, 12, 4, 12, tzinfo=UTC)
+    first = [{"id": f"a{i}", "timestamp": (noon + timedelta(milliseconds=i % 1000)).isoformat()} for i in range(1500)]
+    stamps = stagger([noon + timedelta(milliseconds=i % 1000) for i in range(1500)], sent_per_second(store, rule, first))
+    store.record_events([{"event_id": f"reward_claimed:{e['id']}", "rule": "reward_claimed", "event_type": "claimed",
+                          "customer_id": "c1", "event_time": datetime.fromisoformat(e["timestamp"]), "late": False,
+                          "status": "sent", "request_id": "r", "run_id": "run-1"} for e in first])
+    later = noon + timedelta(minutes=5)
+    second = [{"id": f"b{i}", "timestamp": later.isoformat()} for i in range(1000)]
+    stamps += stagger([later] * 1000, sent_per_second(store, rule, second))
+    assert max(stamps.count(s) for s in set(stamps)) <= 1000
