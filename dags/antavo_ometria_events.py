@@ -7,15 +7,15 @@ description, …) fill the tags of the Ometria email. The rules are rows in
 `include/mappings/triggers.csv`: the Antavo action, the Ometria event type, and where each property
 comes from (`event.*`, `reward.*`, `customer.*`).
 
-**Continuous:** one run at a time, the next as soon as one ends. A deferrable sensor waits in the triggerer
-(no worker slot) and reads Antavo's event feed every `events.poll_seconds` (settings.toml, default 5), one read
-for every rule from a minute before their cursors; the first event some rule has not pushed or decided on (not one
-it holds back or had rejected) wakes `deliver_events`, which reads the feed once for all rules and
-pushes each new event per rule: the contact first if Ometria does not have it yet, then the custom event
-(`id` = `<rule>:<Antavo event ID>`, so two rules on one action each deliver) — once when Ometria's answer arrives; a
-push whose answer is lost (a timeout or a dropped connection after sending) is not repeated at once but by the next delivery, with the same
-id, and the report counts it (whether Ometria deduplicates a repeated id is not documented). A claim reaches
-Ometria in about 7 s (p95 10 s at 5 s polling, `make bench-events`).
+**Continuous:** one run at a time, the next as soon as one ends. A deferrable sensor waits in the triggerer (no
+worker slot) and reads Antavo's event feed every `events.poll_seconds` (settings.toml, default 5), one read for
+every rule from a minute before the sensor started; the first event some rule has not pushed or decided on (not one
+it holds back or had rejected) wakes `deliver_events`, which reads the feed once for all rules and pushes each new
+event per rule: the contact first if Ometria does not have it yet, then the custom event (`id` = `<rule>:<Antavo
+event ID>`, so two rules on one action each deliver) — once when Ometria's answer arrives; a push whose answer is
+lost (a timeout, a dropped connection, a gateway's 502 or 504) is not repeated at once but by the next delivery,
+with the same id, and the report counts it (whether Ometria deduplicates a repeated id is not documented). A claim
+reaches Ometria in about 7 s (p95 10 s at 5 s polling, `make bench-events`).
 The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run
 sends them; an event Ometria rejects is held with the reason and retried by every run while it can still start
 an automation. After a failed run the first task, `back_off`, waits in the triggerer (as long as deliveries have been failing, 1 to 15

@@ -441,6 +441,15 @@ def test_a_custom_event_push_after_a_contact_push_does_not_ride_the_contact_s_ke
             body += conn.recv(65536)
         return head
 
+    def handle(conn, first: bool) -> None:
+        with conn:
+            if read_request(conn):
+                read.append(1)
+                answer(conn)  # kept alive
+                if first:  # the idle connection closes just as the next request arrives on it
+                    select.select([conn], [], [], 5)
+                    conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+
     def serve():
         while True:
             try:
@@ -448,13 +457,7 @@ def test_a_custom_event_push_after_a_contact_push_does_not_ride_the_contact_s_ke
             except OSError:
                 return
             connections.append(conn)
-            with conn:
-                if read_request(conn):
-                    read.append(1)
-                    answer(conn)  # kept alive
-                    if len(connections) == 1:  # the idle connection closes just as the next request arrives
-                        select.select([conn], [], [], 5)
-                        conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            threading.Thread(target=handle, args=(conn, len(connections) == 1), daemon=True).start()
 
     threading.Thread(target=serve, daemon=True).start()
     try:
@@ -464,7 +467,7 @@ def test_a_custom_event_push_after_a_contact_push_does_not_ride_the_contact_s_ke
         client.push_encoded("contact", [b'{"@type":"contact","id":"c1"}'])
         result = client.push_encoded("custom_event", [b'{"@type":"custom_event","id":"r:e1"}'])
         assert result.accepted == 1
-        assert len(read) == 2
+        assert len(read) == 2 and len(connections) == 2  # the custom event on a connection of its own
     finally:
         server.close()
 

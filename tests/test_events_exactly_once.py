@@ -274,7 +274,7 @@ def test_a_custom_event_ometria_stored_before_its_answer_was_lost_otherwise_is_n
 
     rule, store, mapping = parts
     claim = sandbox.antavo.claim_reward("c00000191", "rw-coffee", at=datetime.now(UTC) - timedelta(minutes=1))
-    real_post, broken = ometria_client.session.post, []
+    real_post, broken = ometria_client.one_off.post, []
 
     def post(url, data=None, **kwargs):
         response = real_post(url, data=data, **kwargs)  # Ometria reads and stores it
@@ -286,7 +286,7 @@ def test_a_custom_event_ometria_stored_before_its_answer_was_lost_otherwise_is_n
             response.status_code = 504
         return response
 
-    monkeypatch.setattr(ometria_client.session, "post", post)
+    monkeypatch.setattr(ometria_client.one_off, "post", post)
     try:
         deliver(rule, antavo_client, ometria_client, store, mapping, "run-1")
         failed = False
@@ -319,6 +319,8 @@ def test_an_answer_lost_event_the_next_delivery_skips_as_late_is_no_longer_held_
     assert store.held_records(kind=events.ANSWER_LOST) == []
 
 
+@pytest.mark.xfail(strict=True, reason="known limit (README, timing rules): earlier deliveries are counted by the "
+                   "second their events were made, not the timestamp they were sent with")
 def test_claims_staggered_onto_a_later_second_by_an_earlier_delivery_count_when_that_second_s_own_burst_comes(
         state_url):
     """Delivery 1 sends 1,500 claims made on 12:00:00: 1,000 on 12:00:00, 500 moved to 12:05:00. Delivery 2 then

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -174,12 +175,25 @@ def _network_error(what: str, exc: requests.RequestException, resend_unanswered:
 
 
 def _never_sent(exc: requests.RequestException) -> bool:
-    """The connection was never made (a connect timeout, a refused connection, an unknown host, a failed TLS
-    handshake), so the server cannot have read the request."""
-    if isinstance(exc, (requests.ConnectTimeout, requests.exceptions.SSLError)):
+    """The connection was never made (a connect timeout, a refused connection, an unknown host, a proxy that refused
+    it, a certificate refused), so the server cannot have read the request. Any other TLS error may come while the
+    answer is read."""
+    if isinstance(exc, requests.ConnectTimeout):
         return True
-    reason = getattr(exc.args[0], "reason", None) if exc.args else None
-    return isinstance(reason, urllib3.exceptions.NewConnectionError)  # also an unknown host
+    never = (urllib3.exceptions.NewConnectionError, ssl.SSLCertVerificationError)  # also an unknown host, a bad name
+    return any(isinstance(cause, never) for cause in _causes(exc))
+
+
+def _causes(exc: BaseException):
+    """The exception and what it wraps (requests → urllib3's MaxRetryError → its reason → a proxy's original error)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
+        inner = getattr(exc, "reason", None) or getattr(exc, "original_error", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in exc.args if isinstance(a, BaseException)), None) or exc.__cause__ or exc.__context__
+        exc = inner
 
 
 def _network_problem(exc: requests.RequestException) -> str:
@@ -188,6 +202,8 @@ def _network_problem(exc: requests.RequestException) -> str:
     host = urlsplit(url).netloc or "the server"
     if isinstance(exc, requests.Timeout):
         return f"{host} did not answer in time ({type(exc).__name__})"
+    if any(isinstance(cause, urllib3.exceptions.ProtocolError) for cause in _causes(exc)):
+        return f"the connection to {host} closed before an answer came (ConnectionError)"
     if isinstance(exc, requests.exceptions.SSLError):
         return (f"no TLS connection with {host} (SSLError: check http:// or https:// in the connection's host, "
                 "and the server's certificate; verify_tls in the connection's extra turns the check off)")

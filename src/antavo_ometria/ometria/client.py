@@ -59,15 +59,11 @@ class OmetriaClient:
         self.base = config.base_url.rstrip("/")
         # a hair under the account's limit, so that timing jitter never makes the sync itself cause a 429
         self.limiter = RateLimiter(config.requests_per_second * RATE_MARGIN)
-        self.session = requests.Session()
-        self.session.verify = config.verify_tls
-        self.session.headers.update(
-            {
-                "X-Ometria-Auth": config.api_key,
-                "Content-Type": "application/json",
-                "Accept": "application/json",
-            }
-        )
+        headers = {"X-Ometria-Auth": config.api_key, "Content-Type": "application/json", "Accept": "application/json"}
+        self.session, self.one_off = requests.Session(), requests.Session()  # one_off: a new connection each request
+        for session, extra in ((self.session, {}), (self.one_off, {"Connection": "close"})):
+            session.verify = config.verify_tls
+            session.headers.update({**headers, **extra})
 
     def push_encoded(self, record_type: str, bodies: list[bytes]) -> PushResult:
         """Push one batch of already-encoded records, all of `record_type`.
@@ -80,12 +76,12 @@ class OmetriaClient:
         if not 0 < len(bodies) <= MAX_BATCH_RECORDS:
             raise ValueError(f"a push holds 1..{MAX_BATCH_RECORDS} records, not {len(bodies)}")
         payload = b"[" + b",".join(bodies) + b"]"
-        # on a connection of its own: a dropped connection is then a lost answer, never a stale pooled connection
-        headers = {"Connection": "close"} if record_type in REPEAT_UNDOCUMENTED else None
+        # a custom event goes on a connection of its own: a dropped connection is then a lost answer, never a kept-alive
+        # connection the server had closed
+        session = self.one_off if record_type in REPEAT_UNDOCUMENTED else self.session
 
         def send() -> requests.Response:
-            return self.session.post(f"{self.base}{PUSH_PATH}", data=payload, headers=headers,
-                                     timeout=self.config.timeout)
+            return session.post(f"{self.base}{PUSH_PATH}", data=payload, timeout=self.config.timeout)
 
         response = request_with_retries(
             send, what=f"POST {PUSH_PATH}", policy=self.config.retry, limiter=self.limiter,

@@ -7,9 +7,10 @@ claimed reward; push the contact first for a customer Ometria has not received y
 timing rules (an event over 4 hours old cannot start an automation: send and warn, or skip; more than
 1,000 events on one second, counting those earlier deliveries sent on it, are staggered in 5-minute steps);
 push each event on its own, record the accepted ones, hold the rejected ones (retried while they can still start
-an automation, then held as expired) and move the cursor. A push whose answer was lost (a read timeout: Ometria
-may have stored it) is not sent again in that delivery: it is held as `event_answer_lost` with the reason, the
-delivery fails, and the next one sends it again with the same id and counts it as re-sent after a lost answer. An
+an automation, then held as expired) and move the cursor. A push whose answer was lost (a timeout, a dropped
+connection, a gateway's 502 or 504: Ometria may have stored it) is not sent again in that delivery: it is held as
+`event_answer_lost` with the reason, the delivery fails, and the next one sends it again with the same id and
+counts it as re-sent after a lost answer. An
 event held for its contact (Ometria rejected it, the quality gate held it back) stays owed whatever its age: once
 Ometria has accepted the contact, the next delivery sends the event from the state store, under the late-event
 policy.
@@ -525,8 +526,8 @@ def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict],
     decided = [k for e in events if (k := event_key(rule, e)) and k not in keep]
     store.release_held(decided, RETRIED_KINDS)  # held again below
     # Ometria answered it now (or another delivery pushed it), its answer was lost again (recorded again below), or
-    # it will not be sent again: skipped as late, or held for another reason (recorded below)
-    superseded = pushed.accepted + pushed.already + skipped + [e for e, _ in pushed.rejected + pushed.lost + held]
+    # it will not be sent again (skipped as late); one held for another reason keeps it until it is sent again
+    superseded = pushed.accepted + pushed.already + skipped + [e for e, _ in pushed.rejected + pushed.lost]
     store.release_held([event_key(rule, e) for e in superseded], (ANSWER_LOST,))
     groups = held_groups(held, pushed.rejected, late_cut) | {ANSWER_LOST: pushed.lost}
     for kind, rows in groups.items():
