@@ -346,35 +346,46 @@ def test_a_list_that_moved_more_than_the_overlap_is_read_again_not_skipped(sandb
     assert raised.value.retryable
 
 
+def serve_each(server, handle) -> None:
+    """Accept connections on `server` until it is closed, each handled by `handle(conn)` in a thread of its own."""
+    import threading
+
+    def loop():
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=handle, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=loop, daemon=True).start()
+
+
 @pytest.fixture
 def answering():
     """A server on loopback that reads each request and answers it as told: `close` closes the connection without an
     answer, `sleep` answers after the client's timeout, a number answers with that status. It counts the requests
     it read."""
     import socket
-    import threading
 
     plan, read = {"how": "200"}, []
     server = socket.create_server(("127.0.0.1", 0))
 
-    def serve():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            with conn:
-                data = b""
-                while b"\r\n\r\n" not in data:
-                    data += conn.recv(65536)
-                read.append(data.split(b"\r\n", 1)[0])
-                if plan["how"] == "sleep":
-                    time.sleep(0.6)
-                if plan["how"] not in ("close", "sleep"):
-                    conn.sendall(f"HTTP/1.1 {plan['how']} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}"
-                                 .encode())
+    def handle(conn):
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            read.append(data.split(b"\r\n", 1)[0])
+            if plan["how"] == "sleep":
+                time.sleep(0.6)
+            if plan["how"] not in ("close", "sleep"):
+                conn.sendall(f"HTTP/1.1 {plan['how']} X\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{{}}".encode())
 
-    threading.Thread(target=serve, daemon=True).start()
+    serve_each(server, handle)
     yield f"http://127.0.0.1:{server.getsockname()[1]}", plan, read
     server.close()
 
@@ -414,7 +425,6 @@ def test_a_custom_event_push_after_a_contact_push_does_not_ride_the_contact_s_ke
     saw. A custom event should go out on a connection opened for it."""
     import select
     import socket
-    import threading
 
     from antavo_ometria.ometria.client import OmetriaClient, OmetriaConfig
     from antavo_ometria.transport import RetryPolicy
@@ -450,16 +460,11 @@ def test_a_custom_event_push_after_a_contact_push_does_not_ride_the_contact_s_ke
                     select.select([conn], [], [], 5)
                     conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
 
-    def serve():
-        while True:
-            try:
-                conn, _ = server.accept()
-            except OSError:
-                return
-            connections.append(conn)
-            threading.Thread(target=handle, args=(conn, len(connections) == 1), daemon=True).start()
+    def counted(conn) -> None:
+        connections.append(conn)
+        handle(conn, len(connections) == 1)
 
-    threading.Thread(target=serve, daemon=True).start()
+    serve_each(server, counted)
     try:
         client = OmetriaClient(OmetriaConfig("key", f"http://127.0.0.1:{server.getsockname()[1]}",
                                              requests_per_second=0, timeout=2,
@@ -507,7 +512,6 @@ def test_a_custom_event_push_whose_tls_connection_breaks_after_the_server_read_i
     import socket
     import ssl
     import subprocess
-    import threading
 
     from antavo_ometria.transport import AnswerLost, RetryPolicy, request_with_retries
 
@@ -518,24 +522,22 @@ def test_a_custom_event_push_whose_tls_connection_breaks_after_the_server_read_i
     context.load_cert_chain(cert, key)
     server, read = socket.create_server(("127.0.0.1", 0)), []
 
-    def serve():
-        while True:
-            try:
-                raw, _ = server.accept()
-            except OSError:
-                return
-            try:
-                with context.wrap_socket(raw, server_side=True) as tls:
-                    data = b""
-                    while not data.endswith(b"\r\n\r\n[]"):
-                        data += tls.recv(65536)
-                    read.append(1)  # read in full: the server acts on it
-                    os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + b"\x01" * 32)  # a record that does not decrypt
-                    time.sleep(0.3)
-            except (OSError, ssl.SSLError):
-                pass
+    def handle(raw) -> None:
+        try:
+            with context.wrap_socket(raw, server_side=True) as tls:
+                data = b""
+                while not data.endswith(b"\r\n\r\n[]"):
+                    chunk = tls.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                read.append(1)  # read in full: the server acts on it
+                os.write(tls.fileno(), b"\x17\x03\x03\x00\x20" + b"\x01" * 32)  # a record that does not decrypt
+                time.sleep(0.3)
+        except (OSError, ssl.SSLError):
+            pass
 
-    threading.Thread(target=serve, daemon=True).start()
+    serve_each(server, handle)
     url = f"https://127.0.0.1:{server.getsockname()[1]}/v2/push"
     tries = []
 
