@@ -1,19 +1,17 @@
 """Event triggers: matching Antavo events → Ometria custom events, each pushed once when Ometria's answer arrives.
 
-For one rule: read the Antavo events of its action over Ometria's 4-hour window (or from the rule's
-cursor, when catching up from further back), drop those the rule already pushed (state store, by the
-rule's own id `<rule>:<Antavo event id>`), look up each customer and, where the rule needs it, the
-claimed reward; push the contact first for a customer Ometria has not received yet; apply Ometria's
-timing rules (an event over 4 hours old cannot start an automation: send and warn, or skip; more than
-1,000 events on one second, counting those earlier deliveries sent on it, are staggered in 5-minute steps);
-push each event on its own, record the accepted ones, hold the rejected ones (retried while they can still start
-an automation, then held as expired) and move the cursor. A push whose answer was lost (a timeout, a dropped
-connection, a gateway's 502 or 504: Ometria may have stored it) is not sent again in that delivery: it is held as
-`event_answer_lost` with the reason, the delivery fails, and the next one sends it again with the same id and
-counts it as re-sent after a lost answer. An
-event held for its contact (Ometria rejected it, the quality gate held it back) stays owed whatever its age: once
-Ometria has accepted the contact, the next delivery sends the event from the state store, under the late-event
-policy.
+For one rule: read the Antavo events of its action over Ometria's 4-hour window (or from the rule's cursor, when
+catching up from further back), drop those the rule already pushed (state store, by the rule's own id
+`<rule>:<Antavo event id>`), look up each customer and, where the rule needs it, the claimed reward; push the
+contact first for a customer Ometria has not received yet; apply Ometria's timing rules (an event over 4 hours old
+cannot start an automation: send and warn, or skip; more than 1,000 events on one second, counting those earlier
+deliveries sent on it, are staggered in 5-minute steps); push each event on its own, record the accepted ones, hold
+the rejected ones (retried while they can still start an automation, then held as expired) and move the cursor. A
+push whose answer was lost (a timeout, a dropped connection, a gateway's 502 or 504: Ometria may have stored it) is
+not sent again in that delivery: it is held as `event_answer_lost` with the reason, the delivery fails, and the
+next one sends it again with the same id and counts it as re-sent after a lost answer. An event held for its
+contact (Ometria rejected it, the quality gate held it back) stays owed whatever its age: once Ometria has accepted
+the contact, the next delivery sends the event from the state store, under the late-event policy.
 """
 
 from __future__ import annotations
