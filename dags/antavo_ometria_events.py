@@ -15,7 +15,7 @@ event per rule: the contact first if Ometria does not have it yet, then the cust
 event ID>`, so two rules on one action each deliver) — once when Ometria's answer arrives; a push whose answer is
 lost (a timeout, a dropped connection, a gateway's 502 or 504) is not repeated at once but by the next delivery,
 with the same id, and the report counts it (whether Ometria deduplicates a repeated id is not documented). A claim
-reaches Ometria in about 7 s (p95 10 s at 5 s polling, `make bench-events`).
+reaches Ometria in about 6 s (p95 8 s at 5 s polling, `make bench-events`).
 The sensor fails when Antavo cannot be read; events that cannot be pushed fail the delivery, and the next run
 sends them; an event Ometria rejects is held with the reason and retried by every run while it can still start
 an automation. After a failed run the first task, `back_off`, waits in the triggerer (as long as deliveries have been failing, 1 to 15

@@ -159,10 +159,14 @@ def test_events_dag_delivers_a_reward_claim(airflow_db, connections):
     assert list(connections.ometria.events) == [oid(claim)]
     assert connections.ometria.events[oid(claim)]["properties"]["reward_name"] == "£10 off your next order"
 
-    quiet = dag.test()  # nothing new: the sensor gives up after its wait; the delivery still re-reads the overlap
+    # a claim Antavo lists 10 minutes late: before what the sensor watches (a minute before the cursor), so the fast
+    # path misses it; the sensor gives up after its wait, and the delivery (the catch-up) re-reads the 4-hour window
+    late = connections.antavo.claim_reward("c00000012", "rw-10off", at=datetime.now(UTC) - timedelta(minutes=10))
+    quiet = dag.test()
     states = {ti.task_id: ti.state for ti in quiet.get_task_instances()}
     assert states["wait_for_events"] == "skipped" and states["deliver_events"] == "success"
     assert connections.ometria.received[("custom_event", oid(claim))] == 1
+    assert connections.ometria.received[("custom_event", oid(late))] == 1
 
 
 # -- no silent loss ------------------------------------------------------------------------------

@@ -47,7 +47,6 @@ ANSWER_LOST = "event_answer_lost"  # pushed, but Ometria's answer did not arrive
 RETRIED_KINDS = (HELD, REJECTED)  # held again (or delivered) each time the event is re-read
 LEASE_TTL = timedelta(minutes=10)  # a delivery killed mid-way blocks the rule's others at most this long
 LEASE_WAIT = timedelta(minutes=2)  # how long a delivery waits for another one of its rule to finish
-LEASE_RENEW_EVERY = 1  # events pushed between renewals of the lease: before each push, one small UPDATE
 # an event held for its contact is tried again as soon as Ometria accepts the contact, and at the latest after this
 # wait while the contact stays accepted (the reason it was held may have passed without a new push of the contact)
 HELD_RETRY = timedelta(hours=1)
@@ -478,7 +477,7 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
     among those pushed (another delivery may have pushed it since this one read the feed)."""
     out = Pushed()
     for n, (event, body) in enumerate(built):
-        if n % LEASE_RENEW_EVERY == 0 and not store.renew_lease(rule.name, who[1], LEASE_TTL):
+        if not store.renew_lease(rule.name, who[1], LEASE_TTL):  # one small UPDATE a push
             out.failed.extend(e for e, _ in built[n:])  # another delivery took the lease: it sends them
             holder = store.lease_holder(rule.name)
             out.failure = (f"the lease of rule {rule.name} passed to {holder}" if holder else
