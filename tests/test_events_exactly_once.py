@@ -206,10 +206,10 @@ def test_over_1000_claims_in_one_second_reach_ometria_staggered(tmp_path):
 
 def test_a_burst_split_across_deliveries_is_counted_on_its_second_whatever_the_offset_of_antavo_s_timestamps(
         state_url):
-    """`event_time` keeps the offset Antavo wrote (`+02:00`); SQLite stores a date-time's wall clock without its
-    offset and the store reads it back as UTC, so the second an earlier delivery sent on is found two hours off and
-    the next delivery starts that second's staggering at zero again (and a cursor set from that moment lands two
-    hours ahead, past the fast path's whole watch). A moment should be stored as UTC."""
+    """SQLite stores a date-time's wall clock without its offset and the store reads it back as UTC: were
+    `event_time` to keep the offset Antavo wrote (`+02:00`), the second an earlier delivery sent on would be found two
+    hours off and the next delivery would start that second's staggering at zero again (and a cursor set from that
+    moment would land two hours ahead, past the fast path's whole watch). Moments are converted to UTC."""
     from antavo_ometria.antavo.records import event_time
     from antavo_ometria.sync.events.rules import whole_second
     from antavo_ometria.sync.store.state import StateStore
@@ -227,12 +227,13 @@ def test_a_burst_split_across_deliveries_is_counted_on_its_second_whatever_the_o
 
 
 def test_claims_staggered_off_a_burst_do_not_pile_onto_the_claims_of_the_second_they_move_to():
-    """Staggering counts events by the second Antavo gave them, not by the timestamp they are sent with: 1,500 claims
-    on 12:00:00 send 500 on 12:05:00, where 1,000 claims made at 12:05:00 are sent too, so 1,500 custom events reach
-    one automation flow on one timestamp (Ometria's advice: at most 1,000 per timestamp)."""
+    """1,500 claims on 12:00:00 send 500 on 12:05:00, where 1,000 claims made at 12:05:00 are sent too: counted by
+    the second Antavo gave them, 1,500 custom events would reach one automation flow on one timestamp. Within a
+    delivery they are counted by the timestamp they are sent with (Ometria's advice: at most 1,000 per timestamp)."""
     second = datetime(2026, 12, 4, 12, tzinfo=UTC)
     stamps = stagger([second] * 1500 + [second + timedelta(minutes=5)] * 1000)
     assert max(stamps.count(s) for s in set(stamps)) <= 1000
+
 
 # -- the dashboard -------------------------------------------------------------------------------------------------
 def test_the_dashboard_s_last_hour_latency_includes_claims_delivered_late(parts):  # noqa: F811
