@@ -4,7 +4,7 @@ fails the connection check, a member who left, an event held for its contact unt
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from test_events import mappings, oid  # noqa: F401  (the fixture and the id helper)
+from test_events import expire_leases, mappings, oid  # noqa: F401  (the fixture and helpers)
 
 from antavo_ometria.sync.events.rules import load_rules
 from antavo_ometria.sync.store.state import StateStore
@@ -34,8 +34,6 @@ def test_a_delivery_that_lost_its_lease_stops_pushing(sandbox, antavo_client, om
                                                       monkeypatch):
     """A delivery whose lease expired (a slow Ometria, a long contacts-first or rewards read) and was taken by
     another run stops pushing: the lease holder sends the rest, each event once."""
-    from sqlalchemy import update
-
     from antavo_ometria.sync.events import delivery as events
 
     store = StateStore(state_url)
@@ -51,9 +49,7 @@ def test_a_delivery_that_lost_its_lease_stops_pushing(sandbox, antavo_client, om
         answer = real_push(*args, **kwargs)
         calls.append(1)
         if len(calls) == 1:  # the lease expires, and another run (`make events`) takes it
-            leases = store.db.table("sync_event_leases")
-            with store.engine.begin() as conn:
-                conn.execute(update(leases).values(expires_at=now - timedelta(hours=1)))
+            expire_leases(store)
             assert store.take_lease(rule.name, "manual__other", events.LEASE_TTL)
         return answer
 

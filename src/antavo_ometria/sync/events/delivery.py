@@ -5,13 +5,13 @@ catching up from further back), drop those the rule already pushed (state store,
 `<rule>:<Antavo event id>`), look up each customer and, where the rule needs it, the claimed reward; push the
 contact first for a customer Ometria has not received yet; apply Ometria's timing rules (an event over 4 hours old
 cannot start an automation: send and warn, or skip; more than 1,000 events on one second, counting those earlier
-deliveries sent on it, are staggered in 5-minute steps); push each event on its own, record the accepted ones, hold
-the rejected ones (retried while they can still start an automation, then held as expired) and move the cursor. A
-push whose answer was lost (a timeout, a dropped connection, a gateway's 502 or 504: Ometria may have stored it) is
-not sent again in that delivery: it is held as `event_answer_lost` with the reason, the delivery fails, and the
-next one sends it again with the same id and counts it as re-sent after a lost answer. An event held for its
-contact (Ometria rejected it, the quality gate held it back) stays owed whatever its age: once Ometria has accepted
-the contact, the next delivery sends the event from the state store, under the late-event policy.
+deliveries sent with that timestamp, are staggered in 5-minute steps); push each event on its own, record the
+accepted ones, hold the rejected ones (retried while they can still start an automation, then held as expired) and
+move the cursor. A push whose answer was lost (a timeout, a dropped connection, a gateway's 502 or 504: Ometria may
+have stored it) is not sent again in that delivery: it is held as `event_answer_lost` with the reason, the delivery
+fails, and the next one sends it again with the same id and counts it as re-sent after a lost answer. An event held
+for its contact (Ometria rejected it, the quality gate held it back) stays owed whatever its age: once Ometria has
+accepted the contact, the next delivery sends the event from the state store, under the late-event policy.
 """
 
 from __future__ import annotations
@@ -414,7 +414,7 @@ def _deliver_fresh(rule, events, antavo, ometria, store, mapping, who, late_poli
         log.warning("%d %s event(s) are over %s old: Ometria will not start an automation for them",
                     decision.late, rule.event_type, hours(LATE_AFTER))
     built, unsendable_ = _build(rule, decision.sendable, customers, mapping.settings.language,
-                                sent_per_second(store, rule, decision.sendable))
+                                sent_per_timestamp(store, rule, decision.sendable))
     pushed = push_events(rule, built, ometria, store, late_cut, who)
     held = decision.held + unsendable_
     store.record_events([_event_row(rule, e, "skipped_late", late_cut, None, run_id) for e in decision.skipped])
@@ -440,18 +440,20 @@ def _reasons(rule: Rule, held: list[tuple[dict, str]], rejected: list[tuple[dict
     return rows[:limit]
 
 
-def sent_per_second(store: StateStore, rule: Rule, events: list[dict]) -> dict[datetime, int]:
-    """Second → the custom events of the rule's type earlier deliveries sent on it, for these events' seconds: a burst
-    split across deliveries (the fast path sends what it has read so far) is staggered as one."""
+def sent_per_timestamp(store: StateStore, rule: Rule, events: list[dict]) -> dict[datetime, int]:
+    """Timestamp → the custom events of the rule's type earlier deliveries sent with it, over the timestamps these
+    events may be staggered onto (up to Ometria's 4-hour window after the latest): a burst split across deliveries
+    (the fast path sends what it has read so far) is staggered as one."""
     if not events:
         return {}
-    return store.events.sent_per_second(rule.event_type, {whole_second(event_time(e)) for e in events})
+    seconds = [whole_second(event_time(e)) for e in events]
+    return store.events.sent_per_timestamp(rule.event_type, min(seconds), max(seconds) + LATE_AFTER)
 
 
 def _build(rule: Rule, events: list[dict], customers: Customers, language: str,
            already: dict[datetime, int]) -> tuple[list, list]:
-    """(event, encoded custom event) for each event, and (event, why) for those that cannot be sent as they are;
-    each event's timestamp staggered after the `already` sent on its second."""
+    """(event, encoded custom event, the timestamp it carries) for each event, and (event, why) for those that cannot
+    be sent as they are; each event's timestamp staggered after the `already` sent with each timestamp."""
     built, held = [], []
     for event, stamp in zip(events, stagger([event_time(e) for e in events], already)):
         cid, props = event["customer_id"], event.get("properties", {})
@@ -461,11 +463,11 @@ def _build(rule: Rule, events: list[dict], customers: Customers, language: str,
         if problems:
             held.append((event, "; ".join(problems)))
         else:
-            built.append((event, encode_record(record)))
+            built.append((event, encode_record(record), stamp))
     return built, held
 
 
-def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaClient, store: StateStore,
+def push_events(rule: Rule, built: list[tuple[dict, bytes, datetime]], ometria: OmetriaClient, store: StateStore,
                 late_cut: datetime, who: tuple[str, str]) -> Pushed:
     """Push each custom event in a request of its own and record the accepted ones as they go, as `who` (the run
     id, and the holder of the rule's lease).
@@ -476,9 +478,9 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
     the lease is renewed (a delivery that lost it stops: the holder sends the rest) and the event's id is looked up
     among those pushed (another delivery may have pushed it since this one read the feed)."""
     out = Pushed()
-    for n, (event, body) in enumerate(built):
+    for n, (event, body, stamp) in enumerate(built):
         if not store.renew_lease(rule.name, who[1], LEASE_TTL):  # one small UPDATE a push
-            out.failed.extend(e for e, _ in built[n:])  # another delivery took the lease: it sends them
+            out.failed.extend(e for e, _, _ in built[n:])  # another delivery took the lease: it sends them
             holder = store.lease_holder(rule.name)
             out.failure = (f"the lease of rule {rule.name} passed to {holder}" if holder else
                            f"the lease of rule {rule.name} expired and another delivery took and released it")
@@ -488,15 +490,18 @@ def push_events(rule: Rule, built: list[tuple[dict, bytes]], ometria: OmetriaCli
             continue
         (entry,) = push_isolating(ometria, [event_key(rule, event)], [body], record_type="custom_event",
                                   isolate=False)
-        _sort(out, rule, event, entry, store, late_cut, who[0])
+        _sort(out, rule, (event, stamp), entry, store, late_cut, who[0])
     if out.rejected:
         log.warning("Ometria rejected %d %s event(s): %s; its reasons are at /v2/push/_errors", len(out.rejected),
                     rule.event_type, ", ".join(event_key(rule, e) or "?" for e, _ in out.rejected[:10]))
     return out
 
 
-def _sort(out: Pushed, rule: Rule, event: dict, entry, store: StateStore, late_cut: datetime, run_id: str) -> None:
-    """Put one pushed event where Ometria's answer (or its lack) puts it; record it when accepted."""
+def _sort(out: Pushed, rule: Rule, sent: tuple[dict, datetime], entry, store: StateStore, late_cut: datetime,
+          run_id: str) -> None:
+    """Put one pushed event (and the timestamp it carried) where Ometria's answer (or its lack) puts it; record it
+    when accepted."""
+    event, stamp = sent
     status = entry.outcome
     if status == PushOutcome.FAILED:  # left unrecorded (and the cursor before it) so that the next try sends it
         out.failed.append(event)
@@ -509,7 +514,7 @@ def _sort(out: Pushed, rule: Rule, event: dict, entry, store: StateStore, late_c
         out.rejected.append((event, entry.error or f"request {entry.request_id}"))
     else:
         out.accepted.append(event)
-        store.record_events([_event_row(rule, event, "sent", late_cut, entry.request_id, run_id)])
+        store.record_events([_event_row(rule, event, "sent", late_cut, entry.request_id, run_id, stamp)])
 
 
 def _record_held(store: StateStore, rule: Rule, run_id: str, events: list[dict], held: list[tuple[dict, str]],
@@ -551,8 +556,9 @@ def held_groups(held: list[tuple[dict, str]], rejected: list[tuple[dict, str]],
     return groups
 
 
-def _event_row(rule: Rule, event: dict, status: str, late_cut: datetime, request_id, run_id: str) -> dict:
+def _event_row(rule: Rule, event: dict, status: str, late_cut: datetime, request_id, run_id: str,
+               sent_at: datetime | None = None) -> dict:
     moment = event_time(event)
     return {"event_id": event_key(rule, event), "rule": rule.name, "event_type": rule.event_type,
             "customer_id": event["customer_id"], "event_time": moment, "late": moment < late_cut,
-            "status": status, "request_id": request_id, "run_id": run_id}
+            "status": status, "request_id": request_id, "run_id": run_id, "sent_at": sent_at}

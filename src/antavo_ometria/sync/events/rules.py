@@ -196,16 +196,13 @@ def unsendable(record: dict) -> list[str]:
 
 
 def stagger(timestamps: list[datetime], already: dict[datetime, int] | None = None) -> list[datetime]:
-    """Spread events sharing one timestamp in steps of 5 minutes, at most 1,000 on any timestamp sent (Ometria's
-    advice), counting those moved onto a later second with that second's own events.
+    """Spread events sharing one timestamp in steps of 5 minutes, never more than 1,000 on a timestamp sent
+    (Ometria's advice), counting those moved onto a later second with that second's own events.
 
     A timestamp is the whole second the custom event carries (Antavo's have milliseconds, Ometria's are written to
-    the second); `already` counts the events of each second earlier deliveries sent, so a burst split across
+    the second); `already` counts the events earlier deliveries sent with each timestamp, so a burst split across
     deliveries continues where the last one stopped instead of starting again at zero."""
-    taken: dict[datetime, int] = defaultdict(int)
-    for second, count in (already or {}).items():  # as they were staggered then: 1,000 a step from their second
-        for step in range(0, count, STAGGER_AT):
-            taken[second + STAGGER_STEP * (step // STAGGER_AT)] += min(STAGGER_AT, count - step)
+    taken: dict[datetime, int] = defaultdict(int, already or {})
     out = []
     for moment in timestamps:
         slot = whole_second(moment)

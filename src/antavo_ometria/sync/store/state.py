@@ -512,21 +512,15 @@ class EventLedger(_Part):
         with self.db.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
-    def sent_per_second(self, event_type: str, seconds: Collection[datetime]) -> dict[datetime, int]:
-        """Second → custom events of `event_type` already sent with an Antavo moment in that second, for these
-        seconds (whole, UTC): where a burst split across deliveries continues its staggering."""
+    def sent_per_timestamp(self, event_type: str, start: datetime, end: datetime) -> dict[datetime, int]:
+        """Timestamp (whole second, UTC) → custom events of `event_type` already sent with it, from `start` to `end`:
+        where a burst split across deliveries continues its staggering."""
         events = self.db.table("sync_events")
-        found: dict[datetime, int] = {}
+        query = (sa.select(events.c.sent_at, sa.func.count()).group_by(events.c.sent_at)
+                 .where((events.c.event_type == event_type) & (events.c.status == "sent")
+                        & (events.c.sent_at >= start) & (events.c.sent_at <= end)))
         with self.db.engine.connect() as conn:
-            for chunk in _chunks(sorted(seconds), 100):
-                within = sa.or_(*((events.c.event_time >= s) & (events.c.event_time < s + timedelta(seconds=1))
-                                  for s in chunk))
-                query = sa.select(events.c.event_time).where(
-                    (events.c.event_type == event_type) & (events.c.status == "sent") & within)
-                for moment in conn.execute(query).scalars():
-                    second = utc(moment).replace(microsecond=0)
-                    found[second] = found.get(second, 0) + 1
-        return found
+            return {utc(stamp).replace(microsecond=0): n for stamp, n in conn.execute(query)}
 
     def summary(self) -> dict[tuple[str, str], tuple[dict[str, int], int]]:
         """(rule, event type) → (events per status, events delivered late)."""
