@@ -217,7 +217,7 @@ def test_a_burst_split_across_deliveries_is_counted_on_its_second_whatever_the_o
     store.record_events([{"event_id": "reward_claimed:ev1", "rule": "reward_claimed", "event_type": "claimed",
                           "customer_id": "c1", "event_time": event_time(event), "late": False, "status": "sent",
                           "request_id": "r", "run_id": "run-1", "sent_at": second}])
-    assert store.events.sent_per_timestamp("claimed", second, second) == {second: 1}
+    assert store.events.sent_per_timestamp("claimed", [(second, second)]) == {second: 1}
     store.set_event_cursor("reward_claimed", event_time(event))
     assert store.event_cursor("reward_claimed") == event_time(event)
 
@@ -342,3 +342,23 @@ def test_claims_staggered_onto_a_later_second_by_an_earlier_delivery_count_when_
     stamps += stagger([later] * 1000, sent_per_timestamp(store, rule, second))
     assert max(stamps.count(s) for s in set(stamps)) == 1000
     assert stamps.count(later + timedelta(minutes=5)) == 500  # what did not fit on 12:05:00 moved on
+
+
+def test_staggering_reads_what_was_sent_only_around_the_seconds_it_may_use(state_url):
+    """An owed event days old next to a fresh claim: the store is asked about each one's second and the 4 hours
+    after it, not about every event sent in between (the fast path delivers every minute)."""
+    from types import SimpleNamespace
+
+    from antavo_ometria.sync.events.delivery import sent_per_timestamp
+    from antavo_ometria.sync.store.state import StateStore
+
+    store = StateStore(state_url)
+    store.migrate()
+    now = datetime.now(UTC).replace(microsecond=0)
+    old, between = now - timedelta(days=3), now - timedelta(days=1)
+    store.record_events([{"event_id": f"reward_claimed:{name}", "rule": "reward_claimed", "event_type": "claimed",
+                          "customer_id": "c1", "event_time": moment, "late": False, "status": "sent",
+                          "request_id": "r", "run_id": "run-1", "sent_at": moment}
+                         for name, moment in [("old", old), ("between", between), ("now", now)]])
+    events = [{"id": "e1", "timestamp": old.isoformat()}, {"id": "e2", "timestamp": now.isoformat()}]
+    assert sent_per_timestamp(store, SimpleNamespace(event_type="claimed"), events) == {old: 1, now: 1}

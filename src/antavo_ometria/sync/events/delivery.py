@@ -51,6 +51,9 @@ LEASE_WAIT = timedelta(minutes=2)  # how long a delivery waits for another one o
 # wait while the contact stays accepted (the reason it was held may have passed without a new push of the contact)
 HELD_RETRY = timedelta(hours=1)
 HELD_LISTED = 20  # held events a summary names; the state store keeps every one
+# how far after its own second staggering looks for what earlier deliveries sent: 48 steps of 5 minutes, room for
+# 48,000 events of one second
+STAGGER_SPAN = timedelta(hours=4)
 # the fast path also wakes for an event this much before a rule's cursor that the rule has not decided on: one on the
 # cursor's own second, or listed a little late; one listed later waits for the delivery at the end of the quiet wait
 WAKE_OVERLAP = timedelta(minutes=1)
@@ -442,12 +445,15 @@ def _reasons(rule: Rule, held: list[tuple[dict, str]], rejected: list[tuple[dict
 
 def sent_per_timestamp(store: StateStore, rule: Rule, events: list[dict]) -> dict[datetime, int]:
     """Timestamp → the custom events of the rule's type earlier deliveries sent with it, over the timestamps these
-    events may be staggered onto (up to Ometria's 4-hour window after the latest): a burst split across deliveries
-    (the fast path sends what it has read so far) is staggered as one."""
-    if not events:
-        return {}
-    seconds = [whole_second(event_time(e)) for e in events]
-    return store.events.sent_per_timestamp(rule.event_type, min(seconds), max(seconds) + LATE_AFTER)
+    events may be staggered onto (each one's second and the STAGGER_SPAN after it): a burst split across
+    deliveries (the fast path sends what it has read so far) is staggered as one."""
+    spans: list[tuple[datetime, datetime]] = []
+    for second in sorted({whole_second(event_time(e)) for e in events}):
+        if spans and second <= spans[-1][1]:
+            spans[-1] = (spans[-1][0], second + STAGGER_SPAN)
+        else:
+            spans.append((second, second + STAGGER_SPAN))
+    return store.events.sent_per_timestamp(rule.event_type, spans) if spans else {}
 
 
 def _build(rule: Rule, events: list[dict], customers: Customers, language: str,

@@ -512,15 +512,20 @@ class EventLedger(_Part):
         with self.db.engine.connect() as conn:
             return [dict(row._mapping) for row in conn.execute(query)]
 
-    def sent_per_timestamp(self, event_type: str, start: datetime, end: datetime) -> dict[datetime, int]:
-        """Timestamp (whole second, UTC) → custom events of `event_type` already sent with it, from `start` to `end`:
-        where a burst split across deliveries continues its staggering."""
+    def sent_per_timestamp(self, event_type: str, spans: list[tuple[datetime, datetime]]) -> dict[datetime, int]:
+        """Timestamp (whole second, UTC) → custom events of `event_type` already sent with it, within these spans
+        (start and end included): where a burst split across deliveries continues its staggering."""
         events = self.db.table("sync_events")
-        query = (sa.select(events.c.sent_at, sa.func.count()).group_by(events.c.sent_at)
-                 .where((events.c.event_type == event_type) & (events.c.status == "sent")
-                        & (events.c.sent_at >= start) & (events.c.sent_at <= end)))
+        found: dict[datetime, int] = {}
         with self.db.engine.connect() as conn:
-            return {utc(stamp).replace(microsecond=0): n for stamp, n in conn.execute(query)}
+            for chunk in _chunks(spans, 100):
+                within = sa.or_(*((events.c.sent_at >= start) & (events.c.sent_at <= end) for start, end in chunk))
+                query = (sa.select(events.c.sent_at, sa.func.count()).group_by(events.c.sent_at)
+                         .where((events.c.event_type == event_type) & (events.c.status == "sent") & within))
+                for stamp, n in conn.execute(query):
+                    second = utc(stamp).replace(microsecond=0)
+                    found[second] = found.get(second, 0) + n
+        return found
 
     def summary(self) -> dict[tuple[str, str], tuple[dict[str, int], int]]:
         """(rule, event type) → (events per status, events delivered late)."""
